@@ -1,0 +1,90 @@
+"""Shared data helpers: document tables on disk, the stable train/validation split, token arrays.
+
+Layout written by the stages:
+    data/raw/documents.parquet      path (str), content (bytes, as ingested)
+    data/curated/documents.parquet  path (str), text (str, UTF-8, "\\n" newlines), sha256 (str), n_bytes (int)
+    data/tokens/{train,val}.bin     flat uint16 token ids; meta.json; tokenizer.json
+"""
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+DOCUMENTS_FILE = "documents.parquet"
+TOKENIZER_FILE = "tokenizer.json"
+TOKEN_DTYPE = np.uint16  # vocab_size is capped at 65535 by the schema
+EOT = "<|endoftext|>"  # separates documents in the token stream
+
+
+def write_json(path: str | Path, obj) -> None:
+    """Write JSON atomically (write, then rename), so a crash never leaves half a report."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def read_json(path: str | Path) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+def sha256_hex(data: bytes | str) -> str:
+    if isinstance(data, str):
+        data = data.encode("utf-8")
+    return hashlib.sha256(data).hexdigest()
+
+
+def is_validation(path: str, val_fraction: float) -> bool:
+    """Held out iff a hash of the document's path falls below val_fraction.
+
+    Depends on the path alone, so adding or removing other documents never moves a document
+    between splits (the split is stable as the corpus changes).
+    """
+    digest = hashlib.sha1(path.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < val_fraction
+
+
+def split_documents(docs: list[dict], val_fraction: float) -> tuple[list[dict], list[dict]]:
+    train, val = [], []
+    for doc in docs:
+        (val if is_validation(doc["path"], val_fraction) else train).append(doc)
+    return train, val
+
+
+def write_documents(records: list[dict], out_dir: str | Path) -> Path:
+    """Write records as Parquet through Hugging Face datasets."""
+    from datasets import Dataset
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out_path = out_dir / DOCUMENTS_FILE
+    tmp = out_dir / (DOCUMENTS_FILE + ".tmp")
+    Dataset.from_list(records).to_parquet(str(tmp))
+    os.replace(tmp, out_path)
+    return out_path
+
+
+def read_documents(in_dir: str | Path) -> list[dict]:
+    """Read a document table written by write_documents, as a list of dicts, in path order."""
+    import pyarrow.parquet as pq
+
+    path = Path(in_dir) / DOCUMENTS_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: run the stage that writes it first")
+    return pq.read_table(path).to_pylist()
+
+
+def write_tokens(ids: np.ndarray, path: str | Path) -> None:
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    np.asarray(ids, dtype=TOKEN_DTYPE).tofile(tmp)
+    os.replace(tmp, path)
+
+
+def load_tokens(path: str | Path) -> np.ndarray:
+    """Memory-map a flat token array (no copy into RAM)."""
+    return np.memmap(path, dtype=TOKEN_DTYPE, mode="r")
