@@ -58,7 +58,9 @@ def split_documents(docs: list[dict], val_fraction: float) -> tuple[list[dict], 
 def write_documents(records: list[dict], out_dir: str | Path) -> Path:
     """Write records as Parquet through Hugging Face datasets."""
     from datasets import Dataset
+    from datasets.utils.logging import disable_progress_bar
 
+    disable_progress_bar()  # one table write: a progress bar here is noise
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     out_path = out_dir / DOCUMENTS_FILE

@@ -1,0 +1,148 @@
+"""The training flow: one Prefect flow run = one MLflow run = one pass over the DVC stages.
+
+Steps, in order:
+  1. ingest, curate, tokenize, train, evaluate: each `dvc repro --single-item STAGE`, skipped
+     by DVC when its inputs are unchanged; retried with back-off on transient failures only
+     (a failed data gate or a diverged loss is final)
+  2. log params, curation counts and metrics to the flow's MLflow run
+  3. publish: register the model, set @challenger, move @champion only if it is better
+  4. push DVC outputs to the DVC remote, so the run's data and model can be restored
+  5. leave a Prefect artifact summarising the run
+
+    trainpipe run                         # or: python -m flows.training
+"""
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.runtime import flow_run
+
+from flows.dvc import STAGES, StageFailed, StageOutcome, push, repro_stage
+from pipelines.data import read_json, sha256_hex
+from pipelines.errors import PERMANENT_EXIT_CODES
+from pipelines.params import PARAMS_FILE, Params, flatten, load_params, save_overrides
+
+
+def retry_transient_only(task, task_run, state) -> bool:
+    """Retry a stage unless its failure is permanent (bad config, failed gate, NaN loss)."""
+    try:
+        state.result()
+    except StageFailed as exc:
+        return exc.exit_code not in PERMANENT_EXIT_CODES
+    except Exception:
+        return True
+    return False
+
+
+@task(retries=2, retry_delay_seconds=[10, 60], retry_condition_fn=retry_transient_only, task_run_name="{stage}")
+def run_stage(stage: str, mlflow_run_id: str) -> StageOutcome:
+    # Stages that log (train) attach to the flow's MLflow run through MLFLOW_RUN_ID.
+    return repro_stage(stage, env={"MLFLOW_RUN_ID": mlflow_run_id})
+
+
+@task(retries=2, retry_delay_seconds=[5, 30])
+def publish(params: Params, lineage: dict, mlflow_run_id: str) -> dict:
+    from pipelines.publish import publish_model
+
+    return publish_model(params, lineage=lineage, run_id=mlflow_run_id)
+
+
+@task(retries=2, retry_delay_seconds=[5, 30])
+def push_outputs() -> None:
+    push()
+
+
+def git_commit() -> str:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit.strip() + ("-dirty" if dirty else "")
+
+
+def lineage(params: Params) -> dict:
+    """Where the model came from: code, data (as dvc.lock records it) and this flow run."""
+    lock = Path("dvc.lock")
+    data_md5 = ""
+    if lock.exists():
+        import yaml
+
+        for out in yaml.safe_load(lock.read_text())["stages"].get("tokenize", {}).get("outs", []):
+            data_md5 = out.get("md5", data_md5)
+    return {
+        "git_commit": git_commit(),
+        "data_version": data_md5,
+        "dvc_lock_sha256": sha256_hex(lock.read_bytes()) if lock.exists() else "",
+        "prefect_flow_run_id": str(flow_run.get_id() or ""),
+    }
+
+
+def apply_params(params: Params | None) -> Params:
+    """A flow started with params (the Prefect UI form) writes the differences to params.yaml,
+    where DVC reads them, exactly as `-S` overrides would."""
+    current = load_params(PARAMS_FILE)
+    if params is None:
+        return current
+    old, new = flatten(current), flatten(params)
+    overrides = [f"{k}={json.dumps(v)}" for k, v in new.items() if old.get(k) != v]
+    return save_overrides(PARAMS_FILE, overrides)
+
+
+def summary_markdown(outcomes: list[StageOutcome], curation: dict, metrics: dict, published: dict | None) -> str:
+    rows = "\n".join(f"| {o.stage} | {o.detail} |" for o in outcomes)
+    lines = ["# trainpipe run", "", "| stage | outcome |", "|---|---|", rows, ""]
+    if curation:
+        kept = curation.get("kept", {})
+        lines += ["## Curation", "", f"documents in: {curation.get('documents_in')}, kept: {kept}",
+                  f"dropped: {json.dumps(curation.get('dropped', {}))}", ""]
+    if metrics:
+        lines += ["## Metrics", "", "| metric | value |", "|---|---|"]
+        lines += [f"| {k} | {v:.4f} |" for k, v in metrics.items() if isinstance(v, float)] + [""]
+    if published:
+        lines += ["## Registry", "", f"version {published['version']} of `{published['model_uri']}`",
+                  f"alias decision: {published['reason']}"]
+    return "\n".join(lines)
+
+
+@flow(name="trainpipe-training", log_prints=True)
+def training_flow(params: Params | None = None) -> dict:
+    """ingest → curate → tokenize → train → evaluate (DVC stages), then publish and push."""
+    import mlflow
+
+    logger = get_run_logger()
+    params = apply_params(params)
+    mlflow.set_experiment(params.publish.experiment)
+    outcomes: list[StageOutcome] = []
+    curation, metrics, published = {}, {}, None
+    with mlflow.start_run(run_name=f"flow-{flow_run.get_name() or 'local'}") as run:
+        run_id = run.info.run_id
+        mlflow.log_params({k: str(v)[:500] for k, v in flatten(params).items()})
+        mlflow.set_tag("prefect_flow_run_id", str(flow_run.get_id() or ""))
+        try:
+            for stage in STAGES:
+                outcomes.append(run_stage(stage, run_id))
+                logger.info("%s: %s", stage, outcomes[-1].detail)
+        finally:
+            curation_path = Path(params.curate.reports_dir) / "curation.json"
+            if curation_path.exists():
+                curation = read_json(curation_path)
+                mlflow.log_artifact(str(curation_path))
+            mlflow.set_tags({f"stage.{o.stage}": o.detail for o in outcomes})
+        metrics = read_json(Path(params.evaluate.reports_dir) / "metrics.json")
+        mlflow.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+        published = publish(params, lineage(params), run_id)
+    push_outputs()
+    create_markdown_artifact(summary_markdown(outcomes, curation, metrics, published), key="trainpipe-run",
+                             description="stages, curation, metrics and the alias decision of this run")
+    return {"stages": [o.__dict__ for o in outcomes], "metrics": metrics, "published": published}
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    training_flow()

@@ -1,0 +1,187 @@
+"""The `trainpipe` command: the whole flow, each stage, and the registry and serving operations.
+
+    trainpipe run [-S key=value ...]      the Prefect flow: stages, publish, push
+    trainpipe train -S train.max_steps=200
+    trainpipe serve --port 5001
+    trainpipe --help / trainpipe COMMAND --help
+
+-S overrides on commands that run DVC stages are written to params.yaml first (as
+`dvc exp run -S` does), so dvc.lock records what produced each output; on the other commands
+they apply to that call only. Every failure ends with a one-line reason and a non-zero code.
+"""
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from pipelines.errors import ConfigError, TrainpipeError
+from pipelines.params import PARAMS_FILE, load_params, save_overrides
+
+STAGE_HELP = {
+    "ingest": "snapshot the data source into data/raw",
+    "curate": "decode, filter and dedupe data/raw; the Great Expectations gate",
+    "tokenize": "train the BPE tokenizer and write token arrays",
+    "train": "train the model (resumes from checkpoints/)",
+    "evaluate": "held-out bits per byte against gzip and xz",
+}
+
+
+def setup_environment() -> None:
+    """Offline, project-local defaults for the tools (only where the user set nothing)."""
+    os.environ.setdefault("PREFECT_HOME", str(Path.cwd() / ".prefect"))
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+
+
+def require_project() -> None:
+    if not Path("dvc.yaml").exists() or not Path(".dvc").is_dir():
+        raise ConfigError("run trainpipe from the project root (no dvc.yaml or .dvc/ here)")
+
+
+def tracking_uri_text() -> str:
+    import mlflow
+
+    return mlflow.get_tracking_uri()
+
+
+def cmd_run(args) -> None:
+    require_project()
+    params = save_overrides(PARAMS_FILE, args.set)
+    from flows.training import training_flow
+
+    result = training_flow()
+    pub, m = result["published"], result["metrics"]
+    print()
+    print(f"registered: {pub['model_uri']} (version {pub['version']}) in {tracking_uri_text()}")
+    print(f"alias: {pub['reason']}")
+    print(
+        f"held-out: {m['val_bits_per_byte']:.3f} bits/byte (gzip -9 {m['gzip_bits_per_byte']:.3f}, "
+        f"xz -9 {m['xz_bits_per_byte']:.3f}); metrics in {params.evaluate.reports_dir}/metrics.json"
+    )
+    print(f"serve it: .venv/bin/trainpipe serve --port {params.serve.port}")
+
+
+def cmd_stage(args) -> None:
+    require_project()
+    save_overrides(PARAMS_FILE, args.set)
+    from flows.dvc import repro_stage
+
+    outcome = repro_stage(args.command, single=False)  # with its upstream stages, as `dvc repro STAGE`
+    print(f"{args.command}: {outcome.detail}")
+
+
+def cmd_publish(args) -> None:
+    from pipelines.publish import publish_model
+
+    result = publish_model(load_params(PARAMS_FILE, args.set))
+    print(f"registered {result['model_uri']} version {result['version']}: {result['reason']}")
+
+
+def cmd_promote(args) -> None:
+    from pipelines.publish import promote_version
+
+    result = promote_version(load_params(PARAMS_FILE, args.set), args.version)
+    print(f"champion is now version {result.get('champion_version', args.version)}")
+
+
+def cmd_rollback(args) -> None:
+    from pipelines.publish import rollback_champion
+
+    result = rollback_champion(load_params(PARAMS_FILE, args.set))
+    print(f"champion rolled back to version {result.get('champion_version')}")
+
+
+def cmd_serve(args) -> None:
+    from pipelines.serve import run_server
+
+    run_server(load_params(PARAMS_FILE, args.set), port=args.port, model_uri=args.model_uri)
+
+
+def cmd_restart(args) -> None:
+    require_project()
+    from pipelines.restart import restore_version
+
+    result = restore_version(load_params(PARAMS_FILE, args.set), args.from_version)
+    print(f"workspace restored to the data and model of version {result['version']}")
+
+
+def cmd_schedule(args) -> None:
+    require_project()
+    save_overrides(PARAMS_FILE, args.set)
+    from flows.training import training_flow
+
+    print(f"serving deployment 'trainpipe-scheduled' on cron {args.cron!r}; Ctrl-C stops it")
+    training_flow.serve(name="trainpipe-scheduled", cron=args.cron)
+
+
+def cmd_generate(args) -> None:
+    import torch
+
+    from pipelines.data import EOT
+    from pipelines.evaluate import load_model_dir
+
+    params = load_params(PARAMS_FILE, args.set)
+    model_dir = Path(params.train.model_dir)
+    if not (model_dir / "model.safetensors").exists():
+        raise ConfigError(f"no trained model in {model_dir}/: run `trainpipe train` first")
+    model, tokenizer = load_model_dir(model_dir)
+    idx = torch.tensor([tokenizer.encode(args.prompt).ids[-model.config.block_size :]])
+    g = torch.Generator().manual_seed(args.seed)
+    out = model.generate(idx, args.max_new_tokens, args.temperature, args.top_k, g, tokenizer.token_to_id(EOT))
+    print(args.prompt + tokenizer.decode(out[0, idx.size(1) :].tolist()))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="trainpipe", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, func, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a params.yaml key (dotted, e.g. train.lr=3e-4); repeatable")
+        p.set_defaults(func=func)
+        return p
+
+    add("run", cmd_run, "run the whole flow: stages, publish, push")
+    for stage, help_text in STAGE_HELP.items():
+        add(stage, cmd_stage, f"{help_text} (dvc repro {stage}, with upstream stages as needed)")
+    add("publish", cmd_publish, "register models/ in MLflow; champion moves only if it is better")
+    p = add("promote", cmd_promote, "make a registered version the champion")
+    p.add_argument("version", help="registered model version number")
+    add("rollback", cmd_rollback, "move the champion back to the previous champion")
+    p = add("serve", cmd_serve, "serve the champion with `mlflow models serve` on 127.0.0.1")
+    p.add_argument("--port", type=int, default=None, help="port (default: serve.port)")
+    p.add_argument("--model-uri", default=None, help="serve this MLflow model URI instead of @champion")
+    p = add("restart", cmd_restart, "restore the data and model behind the champion (or --from VERSION)")
+    p.add_argument("--from", dest="from_version", default=None, metavar="VERSION",
+                   help="a registered version to restore instead of the champion")
+    p = add("schedule", cmd_schedule, "serve the flow as a Prefect deployment on a cron schedule")
+    p.add_argument("--cron", required=True, help='cron expression, e.g. "0 3 * * *"')
+    p = add("generate", cmd_generate, "complete a prompt with the model in models/")
+    p.add_argument("prompt", help="Python source to complete")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
+    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 is greedy")
+    p.add_argument("--top-k", type=int, default=50, help="sample from the k likeliest tokens")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    setup_environment()
+    try:
+        args.func(args)
+    except TrainpipeError as exc:
+        print(f"trainpipe {args.command}: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        print(f"trainpipe {args.command}: interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,185 @@
+"""Evaluate: held-out bits per byte of the trained model, next to gzip -9 and xz -9 on the same bytes.
+
+    python -m pipelines.evaluate          # what `dvc repro evaluate` runs
+
+Scores the validation split (documents whose path hashes into it, see pipelines.data) in
+non-overlapping windows of block_size tokens. Bits per byte = total negative log2-likelihood
+of the tokens / UTF-8 bytes of the documents, so it compares across tokenizers and with
+compressors. Writes reports/metrics.json (DVC metrics), reports/loss_curve.csv (DVC plot of
+the training loss) and reports/samples.json (sampled completions).
+"""
+
+import argparse
+import csv
+import gzip
+import json
+import lzma
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+from pipelines.data import EOT, TOKENIZER_FILE, read_documents, read_json, split_documents, write_json
+from pipelines.errors import TrainpipeError
+from pipelines.model import GPT, GPTConfig
+from pipelines.params import Params, load_params
+from pipelines.train import use_bf16
+
+SAMPLE_PROMPTS = ["def fibonacci(n):\n", "import os\n\n\ndef ", "class Stack:\n    def __init__(self):\n"]
+
+
+def load_model_dir(model_dir: str | Path, device: str | torch.device = "cpu"):
+    """(model, tokenizer) from a folder written by the train stage."""
+    from safetensors.torch import load_model
+    from tokenizers import Tokenizer
+
+    model_dir = Path(model_dir)
+    config = GPTConfig(**json.loads((model_dir / "config.json").read_text()))
+    model = GPT(config)
+    load_model(model, str(model_dir / "model.safetensors"))
+    return model.to(device).eval(), Tokenizer.from_file(str(model_dir / TOKENIZER_FILE))
+
+
+def validation_texts(params: Params) -> list[str]:
+    """The held-out documents of the curated set, in path order."""
+    _, val_docs = split_documents(read_documents(params.data.curated_dir), params.tokenize.val_fraction)
+    return [d["text"] for d in val_docs]
+
+
+@torch.no_grad()
+def score_texts(model: GPT, tokenizer, texts: list[str], max_tokens: int | None = None, batch_size: int = 16,
+                bf16: bool = False) -> dict:
+    """Negative log-likelihood of texts under the model, in bits, with the bytes it covers.
+
+    The stream is <|endoftext|> doc1 <|endoftext|> doc2 ...; every token after the first is
+    predicted once. With max_tokens, whole documents are taken until the cap is reached.
+    Models compared with each other must be scored with the same bf16 setting.
+    """
+    eot = tokenizer.token_to_id(EOT)
+    stream, n_bytes = [eot], 0
+    for enc, text in zip(tokenizer.encode_batch(texts, add_special_tokens=False), texts, strict=True):
+        if max_tokens and len(stream) > 1 and len(stream) + len(enc.ids) + 1 > max_tokens + 1:
+            break
+        stream.extend(enc.ids + [eot])
+        n_bytes += len(text.encode("utf-8"))
+    device = next(model.parameters()).device
+    ids = torch.tensor(stream, dtype=torch.long)
+    T = model.config.block_size
+    starts = list(range(0, len(ids) - 1, T))
+    nll_nats = 0.0
+    for b in range(0, len(starts), batch_size):
+        for_batch = starts[b : b + batch_size]
+        full = [s for s in for_batch if s + T + 1 <= len(ids)]
+        groups = [full] + [[s] for s in for_batch if s not in full]  # the short tail window alone
+        for group in groups:
+            if not group:
+                continue
+            n = min(T, len(ids) - 1 - group[0])
+            x = torch.stack([ids[s : s + n] for s in group]).to(device)
+            y = torch.stack([ids[s + 1 : s + 1 + n] for s in group]).to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                logits, _ = model(x)
+            nll_nats += torch.nn.functional.cross_entropy(
+                logits.float().view(-1, logits.size(-1)), y.view(-1), reduction="sum"
+            ).item()
+    n_tokens = len(ids) - 1
+    return {"nll_bits": nll_nats / math.log(2), "tokens": n_tokens, "bytes": n_bytes,
+            "loss": nll_nats / n_tokens, "documents_scored": stream.count(eot) - 1}
+
+
+def score_model_dir(model_dir: str | Path, texts: list[str], max_tokens: int | None = None,
+                    bf16: bool = True) -> float:
+    """Held-out bits per byte of a saved model on texts (used to re-score a champion)."""
+    model, tokenizer = load_model_dir(model_dir)
+    s = score_texts(model, tokenizer, texts, max_tokens, bf16=bf16)
+    return s["nll_bits"] / s["bytes"]
+
+
+def compression_bits_per_byte(texts: list[str]) -> dict:
+    """What general-purpose compressors achieve on the same bytes: the bar a model should clear.
+
+    Per document (each file compressed alone, as `gzip -9 FILE` would) is the headline figure,
+    comparable with DESIGN.md's reference; the whole split as one stream lets the compressor
+    reuse text across files, which the model's short context cannot, so it is reported apart.
+    """
+    docs = [t.encode("utf-8") for t in texts]
+    n = sum(len(d) for d in docs)
+    stream = b"".join(docs)
+    return {
+        "gzip_bits_per_byte": 8 * sum(len(gzip.compress(d, compresslevel=9)) for d in docs) / n,
+        "xz_bits_per_byte": 8 * sum(len(lzma.compress(d, preset=9)) for d in docs) / n,
+        "gzip_stream_bits_per_byte": 8 * len(gzip.compress(stream, compresslevel=9)) / n,
+        "xz_stream_bits_per_byte": 8 * len(lzma.compress(stream, preset=9)) / n,
+    }
+
+
+def sample_completions(model: GPT, tokenizer, prompts: list[str], max_new_tokens: int, seed: int) -> list[dict]:
+    device = next(model.parameters()).device
+    out = []
+    for i, prompt in enumerate(prompts):
+        g = torch.Generator(device=device).manual_seed(seed + i)
+        idx = torch.tensor([tokenizer.encode(prompt).ids], device=device)
+        ids = model.generate(idx, max_new_tokens, temperature=0.8, top_k=50, generator=g,
+                             stop_token=tokenizer.token_to_id(EOT))
+        out.append({"prompt": prompt, "completion": tokenizer.decode(ids[0, idx.size(1) :].tolist())})
+    return out
+
+
+def write_loss_curve(history: list, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["step", "train_loss", "lr"])
+        writer.writerows(history)
+
+
+def evaluate_model(params: Params) -> dict:
+    torch.manual_seed(params.train.seed)
+    model, tokenizer = load_model_dir(params.train.model_dir)
+    texts = validation_texts(params)
+    if not texts:
+        raise TrainpipeError("evaluate: the validation split is empty")
+    bf16 = use_bf16(params.train.bf16, torch.device("cpu"))
+    scored = score_texts(model, tokenizer, texts, params.evaluate.max_tokens, bf16=bf16)
+    covered = texts[: scored["documents_scored"]]
+    metrics = {
+        "val_loss": scored["loss"],
+        "val_bits_per_byte": scored["nll_bits"] / scored["bytes"],
+        "val_tokens": scored["tokens"],
+        "val_bytes": scored["bytes"],
+        "val_documents": scored["documents_scored"],
+        "val_set_sha256": read_json(Path(params.data.tokens_dir) / "meta.json")["val_set_sha256"],
+        **compression_bits_per_byte(covered),
+    }
+    reports = Path(params.evaluate.reports_dir)
+    write_json(reports / "metrics.json", metrics)
+    train_summary = read_json(Path(params.train.model_dir) / "train.json")
+    write_loss_curve(train_summary.get("history", []), reports / "loss_curve.csv")
+    samples = sample_completions(model, tokenizer, SAMPLE_PROMPTS[: params.evaluate.num_samples],
+                                 params.evaluate.sample_tokens, params.train.seed)
+    write_json(reports / "samples.json", samples)
+    return metrics
+
+
+def run(params: Params) -> dict:
+    return evaluate_model(params)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m pipelines.evaluate", description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default="params.yaml", help="parameters file (default: params.yaml)")
+    args = parser.parse_args(argv)
+    try:
+        m = run(load_params(args.params))
+    except (TrainpipeError, FileNotFoundError) as exc:
+        print(f"trainpipe evaluate: {exc}", file=sys.stderr)
+        sys.exit(getattr(exc, "exit_code", 2))
+    print(
+        f"evaluate: {m['val_bits_per_byte']:.3f} bits/byte on {m['val_bytes'] / 1e6:.2f} MB held out "
+        f"(gzip -9 {m['gzip_bits_per_byte']:.3f}, xz -9 {m['xz_bits_per_byte']:.3f})"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,258 @@
+"""Train: a GPT-style code-completion model on data/tokens, resumable from checkpoints/.
+
+    python -m pipelines.train             # what `dvc repro train` runs
+    trainpipe train -S train.max_steps=200
+
+Device chosen at run time (cuda, then mps, then cpu) with bf16 autocast where the device
+supports it. Every train.checkpoint_every steps a full checkpoint (weights, optimizer, RNG
+states, step, config, data version) is written atomically to checkpoints/; a train started
+while a checkpoint of the same config and data exists resumes from it. The batch of step i is
+a function of (seed, i) alone, so a resumed run sees the same data as an uninterrupted one.
+Writes models/: model.safetensors, config.json, tokenizer.json, train.json.
+"""
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipelines.data import TOKENIZER_FILE, load_tokens, read_json, write_json
+from pipelines.errors import DivergenceError, TrainpipeError
+from pipelines.model import GPT, GPTConfig
+from pipelines.params import Params, TrainParams, load_params
+
+CHECKPOINT_FILE = "ckpt.pt"
+# Fields that do not change the weights a run ends with: a checkpoint stays valid across them.
+NON_MODEL_FIELDS = {"device", "checkpoint_every", "log_every", "checkpoint_dir", "model_dir"}
+
+
+def pick_device(name: str) -> torch.device:
+    if name != "auto":
+        if name == "cuda" and not torch.cuda.is_available():
+            raise TrainpipeError("train.device is 'cuda' but no CUDA device is available")
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def use_bf16(setting: str, device: torch.device) -> bool:
+    if setting != "auto":
+        return setting == "on"
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu"  # bf16 matmul is ~4x fp32 on current x86 CPUs (STACK-NOTES)
+
+
+def get_batch(data: np.ndarray, step: int, seed: int, B: int, T: int, device: torch.device):
+    """Random windows for one step; depends on (seed, step) only, never on process history."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    ix = torch.randint(len(data) - T - 1, (B,), generator=g).tolist()
+    x = torch.from_numpy(np.stack([data[i : i + T].astype(np.int64) for i in ix]))
+    y = torch.from_numpy(np.stack([data[i + 1 : i + 1 + T].astype(np.int64) for i in ix]))
+    return x.to(device), y.to(device)
+
+
+def lr_at(step: int, cfg: TrainParams) -> float:
+    """Linear warm-up, then cosine decay from lr to min_lr at max_steps."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * min(1.0, progress))) * (cfg.lr - cfg.min_lr)
+
+
+def make_optimizer(model: GPT, cfg: TrainParams) -> torch.optim.AdamW:
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))
+
+
+def data_version(tokens_dir: Path) -> str:
+    """Content hash of what training reads: the training tokens and the tokenizer."""
+    h = hashlib.sha256()
+    for name in ("train.bin", TOKENIZER_FILE):
+        with open(tokens_dir / name, "rb") as fh:
+            while chunk := fh.read(1 << 22):
+                h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def run_fingerprint(cfg: TrainParams, model_cfg: GPTConfig) -> dict:
+    """The config a checkpoint must match to be resumed from."""
+    fields = {k: v for k, v in cfg.model_dump().items() if k not in NON_MODEL_FIELDS}
+    return {"train": fields, "model": model_cfg.to_dict()}
+
+
+def save_checkpoint(path: Path, model, optimizer, step: int, fingerprint: dict, version: str,
+                    history: list) -> None:
+    state = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "step": step,
+        "history": history,
+        "fingerprint": fingerprint,
+        "data_version": version,
+        "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # atomic: a crash leaves the previous checkpoint whole
+
+
+def load_checkpoint(path: Path, fingerprint: dict, version: str) -> tuple[dict | None, str]:
+    """The checkpoint if it matches this run's config and data, else (None, why not)."""
+    if not path.exists():
+        return None, "no checkpoint"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)  # our own file
+    except Exception as exc:
+        return None, f"checkpoint {path} unreadable ({exc.__class__.__name__}); starting fresh"
+    if state.get("fingerprint") != fingerprint:
+        return None, f"checkpoint {path} has another config; starting fresh"
+    if state.get("data_version") != version:
+        return None, f"checkpoint {path} was trained on other data; starting fresh"
+    return state, f"resuming from checkpoint at step {state['step']}"
+
+
+def write_model(model_dir: Path, model: GPT, tokens_dir: Path, summary: dict) -> None:
+    from safetensors.torch import save_model
+
+    model_dir.mkdir(parents=True, exist_ok=True)
+    save_model(model, str(model_dir / "model.safetensors"))
+    (model_dir / "config.json").write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")
+    shutil.copyfile(tokens_dir / TOKENIZER_FILE, model_dir / TOKENIZER_FILE)
+    write_json(model_dir / "train.json", summary)
+
+
+def start_tracking(params: Params):
+    """Log to the flow's MLflow run when MLFLOW_RUN_ID names one, else to a new run."""
+    import mlflow
+
+    if os.environ.get("MLFLOW_RUN_ID"):
+        return mlflow.start_run()  # MLflow resumes the run named by the environment
+    mlflow.set_experiment(params.publish.experiment)
+    return mlflow.start_run(run_name="train")
+
+
+def train_model(params: Params, log=print) -> dict:
+    import mlflow
+    from tqdm import tqdm
+
+    cfg = params.train
+    tokens_dir, model_dir = Path(params.data.tokens_dir), Path(cfg.model_dir)
+    meta = read_json(tokens_dir / "meta.json")
+    data = load_tokens(tokens_dir / "train.bin")
+    if len(data) <= cfg.block_size + 1:
+        raise TrainpipeError(f"{tokens_dir}/train.bin holds {len(data)} tokens; need more than block_size")
+    device = pick_device(cfg.device)
+    bf16 = use_bf16(cfg.bf16, device)
+    model_cfg = GPTConfig(meta["vocab_size"], cfg.block_size, cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.dropout)
+    fingerprint, version = run_fingerprint(cfg, model_cfg), data_version(tokens_dir)
+
+    torch.manual_seed(cfg.seed)  # seed once: the initial weights
+    model = GPT(model_cfg).to(device)
+    optimizer = make_optimizer(model, cfg)
+    ckpt_path = Path(cfg.checkpoint_dir) / CHECKPOINT_FILE
+    state, why = load_checkpoint(ckpt_path, fingerprint, version)
+    log(f"train: {why}")
+    start_step, history = 0, []  # history: [step, train loss, lr] every log_every steps
+    if state:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_step, history = state["step"], state["history"]
+        torch.set_rng_state(state["rng"]["torch"])
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+    tokens_per_step = cfg.batch_size * cfg.block_size
+
+    with start_tracking(params):
+        mlflow.log_params({f"train.{k}": v for k, v in cfg.model_dump().items()} | {"data_version": version})
+        model.train()
+        t0, timed_tokens, loss_value = time.perf_counter(), 0, float("nan")
+        bar = tqdm(range(start_step, cfg.max_steps), initial=start_step, total=cfg.max_steps,
+                   desc="train", unit="step", disable=None, file=sys.stderr)
+        for step in bar:
+            lr = lr_at(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            torch.manual_seed(cfg.seed + step)  # dropout noise depends on the step, not the history
+            x, y = get_batch(data, step, cfg.seed, cfg.batch_size, cfg.block_size, device)
+            with autocast:
+                _, loss = model(x, y)
+            loss_value = loss.item()  # sync point
+            if not math.isfinite(loss_value):
+                raise DivergenceError(
+                    f"loss became {loss_value} at step {step}: training stopped, no model written "
+                    f"(try a lower train.lr than {cfg.lr})"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            timed_tokens += tokens_per_step
+            done = step + 1
+            if done % cfg.log_every == 0 or done == cfg.max_steps:
+                tok_s = timed_tokens / (time.perf_counter() - t0)
+                history.append([done, loss_value, lr])
+                bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
+                mlflow.log_metrics({"train_loss": loss_value, "lr": lr, "tokens_per_s": tok_s},
+                                   step=done, synchronous=False)
+            if done % cfg.checkpoint_every == 0 or done == cfg.max_steps:
+                save_checkpoint(ckpt_path, model, optimizer, done, fingerprint, version, history)
+        bar.close()
+        elapsed = time.perf_counter() - t0
+        summary = {
+            "steps": cfg.max_steps,
+            "resumed_from_step": start_step,
+            "final_train_loss": loss_value,
+            "tokens_seen": cfg.max_steps * tokens_per_step,
+            "tokens_per_s": timed_tokens / elapsed if elapsed > 0 else None,
+            "train_seconds": elapsed,
+            "device": device.type,
+            "bf16": bf16,
+            "num_params": model.num_params(),
+            "flops_per_token": model.flops_per_token(),
+            "data_version": version,
+            "vocab_size": meta["vocab_size"],
+            "history": history,
+        }
+        mlflow.log_metrics({"train_seconds": elapsed, "num_params": summary["num_params"]})
+    write_model(model_dir, model, tokens_dir, summary)
+    return summary
+
+
+def run(params: Params) -> dict:
+    return train_model(params)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m pipelines.train", description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default="params.yaml", help="parameters file (default: params.yaml)")
+    args = parser.parse_args(argv)
+    try:
+        s = run(load_params(args.params))
+    except (TrainpipeError, FileNotFoundError) as exc:
+        print(f"trainpipe train: {exc}", file=sys.stderr)
+        sys.exit(getattr(exc, "exit_code", 2))
+    print(
+        f"train: {s['steps']} steps on {s['device']}{' (bf16)' if s['bf16'] else ''}, "
+        f"final loss {s['final_train_loss']:.3f}, {s['tokens_per_s']:,.0f} tokens/s, {s['train_seconds']:.0f} s"
+    )
+
+
+if __name__ == "__main__":
+    main()

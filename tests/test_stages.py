@@ -1,0 +1,216 @@
+"""Unit and smoke tests of ingest, tokenize, train and evaluate on tiny data, on CPU."""
+
+import json
+
+import numpy as np
+import pytest
+from safetensors.torch import load_file
+
+from pipelines import evaluate, ingest, tokenize, train
+from pipelines.data import EOT, is_validation, load_tokens, read_documents, sha256_hex, split_documents, write_documents
+from pipelines.errors import DivergenceError, SourceError
+from pipelines.params import load_params
+
+TINY_TRAIN = [
+    "train.max_steps=30", "train.batch_size=4", "train.block_size=32", "train.n_layer=1", "train.n_head=2",
+    "train.n_embd=32", "train.checkpoint_every=10", "train.log_every=5", "train.warmup_steps=5", "train.lr=0.01",
+    "train.min_lr=0.001", "tokenize.vocab_size=300", "tokenize.val_fraction=0.2", "evaluate.sample_tokens=8",
+]
+
+
+def tiny_params(root, *extra):
+    dirs = [f"data.raw_dir={root}/raw", f"data.curated_dir={root}/curated", f"data.tokens_dir={root}/tokens",
+            f"train.checkpoint_dir={root}/ckpt", f"train.model_dir={root}/models", f"evaluate.reports_dir={root}/reports",
+            f"curate.reports_dir={root}/reports"]
+    return load_params(root / "absent.yaml", dirs + TINY_TRAIN + list(extra))
+
+
+def curated_from_stdlib(params, n=60):
+    """A curated set without the curate stage: the first n decodable stdlib files."""
+    docs = []
+    for rec in ingest.collect_documents("python-stdlib", max_documents=n * 2):
+        try:
+            text = rec["content"].decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+        if len(text) > 300:
+            docs.append({"path": rec["path"], "text": text, "sha256": sha256_hex(text), "n_bytes": len(text.encode())})
+    write_documents(docs[:n], params.data.curated_dir)
+    return docs[:n]
+
+
+# ---- ingest -------------------------------------------------------------------------------
+
+def test_ingest_stdlib_snapshot_is_raw_bytes_sorted_by_path(tmp_path):
+    params = tiny_params(tmp_path, "data.max_documents=25")
+    summary = ingest.run(params)
+    docs = read_documents(params.data.raw_dir)
+    assert summary["documents"] == len(docs) == 25
+    assert [d["path"] for d in docs] == sorted(d["path"] for d in docs)
+    assert all(isinstance(d["content"], bytes) and d["path"].endswith(".py") for d in docs)
+
+
+def test_ingest_local_folder_keeps_bytes_undecoded(tmp_path):
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "a.txt").write_text("hello\n")
+    (src / "sub" / "b.py").write_bytes("x = '\xe9'\n".encode("latin-1"))  # not UTF-8: curate decides
+    docs = ingest.collect_documents(str(src))
+    assert [d["path"] for d in docs] == ["a.txt", "sub/b.py"]
+    assert docs[1]["content"] == b"x = '\xe9'\n"
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "csv", "parquet"])
+def test_ingest_tables_take_the_text_field(tmp_path, kind):
+    import pandas as pd
+
+    frame = pd.DataFrame({"text": ["print(1)\n", "print(2)\n"], "other": [1, 2]})
+    path = tmp_path / f"rows.{kind}"
+    {"jsonl": lambda: frame.to_json(path, orient="records", lines=True),
+     "csv": lambda: frame.to_csv(path, index=False), "parquet": lambda: frame.to_parquet(path)}[kind]()
+    docs = ingest.collect_documents(str(path))
+    assert [d["content"] for d in docs] == [b"print(1)\n", b"print(2)\n"]
+
+
+@pytest.mark.parametrize(
+    "make_source, message",
+    [
+        (lambda p: str(p / "nowhere"), "no such file"),
+        (lambda p: (p / "empty").mkdir() or str(p / "empty"), "no files"),
+        (lambda p: (p / "rows.jsonl").write_text('{"body": "x"}\n') and str(p / "rows.jsonl"), "no column 'text'"),
+        (lambda p: (p / "bad.parquet").write_bytes(b"PAR1 truncated") and str(p / "bad.parquet"), "cannot be read"),
+    ],
+)
+def test_ingest_bad_sources_are_one_line_errors(tmp_path, make_source, message):
+    with pytest.raises(SourceError, match=message) as err:
+        ingest.collect_documents(make_source(tmp_path))
+    assert "\n" not in str(err.value)
+
+
+# ---- tokenize -----------------------------------------------------------------------------
+
+def test_split_depends_on_path_only():
+    docs = [{"path": f"pkg/mod{i}.py"} for i in range(400)]
+    _, val = split_documents(docs, 0.1)
+    assert 20 < len(val) < 60
+    # dropping other documents never moves a document between splits
+    _, val_half = split_documents(docs[::2], 0.1)
+    assert {d["path"] for d in val_half} == {d["path"] for d in val if d in docs[::2]}
+    assert all(is_validation(d["path"], 0.1) for d in val)
+
+
+def test_tokenizer_round_trips_any_text():
+    tok = tokenize.train_tokenizer(["def f(x):\n    return x * 2\n"] * 20, vocab_size=300)
+    for text in ["def g(y):\n\treturn 'é' + \"\\n\"\n", "日本語 🐍", "\x00\x01 odd bytes"]:
+        assert tok.decode(tok.encode(text).ids) == text
+    ids = tokenize.encode_documents(tok, ["a = 1", "b = 2"])
+    assert ids.tolist().count(tok.token_to_id(EOT)) == 2
+
+
+def test_tokenize_writes_arrays_and_stable_split(tmp_path):
+    params = tiny_params(tmp_path)
+    curated_from_stdlib(params)
+    summary = tokenize.run(params)
+    tokens = tmp_path / "tokens"
+    assert len(load_tokens(tokens / "train.bin")) == summary["train"]["tokens"]
+    assert summary["val"]["documents"] > 0 and summary["train"]["documents"] > summary["val"]["documents"]
+    assert summary["vocab_size"] <= 300
+    assert json.loads((tokens / "meta.json").read_text())["val_set_sha256"] == summary["val_set_sha256"]
+
+
+# ---- train and evaluate -------------------------------------------------------------------
+
+@pytest.fixture
+def tokenized(tmp_path, mlflow_env):
+    params = tiny_params(tmp_path)
+    curated_from_stdlib(params)
+    tokenize.run(params)
+    return params
+
+
+def test_train_smoke_loss_falls_and_writes_model(tokenized):
+    summary = train.train_model(tokenized, log=lambda *_: None)
+    models = tokenized.train.model_dir
+    history = summary["history"]
+    assert history[-1][1] < history[0][1] - 0.5  # loss fell
+    for name in ("model.safetensors", "config.json", "tokenizer.json", "train.json"):
+        assert (tokenized.data.tokens_dir and __import__("pathlib").Path(models, name)).exists()
+
+
+def test_training_killed_with_sigkill_resumes_to_identical_weights(tokenized, tmp_path):
+    """A real process, killed by SIGKILL after a checkpoint, ends like an uninterrupted run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    full = train.train_model(tokenized, log=lambda *_: None)
+    full_weights = load_file(f"{tokenized.train.model_dir}/model.safetensors")
+
+    other = tokenized.model_copy(deep=True)
+    other.train.checkpoint_dir = str(tmp_path / "ckpt-killed")
+    other.train.model_dir = str(tmp_path / "models-killed")
+    params_file = tmp_path / "killed.yaml"
+    params_file.write_text(yaml.safe_dump(other.model_dump()))
+    cmd = [sys.executable, "-m", "pipelines.train", "--params", str(params_file)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    ckpt = tmp_path / "ckpt-killed" / train.CHECKPOINT_FILE
+    deadline = time.time() + 60
+    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    step_at_kill = __import__("torch").load(ckpt, weights_only=False)["step"]
+    assert step_at_kill < other.train.max_steps and not (tmp_path / "models-killed").exists()
+
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert f"resuming from checkpoint at step {step_at_kill}" in done.stdout
+    resumed_weights = load_file(f"{other.train.model_dir}/model.safetensors")
+    assert full["resumed_from_step"] == 0
+    assert all(np.array_equal(full_weights[k].numpy(), resumed_weights[k].numpy()) for k in full_weights)
+
+
+def test_checkpoint_of_another_config_is_not_resumed(tokenized):
+    train.train_model(tokenized, log=lambda *_: None)
+    other = tokenized.model_copy(deep=True)
+    other.train.lr = 0.005
+    messages = []
+    summary = train.train_model(other, log=messages.append)
+    assert "another config" in messages[0] and summary["resumed_from_step"] == 0
+
+
+def test_nan_loss_stops_training_and_writes_no_model(tokenized, tmp_path):
+    bad = tokenized.model_copy(deep=True)
+    bad.train.lr = 1e12
+    bad.train.warmup_steps = 0
+    bad.train.grad_clip = 0
+    bad.train.model_dir = str(tmp_path / "never")
+    with pytest.raises(DivergenceError, match="loss became"):
+        train.train_model(bad, log=lambda *_: None)
+    assert not (tmp_path / "never").exists()
+
+
+def test_evaluate_writes_metrics_next_to_compressors(tokenized):
+    train.train_model(tokenized, log=lambda *_: None)
+    metrics = evaluate.evaluate_model(tokenized)
+    assert 0 < metrics["val_bits_per_byte"] < 8  # below a byte-uniform model
+    assert 1.0 < metrics["gzip_bits_per_byte"] < 4 and metrics["xz_bits_per_byte"] < metrics["gzip_bits_per_byte"]
+    reports = tokenized.evaluate.reports_dir
+    assert json.load(open(f"{reports}/metrics.json"))["val_tokens"] == metrics["val_tokens"]
+    assert open(f"{reports}/loss_curve.csv").readline().strip() == "step,train_loss,lr"
+    samples = json.load(open(f"{reports}/samples.json"))
+    assert len(samples) == 3 and all(isinstance(s["completion"], str) for s in samples)
+
+
+def test_score_texts_counts_every_byte_and_honours_max_tokens(tokenized):
+    train.train_model(tokenized, log=lambda *_: None)
+    model, tok = evaluate.load_model_dir(tokenized.train.model_dir)
+    texts = ["def a():\n    return 1\n", "x = [i for i in range(3)]\n"]
+    full = evaluate.score_texts(model, tok, texts)
+    assert full["bytes"] == sum(len(t.encode()) for t in texts) and full["documents_scored"] == 2
+    capped = evaluate.score_texts(model, tok, texts, max_tokens=3)
+    assert capped["documents_scored"] == 1 and capped["bytes"] == len(texts[0].encode())
