@@ -1,0 +1,356 @@
+"""Publish the trained model to the MLflow registry and decide which version serves.
+
+    trainpipe publish                # log + register models/ as a new version @challenger; gate @champion
+    trainpipe promote -S ... 7       # move @champion to version 7
+    trainpipe rollback               # move @champion back to the previous champion
+
+The flow runs publish after evaluate, outside DVC: registry side effects do not belong in a
+reproducible stage. The promotion gate compares bits per byte on the same validation set; when
+the champion was scored on another one, it is re-scored on the current one first. Every alias
+move is recorded: a `promoted_at` tag on the version and the registered model's
+`champion_history` tag (versions, newest last), which rollback walks back.
+"""
+
+import json
+import shutil
+import tempfile
+from datetime import UTC, datetime
+from importlib.metadata import version as installed_version
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+from mlflow import MlflowClient
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+
+from pipelines.data import TOKENIZER_FILE, read_json, write_json
+from pipelines.errors import ConfigError, TrainpipeError
+from pipelines.params import Params
+from pipelines.serve import (
+    DEFAULT_INFERENCE_PARAMS,
+    EXAMPLE_PROMPT,
+    LIMITS_FILE,
+    CodeCompletionModel,
+    inference_defaults,
+    serving_limits,
+)
+
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.json"
+CHAMPION, CHALLENGER = "champion", "challenger"
+HISTORY_TAG = "champion_history"
+MAX_HISTORY_CHARS = 5000  # keep the tag small; the oldest entries go first
+PACKAGE_DIR = Path(__file__).resolve().parent
+SERVING_REQUIREMENTS = ("torch", "tokenizers", "safetensors", "numpy", "pandas")
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def _bpb_text(value: float) -> str:
+    return f"{value:.4f}"
+
+
+def read_trained_model(params: Params) -> tuple[Path, dict]:
+    """The model dir and its metrics, or a one-line error naming the stage to run."""
+    model_dir = Path(params.train.model_dir)
+    missing = [f for f in (WEIGHTS_FILE, CONFIG_FILE, TOKENIZER_FILE) if not (model_dir / f).is_file()]
+    if missing:
+        raise ConfigError(
+            f"no trained model at {model_dir}/ (missing {', '.join(missing)}): run `trainpipe train` first"
+        )
+    metrics_path = Path(params.evaluate.reports_dir) / METRICS_FILE
+    try:
+        metrics = read_json(metrics_path)
+    except FileNotFoundError:
+        raise ConfigError(f"no metrics at {metrics_path}: run `trainpipe evaluate` first") from None
+    except json.JSONDecodeError:
+        raise ConfigError(f"{metrics_path} is not valid JSON: run `trainpipe evaluate` again") from None
+    for key in ("val_bits_per_byte", "val_set_sha256"):
+        if key not in metrics:
+            raise ConfigError(f"{metrics_path} has no {key!r}: run `trainpipe evaluate` again")
+    return model_dir, metrics
+
+
+def serving_requirements() -> list[str]:
+    """Pinned at the installed versions: explicit pins avoid MLflow's slow requirement inference."""
+    return [f"{name}=={installed_version(name)}" for name in SERVING_REQUIREMENTS]
+
+
+def model_signature(params: Params):
+    from mlflow.models import infer_signature
+
+    return infer_signature(
+        pd.DataFrame({"prompt": ["def f():"]}),
+        pd.DataFrame({"completion": ["..."]}),
+        params=inference_defaults(params.serve.max_new_tokens_limit),
+    )
+
+
+def _check_signature(model_uri: str) -> None:
+    """Signature inference can fail silently (no signature, no input enforcement): read it back."""
+    signature = mlflow.models.get_model_info(model_uri).signature
+    param_names = {p.name for p in signature.params} if signature and signature.params else set()
+    input_names = signature.inputs.input_names() if signature and signature.inputs else []
+    if input_names != ["prompt"] or param_names != set(DEFAULT_INFERENCE_PARAMS):
+        raise TrainpipeError(
+            f"model {model_uri} was logged without the expected signature "
+            f"(inputs {input_names}, params {sorted(param_names)})"
+        )
+
+
+def _resolve_run(client: MlflowClient, params: Params, run_id: str | None) -> tuple[str, bool]:
+    """(run id, whether we created it): the given run, else the active run, else a new run."""
+    if run_id:
+        return run_id, False
+    active = mlflow.active_run()
+    if active is not None:
+        return active.info.run_id, False
+    experiment = client.get_experiment_by_name(params.publish.experiment)
+    experiment_id = (
+        experiment.experiment_id if experiment else client.create_experiment(params.publish.experiment)
+    )
+    run = client.create_run(experiment_id, run_name="publish", tags={"trainpipe.stage": "publish"})
+    return run.info.run_id, True
+
+
+def get_champion(client: MlflowClient, name: str) -> ModelVersion | None:
+    try:
+        return client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException as exc:
+        # An unknown model is RESOURCE_DOES_NOT_EXIST; an unknown alias, INVALID_PARAMETER_VALUE.
+        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            return None
+        raise
+
+
+def _get_version(client: MlflowClient, name: str, version: int | str) -> ModelVersion:
+    try:
+        return client.get_model_version(name, str(version))
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            raise ConfigError(f"model {name} has no version {version}") from None
+        raise
+
+
+def champion_history(client: MlflowClient, name: str) -> list[str]:
+    tag = client.get_registered_model(name).tags.get(HISTORY_TAG, "")
+    return [v for v in tag.split(",") if v]
+
+
+def _move_champion(client: MlflowClient, name: str, version: str) -> None:
+    """Point @champion at version and record the move."""
+    client.set_registered_model_alias(name, CHAMPION, version)
+    client.set_model_version_tag(name, version, "promoted_at", _now())
+    client.delete_model_version_tag(name, version, "rolled_back_at")
+    history = [*champion_history(client, name), str(version)]
+    while len(",".join(history)) > MAX_HISTORY_CHARS:
+        history.pop(0)
+    client.set_registered_model_tag(name, HISTORY_TAG, ",".join(history))
+
+
+def _log_run_inputs(client: MlflowClient, run_id: str, metrics: dict) -> None:
+    """Metrics (those the run lacks) and the workspace dvc.lock, which a later restart reads."""
+    have = client.get_run(run_id).data.metrics
+    for key, value in metrics.items():
+        if key not in have and isinstance(value, int | float) and not isinstance(value, bool):
+            client.log_metric(run_id, key, float(value))
+    if Path("dvc.lock").is_file():
+        client.log_artifact(run_id, "dvc.lock")
+
+
+def _log_model(client: MlflowClient, params: Params, run_id: str, model_dir: Path, work_dir: Path):
+    limits_path = work_dir / LIMITS_FILE
+    write_json(limits_path, serving_limits(params.serve))
+    # Model.log rather than mlflow.pyfunc.log_model: it takes the run id, so the flow's run
+    # (possibly active in another thread) need not be the active run, nor is it ended here.
+    # The logged model is created first, in the run's experiment: given only a run id, MLflow
+    # 3.17 would file it under the default experiment (or the active run's), not the run's.
+    experiment_id = client.get_run(run_id).info.experiment_id
+    logged = client.create_logged_model(experiment_id, name="model", source_run_id=run_id)
+    return mlflow.models.Model.log(
+        artifact_path=None,
+        name="model",
+        flavor=mlflow.pyfunc,
+        run_id=run_id,
+        model_id=logged.model_id,
+        python_model=CodeCompletionModel(),
+        artifacts={
+            "weights": str(model_dir / WEIGHTS_FILE),
+            "config": str(model_dir / CONFIG_FILE),
+            "tokenizer": str(model_dir / TOKENIZER_FILE),
+            "limits": str(limits_path),
+        },
+        code_paths=[str(PACKAGE_DIR)],  # the model carries its inference code
+        pip_requirements=serving_requirements(),
+        signature=model_signature(params),
+        input_example=(pd.DataFrame({"prompt": [EXAMPLE_PROMPT]}), {"max_new_tokens": 8}),
+    )
+
+
+def _float_tag(version: ModelVersion, key: str) -> float | None:
+    try:
+        return float(version.tags[key])
+    except (KeyError, ValueError):
+        return None
+
+
+def _rescore_champion(params: Params, champion: ModelVersion, work_dir: Path) -> float:
+    """Bits per byte of the champion on the current validation set."""
+    try:
+        from pipelines.evaluate import score_model_dir, validation_texts
+    except ImportError as exc:
+        raise TrainpipeError(
+            f"champion v{champion.version} was scored on another validation set and cannot be "
+            f"re-scored ({exc}); compare by hand and run `trainpipe promote`"
+        ) from None
+    uri = f"models:/{champion.name}/{champion.version}"
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(work_dir / "champion")))
+    pyfunc_conf = mlflow.models.Model.load(str(local)).flavors["python_function"]
+    champion_dir = work_dir / "champion_model"
+    champion_dir.mkdir()
+    for key, filename in (("weights", WEIGHTS_FILE), ("config", CONFIG_FILE), ("tokenizer", TOKENIZER_FILE)):
+        shutil.copy(local / pyfunc_conf["artifacts"][key]["path"], champion_dir / filename)
+    # Scored as evaluate scored the challenger, with the same cap on validation tokens.
+    cap = {"max_tokens": params.evaluate.max_tokens} if params.evaluate.max_tokens else {}
+    return float(score_model_dir(champion_dir, validation_texts(params), **cap))
+
+
+def decide_promotion(
+    version: str,
+    bpb: float,
+    champion_version: str | None,
+    champion_bpb: float | None,
+    margin: float,
+    rescored: bool = False,
+) -> tuple[bool, str]:
+    """The promotion gate: (promote?, one-line reason). Both scores are on the same validation set."""
+    if champion_version is None or champion_bpb is None:
+        return True, f"no champion yet: v{version} ({_bpb_text(bpb)} bpb) becomes champion"
+    on = " (champion re-scored on the current validation set)" if rescored else ""
+    if bpb < champion_bpb - margin:
+        return True, f"challenger {_bpb_text(bpb)} bpb beats champion {_bpb_text(champion_bpb)} bpb{on}"
+    need = f", needs a margin of {margin} bpb" if margin else ""
+    return False, (
+        f"champion v{champion_version} keeps serving: {_bpb_text(champion_bpb)} bpb "
+        f"vs challenger {_bpb_text(bpb)} bpb{need}{on}"
+    )
+
+
+def publish_model(params: Params, lineage: dict[str, str] | None = None, run_id: str | None = None) -> dict:
+    """Log models/ as a pyfunc model, register it @challenger, and move @champion if it is better."""
+    model_dir, metrics = read_trained_model(params)
+    name = params.publish.model_name
+    bpb = float(metrics["val_bits_per_byte"])
+    val_sha = str(metrics["val_set_sha256"])
+    client = MlflowClient()
+    run_id, own_run = _resolve_run(client, params, run_id)
+    with tempfile.TemporaryDirectory(prefix="trainpipe-publish-") as tmp:
+        work_dir = Path(tmp)
+        try:
+            _log_run_inputs(client, run_id, metrics)
+            info = _log_model(client, params, run_id, model_dir, work_dir)
+            _check_signature(info.model_uri)
+            tags = {k: str(v) for k, v in (lineage or {}).items() if v is not None}
+            tags.update(val_bits_per_byte=repr(bpb), val_set_sha256=val_sha, run_id=run_id)
+            version = str(mlflow.register_model(info.model_uri, name, tags=tags).version)
+            client.set_registered_model_alias(name, CHALLENGER, version)
+
+            champion = get_champion(client, name)
+            champion_bpb, rescored = None, False
+            if champion is not None:
+                champion_bpb = _float_tag(champion, "val_bits_per_byte")
+                rescored = champion.tags.get("val_set_sha256") != val_sha or champion_bpb is None
+                if rescored:
+                    champion_bpb = _rescore_champion(params, champion, work_dir)
+            promoted, reason = decide_promotion(
+                version,
+                bpb,
+                str(champion.version) if champion else None,
+                champion_bpb,
+                params.publish.min_improvement_bpb,
+                rescored,
+            )
+            if promoted:
+                _move_champion(client, name, version)
+        except BaseException:
+            if own_run:
+                client.set_terminated(run_id, "FAILED")
+            raise
+    if own_run:
+        client.set_terminated(run_id, "FINISHED")
+    return {
+        "version": str(version),
+        "model_uri": f"models:/{name}/{version}",
+        "run_id": run_id,
+        "champion_version": version if promoted else str(champion.version),
+        "promoted": promoted,
+        "reason": reason,
+        "val_bits_per_byte": bpb,
+        "champion_val_bits_per_byte": champion_bpb,
+    }
+
+
+def promote_version(params: Params, version: int | str) -> dict:
+    """Move @champion to a given version (by hand, past the gate) and record the move."""
+    client = MlflowClient()
+    name = params.publish.model_name
+    target = _get_version(client, name, version)
+    champion = get_champion(client, name)
+    previous = str(champion.version) if champion else None
+    version = str(target.version)
+    if previous == version:
+        promoted, reason = False, f"v{version} is already champion"
+    else:
+        _move_champion(client, name, version)
+        promoted = True
+        reason = f"v{version} promoted by hand" + (f" (was v{previous})" if previous else "")
+    return {
+        "version": version,
+        "model_uri": f"models:/{name}/{version}",
+        "previous_champion": previous,
+        "champion_version": version,
+        "promoted": promoted,
+        "reason": reason,
+    }
+
+
+def rollback_champion(params: Params) -> dict:
+    """Move @champion back to the most recent earlier champion that was not itself rolled back."""
+    client = MlflowClient()
+    name = params.publish.model_name
+    champion = get_champion(client, name)
+    if champion is None:
+        raise ConfigError(f"no champion registered for model {name}: nothing to roll back")
+    current = str(champion.version)
+    history = champion_history(client, name)
+    target = None
+    for candidate in reversed(history):
+        if candidate == current:
+            continue
+        try:
+            version = client.get_model_version(name, candidate)
+        except MlflowException:
+            continue  # deleted since
+        if "rolled_back_at" not in version.tags:
+            target = version
+            break
+    if target is None:
+        raise ConfigError(
+            f"no earlier champion of model {name} to roll back to (champion v{current}, "
+            f"history {','.join(history) or 'empty'})"
+        )
+    version = str(target.version)
+    client.set_model_version_tag(name, current, "rolled_back_at", _now())
+    _move_champion(client, name, version)
+    return {
+        "version": version,
+        "model_uri": f"models:/{name}/{version}",
+        "previous_champion": current,
+        "champion_version": version,
+        "promoted": True,
+        "reason": f"rolled back champion from v{current} to v{version}",
+    }

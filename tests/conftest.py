@@ -1,0 +1,103 @@
+"""Shared fixtures: a tiny trained-model dir and a real MLflow registry on SQLite in tmp_path."""
+
+import shutil
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from pipelines.data import EOT, TOKENIZER_FILE, write_json
+
+SNIPPETS = [
+    "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)\n",
+    "import os\n\n\ndef list_files(path):\n    return sorted(os.listdir(path))\n",
+    "class Point:\n    def __init__(self, x, y):\n        self.x = x\n        self.y = y\n",
+    "for i in range(10):\n    print(i * i)\n",
+    "with open('data.txt') as fh:\n    lines = [line.strip() for line in fh]\n",
+    "try:\n    value = int(text)\nexcept ValueError:\n    value = None\n",
+]
+
+
+def make_model_dir(path: str | Path, seed: int = 0) -> Path:
+    """Write a tiny untrained model dir as the train stage does: weights, config.json, tokenizer.json."""
+    import torch
+    from safetensors.torch import save_model
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from pipelines.model import GPT, GPTConfig
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=[EOT],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(SNIPPETS * 4, trainer)
+    tok.save(str(path / TOKENIZER_FILE))
+    torch.manual_seed(seed)
+    config = GPTConfig(vocab_size=tok.get_vocab_size(), block_size=32, n_layer=1, n_head=2, n_embd=32)
+    save_model(GPT(config), str(path / "model.safetensors"))
+    write_json(path / "config.json", config.to_dict())
+    return path
+
+
+def write_metrics(reports_dir: str | Path, val_bits_per_byte: float, val_set_sha256: str = "a" * 64) -> Path:
+    """A metrics.json as the evaluate stage writes it."""
+    path = Path(reports_dir) / "metrics.json"
+    write_json(
+        path,
+        {
+            "val_bits_per_byte": val_bits_per_byte,
+            "val_loss": val_bits_per_byte * 2.5,
+            "val_tokens": 1000,
+            "val_bytes": 3500,
+            "val_set_sha256": val_set_sha256,
+            "gzip_bits_per_byte": 1.87,
+            "xz_bits_per_byte": 1.79,
+        },
+    )
+    return path
+
+
+@pytest.fixture
+def model_dir(tmp_path) -> Path:
+    return make_model_dir(tmp_path / "models")
+
+
+@pytest.fixture(scope="session")
+def mlflow_template_db(tmp_path_factory) -> Path:
+    """An MLflow SQLite DB with its migrations already run (~5 s), made once per session."""
+    from mlflow import MlflowClient
+
+    db = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    MlflowClient(f"sqlite:///{db}").search_experiments()
+    return db
+
+
+def copy_mlflow_db(template: Path, dest_dir: Path) -> str:
+    """Copy the template DB into dest_dir and return its tracking URI."""
+    db = dest_dir / "mlflow.db"
+    shutil.copy(template, db)
+    # The default experiment stores an absolute artifact path: point it at dest_dir, not the template.
+    with sqlite3.connect(db) as conn:
+        conn.execute(
+            "UPDATE experiments SET artifact_location = ? WHERE experiment_id = 0",
+            (str(dest_dir / "mlruns" / "0"),),
+        )
+    conn.close()
+    return f"sqlite:///{db}"
+
+
+@pytest.fixture
+def mlflow_env(tmp_path, monkeypatch, mlflow_template_db) -> str:
+    """A fresh MLflow tracking DB and registry in tmp_path; cwd is tmp_path (artifacts go to mlruns/)."""
+    uri = copy_mlflow_db(mlflow_template_db, tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")  # offline: nothing to send
+    monkeypatch.chdir(tmp_path)
+    return uri

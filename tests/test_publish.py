@@ -1,0 +1,275 @@
+"""publish: logging, registration, the promotion gate, promote and rollback, on a real MLflow registry."""
+
+import mlflow
+import pandas as pd
+import pytest
+from conftest import copy_mlflow_db, make_model_dir, write_metrics
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
+from pipelines.errors import ConfigError, TrainpipeError
+from pipelines.params import Params, PublishParams, ServeParams
+from pipelines.publish import (
+    HISTORY_TAG,
+    decide_promotion,
+    promote_version,
+    publish_model,
+    rollback_champion,
+)
+
+NAME = PublishParams().model_name
+
+
+def publish(params: Params, bpb: float, sha: str = "a" * 64, **kwargs) -> dict:
+    write_metrics(params.evaluate.reports_dir, bpb, sha)
+    return publish_model(params, **kwargs)
+
+
+def champion_version(client: MlflowClient) -> str:
+    return str(client.get_model_version_by_alias(NAME, "champion").version)
+
+
+def history(client: MlflowClient) -> str:
+    return client.get_registered_model(NAME).tags[HISTORY_TAG]
+
+
+@pytest.mark.parametrize(
+    ("bpb", "champion_bpb", "margin", "promoted", "reason"),
+    [
+        (2.0, None, 0.0, True, "no champion yet: v4 (2.0000 bpb) becomes champion"),
+        (1.93, 2.10, 0.0, True, "challenger 1.9300 bpb beats champion 2.1000 bpb"),
+        (2.10, 2.10, 0.0, False, "champion v3 keeps serving: 2.1000 bpb vs challenger 2.1000 bpb"),
+        (2.05, 2.01, 0.0, False, "champion v3 keeps serving: 2.0100 bpb vs challenger 2.0500 bpb"),
+        (
+            2.00,
+            2.10,
+            0.2,
+            False,
+            "champion v3 keeps serving: 2.1000 bpb vs challenger 2.0000 bpb, needs a margin of 0.2 bpb",
+        ),
+        (1.85, 2.10, 0.2, True, "challenger 1.8500 bpb beats champion 2.1000 bpb"),
+    ],
+)
+def test_decide_promotion(bpb, champion_bpb, margin, promoted, reason):
+    champion = None if champion_bpb is None else "3"
+    assert decide_promotion("4", bpb, champion, champion_bpb, margin) == (promoted, reason)
+
+
+@pytest.fixture
+def trained(mlflow_env, model_dir) -> Params:
+    """A registry in tmp_path and a trained model at models/ (cwd is tmp_path)."""
+    return Params()
+
+
+def test_first_publish_becomes_champion_with_lineage(trained, tmp_path):
+    (tmp_path / "dvc.lock").write_text("schema: '2.0'\nstages: {}\n")
+    lineage = {"git_commit": "abc123", "data_version": "md5:42", "prefect_flow_run_id": "run-1"}
+    result = publish(trained, 2.1, lineage=lineage)
+
+    assert result["version"] == "1" and result["promoted"] is True
+    assert result["champion_version"] == "1"
+    assert result["model_uri"] == f"models:/{NAME}/1"
+    assert "\n" not in result["reason"] and "champion" in result["reason"]
+    client = MlflowClient()
+    version = client.get_model_version(NAME, "1")
+    assert set(version.aliases) == {"champion", "challenger"}
+    assert {k: version.tags[k] for k in lineage} == lineage
+    assert float(version.tags["val_bits_per_byte"]) == 2.1
+    assert version.tags["val_set_sha256"] == "a" * 64
+    assert "promoted_at" in version.tags
+    assert history(client) == "1"
+    # A run of its own in the configured experiment, finished, with metrics and dvc.lock.
+    run = client.get_run(result["run_id"])
+    assert client.get_experiment(run.info.experiment_id).name == trained.publish.experiment
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["val_bits_per_byte"] == 2.1
+    assert "dvc.lock" in [a.path for a in client.list_artifacts(result["run_id"])]
+    # The logged model lives in the run's experiment (not MLflow's default experiment 0).
+    models = client.search_logged_models(experiment_ids=[run.info.experiment_id])
+    assert [m.source_run_id for m in models] == [result["run_id"]]
+
+
+def test_gate_promotes_only_a_better_challenger(trained):
+    client = MlflowClient()
+    assert publish(trained, 2.10)["promoted"] is True
+
+    worse = publish(trained, 2.30)
+    assert worse["promoted"] is False and worse["champion_version"] == "1"
+    assert worse["reason"] == "champion v1 keeps serving: 2.1000 bpb vs challenger 2.3000 bpb"
+    assert champion_version(client) == "1"
+    assert str(client.get_model_version_by_alias(NAME, "challenger").version) == "2"
+    assert "promoted_at" not in client.get_model_version(NAME, "2").tags
+
+    better = publish(trained, 1.93)
+    assert better["promoted"] is True and better["champion_version"] == "3"
+    assert better["reason"] == "challenger 1.9300 bpb beats champion 2.1000 bpb"
+    assert champion_version(client) == "3"
+    assert history(client) == "1,3"
+
+
+def test_gate_requires_the_margin(trained):
+    trained.publish.min_improvement_bpb = 0.2
+    publish(trained, 2.10)
+    assert publish(trained, 2.00)["promoted"] is False  # better, but by less than the margin
+    assert publish(trained, 1.85)["promoted"] is True
+    assert champion_version(MlflowClient()) == "3"
+
+
+def test_publish_logs_into_a_given_run_and_leaves_it_open(trained):
+    client = MlflowClient()
+    experiment_id = client.create_experiment("flow-runs")
+    run_id = client.create_run(experiment_id).info.run_id
+    result = publish(trained, 2.0, run_id=run_id)
+    assert result["run_id"] == run_id
+    assert client.get_run(run_id).info.status == "RUNNING"  # the flow ends its own run
+    assert client.get_model_version(NAME, "1").run_id == run_id
+    assert [m.source_run_id for m in client.search_logged_models(experiment_ids=[experiment_id])] == [run_id]
+
+
+def test_publish_uses_the_active_run(trained):
+    with mlflow.start_run() as run:
+        result = publish(trained, 2.0)
+        assert mlflow.active_run().info.run_id == run.info.run_id
+    assert result["run_id"] == run.info.run_id
+
+
+@pytest.mark.parametrize(
+    ("remove", "expected"),
+    [
+        ("models/model.safetensors", "no trained model at models/"),
+        ("reports/metrics.json", "trainpipe evaluate"),
+    ],
+)
+def test_missing_inputs_are_one_line_errors(tmp_path, monkeypatch, remove, expected):
+    monkeypatch.chdir(tmp_path)
+    make_model_dir(tmp_path / "models")
+    write_metrics(tmp_path / "reports", 2.0)
+    (tmp_path / remove).unlink()
+    with pytest.raises(TrainpipeError) as info:
+        publish_model(Params())
+    assert expected in str(info.value) and "\n" not in str(info.value)
+
+
+def test_missing_model_dir_names_the_stage_to_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=r"no trained model at models/ .*run `trainpipe train` first"):
+        publish_model(Params())
+
+
+def test_promote_and_rollback_move_the_alias_and_record_history(trained):
+    client = MlflowClient()
+    publish(trained, 2.1)
+    publish(trained, 1.9)  # v2 champion
+    publish(trained, 2.5)  # v3 challenger only
+
+    back = rollback_champion(trained)
+    assert (back["version"], back["previous_champion"]) == ("1", "2")
+    assert champion_version(client) == "1" and history(client) == "1,2,1"
+    assert "rolled_back_at" in client.get_model_version(NAME, "2").tags
+    # v2 was rolled back, so there is nothing earlier than v1 to return to.
+    with pytest.raises(ConfigError, match="no earlier champion"):
+        rollback_champion(trained)
+
+    promoted = promote_version(trained, 3)
+    assert promoted["promoted"] is True and promoted["previous_champion"] == "1"
+    assert champion_version(client) == "3" and history(client) == "1,2,1,3"
+    assert "promoted_at" in client.get_model_version(NAME, "3").tags
+    assert promote_version(trained, "3")["promoted"] is False  # already champion: no new entry
+    assert history(client) == "1,2,1,3"
+
+    assert rollback_champion(trained)["version"] == "1"
+    promote_version(trained, 2)  # promoting by hand clears the rolled-back mark
+    assert "rolled_back_at" not in client.get_model_version(NAME, "2").tags
+    assert rollback_champion(trained)["version"] == "1"
+
+
+def test_promote_unknown_version_and_rollback_without_champion_are_errors(trained):
+    with pytest.raises(ConfigError, match="no champion registered"):
+        rollback_champion(trained)
+    publish(trained, 2.0)
+    with pytest.raises(ConfigError) as info:
+        promote_version(trained, 99)
+    assert str(info.value) == f"model {NAME} has no version 99"
+    with pytest.raises(ConfigError, match="no earlier champion"):
+        rollback_champion(trained)
+
+
+def test_champion_scored_on_another_validation_set_is_rescored(trained, tmp_path):
+    evaluate = pytest.importorskip("pipelines.evaluate")
+    if not hasattr(evaluate, "score_model_dir") or not hasattr(evaluate, "validation_texts"):
+        pytest.skip("pipelines.evaluate has no score_model_dir/validation_texts yet")
+    from conftest import SNIPPETS
+
+    from pipelines.data import write_documents
+
+    trained.tokenize.val_fraction = 0.45
+    docs = [{"path": f"pkg/mod{i}.py", "text": SNIPPETS[i % len(SNIPPETS)]} for i in range(12)]
+    write_documents(docs, trained.data.curated_dir)
+    texts = evaluate.validation_texts(trained)
+    assert texts, "the fixture corpus needs at least one validation document"
+    actual = evaluate.score_model_dir(tmp_path / "models", texts)
+
+    # v1's tag says 9.0 bpb on another set; on the current set it scores `actual`.
+    publish(trained, 9.0, sha="a" * 64)
+    stale_winner = publish(trained, actual + 0.5, sha="b" * 64)
+    assert stale_winner["promoted"] is False, "compared with the stale 9.0 instead of re-scoring"
+    assert stale_winner["champion_val_bits_per_byte"] == pytest.approx(actual, rel=1e-6)
+    assert "re-scored" in stale_winner["reason"]
+    assert publish(trained, actual - 0.5, sha="b" * 64)["promoted"] is True
+
+
+# --- the logged model, loaded back through the registry ------------------------------------
+
+
+@pytest.fixture(scope="module")
+def champion_model(tmp_path_factory, mlflow_template_db):
+    """One published champion (limits: 100 prompt chars, 40 new tokens), loaded with pyfunc."""
+    root = tmp_path_factory.mktemp("champion")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", copy_mlflow_db(mlflow_template_db, root))
+        mp.chdir(root)
+        make_model_dir(root / "models")
+        params = Params(serve=ServeParams(max_prompt_chars=100, max_new_tokens_limit=40))
+        publish(params, 2.0)
+        yield mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
+
+
+def test_loaded_model_completes_and_is_seeded(champion_model):
+    prompt = pd.DataFrame({"prompt": ["def fibonacci(n):", "import os\n"]})
+    out = champion_model.predict(prompt, params={"max_new_tokens": 12, "seed": 3})
+    assert list(out.columns) == ["completion"] and len(out) == 2
+    assert all(isinstance(c, str) and c for c in out["completion"])
+    again = champion_model.predict(prompt, params={"max_new_tokens": 12, "seed": 3})
+    assert again["completion"].tolist() == out["completion"].tolist()
+    # Defaults from the signature; max_new_tokens is capped at the model's limit (40 < 64).
+    assert champion_model.metadata.get_params_schema().to_dict()[0] == {
+        "name": "max_new_tokens", "type": "long", "default": 40, "shape": None,
+    }  # fmt: skip
+    assert isinstance(champion_model.predict(pd.DataFrame({"prompt": ["x = "]}))["completion"][0], str)
+
+
+def test_loaded_model_truncates_long_prompts(champion_model):
+    # ~100 chars of code is more than block_size (32) tokens for this tokenizer.
+    prompt = "for i in range(10):\n    print(i * i)\n" * 2 + "def list_files(path):\n"
+    assert len(prompt) <= 100
+    out = champion_model.predict(pd.DataFrame({"prompt": [prompt[:100]]}), params={"max_new_tokens": 5})
+    assert isinstance(out["completion"][0], str)
+
+
+@pytest.mark.parametrize(
+    ("frame", "params", "message"),
+    [
+        ({"text": ["x"]}, {}, "prompt"),
+        ({"prompt": [""]}, {}, "empty"),
+        ({"prompt": ["x" * 101]}, {}, "limit is 100"),
+        ({"prompt": ["x"]}, {"max_new_tokens": 0}, "between 1 and 40"),
+        ({"prompt": ["x"]}, {"max_new_tokens": 41}, "between 1 and 40"),
+        ({"prompt": ["x"]}, {"temperature": -1.0}, "temperature"),
+        ({"prompt": ["x"]}, {"temperature": 2.5}, "temperature"),
+        ({"prompt": ["x"]}, {"top_k": -1}, "top_k"),
+    ],
+)
+def test_loaded_model_rejects_bad_requests(champion_model, frame, params, message):
+    with pytest.raises(MlflowException, match=message) as info:
+        champion_model.predict(pd.DataFrame(frame), params=params)
+    assert info.value.error_code == "INVALID_PARAMETER_VALUE"
