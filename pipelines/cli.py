@@ -11,6 +11,7 @@ they apply to that call only. Every failure ends with a one-line reason and a no
 """
 
 import argparse
+import atexit
 import os
 import sys
 from pathlib import Path
@@ -35,6 +36,7 @@ def setup_environment() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("DO_NOT_TRACK", "1")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 def require_project() -> None:
@@ -55,9 +57,10 @@ def cmd_run(args) -> None:
 
     result = training_flow()
     pub, m = result["published"], result["metrics"]
+    name = params.publish.model_name
     print()
-    print(f"registered: {pub['model_uri']} (version {pub['version']}) in {tracking_uri_text()}")
-    print(f"alias: {pub['reason']}")
+    print(f"registered: {name} version {pub['version']} ({pub['model_uri']}) in {tracking_uri_text()}")
+    print(f"champion: models:/{name}@champion is version {pub['champion_version']} ({pub['reason']})")
     print(
         f"held-out: {m['val_bits_per_byte']:.3f} bits/byte (gzip -9 {m['gzip_bits_per_byte']:.3f}, "
         f"xz -9 {m['xz_bits_per_byte']:.3f}); metrics in {params.evaluate.reports_dir}/metrics.json"
@@ -173,10 +176,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     setup_environment()
+    # The reason for a failure is printed by an exit handler registered before any tool's, so
+    # it runs after theirs (Prefect logs as its temporary server stops) and stays the last line.
+    reason: list[str] = []
+    atexit.register(lambda: reason and print(reason[0], file=sys.stderr, flush=True))
     try:
         args.func(args)
     except TrainpipeError as exc:
-        print(f"trainpipe {args.command}: {exc}", file=sys.stderr)
+        reason.append(f"trainpipe {args.command}: {exc}")
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         print(f"trainpipe {args.command}: interrupted", file=sys.stderr)

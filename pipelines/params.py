@@ -65,7 +65,7 @@ class TrainParams(Section):
     seed: int = Field(1337, description="seeds weights, data order and dropout")
     device: Literal["auto", "cpu", "cuda", "mps"] = Field("auto", description="auto: cuda, then mps, then cpu")
     bf16: Literal["auto", "on", "off"] = Field("auto", description="bf16 autocast where the device supports it")
-    max_steps: int = Field(1000, ge=1, description="optimizer steps")
+    max_steps: int = Field(800, ge=1, description="optimizer steps")
     batch_size: int = Field(16, ge=1, description="sequences per step")
     block_size: int = Field(256, ge=8, description="context length in tokens")
     n_layer: int = Field(4, ge=1, description="transformer blocks")

@@ -208,6 +208,8 @@ def train_model(params: Params, log=print) -> dict:
             if done % cfg.log_every == 0 or done == cfg.max_steps:
                 tok_s = timed_tokens / (time.perf_counter() - t0)
                 history.append([done, loss_value, lr])
+                if bar.disable and done % max(cfg.log_every, cfg.max_steps // 10) == 0:  # no TTY: log lines
+                    log(f"train: step {done}/{cfg.max_steps} loss {loss_value:.3f} lr {lr:.2e} {tok_s:,.0f} tokens/s")
                 bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
                 mlflow.log_metrics({"train_loss": loss_value, "lr": lr, "tokens_per_s": tok_s},
                                    step=done, synchronous=False)

@@ -7,7 +7,15 @@ import pytest
 from safetensors.torch import load_file
 
 from pipelines import evaluate, ingest, tokenize, train
-from pipelines.data import EOT, is_validation, load_tokens, read_documents, sha256_hex, split_documents, write_documents
+from pipelines.data import (
+    EOT,
+    is_validation,
+    load_tokens,
+    read_documents,
+    sha256_hex,
+    split_documents,
+    write_documents,
+)
 from pipelines.errors import DivergenceError, SourceError
 from pipelines.params import load_params
 
