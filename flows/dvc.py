@@ -54,11 +54,17 @@ def _pump(src, dst, keep: list[bytes]) -> None:
 
 def dvc(args: list[str], env: dict[str, str] | None = None, quiet: bool = False) -> str:
     """Run a dvc command; returns its stdout; raises StageFailed with the stage's exit code."""
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "dvc"), *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, env=tool_env(env))
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "dvc"), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=tool_env(env),
+    )
     out, err = [], []
-    threads = [threading.Thread(target=_pump, args=(proc.stdout, sys.stdout if not quiet else _Null, out)),
-               threading.Thread(target=_pump, args=(proc.stderr, sys.stderr, err))]
+    threads = [
+        threading.Thread(target=_pump, args=(proc.stdout, sys.stdout if not quiet else _Null, out)),
+        threading.Thread(target=_pump, args=(proc.stderr, sys.stderr, err)),
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -66,7 +72,10 @@ def dvc(args: list[str], env: dict[str, str] | None = None, quiet: bool = False)
     code = proc.wait()
     stdout = b"".join(out).decode(errors="replace")
     if code:
-        raise StageFailed(failure_reason(b"".join(err).decode(errors="replace"), args), stage_exit_code(stdout + b"".join(err).decode(errors="replace")))
+        raise StageFailed(
+            failure_reason(b"".join(err).decode(errors="replace"), args),
+            stage_exit_code(stdout + b"".join(err).decode(errors="replace")),
+        )
     return stdout
 
 

@@ -38,7 +38,9 @@ def retry_transient_only(task, task_run, state) -> bool:
     return False
 
 
-@task(retries=2, retry_delay_seconds=[10, 60], retry_condition_fn=retry_transient_only, task_run_name="{stage}")
+@task(
+    retries=2, retry_delay_seconds=[10, 60], retry_condition_fn=retry_transient_only, task_run_name="{stage}"
+)
 def run_stage(stage: str, mlflow_run_id: str) -> StageOutcome:
     # Stages that log (train) attach to the flow's MLflow run through MLFLOW_RUN_ID.
     return repro_stage(stage, env={"MLFLOW_RUN_ID": mlflow_run_id})
@@ -58,9 +60,12 @@ def push_outputs() -> None:
 
 def git_commit() -> str:
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return commit.strip() + ("-dirty" if dirty else "")
@@ -94,19 +99,31 @@ def apply_params(params: Params | None) -> Params:
     return save_overrides(PARAMS_FILE, overrides)
 
 
-def summary_markdown(outcomes: list[StageOutcome], curation: dict, metrics: dict, published: dict | None) -> str:
+def summary_markdown(
+    outcomes: list[StageOutcome], curation: dict, metrics: dict, published: dict | None
+) -> str:
     rows = "\n".join(f"| {o.stage} | {o.detail} |" for o in outcomes)
     lines = ["# trainpipe run", "", "| stage | outcome |", "|---|---|", rows, ""]
     if curation:
         kept = curation.get("kept", {})
-        lines += ["## Curation", "", f"documents in: {curation.get('documents_in')}, kept: {kept}",
-                  f"dropped: {json.dumps(curation.get('dropped', {}))}", ""]
+        dropped = ", ".join(f"{k} {v}" for k, v in curation.get("dropped", {}).items() if v) or "none"
+        lines += [
+            "## Curation",
+            "",
+            f"documents in: {curation.get('documents_in')}, kept: {kept.get('documents')} "
+            f"({kept.get('bytes', 0) / 1e6:.2f} MB); dropped: {dropped}",
+            "",
+        ]
     if metrics:
         lines += ["## Metrics", "", "| metric | value |", "|---|---|"]
         lines += [f"| {k} | {v:.4f} |" for k, v in metrics.items() if isinstance(v, float)] + [""]
     if published:
-        lines += ["## Registry", "", f"version {published['version']} of `{published['model_uri']}`",
-                  f"alias decision: {published['reason']}"]
+        lines += [
+            "## Registry",
+            "",
+            f"version {published['version']} of `{published['model_uri']}`",
+            f"alias decision: {published['reason']}",
+        ]
     return "\n".join(lines)
 
 
@@ -138,8 +155,11 @@ def training_flow(params: Params | None = None) -> dict:
         mlflow.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
         published = publish(params, lineage(params), run_id)
     push_outputs()
-    create_markdown_artifact(summary_markdown(outcomes, curation, metrics, published), key="trainpipe-run",
-                             description="stages, curation, metrics and the alias decision of this run")
+    create_markdown_artifact(
+        summary_markdown(outcomes, curation, metrics, published),
+        key="trainpipe-run",
+        description="stages, curation, metrics and the alias decision of this run",
+    )
     return {"stages": [o.__dict__ for o in outcomes], "metrics": metrics, "published": published}
 
 

@@ -134,7 +134,9 @@ def cmd_generate(args) -> None:
     model, tokenizer = load_model_dir(model_dir)
     idx = torch.tensor([tokenizer.encode(args.prompt).ids[-model.config.block_size :]])
     g = torch.Generator().manual_seed(args.seed)
-    out = model.generate(idx, args.max_new_tokens, args.temperature, args.top_k, g, tokenizer.token_to_id(EOT))
+    out = model.generate(
+        idx, args.max_new_tokens, args.temperature, args.top_k, g, tokenizer.token_to_id(EOT)
+    )
     print(args.prompt + tokenizer.decode(out[0, idx.size(1) :].tolist()))
 
 
@@ -144,8 +146,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     def add(name: str, func, help_text: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
-        p.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a params.yaml key (dotted, e.g. train.lr=3e-4); repeatable")
+        p.add_argument(
+            "-S",
+            "--set",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override a params.yaml key (dotted, e.g. train.lr=3e-4); repeatable",
+        )
         p.set_defaults(func=func)
         return p
 
@@ -160,8 +168,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=None, help="port (default: serve.port)")
     p.add_argument("--model-uri", default=None, help="serve this MLflow model URI instead of @champion")
     p = add("restart", cmd_restart, "restore the data and model behind the champion (or --from VERSION)")
-    p.add_argument("--from", dest="from_version", default=None, metavar="VERSION",
-                   help="a registered version to restore instead of the champion")
+    p.add_argument(
+        "--from",
+        dest="from_version",
+        default=None,
+        metavar="VERSION",
+        help="a registered version to restore instead of the champion",
+    )
     p = add("schedule", cmd_schedule, "serve the flow as a Prefect deployment on a cron schedule")
     p.add_argument("--cron", required=True, help='cron expression, e.g. "0 3 * * *"')
     p = add("generate", cmd_generate, "complete a prompt with the model in models/")

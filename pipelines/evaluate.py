@@ -48,8 +48,14 @@ def validation_texts(params: Params) -> list[str]:
 
 
 @torch.no_grad()
-def score_texts(model: GPT, tokenizer, texts: list[str], max_tokens: int | None = None, batch_size: int = 16,
-                bf16: bool = False) -> dict:
+def score_texts(
+    model: GPT,
+    tokenizer,
+    texts: list[str],
+    max_tokens: int | None = None,
+    batch_size: int = 16,
+    bf16: bool = False,
+) -> dict:
     """Negative log-likelihood of texts under the model, in bits, with the bytes it covers.
 
     The stream is <|endoftext|> doc1 <|endoftext|> doc2 ...; every token after the first is
@@ -84,12 +90,18 @@ def score_texts(model: GPT, tokenizer, texts: list[str], max_tokens: int | None 
                 logits.float().view(-1, logits.size(-1)), y.view(-1), reduction="sum"
             ).item()
     n_tokens = len(ids) - 1
-    return {"nll_bits": nll_nats / math.log(2), "tokens": n_tokens, "bytes": n_bytes,
-            "loss": nll_nats / n_tokens, "documents_scored": stream.count(eot) - 1}
+    return {
+        "nll_bits": nll_nats / math.log(2),
+        "tokens": n_tokens,
+        "bytes": n_bytes,
+        "loss": nll_nats / n_tokens,
+        "documents_scored": stream.count(eot) - 1,
+    }
 
 
-def score_model_dir(model_dir: str | Path, texts: list[str], max_tokens: int | None = None,
-                    bf16: bool = True) -> float:
+def score_model_dir(
+    model_dir: str | Path, texts: list[str], max_tokens: int | None = None, bf16: bool = True
+) -> float:
     """Held-out bits per byte of a saved model on texts (used to re-score a champion)."""
     model, tokenizer = load_model_dir(model_dir)
     s = score_texts(model, tokenizer, texts, max_tokens, bf16=bf16)
@@ -114,14 +126,17 @@ def compression_bits_per_byte(texts: list[str]) -> dict:
     }
 
 
-def sample_completions(model: GPT, tokenizer, prompts: list[str], max_new_tokens: int, seed: int) -> list[dict]:
+def sample_completions(
+    model: GPT, tokenizer, prompts: list[str], max_new_tokens: int, seed: int
+) -> list[dict]:
     device = next(model.parameters()).device
     out = []
     for i, prompt in enumerate(prompts):
         g = torch.Generator(device=device).manual_seed(seed + i)
         idx = torch.tensor([tokenizer.encode(prompt).ids], device=device)
-        ids = model.generate(idx, max_new_tokens, temperature=0.8, top_k=50, generator=g,
-                             stop_token=tokenizer.token_to_id(EOT))
+        ids = model.generate(
+            idx, max_new_tokens, temperature=0.8, top_k=50, generator=g, stop_token=tokenizer.token_to_id(EOT)
+        )
         out.append({"prompt": prompt, "completion": tokenizer.decode(ids[0, idx.size(1) :].tolist())})
     return out
 
@@ -156,8 +171,13 @@ def evaluate_model(params: Params) -> dict:
     write_json(reports / "metrics.json", metrics)
     train_summary = read_json(Path(params.train.model_dir) / "train.json")
     write_loss_curve(train_summary.get("history", []), reports / "loss_curve.csv")
-    samples = sample_completions(model, tokenizer, SAMPLE_PROMPTS[: params.evaluate.num_samples],
-                                 params.evaluate.sample_tokens, params.train.seed)
+    samples = sample_completions(
+        model,
+        tokenizer,
+        SAMPLE_PROMPTS[: params.evaluate.num_samples],
+        params.evaluate.sample_tokens,
+        params.train.seed,
+    )
     write_json(reports / "samples.json", samples)
     return metrics
 

@@ -60,7 +60,9 @@ def read_table_file(path: Path, text_field: str) -> list[dict]:
     try:
         table = load_dataset(TABLE_FORMATS[path.suffix.lower()], data_files=str(path), split="train")
     except Exception as exc:  # datasets raises many types for a corrupt file
-        raise SourceError(f"{path}: cannot be read as {path.suffix} ({exc.__class__.__name__}: {exc})") from None
+        raise SourceError(
+            f"{path}: cannot be read as {path.suffix} ({exc.__class__.__name__}: {exc})"
+        ) from None
     if text_field not in table.column_names:
         raise SourceError(f"{path}: no column {text_field!r} (columns: {', '.join(table.column_names)})")
     records = []
@@ -109,7 +111,9 @@ def main(argv: list[str] | None = None) -> None:
     except TrainpipeError as exc:
         print(f"trainpipe ingest: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)
-    print(f"ingest: {summary['documents']} documents, {summary['bytes'] / 1e6:.1f} MB from {summary['source']}")
+    print(
+        f"ingest: {summary['documents']} documents, {summary['bytes'] / 1e6:.1f} MB from {summary['source']}"
+    )
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """A GPT-style decoder for code completion (after nanoGPT). Knows nothing of files or logging.
 
-    model = GPT(GPTConfig(vocab_size=4096))
-    logits, loss = model(idx, targets)
+model = GPT(GPTConfig(vocab_size=4096))
+logits, loss = model(idx, targets)
 """
 
 import math

@@ -52,9 +52,13 @@ def restore_version(params, version: str | None = None) -> dict:
         raise ConfigError(f"no champion registered for model {name!r}: nothing to restore")
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            lock_path = mlflow.artifacts.download_artifacts(run_id=mv.run_id, artifact_path="dvc.lock", dst_path=tmp)
+            lock_path = mlflow.artifacts.download_artifacts(
+                run_id=mv.run_id, artifact_path="dvc.lock", dst_path=tmp
+            )
         except Exception:
-            raise ConfigError(f"version {mv.version} of {name!r} has no dvc.lock recorded: cannot restore") from None
+            raise ConfigError(
+                f"version {mv.version} of {name!r} has no dvc.lock recorded: cannot restore"
+            ) from None
         lock = yaml.safe_load(Path(lock_path).read_text())
         save_overrides(PARAMS_FILE, lock_params(lock))
         shutil.copyfile(lock_path, "dvc.lock")

@@ -96,8 +96,9 @@ def run_fingerprint(cfg: TrainParams, model_cfg: GPTConfig) -> dict:
     return {"train": fields, "model": model_cfg.to_dict()}
 
 
-def save_checkpoint(path: Path, model, optimizer, step: int, fingerprint: dict, version: str,
-                    history: list) -> None:
+def save_checkpoint(
+    path: Path, model, optimizer, step: int, fingerprint: dict, version: str, history: list
+) -> None:
     state = {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -160,7 +161,9 @@ def train_model(params: Params, log=print) -> dict:
         raise TrainpipeError(f"{tokens_dir}/train.bin holds {len(data)} tokens; need more than block_size")
     device = pick_device(cfg.device)
     bf16 = use_bf16(cfg.bf16, device)
-    model_cfg = GPTConfig(meta["vocab_size"], cfg.block_size, cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.dropout)
+    model_cfg = GPTConfig(
+        meta["vocab_size"], cfg.block_size, cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.dropout
+    )
     fingerprint, version = run_fingerprint(cfg, model_cfg), data_version(tokens_dir)
 
     torch.manual_seed(cfg.seed)  # seed once: the initial weights
@@ -182,8 +185,15 @@ def train_model(params: Params, log=print) -> dict:
         mlflow.log_params({f"train.{k}": v for k, v in cfg.model_dump().items()} | {"data_version": version})
         model.train()
         t0, timed_tokens, loss_value = time.perf_counter(), 0, float("nan")
-        bar = tqdm(range(start_step, cfg.max_steps), initial=start_step, total=cfg.max_steps,
-                   desc="train", unit="step", disable=None, file=sys.stderr)
+        bar = tqdm(
+            range(start_step, cfg.max_steps),
+            initial=start_step,
+            total=cfg.max_steps,
+            desc="train",
+            unit="step",
+            disable=None,
+            file=sys.stderr,
+        )
         for step in bar:
             lr = lr_at(step, cfg)
             for group in optimizer.param_groups:
@@ -209,10 +219,13 @@ def train_model(params: Params, log=print) -> dict:
                 tok_s = timed_tokens / (time.perf_counter() - t0)
                 history.append([done, loss_value, lr])
                 if bar.disable and done % max(cfg.log_every, cfg.max_steps // 10) == 0:  # no TTY: log lines
-                    log(f"train: step {done}/{cfg.max_steps} loss {loss_value:.3f} lr {lr:.2e} {tok_s:,.0f} tokens/s")
+                    log(
+                        f"train: step {done}/{cfg.max_steps} loss {loss_value:.3f} lr {lr:.2e} {tok_s:,.0f} tokens/s"
+                    )
                 bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
-                mlflow.log_metrics({"train_loss": loss_value, "lr": lr, "tokens_per_s": tok_s},
-                                   step=done, synchronous=False)
+                mlflow.log_metrics(
+                    {"train_loss": loss_value, "lr": lr, "tokens_per_s": tok_s}, step=done, synchronous=False
+                )
             if done % cfg.checkpoint_every == 0 or done == cfg.max_steps:
                 save_checkpoint(ckpt_path, model, optimizer, done, fingerprint, version, history)
         bar.close()

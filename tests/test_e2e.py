@@ -22,10 +22,21 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 MODEL = "e2e-model"
 SMALL = [
-    "data.max_documents=150", "curate.gate.min_documents=20", "curate.gate.min_bytes=100000",
-    "tokenize.vocab_size=400", "tokenize.val_fraction=0.1", "train.max_steps=60", "train.batch_size=8",
-    "train.block_size=64", "train.n_layer=2", "train.n_head=2", "train.n_embd=64", "train.checkpoint_every=20",
-    "train.warmup_steps=10", "evaluate.max_tokens=20000", "evaluate.sample_tokens=16",
+    "data.max_documents=150",
+    "curate.gate.min_documents=20",
+    "curate.gate.min_bytes=100000",
+    "tokenize.vocab_size=400",
+    "tokenize.val_fraction=0.1",
+    "train.max_steps=60",
+    "train.batch_size=8",
+    "train.block_size=64",
+    "train.n_layer=2",
+    "train.n_head=2",
+    "train.n_embd=64",
+    "train.checkpoint_every=20",
+    "train.warmup_steps=10",
+    "evaluate.max_tokens=20000",
+    "evaluate.sample_tokens=16",
     f"publish.model_name={MODEL}",
 ]
 
@@ -42,7 +53,11 @@ def make_project(root: Path, template_db: Path) -> tuple[Path, dict]:
     from pipelines.params import save_overrides
 
     save_overrides(proj / "params.yaml", SMALL)
-    for args in (["init", "-q"], ["add", "-A"], ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"]):
+    for args in (
+        ["init", "-q"],
+        ["add", "-A"],
+        ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"],
+    ):
         subprocess.run(["git", *args], cwd=proj, check=True)
     env = dict(os.environ)
     env.update(
@@ -82,9 +97,15 @@ def test_dvc_repro_runs_every_stage_then_nothing(project):
     assert first.returncode == 0, first.stderr[-2000:]
     for stage in ("ingest", "curate", "tokenize", "train", "evaluate"):
         assert f"Running stage '{stage}'" in first.stdout
-    for out in ("data/raw/documents.parquet", "data/curated/documents.parquet", "data/tokens/train.bin",
-                "models/model.safetensors", "reports/metrics.json", "reports/curation.json",
-                "reports/data_docs/index.html"):
+    for out in (
+        "data/raw/documents.parquet",
+        "data/curated/documents.parquet",
+        "data/tokens/train.bin",
+        "models/model.safetensors",
+        "reports/metrics.json",
+        "reports/curation.json",
+        "reports/data_docs/index.html",
+    ):
         assert (proj / out).exists(), out
     second = sh([str(BIN / "dvc"), "repro"], proj, env)
     assert second.returncode == 0 and "Running stage" not in second.stdout
@@ -104,6 +125,15 @@ def test_flow_run_shares_dvc_cache_and_publishes_champion(project):
     assert str(version.version) == "1"
     assert version.tags["prefect_flow_run_id"] and version.tags["data_version"]
     assert len(version.tags["git_commit"]) >= 40
+    # the flow's Prefect artifact, read from the Prefect database the run used
+    import json
+    import sqlite3
+
+    with sqlite3.connect(Path(env["PREFECT_HOME"]) / "prefect.db") as db:
+        (data,) = db.execute("SELECT data FROM artifact WHERE key = 'trainpipe-run'").fetchone()
+    summary = json.loads(data)
+    assert "| train | skipped" in summary and "kept: " in summary and "val_bits_per_byte" in summary
+    assert "becomes champion" in summary
     run_data = client.get_run(version.run_id).data
     assert "val_bits_per_byte" in run_data.metrics and run_data.params["train.max_steps"] == "60"
     assert "train_loss" in run_data.metrics or client.get_metric_history(version.run_id, "train_loss") == []
@@ -143,8 +173,14 @@ def free_port() -> int:
 def test_serve_answers_prompts_from_the_champion(project):
     proj, env = project
     port = free_port()
-    server = subprocess.Popen([str(BIN / "trainpipe"), "serve", "--port", str(port)], cwd=proj, env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    server = subprocess.Popen(
+        [str(BIN / "trainpipe"), "serve", "--port", str(port)],
+        cwd=proj,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 90
@@ -164,6 +200,23 @@ def test_serve_answers_prompts_from_the_champion(project):
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
+
+
+def test_restart_restores_the_champions_data_and_model(project, tmp_path, monkeypatch):
+    import mlflow
+
+    proj, env = project
+    assert "max_steps: 3" in (proj / "params.yaml").read_text()  # the workspace holds the worse v2
+    run = trainpipe(proj, env, "restart")
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "version 1" in run.stdout
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", env["MLFLOW_TRACKING_URI"])  # the models:/ resolver reads it
+    registered = Path(mlflow.artifacts.download_artifacts(f"models:/{MODEL}/1", dst_path=str(tmp_path)))
+    weights = next(registered.rglob("model.safetensors")).read_bytes()
+    assert (proj / "models/model.safetensors").read_bytes() == weights
+    assert "max_steps: 60" in (proj / "params.yaml").read_text()
+    status = sh([str(BIN / "dvc"), "status"], proj, env)
+    assert "up to date" in status.stdout, status.stdout
 
 
 def test_gate_failure_on_a_fresh_project_trains_nothing(tmp_path, mlflow_template_db):

@@ -20,16 +20,33 @@ from pipelines.errors import DivergenceError, SourceError
 from pipelines.params import load_params
 
 TINY_TRAIN = [
-    "train.max_steps=30", "train.batch_size=4", "train.block_size=32", "train.n_layer=1", "train.n_head=2",
-    "train.n_embd=32", "train.checkpoint_every=10", "train.log_every=5", "train.warmup_steps=5", "train.lr=0.01",
-    "train.min_lr=0.001", "tokenize.vocab_size=300", "tokenize.val_fraction=0.2", "evaluate.sample_tokens=8",
+    "train.max_steps=30",
+    "train.batch_size=4",
+    "train.block_size=32",
+    "train.n_layer=1",
+    "train.n_head=2",
+    "train.n_embd=32",
+    "train.checkpoint_every=10",
+    "train.log_every=5",
+    "train.warmup_steps=5",
+    "train.lr=0.01",
+    "train.min_lr=0.001",
+    "tokenize.vocab_size=300",
+    "tokenize.val_fraction=0.2",
+    "evaluate.sample_tokens=8",
 ]
 
 
 def tiny_params(root, *extra):
-    dirs = [f"data.raw_dir={root}/raw", f"data.curated_dir={root}/curated", f"data.tokens_dir={root}/tokens",
-            f"train.checkpoint_dir={root}/ckpt", f"train.model_dir={root}/models", f"evaluate.reports_dir={root}/reports",
-            f"curate.reports_dir={root}/reports"]
+    dirs = [
+        f"data.raw_dir={root}/raw",
+        f"data.curated_dir={root}/curated",
+        f"data.tokens_dir={root}/tokens",
+        f"train.checkpoint_dir={root}/ckpt",
+        f"train.model_dir={root}/models",
+        f"evaluate.reports_dir={root}/reports",
+        f"curate.reports_dir={root}/reports",
+    ]
     return load_params(root / "absent.yaml", dirs + TINY_TRAIN + list(extra))
 
 
@@ -42,12 +59,15 @@ def curated_from_stdlib(params, n=60):
         except UnicodeDecodeError:
             continue
         if len(text) > 300:
-            docs.append({"path": rec["path"], "text": text, "sha256": sha256_hex(text), "n_bytes": len(text.encode())})
+            docs.append(
+                {"path": rec["path"], "text": text, "sha256": sha256_hex(text), "n_bytes": len(text.encode())}
+            )
     write_documents(docs[:n], params.data.curated_dir)
     return docs[:n]
 
 
 # ---- ingest -------------------------------------------------------------------------------
+
 
 def test_ingest_stdlib_snapshot_is_raw_bytes_sorted_by_path(tmp_path):
     params = tiny_params(tmp_path, "data.max_documents=25")
@@ -74,8 +94,11 @@ def test_ingest_tables_take_the_text_field(tmp_path, kind):
 
     frame = pd.DataFrame({"text": ["print(1)\n", "print(2)\n"], "other": [1, 2]})
     path = tmp_path / f"rows.{kind}"
-    {"jsonl": lambda: frame.to_json(path, orient="records", lines=True),
-     "csv": lambda: frame.to_csv(path, index=False), "parquet": lambda: frame.to_parquet(path)}[kind]()
+    {
+        "jsonl": lambda: frame.to_json(path, orient="records", lines=True),
+        "csv": lambda: frame.to_csv(path, index=False),
+        "parquet": lambda: frame.to_parquet(path),
+    }[kind]()
     docs = ingest.collect_documents(str(path))
     assert [d["content"] for d in docs] == [b"print(1)\n", b"print(2)\n"]
 
@@ -85,8 +108,14 @@ def test_ingest_tables_take_the_text_field(tmp_path, kind):
     [
         (lambda p: str(p / "nowhere"), "no such file"),
         (lambda p: (p / "empty").mkdir() or str(p / "empty"), "no files"),
-        (lambda p: (p / "rows.jsonl").write_text('{"body": "x"}\n') and str(p / "rows.jsonl"), "no column 'text'"),
-        (lambda p: (p / "bad.parquet").write_bytes(b"PAR1 truncated") and str(p / "bad.parquet"), "cannot be read"),
+        (
+            lambda p: (p / "rows.jsonl").write_text('{"body": "x"}\n') and str(p / "rows.jsonl"),
+            "no column 'text'",
+        ),
+        (
+            lambda p: (p / "bad.parquet").write_bytes(b"PAR1 truncated") and str(p / "bad.parquet"),
+            "cannot be read",
+        ),
     ],
 )
 def test_ingest_bad_sources_are_one_line_errors(tmp_path, make_source, message):
@@ -96,6 +125,7 @@ def test_ingest_bad_sources_are_one_line_errors(tmp_path, make_source, message):
 
 
 # ---- tokenize -----------------------------------------------------------------------------
+
 
 def test_split_depends_on_path_only():
     docs = [{"path": f"pkg/mod{i}.py"} for i in range(400)]
@@ -127,6 +157,7 @@ def test_tokenize_writes_arrays_and_stable_split(tmp_path):
 
 
 # ---- train and evaluate -------------------------------------------------------------------
+
 
 @pytest.fixture
 def tokenized(tmp_path, mlflow_env):
@@ -206,7 +237,10 @@ def test_evaluate_writes_metrics_next_to_compressors(tokenized):
     train.train_model(tokenized, log=lambda *_: None)
     metrics = evaluate.evaluate_model(tokenized)
     assert 0 < metrics["val_bits_per_byte"] < 8  # below a byte-uniform model
-    assert 1.0 < metrics["gzip_bits_per_byte"] < 4 and metrics["xz_bits_per_byte"] < metrics["gzip_bits_per_byte"]
+    assert (
+        1.0 < metrics["gzip_bits_per_byte"] < 4
+        and metrics["xz_bits_per_byte"] < metrics["gzip_bits_per_byte"]
+    )
     reports = tokenized.evaluate.reports_dir
     assert json.load(open(f"{reports}/metrics.json"))["val_tokens"] == metrics["val_tokens"]
     assert open(f"{reports}/loss_curve.csv").readline().strip() == "step,train_loss,lr"

@@ -1,0 +1,86 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipelines.cli import build_parser, main
+
+COMMANDS = [
+    "run",
+    "ingest",
+    "curate",
+    "tokenize",
+    "train",
+    "evaluate",
+    "publish",
+    "promote",
+    "rollback",
+    "serve",
+    "restart",
+    "schedule",
+    "generate",
+]
+
+
+def test_every_command_the_design_names_exists_with_help_and_overrides():
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    assert set(sub.choices) == set(COMMANDS)
+    for name, cmd in sub.choices.items():
+        assert cmd.description, name
+        assert any("-S" in a.option_strings for a in cmd._actions), name
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help_exits_zero(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    assert "-S KEY=VALUE" in capsys.readouterr().out
+
+
+def run_cli(*args, cwd):
+    return subprocess.run(
+        [str(Path(sys.executable).parent / "trainpipe"), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_bad_override_is_exit_2_with_one_line_naming_the_key(tmp_path):
+    repo = Path(__file__).resolve().parents[1]
+    result = run_cli("publish", "-S", "train.learning_rate=1", cwd=repo)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "trainpipe publish: unknown parameter 'train.learning_rate' in override 'train.learning_rate=1'"
+    ]
+
+
+def test_stage_command_outside_a_project_is_a_clear_error(tmp_path):
+    result = run_cli("train", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "project root" in result.stderr.strip().splitlines()[-1]
+
+
+def test_generate_without_a_model_says_what_to_run(tmp_path):
+    result = run_cli("generate", "def f():", "-S", f"train.model_dir={tmp_path}/none", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "run `trainpipe train` first" in result.stderr
+
+
+def test_flow_retries_transient_stage_failures_only():
+    from prefect.states import Failed
+
+    from flows.dvc import StageFailed
+    from flows.training import retry_transient_only
+
+    def failed(code):
+        return Failed(data=StageFailed("boom", code))
+
+    assert retry_transient_only(None, None, failed(1)) is True  # e.g. a crashed process
+    for permanent in (2, 3, 4):  # bad config, failed gate, diverged loss
+        assert retry_transient_only(None, None, failed(permanent)) is False
+    assert retry_transient_only(None, None, Failed(data=OSError("disk"))) is True
