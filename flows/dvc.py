@@ -42,14 +42,34 @@ def tool_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def _pump(src, dst, keep: list[bytes]) -> None:
-    """Copy a pipe to our stream as bytes arrive (progress bars stay live), keeping the tail."""
+# DVC's per-stage reminders to `git add dvc.lock` and `dvc push`; trainpipe run says it once.
+HINT_LINES = (
+    b"To track the changes with git",
+    b"\tgit add ",
+    b"To enable auto staging",
+    b"\tdvc config core.autostage",
+    b"Use `dvc push` to send your updates",
+)
+
+
+def _pump(src, dst, keep: list[bytes], drop_hints: bool = False) -> None:
+    """Copy a pipe to our stream as bytes arrive (progress bars stay live), keeping the tail.
+    With drop_hints, whole lines are copied, without DVC's hints and blank lines."""
+    pending = b""
     while chunk := os.read(src.fileno(), 65536):
-        dst.buffer.write(chunk)
-        dst.flush()
         keep.append(chunk)
         if len(keep) > 64:
             del keep[:-64]
+        if drop_hints:
+            lines = (pending + chunk).split(b"\n")
+            pending = lines.pop()
+            chunk = b"".join(ln + b"\n" for ln in lines if ln.strip() and not ln.startswith(HINT_LINES))
+        if dst is not None:
+            dst.buffer.write(chunk)
+            dst.flush()
+    if pending and dst is not None:
+        dst.buffer.write(pending)
+        dst.flush()
 
 
 def dvc(args: list[str], env: dict[str, str] | None = None, quiet: bool = False) -> str:
@@ -62,7 +82,7 @@ def dvc(args: list[str], env: dict[str, str] | None = None, quiet: bool = False)
     )
     out, err = [], []
     threads = [
-        threading.Thread(target=_pump, args=(proc.stdout, sys.stdout if not quiet else _Null, out)),
+        threading.Thread(target=_pump, args=(proc.stdout, None if quiet else sys.stdout, out, True)),
         threading.Thread(target=_pump, args=(proc.stderr, sys.stderr, err)),
     ]
     for t in threads:
@@ -77,19 +97,6 @@ def dvc(args: list[str], env: dict[str, str] | None = None, quiet: bool = False)
             stage_exit_code(stdout + b"".join(err).decode(errors="replace")),
         )
     return stdout
-
-
-class _Null:
-    """A stream that drops what it is given (for quiet dvc calls)."""
-
-    class buffer:  # noqa: N801
-        @staticmethod
-        def write(_):
-            pass
-
-    @staticmethod
-    def flush():
-        pass
 
 
 def stage_exit_code(text: str) -> int:

@@ -13,7 +13,10 @@ they apply to that call only. Every failure ends with a one-line reason and a no
 import argparse
 import atexit
 import os
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 from pipelines.errors import ConfigError, TrainpipeError
@@ -26,6 +29,34 @@ STAGE_HELP = {
     "train": "train the model (resumes from checkpoints/)",
     "evaluate": "held-out bits per byte against gzip and xz",
 }
+
+
+def stage_main(stage: str, run, describe, argv: list[str] | None = None) -> None:
+    """`python -m pipelines.STAGE`, as dvc.yaml runs it: load params, run, print one line.
+    A failure prints `trainpipe STAGE: reason` and exits with the error's code, which the flow
+    reads back from DVC to decide whether a retry can help."""
+    module = sys.modules[run.__module__]
+    parser = argparse.ArgumentParser(
+        prog=f"python -m pipelines.{stage}", description=module.__doc__.splitlines()[0]
+    )
+    parser.add_argument("--params", default=PARAMS_FILE, help="parameters file (default: params.yaml)")
+    parser.add_argument(
+        "-S",
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a parameter for this call only (not written to the file)",
+    )
+    args = parser.parse_args(argv)
+    setup_environment()
+    try:
+        params = load_params(args.params, args.set)
+        result = run(params)
+    except (TrainpipeError, FileNotFoundError) as exc:
+        print(f"trainpipe {stage}: {exc}", file=sys.stderr)
+        sys.exit(getattr(exc, "exit_code", 2))
+    print(describe(result, params))
 
 
 def setup_environment() -> None:
@@ -66,6 +97,7 @@ def cmd_run(args) -> None:
         f"xz -9 {m['xz_bits_per_byte']:.3f}); metrics in {params.evaluate.reports_dir}/metrics.json"
     )
     print(f"serve it: .venv/bin/trainpipe serve --port {params.serve.port}")
+    print("dvc.lock records this run's data and model versions: `git add dvc.lock params.yaml` to keep it")
 
 
 def cmd_stage(args) -> None:
@@ -112,13 +144,55 @@ def cmd_restart(args) -> None:
     print(f"workspace restored to the data and model of version {result['version']}")
 
 
+def start_prefect_server(port: int) -> subprocess.Popen:
+    """A local `prefect server start`: Prefect's temporary server has no scheduler, so a
+    schedule needs a real one. Its state stays in PREFECT_HOME; its log in .prefect/server.log."""
+    import requests
+
+    log_path = Path(os.environ["PREFECT_HOME"]) / "server.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [
+        str(Path(sys.executable).parent / "prefect"),
+        "server",
+        "start",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
+    server = subprocess.Popen(
+        cmd, stdout=log_path.open("ab"), stderr=subprocess.STDOUT, start_new_session=True
+    )
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise TrainpipeError(f"prefect server exited with {server.returncode}; see {log_path}")
+        try:
+            if requests.get(f"http://127.0.0.1:{port}/api/health", timeout=2).ok:
+                return server
+        except requests.ConnectionError:
+            time.sleep(0.5)
+    server.terminate()
+    raise TrainpipeError(f"prefect server did not answer on port {port} within 90 s; see {log_path}")
+
+
 def cmd_schedule(args) -> None:
     require_project()
     save_overrides(PARAMS_FILE, args.set)
+    server = None
+    if not os.environ.get("PREFECT_API_URL"):
+        server = start_prefect_server(args.prefect_port)
+        os.environ["PREFECT_API_URL"] = f"http://127.0.0.1:{args.prefect_port}/api"
+        print(f"started a local Prefect server: UI at http://127.0.0.1:{args.prefect_port}")
     from flows.training import training_flow
 
     print(f"serving deployment 'trainpipe-scheduled' on cron {args.cron!r}; Ctrl-C stops it")
-    training_flow.serve(name="trainpipe-scheduled", cron=args.cron)
+    try:
+        training_flow.serve(name="trainpipe-scheduled", cron=args.cron)
+    finally:
+        if server is not None:
+            os.killpg(server.pid, signal.SIGTERM)
+            server.wait(timeout=30)
 
 
 def cmd_generate(args) -> None:
@@ -177,6 +251,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p = add("schedule", cmd_schedule, "serve the flow as a Prefect deployment on a cron schedule")
     p.add_argument("--cron", required=True, help='cron expression, e.g. "0 3 * * *"')
+    p.add_argument(
+        "--prefect-port",
+        type=int,
+        default=4200,
+        help="port of the local Prefect server started when PREFECT_API_URL is not set",
+    )
     p = add("generate", cmd_generate, "complete a prompt with the model in models/")
     p.add_argument("prompt", help="Python source to complete")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")

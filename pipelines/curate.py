@@ -9,14 +9,12 @@ reports/data_docs/. If a blocking expectation fails, no curated table is left be
 stage exits with code 3 (GateError).
 """
 
-import argparse
 import ast
 import codecs
 import gc
 import logging
 import re
 import shutil
-import sys
 import warnings
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -24,8 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipelines.data import DOCUMENTS_FILE, read_documents, sha256_hex, write_documents, write_json
-from pipelines.errors import GateError, SourceError, TrainpipeError
-from pipelines.params import CurateParams, GateParams, Params, load_params
+from pipelines.errors import GateError, SourceError
+from pipelines.params import CurateParams, GateParams, Params
 
 CURATION_REPORT = "curation.json"
 GATE_REPORT = "gate.json"
@@ -439,23 +437,19 @@ def run(params: Params) -> dict:
     return summary
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m pipelines.curate", description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
-    parser.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    args = parser.parse_args(argv)
-    try:
-        params = load_params(args.params, overrides=args.overrides)
-        summary = run(params)
-    except TrainpipeError as exc:
-        print(f"trainpipe curate: {exc}", file=sys.stderr)
-        sys.exit(exc.exit_code)
+def describe(summary: dict, params: Params) -> str:
     dropped = ", ".join(f"{k} {v}" for k, v in summary["dropped"].items() if v) or "none"
-    print(
+    return (
         f"curated {summary['kept']['documents']}/{summary['documents_in']} documents "
         f"({summary['kept']['bytes'] / 1e6:.1f} of {summary['bytes_in'] / 1e6:.1f} MB); dropped: {dropped}; "
         f"gate passed -> {Path(params.data.curated_dir) / DOCUMENTS_FILE}"
     )
+
+
+def main(argv: list[str] | None = None) -> None:
+    from pipelines.cli import stage_main
+
+    stage_main("curate", run, describe, argv)
 
 
 if __name__ == "__main__":

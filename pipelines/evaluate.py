@@ -9,13 +9,11 @@ compressors. Writes reports/metrics.json (DVC metrics), reports/loss_curve.csv (
 the training loss) and reports/samples.json (sampled completions).
 """
 
-import argparse
 import csv
 import gzip
 import json
 import lzma
 import math
-import sys
 from pathlib import Path
 
 import torch
@@ -23,7 +21,7 @@ import torch
 from pipelines.data import EOT, TOKENIZER_FILE, read_documents, read_json, split_documents, write_json
 from pipelines.errors import TrainpipeError
 from pipelines.model import GPT, GPTConfig
-from pipelines.params import Params, load_params
+from pipelines.params import Params
 from pipelines.train import use_bf16
 
 SAMPLE_PROMPTS = ["def fibonacci(n):\n", "import os\n\n\ndef ", "class Stack:\n    def __init__(self):\n"]
@@ -186,19 +184,17 @@ def run(params: Params) -> dict:
     return evaluate_model(params)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m pipelines.evaluate", description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml", help="parameters file (default: params.yaml)")
-    args = parser.parse_args(argv)
-    try:
-        m = run(load_params(args.params))
-    except (TrainpipeError, FileNotFoundError) as exc:
-        print(f"trainpipe evaluate: {exc}", file=sys.stderr)
-        sys.exit(getattr(exc, "exit_code", 2))
-    print(
+def describe(m: dict, params: Params) -> str:
+    return (
         f"evaluate: {m['val_bits_per_byte']:.3f} bits/byte on {m['val_bytes'] / 1e6:.2f} MB held out "
         f"(gzip -9 {m['gzip_bits_per_byte']:.3f}, xz -9 {m['xz_bits_per_byte']:.3f})"
     )
+
+
+def main(argv: list[str] | None = None) -> None:
+    from pipelines.cli import stage_main
+
+    stage_main("evaluate", run, describe, argv)
 
 
 if __name__ == "__main__":

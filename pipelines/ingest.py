@@ -10,15 +10,13 @@ raw bytes; .jsonl/.json, .parquet and .csv files are read through Hugging Face `
 one record per row, taking the text from the column named by data.text_field.
 """
 
-import argparse
 import glob
-import sys
 import sysconfig
 from pathlib import Path
 
 from pipelines.data import write_documents, write_json
-from pipelines.errors import SourceError, TrainpipeError
-from pipelines.params import Params, load_params
+from pipelines.errors import SourceError
+from pipelines.params import Params
 
 STDLIB = "python-stdlib"
 TABLE_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -102,18 +100,16 @@ def run(params: Params) -> dict:
     return summary
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m pipelines.ingest", description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml", help="parameters file (default: params.yaml)")
-    args = parser.parse_args(argv)
-    try:
-        summary = run(load_params(args.params))
-    except TrainpipeError as exc:
-        print(f"trainpipe ingest: {exc}", file=sys.stderr)
-        sys.exit(exc.exit_code)
-    print(
+def describe(summary: dict, params: Params) -> str:
+    return (
         f"ingest: {summary['documents']} documents, {summary['bytes'] / 1e6:.1f} MB from {summary['source']}"
     )
+
+
+def main(argv: list[str] | None = None) -> None:
+    from pipelines.cli import stage_main
+
+    stage_main("ingest", run, describe, argv)
 
 
 if __name__ == "__main__":

@@ -8,17 +8,15 @@ with the <|endoftext|> token. Outputs in data/tokens: tokenizer.json, train.bin,
 (uint16, memory-mapped by training), meta.json.
 """
 
-import argparse
 import hashlib
-import sys
 from pathlib import Path
 
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from pipelines.data import EOT, TOKENIZER_FILE, read_documents, split_documents, write_json, write_tokens
-from pipelines.errors import SourceError, TrainpipeError
-from pipelines.params import Params, load_params
+from pipelines.errors import SourceError
+from pipelines.params import Params
 
 
 def train_tokenizer(texts: list[str], vocab_size: int) -> Tokenizer:
@@ -82,20 +80,18 @@ def run(params: Params) -> dict:
     return summary
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m pipelines.tokenize", description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml", help="parameters file (default: params.yaml)")
-    args = parser.parse_args(argv)
-    try:
-        s = run(load_params(args.params))
-    except (TrainpipeError, FileNotFoundError) as exc:
-        print(f"trainpipe tokenize: {exc}", file=sys.stderr)
-        sys.exit(getattr(exc, "exit_code", 2))
-    print(
+def describe(s: dict, params: Params) -> str:
+    return (
         f"tokenize: vocab {s['vocab_size']}, train {s['train']['tokens']:,} tokens "
         f"({s['train']['documents']} docs), val {s['val']['tokens']:,} tokens ({s['val']['documents']} docs), "
         f"{s['bytes_per_token']:.2f} bytes/token"
     )
+
+
+def main(argv: list[str] | None = None) -> None:
+    from pipelines.cli import stage_main
+
+    stage_main("tokenize", run, describe, argv)
 
 
 if __name__ == "__main__":

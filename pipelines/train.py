@@ -11,7 +11,6 @@ a function of (seed, i) alone, so a resumed run sees the same data as an uninter
 Writes models/: model.safetensors, config.json, tokenizer.json, train.json.
 """
 
-import argparse
 import hashlib
 import json
 import math
@@ -29,7 +28,7 @@ import torch
 from pipelines.data import TOKENIZER_FILE, load_tokens, read_json, write_json
 from pipelines.errors import DivergenceError, TrainpipeError
 from pipelines.model import GPT, GPTConfig
-from pipelines.params import Params, TrainParams, load_params
+from pipelines.params import Params, TrainParams
 
 CHECKPOINT_FILE = "ckpt.pt"
 # Fields that do not change the weights a run ends with: a checkpoint stays valid across them.
@@ -233,9 +232,9 @@ def train_model(params: Params, log=print) -> dict:
         summary = {
             "steps": cfg.max_steps,
             "resumed_from_step": start_step,
-            "final_train_loss": loss_value,
+            "final_train_loss": history[-1][1] if history else None,  # also right when resumed at the end
             "tokens_seen": cfg.max_steps * tokens_per_step,
-            "tokens_per_s": timed_tokens / elapsed if elapsed > 0 else None,
+            "tokens_per_s": timed_tokens / elapsed if timed_tokens else None,
             "train_seconds": elapsed,
             "device": device.type,
             "bf16": bf16,
@@ -254,19 +253,19 @@ def run(params: Params) -> dict:
     return train_model(params)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m pipelines.train", description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml", help="parameters file (default: params.yaml)")
-    args = parser.parse_args(argv)
-    try:
-        s = run(load_params(args.params))
-    except (TrainpipeError, FileNotFoundError) as exc:
-        print(f"trainpipe train: {exc}", file=sys.stderr)
-        sys.exit(getattr(exc, "exit_code", 2))
-    print(
+def describe(s: dict, params: Params) -> str:
+    speed = f"{s['tokens_per_s']:,.0f} tokens/s" if s["tokens_per_s"] else "nothing left to train"
+    loss = f"{s['final_train_loss']:.3f}" if s["final_train_loss"] is not None else "n/a"
+    return (
         f"train: {s['steps']} steps on {s['device']}{' (bf16)' if s['bf16'] else ''}, "
-        f"final loss {s['final_train_loss']:.3f}, {s['tokens_per_s']:,.0f} tokens/s, {s['train_seconds']:.0f} s"
+        f"final loss {loss}, {speed}, {s['train_seconds']:.0f} s"
     )
+
+
+def main(argv: list[str] | None = None) -> None:
+    from pipelines.cli import stage_main
+
+    stage_main("train", run, describe, argv)
 
 
 if __name__ == "__main__":
