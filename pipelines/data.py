@@ -38,6 +38,16 @@ def sha256_hex(data: bytes | str) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def sha256_file(*paths: str | Path) -> str:
+    """One content hash over the files, read in chunks (weights and token arrays are large)."""
+    h = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as fh:
+            while chunk := fh.read(1 << 22):
+                h.update(chunk)
+    return h.hexdigest()
+
+
 def is_validation(path: str, val_fraction: float) -> bool:
     """Held out iff a hash of the document's path falls below val_fraction.
 

@@ -24,7 +24,7 @@ from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
-from pipelines.data import TOKENIZER_FILE, read_json, write_json
+from pipelines.data import TOKENIZER_FILE, read_json, sha256_file, write_json
 from pipelines.errors import ConfigError, TrainpipeError
 from pipelines.params import Params
 from pipelines.serve import (
@@ -115,6 +115,15 @@ def _resolve_run(client: MlflowClient, params: Params, run_id: str | None) -> tu
     )
     run = client.create_run(experiment_id, run_name="publish", tags={"trainpipe.stage": "publish"})
     return run.info.run_id, True
+
+
+def _version_with_weights(client: MlflowClient, name: str, weights_sha: str) -> ModelVersion | None:
+    """A registered version holding exactly these weights, if any."""
+    try:
+        found = client.search_model_versions(f"name = '{name}' and tags.weights_sha256 = '{weights_sha}'")
+    except MlflowException:
+        return None
+    return found[0] if found else None
 
 
 def get_champion(client: MlflowClient, name: str) -> ModelVersion | None:
@@ -247,6 +256,20 @@ def publish_model(params: Params, lineage: dict[str, str] | None = None, run_id:
     bpb = float(metrics["val_bits_per_byte"])
     val_sha = str(metrics["val_set_sha256"])
     client = MlflowClient()
+    weights_sha = sha256_file(model_dir / WEIGHTS_FILE)
+    existing = _version_with_weights(client, name, weights_sha)
+    if existing is not None:  # an unchanged re-run: registering the same weights again adds nothing
+        champion = get_champion(client, name)
+        return {
+            "version": str(existing.version),
+            "model_uri": f"models:/{name}/{existing.version}",
+            "run_id": existing.run_id,
+            "champion_version": str(champion.version) if champion else None,
+            "promoted": False,
+            "reason": f"these weights are already registered as v{existing.version}: nothing new to publish",
+            "val_bits_per_byte": bpb,
+            "champion_val_bits_per_byte": _float_tag(champion, "val_bits_per_byte") if champion else None,
+        }
     run_id, own_run = _resolve_run(client, params, run_id)
     with tempfile.TemporaryDirectory(prefix="trainpipe-publish-") as tmp:
         work_dir = Path(tmp)
@@ -255,7 +278,9 @@ def publish_model(params: Params, lineage: dict[str, str] | None = None, run_id:
             info = _log_model(client, params, run_id, model_dir, work_dir)
             _check_signature(info.model_uri)
             tags = {k: str(v) for k, v in (lineage or {}).items() if v is not None}
-            tags.update(val_bits_per_byte=repr(bpb), val_set_sha256=val_sha, run_id=run_id)
+            tags.update(
+                val_bits_per_byte=repr(bpb), val_set_sha256=val_sha, run_id=run_id, weights_sha256=weights_sha
+            )
             version = str(mlflow.register_model(info.model_uri, name, tags=tags).version)
             client.set_registered_model_alias(name, CHALLENGER, version)
 

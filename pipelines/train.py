@@ -11,7 +11,6 @@ a function of (seed, i) alone, so a resumed run sees the same data as an uninter
 Writes models/: model.safetensors, config.json, tokenizer.json, train.json.
 """
 
-import hashlib
 import json
 import math
 import os
@@ -25,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipelines.data import TOKENIZER_FILE, load_tokens, read_json, write_json
+from pipelines.data import TOKENIZER_FILE, load_tokens, read_json, sha256_file, write_json
 from pipelines.errors import DivergenceError, TrainpipeError
 from pipelines.model import GPT, GPTConfig
 from pipelines.params import Params, TrainParams
@@ -81,12 +80,7 @@ def make_optimizer(model: GPT, cfg: TrainParams) -> torch.optim.AdamW:
 
 def data_version(tokens_dir: Path) -> str:
     """Content hash of what training reads: the training tokens and the tokenizer."""
-    h = hashlib.sha256()
-    for name in ("train.bin", TOKENIZER_FILE):
-        with open(tokens_dir / name, "rb") as fh:
-            while chunk := fh.read(1 << 22):
-                h.update(chunk)
-    return h.hexdigest()[:16]
+    return sha256_file(tokens_dir / "train.bin", tokens_dir / TOKENIZER_FILE)[:16]
 
 
 def run_fingerprint(cfg: TrainParams, model_cfg: GPTConfig) -> dict:

@@ -139,6 +139,15 @@ def test_flow_run_shares_dvc_cache_and_publishes_champion(project):
     assert "train_loss" in run_data.metrics or client.get_metric_history(version.run_id, "train_loss") == []
 
 
+def test_unchanged_rerun_executes_nothing_and_registers_nothing(project):
+    proj, env = project
+    run = trainpipe(proj, env, "run")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "Running stage" not in run.stdout and "nothing new to publish" in run.stdout
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    assert [str(v.version) for v in client.search_model_versions(f"name = '{MODEL}'")] == ["1"]
+
+
 def test_worse_challenger_does_not_replace_champion(project):
     proj, env = project
     run = trainpipe(proj, env, "run", "-S", "train.max_steps=3")

@@ -1,5 +1,7 @@
 """publish: logging, registration, the promotion gate, promote and rollback, on a real MLflow registry."""
 
+import itertools
+
 import mlflow
 import pandas as pd
 import pytest
@@ -20,7 +22,12 @@ from pipelines.publish import (
 NAME = PublishParams().model_name
 
 
+_seeds = itertools.count(1)
+
+
 def publish(params: Params, bpb: float, sha: str = "a" * 64, **kwargs) -> dict:
+    """Publish a newly trained model (new weights each call) with the given held-out score."""
+    make_model_dir(params.train.model_dir, seed=next(_seeds))
     write_metrics(params.evaluate.reports_dir, bpb, sha)
     return publish_model(params, **kwargs)
 
@@ -105,6 +112,17 @@ def test_gate_promotes_only_a_better_challenger(trained):
     assert better["reason"] == "challenger 1.9300 bpb beats champion 2.1000 bpb"
     assert champion_version(client) == "3"
     assert history(client) == "1,3"
+
+
+def test_the_same_weights_are_not_registered_twice(trained):
+    client = MlflowClient()
+    first = publish(trained, 2.10)
+    write_metrics(trained.evaluate.reports_dir, 2.10)
+    again = publish_model(trained)  # models/ unchanged: an unchanged re-run of the flow
+    assert again["version"] == first["version"] == "1" and again["promoted"] is False
+    assert "already registered as v1" in again["reason"]
+    assert [str(v.version) for v in client.search_model_versions(f"name = '{NAME}'")] == ["1"]
+    assert publish(trained, 2.0)["version"] == "2"  # new weights register as usual
 
 
 def test_gate_requires_the_margin(trained):
@@ -207,10 +225,9 @@ def test_champion_scored_on_another_validation_set_is_rescored(trained, tmp_path
     write_documents(docs, trained.data.curated_dir)
     texts = evaluate.validation_texts(trained)
     assert texts, "the fixture corpus needs at least one validation document"
-    actual = evaluate.score_model_dir(tmp_path / "models", texts)
-
     # v1's tag says 9.0 bpb on another set; on the current set it scores `actual`.
     publish(trained, 9.0, sha="a" * 64)
+    actual = evaluate.score_model_dir(tmp_path / "models", texts)  # models/ holds v1's weights
     stale_winner = publish(trained, actual + 0.5, sha="b" * 64)
     assert stale_winner["promoted"] is False, "compared with the stale 9.0 instead of re-scoring"
     assert stale_winner["champion_val_bits_per_byte"] == pytest.approx(actual, rel=1e-6)
