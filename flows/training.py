@@ -18,7 +18,7 @@ import subprocess
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 
 from flows.dvc import STAGES, StageFailed, StageOutcome, push, repro_stage
@@ -127,6 +127,94 @@ def summary_markdown(
     return "\n".join(lines)
 
 
+def curation_table(curation: dict) -> list[dict]:
+    """The gate at a glance: counts, then every check that did not simply pass, then drift."""
+    kept = curation.get("kept", {})
+    rows = [
+        {
+            "item": "documents in / kept",
+            "figure": f"{curation.get('documents_in')} / {kept.get('documents')}",
+            "reference": "",
+            "verdict": "",
+        },
+        {
+            "item": "MB in / kept",
+            "figure": f"{curation.get('bytes_in', 0) / 1e6:.2f} / {kept.get('bytes', 0) / 1e6:.2f}",
+            "reference": "",
+            "verdict": "",
+        },
+    ]
+    rows += [
+        {"item": f"dropped: {k}", "figure": v, "reference": "", "verdict": ""}
+        for k, v in curation.get("dropped", {}).items()
+        if v
+    ]
+    rows += [
+        {"item": f"scrubbed: {k}", "figure": v, "reference": "", "verdict": ""}
+        for k, v in curation.get("scrubbed", {}).items()
+        if v
+    ]
+    rows.append(
+        {
+            "item": "duplicate clusters",
+            "figure": len(curation.get("duplicate_clusters", [])),
+            "reference": "",
+            "verdict": "",
+        }
+    )
+    gate = curation.get("gate", {})
+    for tier, verdict in (("failed", "block"), ("warnings", "warn")):
+        rows += [
+            {"item": c["check"], "figure": c["observed"], "reference": c["need"], "verdict": verdict}
+            for c in gate.get(tier, [])
+        ]
+    drift = curation.get("drift") or {}
+    rows += [
+        {"item": c["check"], "figure": c["observed"], "reference": c["champion"], "verdict": c["verdict"]}
+        for c in drift.get("checks", [])
+    ]
+    if drift.get("note"):
+        rows.append({"item": "drift", "figure": "", "reference": "", "verdict": drift["note"]})
+    rows.append(
+        {
+            "item": "gate",
+            "figure": f"{gate.get('evaluated', 0)} expectations",
+            "reference": "",
+            "verdict": "passed" if gate.get("passed") else "FAILED",
+        }
+    )
+    return [{key: str(value) for key, value in row.items()} for row in rows]
+
+
+def report_curation(params: Params) -> dict:
+    """Log the curate stage's reports (passed or failed) to the flow's MLflow run and Prefect."""
+    import mlflow
+
+    reports = Path(params.curate.reports_dir)
+    if not (reports / "curation.json").exists():
+        return {}
+    curation = read_json(reports / "curation.json")
+    for name in ("curation.json", "gate.json", "data_profile.json"):
+        if (reports / name).exists():
+            mlflow.log_artifact(str(reports / name), artifact_path="curation")
+    if (reports / "data_docs").is_dir():
+        mlflow.log_artifacts(str(reports / "data_docs"), artifact_path="curation/data_docs")
+    mlflow.log_metrics(
+        {
+            "curate_documents_in": curation.get("documents_in", 0),
+            "curate_documents_kept": curation.get("kept", {}).get("documents", 0),
+            "curate_bytes_kept": curation.get("kept", {}).get("bytes", 0),
+            "curate_duplicate_clusters": len(curation.get("duplicate_clusters", [])),
+        }
+    )
+    create_table_artifact(
+        curation_table(curation),
+        key="trainpipe-curation",
+        description="the data gate of this run: counts, failed and warning checks, drift against the champion",
+    )
+    return curation
+
+
 @flow(name="trainpipe-training", log_prints=True)
 def training_flow(params: Params | None = None) -> dict:
     """ingest → curate → tokenize → train → evaluate (DVC stages), then publish and push."""
@@ -146,10 +234,7 @@ def training_flow(params: Params | None = None) -> dict:
                 outcomes.append(run_stage(stage, run_id))
                 logger.info("%s: %s", stage, outcomes[-1].detail)
         finally:
-            curation_path = Path(params.curate.reports_dir) / "curation.json"
-            if curation_path.exists():
-                curation = read_json(curation_path)
-                mlflow.log_artifact(str(curation_path))
+            curation = report_curation(params)
             mlflow.set_tags({f"stage.{o.stage}": o.detail for o in outcomes})
         metrics = read_json(Path(params.evaluate.reports_dir) / "metrics.json")
         mlflow.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})

@@ -24,7 +24,7 @@ from pipelines.params import PARAMS_FILE, load_params, save_overrides
 
 STAGE_HELP = {
     "ingest": "snapshot the data source into data/raw",
-    "curate": "decode, filter and dedupe data/raw; the Great Expectations gate",
+    "curate": "decode, scrub, filter and dedupe data/raw; the data gate (Great Expectations, drift)",
     "tokenize": "train the BPE tokenizer and write token arrays",
     "train": "train the model (resumes from checkpoints/)",
     "evaluate": "held-out bits per byte against gzip and xz",
@@ -107,6 +107,14 @@ def cmd_stage(args) -> None:
 
     outcome = repro_stage(args.command, single=False)  # with its upstream stages, as `dvc repro STAGE`
     print(f"{args.command}: {outcome.detail}")
+
+
+def cmd_curate(args) -> None:
+    if args.explain is None:
+        return cmd_stage(args)
+    from pipelines.curate import explain
+
+    print(explain(args.explain, load_params(PARAMS_FILE, args.set)))
 
 
 def cmd_publish(args) -> None:
@@ -233,7 +241,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     add("run", cmd_run, "run the whole flow: stages, publish, push")
     for stage, help_text in STAGE_HELP.items():
-        add(stage, cmd_stage, f"{help_text} (dvc repro {stage}, with upstream stages as needed)")
+        p = add(
+            stage,
+            cmd_curate if stage == "curate" else cmd_stage,
+            f"{help_text} (dvc repro {stage}, with upstream stages as needed)",
+        )
+    p = sub.choices["curate"]
+    p.add_argument(
+        "--explain",
+        metavar="PATH",
+        default=None,
+        help="say why the last curation dropped or changed this document (a path as in data/raw); runs nothing",
+    )
     add("publish", cmd_publish, "register models/ in MLflow; champion moves only if it is better")
     p = add("promote", cmd_promote, "make a registered version the champion")
     p.add_argument("version", help="registered model version number")

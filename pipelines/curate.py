@@ -1,410 +1,254 @@
-"""Curate stage: decode, normalise, deduplicate and filter raw documents, then gate the result.
+"""Curate stage: the data gate. Decode, scrub, filter and deduplicate raw documents, then check them.
 
     python -m pipelines.curate [--params params.yaml] [-S curate.min_chars=100]
+    trainpipe curate --explain json/decoder.py     # why one document was dropped or changed
 
-Reads data/raw/documents.parquet (path, content bytes), writes data/curated/documents.parquet
-(path, text, sha256, n_bytes) and reports/curation.json. A Great Expectations suite checks the
-curated set before it is written; its full result goes to reports/gate.json and its Data Docs to
-reports/data_docs/. If a blocking expectation fails, no curated table is left behind and the
-stage exits with code 3 (GateError).
+Reads data/raw/documents.parquet (path, content bytes; never modified). Writes:
+    data/curated/documents.parquet    path, text, sha256, n_bytes, scrubbed (JSON: matches per kind)
+    data/quarantine/documents.parquet every dropped document as ingested, with all its reasons
+    reports/curation.json             counts in and out, per reason, per scrubbed kind, duplicate
+                                      clusters, drift figures, gate verdict, step timings
+    reports/data_profile.json         the curated set's profile (publish stores it with the model)
+    reports/gate.json, data_docs/     the Great Expectations result and its Data Docs site
+
+Per document (in `curate.workers` processes): decode -> scrub secrets -> every quality filter ->
+MinHash signature. Then, in path order: exact dedupe (sha256) -> near dedupe (LSH). Then the
+gate (pipelines/gate.py): the GE suite's two tiers and drift against the champion's profile.
+If a blocking check fails, no curated table is left behind and the stage exits with code 3.
 """
 
-import ast
-import codecs
-import gc
-import logging
-import re
-import shutil
-import warnings
-from collections.abc import Callable
-from contextlib import contextmanager
+import difflib
+import json
+import multiprocessing
+import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipelines.data import DOCUMENTS_FILE, read_documents, sha256_hex, write_documents, write_json
-from pipelines.errors import GateError, SourceError
-from pipelines.params import CurateParams, GateParams, Params
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipelines import gate as gates
+from pipelines.data import DOCUMENTS_FILE, read_documents, read_json, sha256_hex, write_documents, write_json
+from pipelines.dedupe import NearDuplicates, signature
+from pipelines.errors import ConfigError, GateError, SourceError
+from pipelines.params import CurateParams, Params
+from pipelines.quality import FILTER_REASONS, decode_document, explain_reason, failing_filters
+from pipelines.scrub import KINDS, PATTERNS, scrub_text
 
 CURATION_REPORT = "curation.json"
-GATE_REPORT = "gate.json"
-DATA_DOCS_DIR = "data_docs"
-GATE_COLUMNS = ["path", "text", "sha256", "n_bytes", "n_chars", "max_line_length", "alnum_fraction"]
-
-UTF8_BOM = b"\xef\xbb\xbf"
-# PEP 263, searched on each of the first two lines.
-CODING_RE = re.compile(r"^[ \t\f]*#.*?coding[:=][ \t]*([-\w.]+)")
-_ASCII_NON_ALNUM = bytes(b for b in range(128) if not chr(b).isalnum())
-_NON_ALNUM_RE = re.compile(r"[\W_]+")  # \w is str.isalnum() plus "_", so this is exactly "not alnum"
-
-
-# ---------------------------------------------------------------------------------------------
-# Decoding and text statistics
-
-
-def decode_document(content: bytes) -> tuple[str | None, str | None]:
-    """Raw bytes -> (text with "\\n" newlines, None), or (None, "undecodable"). Never raises.
-
-    UTF-8 first (a BOM is dropped); failing that, the PEP 263 coding declaration of the first two
-    lines, if it names a text codec Python has. Text holding NUL characters is binary, not text.
-    """
-    try:
-        text = content.decode("utf-8-sig" if content.startswith(UTF8_BOM) else "utf-8")
-    except UnicodeDecodeError:
-        text = _decode_declared(content)
-    if text is None or "\x00" in text:
-        return None, "undecodable"
-    return normalise_newlines(text), None
-
-
-def _decode_declared(content: bytes) -> str | None:
-    for line in content.split(b"\n", 2)[:2]:
-        match = CODING_RE.match(line.decode("latin-1"))
-        if match:
-            try:
-                codecs.lookup(match.group(1))
-                return content.decode(match.group(1))
-            except (LookupError, ValueError, TypeError):  # unknown codec, bytes-only codec, bad bytes
-                return None
-    return None
-
-
-def normalise_newlines(text: str) -> str:
-    return text.replace("\r\n", "\n").replace("\r", "\n")
-
-
-def longest_line(text: str) -> int:
-    return max(map(len, text.split("\n")))
-
-
-def alnum_fraction(text: str) -> float:
-    """Share of characters that are letters or digits (str.isalnum); 0.0 for empty text."""
-    if not text:
-        return 0.0
-    if text.isascii():  # bytes.translate runs in C: ~30x faster than a Python-level count
-        num_alnum = len(text.encode("ascii").translate(None, _ASCII_NON_ALNUM))
-    else:
-        num_alnum = len(_NON_ALNUM_RE.sub("", text))
-    return num_alnum / len(text)
-
-
-# ---------------------------------------------------------------------------------------------
-# Filters: each returns the reason to drop a document, or None to keep it
-
-
-def too_short(path: str, text: str, rules: CurateParams) -> str | None:
-    return "too_short" if len(text) < rules.min_chars else None
-
-
-def too_long(path: str, text: str, rules: CurateParams) -> str | None:
-    return "too_long" if len(text) > rules.max_chars else None
-
-
-def long_line(path: str, text: str, rules: CurateParams) -> str | None:
-    return "long_line" if longest_line(text) > rules.max_line_length else None
-
-
-def low_alnum(path: str, text: str, rules: CurateParams) -> str | None:
-    return "low_alnum" if alnum_fraction(text) < rules.min_alnum_fraction else None
-
-
-def autogenerated(path: str, text: str, rules: CurateParams) -> str | None:
-    head = text[: rules.autogen_scan_chars].lower()
-    return "autogenerated" if any(marker.lower() in head for marker in rules.autogen_markers) else None
-
-
-def invalid_python(path: str, text: str, rules: CurateParams) -> str | None:
-    if not (rules.require_valid_python and path.endswith(".py")):
-        return None
-    # The parse allocates a node object per token; with the collector on, those allocations set
-    # off full collections that walk every live object (~30% of curate time on the stdlib). The
-    # tree holds no cycles, so reference counting frees it all without the collector.
-    gc_was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        with warnings.catch_warnings():  # invalid escape sequences etc. are not our business here
-            warnings.simplefilter("ignore")
-            compile(text, path, "exec", flags=ast.PyCF_ONLY_AST, dont_inherit=True)
-    except (SyntaxError, ValueError, RecursionError):
-        return "invalid_python"
-    finally:
-        if gc_was_enabled:
-            gc.enable()
-    return None
-
-
-# Cheap checks first; the parse, by far the costliest, last.
-FILTERS: tuple[Callable[[str, str, CurateParams], str | None], ...] = (
-    too_short,
-    too_long,
-    long_line,
-    low_alnum,
-    autogenerated,
-    invalid_python,
+PROFILE_REPORT = gates.PROFILE_ARTIFACT  # publish stores it with the model
+REASONS = ("undecodable", *FILTER_REASONS, "duplicate", "near_duplicate")
+QUARANTINE_SCHEMA = pa.schema(
+    [
+        ("path", pa.string()),
+        ("content", pa.binary()),
+        ("reasons", pa.list_(pa.string())),
+        ("duplicate_of", pa.string()),
+        ("jaccard", pa.float64()),
+    ]
 )
-REASONS = ("undecodable", "duplicate", *(f.__name__ for f in FILTERS))
 
 
 # ---------------------------------------------------------------------------------------------
-# The pure core
+# Per document (runs in worker processes)
+
+
+def analyse(record: dict, rules: CurateParams) -> dict:
+    """One raw record -> its curated text and every reason to drop it (no corpus context)."""
+    path, content = record["path"], record["content"]
+    text, undecodable = decode_document(content) if isinstance(content, bytes) else (None, "undecodable")
+    if undecodable:
+        return {"path": path, "reasons": [undecodable]}
+    scrubbed = {}
+    if rules.scrub_secrets:
+        text, scrubbed = scrub_text(text)
+    reasons = failing_filters(path, text, rules)
+    if reasons:
+        return {"path": path, "reasons": reasons, "scrubbed": scrubbed}
+    data = text.encode("utf-8")
+    doc = {"path": path, "reasons": [], "text": text, "sha256": sha256_hex(data), "n_bytes": len(data)}
+    doc["scrubbed"] = scrubbed
+    if rules.near_dedupe.enabled:
+        doc["minhash"] = signature(text, rules.near_dedupe.num_perm, rules.near_dedupe.shingle_size)
+    return doc
+
+
+_WORK: dict = {}  # what forked workers read instead of receiving it pickled
+
+
+def _analyse_index(i: int) -> dict:
+    return analyse(_WORK["records"][i], _WORK["rules"])
+
+
+def _profile_slice(bounds: tuple[int, int]) -> dict:
+    start, stop = bounds
+    return gates.text_profile(_WORK["texts"][start:stop])
+
+
+def _parallel_map(fn, items: list, workers: int, **work) -> list:
+    """fn over items in `workers` forked processes (inputs shared by fork, not pickled), in order."""
+    _WORK.update(work)
+    try:
+        if workers <= 1 or len(items) < 2:
+            return [fn(item) for item in items]
+        ctx = multiprocessing.get_context("fork")
+        with ctx.Pool(min(workers, len(items))) as pool:
+            return pool.map(fn, items, chunksize=max(1, len(items) // (workers * 8)))
+    finally:
+        _WORK.clear()
+
+
+# ---------------------------------------------------------------------------------------------
+# The corpus-level core
 
 
 @dataclass
 class CurationResult:
-    kept: list[dict]  # path, text, sha256, n_bytes; in path order
-    dropped: list[dict]  # path, reason
-    counts: dict[str, int]  # dropped documents per reason, every reason listed
+    kept: list[dict]  # path, text, sha256, n_bytes, scrubbed; in path order
+    dropped: list[dict]  # path, reasons, duplicate_of, jaccard
     bytes_in: int
-    bytes_out: int
+    clusters: dict[str, list[dict]] = field(default_factory=dict)  # kept path -> its duplicates
+    scrubbed: dict[str, int] = field(default_factory=dict)  # matches replaced per kind (kept docs)
+    timings: dict[str, float] = field(default_factory=dict)
 
     @property
     def documents_in(self) -> int:
         return len(self.kept) + len(self.dropped)
 
+    @property
+    def bytes_out(self) -> int:
+        return sum(doc["n_bytes"] for doc in self.kept)
+
+    def counts(self) -> dict[str, int]:
+        """Dropped documents per reason; a document with two reasons counts under both."""
+        counts = dict.fromkeys(REASONS, 0)
+        for doc in self.dropped:
+            for reason in doc["reasons"]:
+                counts[reason] += 1
+        return counts
+
 
 def curate_documents(records: list[dict], rules: CurateParams) -> CurationResult:
-    """Decode -> normalise newlines -> drop exact duplicates -> filters (first failing reason).
+    """Records in any order -> kept and dropped, deterministically (path order decides who stays)."""
+    records = sorted(records, key=lambda r: r["path"])
+    started = time.perf_counter()
+    docs = _parallel_map(
+        _analyse_index, list(range(len(records))), rules.workers, records=records, rules=rules
+    )
+    analysed = time.perf_counter()
 
-    Records are taken in path order, so of identical documents the first path is the one kept.
-    """
     kept, dropped = [], []
-    counts = dict.fromkeys(REASONS, 0)
-    seen: set[str] = set()
-    bytes_in = 0
-
-    def drop(path: str, reason: str) -> None:
-        dropped.append({"path": path, "reason": reason})
-        counts[reason] += 1
-
-    for record in sorted(records, key=lambda r: r["path"]):
-        path, content = record["path"], record["content"]
-        bytes_in += len(content)
-        text, reason = decode_document(content)
-        if reason:
-            drop(path, reason)
+    clusters: dict[str, list[dict]] = {}
+    first_with: dict[str, str] = {}
+    near = NearDuplicates(rules.near_dedupe.threshold, rules.near_dedupe.num_perm)
+    for doc in docs:
+        if doc["reasons"]:
+            dropped.append(
+                {"path": doc["path"], "reasons": doc["reasons"], "duplicate_of": None, "jaccard": None}
+            )
             continue
-        data = text.encode("utf-8")
-        digest = sha256_hex(data)
-        if digest in seen:
-            drop(path, "duplicate")
+        original = first_with.setdefault(doc["sha256"], doc["path"])
+        if original != doc["path"]:
+            clusters.setdefault(original, []).append({"path": doc["path"], "kind": "exact", "jaccard": 1.0})
+            dropped.append(
+                {"path": doc["path"], "reasons": ["duplicate"], "duplicate_of": original, "jaccard": 1.0}
+            )
             continue
-        seen.add(digest)
-        reason = next((r for f in FILTERS if (r := f(path, text, rules))), None)
-        if reason:
-            drop(path, reason)
+        hit = near.offer(doc["path"], doc["minhash"]) if rules.near_dedupe.enabled else None
+        if hit:
+            clusters.setdefault(hit[0], []).append(
+                {"path": doc["path"], "kind": "near", "jaccard": round(hit[1], 3)}
+            )
+            dropped.append(
+                {
+                    "path": doc["path"],
+                    "reasons": ["near_duplicate"],
+                    "duplicate_of": hit[0],
+                    "jaccard": hit[1],
+                }
+            )
             continue
-        kept.append({"path": path, "text": text, "sha256": digest, "n_bytes": len(data)})
-    bytes_out = sum(doc["n_bytes"] for doc in kept)
-    return CurationResult(kept=kept, dropped=dropped, counts=counts, bytes_in=bytes_in, bytes_out=bytes_out)
-
-
-# ---------------------------------------------------------------------------------------------
-# The data gate (Great Expectations)
-
-
-@dataclass
-class GateResult:
-    passed: bool
-    failed: list[dict] = field(default_factory=list)  # expectation, column, observed, need
-    report_path: str = ""
-    data_docs_path: str = ""
-    evaluated: int = 0
-
-    def message(self) -> str:
-        """One line for the person whose run stopped."""
-        failures = "; ".join(
-            f"{f['expectation']}{'[' + f['column'] + ']' if f['column'] else ''} "
-            f"(observed {f['observed']}, need {f['need']})"
-            for f in self.failed
-        )
-        return f"data gate failed: {failures}; full report: {self.report_path}, {self.data_docs_path}"
-
-    def to_dict(self) -> dict:
-        return {
-            "passed": self.passed,
-            "failed": self.failed,
-            "evaluated": self.evaluated,
-            "report": self.report_path,
-            "data_docs": self.data_docs_path,
-        }
-
-
-def gate_frame(kept: list[dict]):
-    """The curated set as the DataFrame the gate checks, with statistics recomputed from the text."""
-    import pandas as pd
-
-    texts = [doc.get("text") for doc in kept]
-
-    def stat(fn, dtype):  # a missing text is the not-null check's to report, not a crash here
-        return pd.Series([fn(t) if isinstance(t, str) else None for t in texts], dtype=dtype)
-
-    return pd.DataFrame(
-        {
-            "path": [doc.get("path") for doc in kept],
-            "text": texts,
-            "sha256": [doc.get("sha256") for doc in kept],
-            "n_bytes": pd.Series([doc.get("n_bytes") for doc in kept], dtype="Int64"),
-            "n_chars": stat(len, "Int64"),
-            "max_line_length": stat(longest_line, "Int64"),
-            "alnum_fraction": stat(alnum_fraction, "Float64"),
+        kept.append({k: doc[k] for k in ("path", "text", "sha256", "n_bytes", "scrubbed")})
+    scrubbed = dict.fromkeys(KINDS, 0)
+    for doc in kept:
+        for kind, n in doc["scrubbed"].items():
+            scrubbed[kind] += n
+    return CurationResult(
+        kept=kept,
+        dropped=dropped,
+        bytes_in=sum(len(r["content"]) for r in records if isinstance(r["content"], bytes)),
+        clusters=clusters,
+        scrubbed=scrubbed,
+        timings={
+            "analyse_s": round(analysed - started, 3),
+            "dedupe_s": round(time.perf_counter() - analysed, 3),
         },
-        columns=GATE_COLUMNS,
     )
 
 
-def gate_expectations(gate: GateParams, rules: CurateParams) -> list:
-    """The blocking expectations; each says in meta["need"] what passing means, for the error message."""
-    import great_expectations as gx
-
-    E = gx.expectations
-    checks = [
-        (
-            E.ExpectTableColumnsToMatchSet(column_set=GATE_COLUMNS, exact_match=True),
-            f"exactly {GATE_COLUMNS}",
-        ),
-        *[(E.ExpectColumnValuesToNotBeNull(column=c), "no nulls") for c in ("path", "text", "sha256")],
-        (E.ExpectColumnValuesToBeUnique(column="sha256"), "unique values"),
-        (E.ExpectColumnValuesToBeUnique(column="path"), "unique values"),
-        (
-            E.ExpectColumnValuesToBeBetween(
-                column="n_chars", min_value=rules.min_chars, max_value=rules.max_chars
-            ),
-            f"{rules.min_chars}..{rules.max_chars}",
-        ),
-        (
-            E.ExpectColumnValuesToBeBetween(column="max_line_length", max_value=rules.max_line_length),
-            f"<= {rules.max_line_length}",
-        ),
-        (
-            E.ExpectColumnValuesToBeBetween(column="alnum_fraction", min_value=rules.min_alnum_fraction),
-            f">= {rules.min_alnum_fraction}",
-        ),
-        (E.ExpectTableRowCountToBeBetween(min_value=gate.min_documents), f">= {gate.min_documents}"),
-        (E.ExpectColumnSumToBeBetween(column="n_bytes", min_value=gate.min_bytes), f">= {gate.min_bytes}"),
-    ]
-    for expectation, need in checks:
-        expectation.meta = {"need": need, "blocking": True}
-    return [expectation for expectation, _ in checks]
-
-
-def _observed(result: dict) -> str:
-    """The figure behind a failed expectation, from a SUMMARY-format result."""
-    if result.get("exception_info", {}).get("raised_exception"):
-        return f"error: {result['exception_info'].get('exception_message')}"
-    res = result.get("result") or {}
-    if "observed_value" in res:
-        return str(res["observed_value"])
-    if "unexpected_count" in res:
-        examples = res.get("partial_unexpected_list") or []
-        shown = ", ".join(f"{v:g}" if isinstance(v, float) else repr(v) for v in examples[:3])
-        return f"{res['unexpected_count']} of {res.get('element_count', '?')} rows failing" + (
-            f", e.g. {shown}" if shown else ""
-        )
-    return "n/a"
-
-
-def validate_curated(
-    kept: list[dict], gate: GateParams, rules: CurateParams, reports_dir: str | Path
-) -> GateResult:
-    """Run the Great Expectations suite on the curated set; write gate.json and the Data Docs site.
-
-    An ephemeral context keeps nothing between runs; its Data Docs site is pointed at
-    reports_dir/data_docs (the default site would live in a random temp folder).
-    """
-    import great_expectations as gx
-    from great_expectations.data_context.types.base import ProgressBarsConfig
-
-    reports_dir = Path(reports_dir)
-    docs_dir = reports_dir / DATA_DOCS_DIR
-    report_path = reports_dir / GATE_REPORT
-    shutil.rmtree(docs_dir, ignore_errors=True)  # pages of earlier runs would linger otherwise
-
-    with _quiet_logger("great_expectations"):
-        context = gx.get_context(mode="ephemeral")
-        context.variables.progress_bars = ProgressBarsConfig(globally=False)
-        for site in list(context.list_data_docs_sites()):
-            context.delete_data_docs_site(site)
-        context.add_data_docs_site(
-            "reports",
-            {
-                "class_name": "SiteBuilder",
-                "show_how_to_buttons": False,
-                "store_backend": {
-                    "class_name": "TupleFilesystemStoreBackend",
-                    "base_directory": str(docs_dir.resolve()),
-                },
-                "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
-            },
-        )
-        batch_definition = (
-            context.data_sources.add_pandas("curated")
-            .add_dataframe_asset("documents")
-            .add_batch_definition_whole_dataframe("all")
-        )
-        suite = context.suites.add(gx.ExpectationSuite(name="curated_documents"))
-        for expectation in gate_expectations(gate, rules):
-            suite.add_expectation(expectation)
-        validation = context.validation_definitions.add(
-            gx.ValidationDefinition(name="curate_gate", data=batch_definition, suite=suite)
-        )
-        # SUMMARY, not COMPLETE: COMPLETE lists every failing row and is ~8x slower.
-        result = validation.run(batch_parameters={"dataframe": gate_frame(kept)}, result_format="SUMMARY")
-        context.build_data_docs()
-
-    report = result.to_json_dict()
-    write_json(report_path, report)
-    failed = []
-    for r in report["results"]:
-        config = r["expectation_config"]
-        if r["success"] or config.get("severity", "critical") != "critical":
-            continue
-        failed.append(
-            {
-                "expectation": config["type"],
-                "column": config["kwargs"].get("column"),
-                "observed": _observed(r),
-                "need": (config.get("meta") or {}).get("need", str(config["kwargs"])),
-            }
-        )
-    return GateResult(
-        passed=not failed,
-        failed=failed,
-        report_path=str(report_path),
-        data_docs_path=str(docs_dir / "index.html"),
-        evaluated=len(report["results"]),
-    )
-
-
-@contextmanager
-def _quiet_logger(name: str):
-    """Raise a library logger to ERROR for the duration, then restore it (GE warns chattily)."""
-    logger = logging.getLogger(name)
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
+def corpus_profile(texts: list[str], workers: int) -> dict:
+    step = max(1, -(-len(texts) // max(workers, 1)))
+    slices = [(i, min(i + step, len(texts))) for i in range(0, len(texts), step)] or [(0, 0)]
+    return gates.merge_profiles(_parallel_map(_profile_slice, slices, workers, texts=texts))
 
 
 # ---------------------------------------------------------------------------------------------
-# The stage
+# Outputs
 
 
-def summarize(result: CurationResult, rules: CurateParams, gate: dict) -> dict:
+def write_quarantine(dropped: list[dict], records_by_path: dict[str, bytes], out_dir: str | Path) -> Path:
+    """Every dropped document, byte for byte as ingested, with every reason that applied."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = [{**doc, "content": records_by_path.get(doc["path"])} for doc in dropped]
+    path, tmp = out_dir / DOCUMENTS_FILE, out_dir / (DOCUMENTS_FILE + ".tmp")
+    pq.write_table(pa.Table.from_pylist(rows, schema=QUARANTINE_SCHEMA), tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def summarize(result: CurationResult, rules: CurateParams, gate: dict, drift: dict) -> dict:
     examples: dict[str, list[str]] = {}
     for doc in result.dropped:
-        paths = examples.setdefault(doc["reason"], [])
-        if len(paths) < 10:
-            paths.append(doc["path"])
+        for reason in doc["reasons"]:
+            paths = examples.setdefault(reason, [])
+            if len(paths) < 10:
+                paths.append(doc["path"])
+    clusters = sorted(result.clusters.items(), key=lambda kv: (-len(kv[1]), kv[0]))
     return {
         "documents_in": result.documents_in,
         "bytes_in": result.bytes_in,
         "kept": {"documents": len(result.kept), "bytes": result.bytes_out},
-        "dropped": result.counts,
+        "dropped_documents": len(result.dropped),
+        "dropped": result.counts(),
         "dropped_examples": examples,
+        "scrubbed": result.scrubbed,
+        "scrubbed_documents": sum(1 for doc in result.kept if doc["scrubbed"]),
+        "duplicate_clusters": [{"kept": path, "copies": copies} for path, copies in clusters],
+        "drift": drift,
         "gate": gate,
+        "timings": result.timings,
         "rules": rules.model_dump(exclude={"gate", "reports_dir"}),
     }
+
+
+def check_drift(profile: dict, params: Params) -> tuple[dict, list[dict], list[dict]]:
+    """(drift report, blocking failures, warnings) against the champion's stored profile."""
+    drift_params = params.curate.gate.drift
+    if not drift_params.enabled:
+        return (
+            {"reference": None, "note": "drift checks are off (curate.gate.drift.enabled)", "checks": []},
+            [],
+            [],
+        )
+    reference, source = gates.champion_profile(params.publish.model_name)
+    if reference is None:
+        return {"reference": source, "note": source.get("note"), "checks": []}, [], []
+    checks = gates.drift_checks(profile, reference, drift_params)
+    failed = [c for c in checks if c["verdict"] == "block"]
+    warned = [c for c in checks if c["verdict"] == "warn"]
+    return {"reference": source, "note": None, "checks": checks}, failed, warned
 
 
 def run(params: Params) -> dict:
@@ -421,29 +265,117 @@ def run(params: Params) -> dict:
     except FileNotFoundError as exc:
         raise SourceError(str(exc)) from None
     result = curate_documents(records, rules)
+    write_quarantine(result.dropped, {r["path"]: r["content"] for r in records}, params.data.quarantine_dir)
     del records
 
+    started = time.perf_counter()
+    profile = corpus_profile([doc["text"] for doc in result.kept], rules.workers)
+    write_json(reports_dir / PROFILE_REPORT, profile)
+    drift, drift_failed, drift_warned = check_drift(profile, params)
+    result.timings["profile_drift_s"] = round(time.perf_counter() - started, 3)
+    started = time.perf_counter()
     try:
-        gate = validate_curated(result.kept, rules.gate, rules, reports_dir)
+        frame = gates.gate_frame(result.kept)
+        gate = gates.run_suite(frame, gates.gate_expectations(rules, result.documents_in), reports_dir)
     except Exception as exc:
         error = {"passed": False, "error": f"the gate did not run: {type(exc).__name__}: {exc}"}
-        write_json(reports_dir / CURATION_REPORT, summarize(result, rules, error))
+        write_json(reports_dir / CURATION_REPORT, summarize(result, rules, error, drift))
         raise
-    summary = summarize(result, rules, gate.to_dict())
+    result.timings["gate_s"] = round(time.perf_counter() - started, 3)
+    gate.failed += [_drift_line(c) for c in drift_failed]
+    gate.warnings += [_drift_line(c) for c in drift_warned]
+    gate.passed = not gate.failed
+    summary = summarize(result, rules, gate.to_dict(), drift)
     write_json(reports_dir / CURATION_REPORT, summary)
     if not gate.passed:
         raise GateError(gate.message())
-    write_documents(result.kept, curated_dir)
+    write_documents(
+        [{**doc, "scrubbed": json.dumps(doc["scrubbed"], sort_keys=True)} for doc in result.kept], curated_dir
+    )
     return summary
+
+
+def _drift_line(check: dict) -> dict:
+    observed = f"{check['observed']:g} vs champion {check['champion']:g}"
+    if check["check"].endswith("distribution"):
+        observed = f"Jensen-Shannon distance {check['figure']:g} from the champion's"
+    return {"check": check["check"], "observed": observed, "need": check["need"]}
+
+
+# ---------------------------------------------------------------------------------------------
+# Explain one document
+
+
+def explain(path: str, params: Params) -> str:
+    """Why the last curation dropped or changed one document: read from its outputs, with the
+    figure behind each reason recomputed from the raw bytes under the current rules."""
+    rules = params.curate
+    quarantine = Path(params.data.quarantine_dir) / DOCUMENTS_FILE
+    curated = Path(params.data.curated_dir) / DOCUMENTS_FILE
+    report = Path(rules.reports_dir) / CURATION_REPORT
+    if not quarantine.exists() or not report.exists():
+        raise ConfigError(
+            f"no curation to explain ({quarantine} or {report} missing): run `trainpipe curate` first"
+        )
+    found = pq.read_table(quarantine, filters=[("path", "==", path)]).to_pylist()
+    if found:
+        doc = found[0]
+        lines = [f"{path}: dropped; quarantined in {quarantine}"]
+        text, _ = decode_document(doc["content"]) if doc["content"] is not None else (None, None)
+        for reason in doc["reasons"]:
+            if reason in ("duplicate", "near_duplicate"):
+                how = (
+                    "an exact copy"
+                    if reason == "duplicate"
+                    else f"a near copy (estimated Jaccard {doc['jaccard']:.3f})"
+                )
+                lines.append(
+                    f"  - {reason}: {how} of {doc['duplicate_of']}, which was kept (the first in path order)"
+                )
+            else:
+                lines.append(f"  - {reason}: {explain_reason(reason, path, text, rules)}")
+        return "\n".join(lines)
+    summary = read_json(report)
+    kept = pq.read_table(curated, filters=[("path", "==", path)]).to_pylist() if curated.exists() else []
+    if kept:
+        doc = kept[0]
+        scrubbed = json.loads(doc.get("scrubbed") or "{}")
+        lines = [f"{path}: kept ({doc['n_bytes']} bytes) in {curated}"]
+        if scrubbed:
+            changes = ", ".join(f"{n} {kind} -> {PATTERNS[kind][0]}" for kind, n in sorted(scrubbed.items()))
+            lines.append(f"  - changed: secrets and personal data replaced: {changes}")
+        else:
+            lines.append("  - unchanged apart from newline normalisation")
+        for cluster in summary.get("duplicate_clusters", []):
+            if cluster["kept"] == path:
+                copies = ", ".join(
+                    f"{c['path']} ({c['kind']}, {c['jaccard']:.2f})" for c in cluster["copies"]
+                )
+                lines.append(f"  - kept for its duplicate cluster, whose other copies were dropped: {copies}")
+        return "\n".join(lines)
+    if not summary.get("gate", {}).get("passed", False) and not curated.exists():
+        raise ConfigError(
+            f"{path} passed every filter, but the gate failed, so nothing was curated: see {report}"
+        )
+    raw = read_documents(params.data.raw_dir) if (Path(params.data.raw_dir) / DOCUMENTS_FILE).exists() else []
+    close = difflib.get_close_matches(path, [r["path"] for r in raw], n=3)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    raise ConfigError(f"{path} is not a document of the raw snapshot {params.data.raw_dir}{hint}")
 
 
 def describe(summary: dict, params: Params) -> str:
     dropped = ", ".join(f"{k} {v}" for k, v in summary["dropped"].items() if v) or "none"
-    return (
+    scrubbed = ", ".join(f"{k} {v}" for k, v in summary["scrubbed"].items() if v) or "none"
+    warnings = summary["gate"].get("warnings") or []
+    lines = [
         f"curated {summary['kept']['documents']}/{summary['documents_in']} documents "
         f"({summary['kept']['bytes'] / 1e6:.1f} of {summary['bytes_in'] / 1e6:.1f} MB); dropped: {dropped}; "
-        f"gate passed -> {Path(params.data.curated_dir) / DOCUMENTS_FILE}"
-    )
+        f"scrubbed: {scrubbed}; {len(summary['duplicate_clusters'])} duplicate clusters",
+        *[f"warning: {w['check']} (observed {w['observed']}, need {w['need']})" for w in warnings],
+        f"gate passed -> {Path(params.data.curated_dir) / DOCUMENTS_FILE}; "
+        f"quarantine: {Path(params.data.quarantine_dir) / DOCUMENTS_FILE}",
+    ]
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -28,11 +28,44 @@ class DataParams(Section):
     raw_dir: str = Field("data/raw", description="ingest output: the raw snapshot")
     curated_dir: str = Field("data/curated", description="curate output: documents that passed")
     tokens_dir: str = Field("data/tokens", description="tokenize output: tokenizer and token arrays")
+    quarantine_dir: str = Field("data/quarantine", description="curate output: dropped documents and why")
+
+
+class DriftParams(Section):
+    enabled: bool = Field(True, description="compare the curated set with the champion's training data")
+    ratio_warn: float = Field(
+        1.25, ge=1, description="warn when documents/bytes/median length are this many times off"
+    )
+    ratio_block: float = Field(2.0, ge=1, description="block when they are this many times off, either way")
+    divergence_warn: float = Field(0.1, ge=0, le=1, description="warn above this Jensen-Shannon distance")
+    divergence_block: float = Field(0.3, ge=0, le=1, description="block above this Jensen-Shannon distance")
+
+    @model_validator(mode="after")
+    def _tiers_ordered(self):
+        if self.ratio_warn > self.ratio_block or self.divergence_warn > self.divergence_block:
+            raise ValueError("curate.gate.drift: a warn threshold must not exceed its block threshold")
+        return self
 
 
 class GateParams(Section):
     min_documents: int = Field(500, ge=1, description="fewest curated documents that may train a model")
     min_bytes: int = Field(5_000_000, ge=1, description="fewest curated UTF-8 bytes that may train a model")
+    warn_min_kept_fraction: float = Field(
+        0.5, ge=0, le=1, description="warn when curation keeps less of the input"
+    )
+    warn_min_median_alnum: float = Field(
+        0.5, ge=0, le=1, description="warn when the median alnum fraction is lower"
+    )
+    drift: DriftParams = Field(default_factory=DriftParams, description="drift against the champion's data")
+
+
+class NearDedupeParams(Section):
+    enabled: bool = Field(True, description="drop near-duplicates (MinHash LSH over word 5-grams)")
+    threshold: float = Field(
+        0.85, gt=0, le=1, description="estimated Jaccard similarity that makes a near-duplicate"
+    )
+    num_perm: int = Field(128, ge=16, le=1024, description="MinHash permutations")
+    shingle_size: int = Field(5, ge=1, description="words per shingle")
 
 
 class CurateParams(Section):
@@ -48,7 +81,23 @@ class CurateParams(Section):
         description="case-insensitive markers of generated files, searched in the head of each document",
     )
     autogen_scan_chars: int = Field(500, ge=0, description="how many leading characters to scan for markers")
-    gate: GateParams = Field(default_factory=GateParams, description="blocking checks of the curated set")
+    max_mean_line_length: float = Field(100, gt=0, description="drop documents whose mean line is longer")
+    max_encoded_fraction: float = Field(
+        0.5, ge=0, le=1, description="drop documents with more base64/hex/unicode-escape data than this share"
+    )
+    max_encoded_run: int = Field(1024, ge=1, description="drop documents with a longer encoded-data run")
+    prose_min_words: int = Field(50, ge=0, description="prose (non-code) documents: fewest words")
+    prose_mean_word_length: tuple[float, float] = Field(
+        (3, 10), description="prose: allowed mean word length"
+    )
+    prose_max_symbol_ratio: float = Field(0.1, ge=0, description="prose: most '#' and '...' per word")
+    prose_min_alpha_words: float = Field(
+        0.8, ge=0, le=1, description="prose: least share of words with a letter"
+    )
+    scrub_secrets: bool = Field(True, description="replace emails, keys and tokens by typed placeholders")
+    near_dedupe: NearDedupeParams = Field(default_factory=NearDedupeParams)
+    workers: int = Field(2, ge=1, description="processes for the per-document work")
+    gate: GateParams = Field(default_factory=GateParams, description="checks of the curated set")
     reports_dir: str = Field("reports", description="where curation.json and the Data Docs go")
 
     @model_validator(mode="after")

@@ -26,6 +26,7 @@ from mlflow.exceptions import MlflowException
 
 from pipelines.data import TOKENIZER_FILE, read_json, sha256_file, write_json
 from pipelines.errors import ConfigError, TrainpipeError
+from pipelines.gate import PROFILE_ARTIFACT
 from pipelines.params import Params
 from pipelines.serve import (
     DEFAULT_INFERENCE_PARAMS,
@@ -161,14 +162,18 @@ def _move_champion(client: MlflowClient, name: str, version: str) -> None:
     client.set_registered_model_tag(name, HISTORY_TAG, ",".join(history))
 
 
-def _log_run_inputs(client: MlflowClient, run_id: str, metrics: dict) -> None:
-    """Metrics (those the run lacks) and the workspace dvc.lock, which a later restart reads."""
+def _log_run_inputs(client: MlflowClient, run_id: str, metrics: dict, params: Params) -> None:
+    """Metrics (those the run lacks), the workspace dvc.lock, which a later restart reads, and the
+    curated data's profile, which the data gate of later runs compares with (drift)."""
     have = client.get_run(run_id).data.metrics
     for key, value in metrics.items():
         if key not in have and isinstance(value, int | float) and not isinstance(value, bool):
             client.log_metric(run_id, key, float(value))
     if Path("dvc.lock").is_file():
         client.log_artifact(run_id, "dvc.lock")
+    profile = Path(params.curate.reports_dir) / PROFILE_ARTIFACT
+    if profile.is_file():
+        client.log_artifact(run_id, str(profile))
 
 
 def _log_model(client: MlflowClient, params: Params, run_id: str, model_dir: Path, work_dir: Path):
@@ -274,7 +279,7 @@ def publish_model(params: Params, lineage: dict[str, str] | None = None, run_id:
     with tempfile.TemporaryDirectory(prefix="trainpipe-publish-") as tmp:
         work_dir = Path(tmp)
         try:
-            _log_run_inputs(client, run_id, metrics)
+            _log_run_inputs(client, run_id, metrics, params)
             info = _log_model(client, params, run_id, model_dir, work_dir)
             _check_signature(info.model_uri)
             tags = {k: str(v) for k, v in (lineage or {}).items() if v is not None}

@@ -1,0 +1,386 @@
+"""The data gate of the curate stage: a two-tier Great Expectations suite, then drift checks.
+
+Blocking checks (GE severity "critical") stop the run; warning checks (severity "warning") are
+reported and let it go on. A suite that evaluated no expectation is a failure, not a pass. Drift
+compares the curated set's profile with the profile stored with the model now serving (written
+at publish): document count, bytes, median length, byte and word distributions; each figure is
+reported next to the champion's, and thresholds in params decide warn or block.
+"""
+
+import json
+import logging
+import math
+import re
+import shutil
+from collections import Counter
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from pipelines.data import write_json
+from pipelines.params import CurateParams, DriftParams
+from pipelines.quality import alnum_fraction, longest_line
+
+GATE_REPORT = "gate.json"
+DATA_DOCS_DIR = "data_docs"
+GATE_COLUMNS = ["path", "text", "sha256", "n_bytes", "n_chars", "max_line_length", "alnum_fraction"]
+TOP_WORDS = 2000
+_WORD_RE = re.compile(r"\w+")
+
+
+@dataclass
+class GateResult:
+    passed: bool
+    failed: list[dict] = field(default_factory=list)  # check, observed, need (blocking only)
+    warnings: list[dict] = field(default_factory=list)  # the same, for warning-tier checks
+    report_path: str = ""
+    data_docs_path: str = ""
+    evaluated: int = 0
+
+    def message(self) -> str:
+        """One line for the person whose run stopped."""
+        failures = "; ".join(
+            f"{f['check']} (observed {f['observed']}, need {f['need']})" for f in self.failed
+        )
+        return f"data gate failed: {failures}; full report: {self.report_path}, {self.data_docs_path}"
+
+    def to_dict(self) -> dict:
+        return {
+            "passed": self.passed,
+            "failed": self.failed,
+            "warnings": self.warnings,
+            "evaluated": self.evaluated,
+            "report": self.report_path,
+            "data_docs": self.data_docs_path,
+        }
+
+
+# ---------------------------------------------------------------------------------------------
+# The Great Expectations suite
+
+
+def gate_frame(kept: list[dict]):
+    """The curated set as the DataFrame the gate checks, with statistics recomputed from the text."""
+    import pandas as pd
+
+    texts = [doc.get("text") for doc in kept]
+
+    def stat(fn, dtype):  # a missing text is the not-null check's to report, not a crash here
+        return pd.Series([fn(t) if isinstance(t, str) else None for t in texts], dtype=dtype)
+
+    return pd.DataFrame(
+        {
+            "path": [doc.get("path") for doc in kept],
+            "text": texts,
+            "sha256": [doc.get("sha256") for doc in kept],
+            "n_bytes": pd.Series([doc.get("n_bytes") for doc in kept], dtype="Int64"),
+            "n_chars": stat(len, "Int64"),
+            "max_line_length": stat(longest_line, "Int64"),
+            "alnum_fraction": stat(alnum_fraction, "Float64"),
+        },
+        columns=GATE_COLUMNS,
+    )
+
+
+def gate_expectations(rules: CurateParams, documents_in: int) -> list:
+    """Both tiers; each expectation says in meta["need"] what passing means, for the report."""
+    import great_expectations as gx
+
+    E = gx.expectations
+    gate = rules.gate
+    blocking = [
+        (
+            E.ExpectTableColumnsToMatchSet(column_set=GATE_COLUMNS, exact_match=True),
+            f"exactly {GATE_COLUMNS}",
+        ),
+        *[(E.ExpectColumnValuesToNotBeNull(column=c), "no nulls") for c in ("path", "text", "sha256")],
+        (E.ExpectColumnValuesToBeUnique(column="sha256"), "unique values"),
+        (E.ExpectColumnValuesToBeUnique(column="path"), "unique values"),
+        (
+            E.ExpectColumnValuesToBeBetween(
+                column="n_chars", min_value=rules.min_chars, max_value=rules.max_chars
+            ),
+            f"{rules.min_chars}..{rules.max_chars}",
+        ),
+        (
+            E.ExpectColumnValuesToBeBetween(column="max_line_length", max_value=rules.max_line_length),
+            f"<= {rules.max_line_length}",
+        ),
+        (
+            E.ExpectColumnValuesToBeBetween(column="alnum_fraction", min_value=rules.min_alnum_fraction),
+            f">= {rules.min_alnum_fraction}",
+        ),
+        (E.ExpectTableRowCountToBeBetween(min_value=gate.min_documents), f">= {gate.min_documents}"),
+        (E.ExpectColumnSumToBeBetween(column="n_bytes", min_value=gate.min_bytes), f">= {gate.min_bytes}"),
+    ]
+    min_kept = math.ceil(gate.warn_min_kept_fraction * documents_in)
+    warning = [
+        (
+            E.ExpectTableRowCountToBeBetween(min_value=min_kept, severity="warning"),
+            f">= {min_kept} ({gate.warn_min_kept_fraction:.0%} of {documents_in} documents in)",
+        ),
+        (
+            E.ExpectColumnMedianToBeBetween(
+                column="alnum_fraction", min_value=gate.warn_min_median_alnum, severity="warning"
+            ),
+            f">= {gate.warn_min_median_alnum}",
+        ),
+    ]
+    for expectation, need in blocking + warning:
+        expectation.meta = {"need": need}
+    return [expectation for expectation, _ in blocking + warning]
+
+
+def _observed(result: dict) -> str:
+    """The figure behind a failed expectation, from a SUMMARY-format result."""
+    if result.get("exception_info", {}).get("raised_exception"):
+        return f"error: {result['exception_info'].get('exception_message')}"
+    res = result.get("result") or {}
+    if "observed_value" in res:
+        value = res["observed_value"]
+        return f"{value:g}" if isinstance(value, float) else str(value)
+    if "unexpected_count" in res:
+        examples = res.get("partial_unexpected_list") or []
+        shown = ", ".join(f"{v:g}" if isinstance(v, float) else repr(v) for v in examples[:3])
+        return f"{res['unexpected_count']} of {res.get('element_count', '?')} rows failing" + (
+            f", e.g. {shown}" if shown else ""
+        )
+    return "n/a"
+
+
+def run_suite(frame, expectations: list, reports_dir: str | Path) -> GateResult:
+    """Run the expectations on the frame; write gate.json and the Data Docs site.
+
+    An ephemeral context keeps nothing between runs; its Data Docs site is pointed at
+    reports_dir/data_docs (the default site would live in a random temp folder).
+    """
+    import great_expectations as gx
+    from great_expectations.data_context.types.base import ProgressBarsConfig
+
+    reports_dir = Path(reports_dir)
+    docs_dir = reports_dir / DATA_DOCS_DIR
+    report_path = reports_dir / GATE_REPORT
+    shutil.rmtree(docs_dir, ignore_errors=True)  # pages of earlier runs would linger otherwise
+
+    with _quiet_logger("great_expectations"):
+        context = gx.get_context(mode="ephemeral")
+        context.variables.progress_bars = ProgressBarsConfig(globally=False)
+        for site in list(context.list_data_docs_sites()):
+            context.delete_data_docs_site(site)
+        context.add_data_docs_site(
+            "reports",
+            {
+                "class_name": "SiteBuilder",
+                "show_how_to_buttons": False,
+                "store_backend": {
+                    "class_name": "TupleFilesystemStoreBackend",
+                    "base_directory": str(docs_dir.resolve()),
+                },
+                "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+            },
+        )
+        batch_definition = (
+            context.data_sources.add_pandas("curated")
+            .add_dataframe_asset("documents")
+            .add_batch_definition_whole_dataframe("all")
+        )
+        suite = context.suites.add(gx.ExpectationSuite(name="curated_documents"))
+        for expectation in expectations:
+            suite.add_expectation(expectation)
+        validation = context.validation_definitions.add(
+            gx.ValidationDefinition(name="curate_gate", data=batch_definition, suite=suite)
+        )
+        # SUMMARY, not COMPLETE: COMPLETE lists every failing row and is ~8x slower.
+        result = validation.run(batch_parameters={"dataframe": frame}, result_format="SUMMARY")
+        context.build_data_docs()
+
+    report = result.to_json_dict()
+    write_json(report_path, report)
+    failed, warnings = [], []
+    for r in report["results"]:
+        if r["success"]:
+            continue
+        config = r["expectation_config"]
+        column = config["kwargs"].get("column")
+        entry = {
+            "check": config["type"] + (f"[{column}]" if column else ""),
+            "observed": _observed(r),
+            "need": (config.get("meta") or {}).get("need", str(config["kwargs"])),
+        }
+        (failed if config.get("severity", "critical") == "critical" else warnings).append(entry)
+    evaluated = len(report["results"])
+    if evaluated == 0:  # an empty suite proves nothing about the data
+        failed.append({"check": "expectation_suite", "observed": "0 expectations evaluated", "need": ">= 1"})
+    return GateResult(
+        passed=not failed,
+        failed=failed,
+        warnings=warnings,
+        report_path=str(report_path),
+        data_docs_path=str(docs_dir / "index.html"),
+        evaluated=evaluated,
+    )
+
+
+@contextmanager
+def _quiet_logger(name: str):
+    """Raise a library logger to ERROR for the duration, then restore it (GE warns chattily)."""
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+# ---------------------------------------------------------------------------------------------
+# Profile and drift
+
+
+def text_profile(texts: list[str]) -> dict:
+    """Counts for one slice of the corpus; slices merge with merge_profiles (so workers can share)."""
+    byte_counts = np.zeros(256, dtype=np.int64)
+    words: Counter = Counter()
+    for text in texts:
+        data = text.encode("utf-8")
+        byte_counts += np.bincount(np.frombuffer(data, dtype=np.uint8), minlength=256)
+        words.update(_WORD_RE.findall(text))
+    return {"byte_counts": byte_counts, "words": words, "n_chars": [len(t) for t in texts]}
+
+
+def merge_profiles(parts: list[dict]) -> dict:
+    """The corpus profile stored with a model: sizes, length quantiles, byte and word distributions."""
+    byte_counts = sum((p["byte_counts"] for p in parts), np.zeros(256, dtype=np.int64))
+    words: Counter = Counter()
+    lengths: list[int] = []
+    for part in parts:
+        words.update(part["words"])
+        lengths.extend(part["n_chars"])
+    quantiles = np.quantile(lengths, [0.1, 0.5, 0.9]).tolist() if lengths else [0.0, 0.0, 0.0]
+    return {
+        "documents": len(lengths),
+        "bytes": int(byte_counts.sum()),
+        "chars_p10": quantiles[0],
+        "chars_p50": quantiles[1],
+        "chars_p90": quantiles[2],
+        "byte_counts": byte_counts.tolist(),
+        "words_total": int(sum(words.values())),
+        "top_words": dict(words.most_common(TOP_WORDS)),
+    }
+
+
+def js_distance(
+    p: dict | list, q: dict | list, p_total: int | None = None, q_total: int | None = None
+) -> float:
+    """Jensen-Shannon distance (base 2: 0 same, 1 disjoint) of two count distributions.
+
+    Word profiles keep only their top words: the rest of each total is one "other" bucket.
+    """
+    from scipy.spatial.distance import jensenshannon
+
+    if isinstance(p, dict):
+        keys = sorted(set(p) | set(q))
+        pv = [p.get(k, 0) for k in keys] + [max((p_total or 0) - sum(p.values()), 0)]
+        qv = [q.get(k, 0) for k in keys] + [max((q_total or 0) - sum(q.values()), 0)]
+    else:
+        pv, qv = list(p), list(q)
+    if sum(pv) == 0 or sum(qv) == 0:
+        return 0.0 if sum(pv) == sum(qv) else 1.0
+    return float(jensenshannon(np.asarray(pv, float), np.asarray(qv, float), base=2))
+
+
+def drift_checks(profile: dict, reference: dict, drift: DriftParams) -> list[dict]:
+    """Each drift figure next to the champion's, with its verdict: ok, warn or block."""
+    checks = []
+
+    def ratio_check(name: str, key: str):
+        new, ref = profile[key], reference.get(key) or 0
+        ratio = new / ref if ref else math.inf
+        off = max(ratio, 1 / ratio) if ratio > 0 else math.inf  # how many times off, either way
+        verdict = "block" if off > drift.ratio_block else "warn" if off > drift.ratio_warn else "ok"
+        checks.append(
+            {
+                "check": f"drift_{name}",
+                "observed": round(new, 3),
+                "champion": round(ref, 3),
+                "figure": round(ratio, 3),
+                "need": f"ratio within 1/{drift.ratio_block:g}..{drift.ratio_block:g} (warn beyond {drift.ratio_warn:g})",
+                "verdict": verdict,
+            }
+        )
+
+    def divergence_check(name: str, distance: float):
+        verdict = (
+            "block"
+            if distance > drift.divergence_block
+            else "warn"
+            if distance > drift.divergence_warn
+            else "ok"
+        )
+        checks.append(
+            {
+                "check": f"drift_{name}",
+                "observed": round(distance, 4),
+                "champion": 0.0,
+                "figure": round(distance, 4),
+                "need": f"Jensen-Shannon distance <= {drift.divergence_block:g} (warn above {drift.divergence_warn:g})",
+                "verdict": verdict,
+            }
+        )
+
+    ratio_check("documents", "documents")
+    ratio_check("bytes", "bytes")
+    ratio_check("median_chars", "chars_p50")
+    divergence_check("byte_distribution", js_distance(profile["byte_counts"], reference["byte_counts"]))
+    divergence_check(
+        "word_distribution",
+        js_distance(
+            profile["top_words"], reference["top_words"], profile["words_total"], reference["words_total"]
+        ),
+    )
+    return checks
+
+
+PROFILE_ARTIFACT = "data_profile.json"  # logged by publish to the run of every registered version
+
+
+def champion_profile(model_name: str) -> tuple[dict | None, dict]:
+    """(the data profile stored with models:/NAME@champion, where it came from or why there is none).
+
+    No registry, no champion or a champion without a profile means there is nothing to compare
+    with: drift is then reported as not checked, never guessed. A registry that cannot be read
+    is said so too; the blocking data checks above still ran.
+    """
+    import os
+    import tempfile
+
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    db = (
+        uri.removeprefix("sqlite:///") if uri.startswith("sqlite:///") else ("mlflow.db" if not uri else None)
+    )
+    if db is not None and not Path(db).exists():  # opening it would create an empty registry
+        return None, {"note": "no registry yet: drift not checked"}
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one small file
+    try:
+        from mlflow import MlflowClient
+        from mlflow.exceptions import MlflowException
+
+        client = MlflowClient()
+        try:
+            version = client.get_model_version_by_alias(model_name, "champion")
+        except MlflowException:
+            return None, {"note": f"no models:/{model_name}@champion yet: drift not checked"}
+        source = {"model": model_name, "version": str(version.version), "run_id": version.run_id}
+        with tempfile.TemporaryDirectory(prefix="trainpipe-profile-") as tmp:
+            try:
+                path = client.download_artifacts(version.run_id, PROFILE_ARTIFACT, tmp)
+            except (MlflowException, OSError):
+                return None, {
+                    **source,
+                    "note": f"champion v{version.version} has no {PROFILE_ARTIFACT}: drift not checked",
+                }
+            return json.loads(Path(path).read_text()), source
+    except Exception as exc:  # noqa: BLE001 -- an unreachable registry must not crash curation
+        return None, {"note": f"registry unreadable ({type(exc).__name__}: {exc}): drift not checked"}
