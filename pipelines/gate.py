@@ -312,20 +312,15 @@ def drift_checks(profile: dict, reference: dict, drift: DriftParams) -> list[dic
         )
 
     def divergence_check(name: str, distance: float):
-        verdict = (
-            "block"
-            if distance > drift.divergence_block
-            else "warn"
-            if distance > drift.divergence_warn
-            else "ok"
-        )
+        warn, block = getattr(drift, f"{name}_divergence_warn"), getattr(drift, f"{name}_divergence_block")
+        verdict = "block" if distance > block else "warn" if distance > warn else "ok"
         checks.append(
             {
-                "check": f"drift_{name}",
+                "check": f"drift_{name}_distribution",
                 "observed": round(distance, 4),
                 "champion": 0.0,
                 "figure": round(distance, 4),
-                "need": f"Jensen-Shannon distance <= {drift.divergence_block:g} (warn above {drift.divergence_warn:g})",
+                "need": f"Jensen-Shannon distance <= {block:g} (warn above {warn:g})",
                 "verdict": verdict,
             }
         )
@@ -333,9 +328,9 @@ def drift_checks(profile: dict, reference: dict, drift: DriftParams) -> list[dic
     ratio_check("documents", "documents")
     ratio_check("bytes", "bytes")
     ratio_check("median_chars", "chars_p50")
-    divergence_check("byte_distribution", js_distance(profile["byte_counts"], reference["byte_counts"]))
+    divergence_check("byte", js_distance(profile["byte_counts"], reference["byte_counts"]))
     divergence_check(
-        "word_distribution",
+        "word",
         js_distance(
             profile["top_words"], reference["top_words"], profile["words_total"], reference["words_total"]
         ),

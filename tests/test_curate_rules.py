@@ -1,0 +1,206 @@
+"""The curate stage's parts on small inputs: the newer filters at their thresholds, secret
+scrubbing, near-duplicate detection, the gate's tiers and the drift checks."""
+
+import math
+
+import pytest
+
+from pipelines import dedupe, gate, quality, scrub
+from pipelines.params import CurateParams, DriftParams
+
+RULES = CurateParams(
+    max_mean_line_length=10,
+    max_encoded_fraction=0.5,
+    max_encoded_run=100,
+    prose_min_words=5,
+    prose_mean_word_length=(3, 6),
+    prose_max_symbol_ratio=0.2,
+    prose_min_alpha_words=0.8,
+)
+B64 = "QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVphYmNkZWZnaGlqa2xtbm9wcXJzdHV2d3h5ejAxMjM0NTY3"  # 80 chars
+
+
+# --- filters: just inside and just outside each threshold ------------------------------------
+
+
+@pytest.mark.parametrize(
+    "check, path, text, expected",
+    [
+        (quality.long_mean_line, "a.py", "a" * 10 + "\n" + "b" * 9, None),  # 20 chars / 2 lines = 10
+        (quality.long_mean_line, "a.py", "a" * 10 + "\n" + "b" * 10, "long_mean_line"),  # 10.5
+        (quality.encoded_data, "a.py", B64 + "\n" + "x = 1 " * 14, None),  # 80 of 165: under half
+        (quality.encoded_data, "a.py", B64 + "\n" + "x = 1 " * 13, "encoded_data"),  # 80 of 159
+        (quality.encoded_data, "a.py", "s = '" + "a1" * 50 + "'\n" + "y = 2\n" * 100, None),  # a run of 100
+        (quality.encoded_data, "a.py", "s = '" + "a1" * 51 + "'\n" + "y = 2\n" * 100, "encoded_data"),
+        (quality.encoded_data, "a.py", "b = [" + ", ".join(["0xff"] * 8) + "]\n" + "z = 3\n" * 20, None),
+        (quality.encoded_data, "a.py", "b = [" + ", ".join(["0xff"] * 40) + "]\n", "encoded_data"),
+        (quality.encoded_data, "a.py", "u = '" + "\\u00e9" * 30 + "'\n", "encoded_data"),
+        (quality.prose_too_few_words, "a.txt", "word " * 5, None),
+        (quality.prose_too_few_words, "a.txt", "word " * 4, "prose_too_few_words"),
+        (quality.prose_too_few_words, "a.py", "x", None),  # code is not judged as prose
+        (quality.prose_word_length, "a.txt", "abc " * 5, None),
+        (quality.prose_word_length, "a.txt", "ab " * 5, "prose_word_length"),
+        (quality.prose_word_length, "a.txt", "abcdefg " * 5, "prose_word_length"),
+        (quality.prose_symbols, "a.md", "# word word word word word", None),  # 1 per 6 words
+        (quality.prose_symbols, "a.md", "# # word word word", "prose_symbols"),  # 2 per 5 words
+        (quality.prose_few_alpha_words, "rows.jsonl#3", "one two three four 5", None),  # 4 of 5
+        (quality.prose_few_alpha_words, "rows.jsonl#3", "one two three 4 5", "prose_few_alpha_words"),
+    ],
+)
+def test_filter_thresholds(check, path, text, expected):
+    assert check(path, text, RULES) == expected
+
+
+def test_failing_filters_lists_every_reason_in_filter_order():
+    text = "#" * 30  # too short, one long line, no letters
+    rules = RULES.model_copy(update={"min_chars": 100, "max_line_length": 20})
+    assert quality.failing_filters("a.py", text, rules) == ["too_short", "long_line", "long_mean_line", "low_alnum"]
+
+
+@pytest.mark.parametrize("reason", quality.FILTER_REASONS)
+def test_every_reason_has_an_explanation_with_its_figure(reason):
+    text = "def f(:\n" + "a" * 3000
+    explanation = quality.explain_reason(reason, "a.py", text, CurateParams(autogen_markers=["def f"]))
+    assert explanation and not explanation.startswith("dropped by the")
+
+
+# --- secrets and personal data ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text, kind, placeholder",
+    [
+        ("key = 'AKIAIOSFODNN7EXAMPLE'", "api_key", "<API_KEY>"),
+        ("token = 'ghp_" + "a1B2" * 9 + "'", "api_key", "<API_KEY>"),
+        ("slack = 'xoxb-123456789012-abcdefghijkl'", "api_key", "<API_KEY>"),
+        ("google = 'AIza" + "x" * 35 + "'", "api_key", "<API_KEY>"),
+        ("openai = 'sk-" + "Ab1" * 10 + "'", "api_key", "<API_KEY>"),
+        ("auth = 'eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0In0.c2lnbmF0dXJlX2hlcmU'", "token", "<TOKEN>"),
+        ("mail('guido@python.org')", "email", "<EMAIL>"),
+        (
+            "k = '''-----BEGIN RSA PRIVATE KEY-----\nMIIEow\nIBAAK\n-----END RSA PRIVATE KEY-----'''",
+            "private_key",
+            "<PRIVATE_KEY>",
+        ),
+        ("-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXk\n(truncated)", "private_key", "<PRIVATE_KEY>"),
+    ],
+)
+def test_scrub_replaces_each_kind_by_its_placeholder(text, kind, placeholder):
+    scrubbed, counts = scrub.scrub_text(text)
+    assert counts == {kind: 1}
+    assert placeholder in scrubbed
+    assert not any(secret in scrubbed for secret in ("AKIA", "ghp_", "xoxb", "AIza", "sk-", "eyJ", "@python", "MIIE"))
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "digest = 'e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855'",  # a hash
+        "decorator = '@functools.wraps'",
+        "x = a@b",  # matrix multiplication
+        "task-key = 'sk-short'",
+        "KEY = 'AKIA-not-a-key'",
+    ],
+)
+def test_scrub_leaves_ordinary_code_alone(text):
+    assert scrub.scrub_text(text) == (text, {})
+
+
+# --- near duplicates ------------------------------------------------------------------------------
+
+
+def module(name: str, lines: int = 60) -> str:
+    return "".join(f"def {name}_{i}(value, other):\n    return value * {i} + other - {i * 7}\n" for i in range(lines))
+
+
+def test_near_duplicates_keep_the_first_offered_and_list_clusters():
+    original = module("alpha")
+    renamed = original.replace("alpha_3(", "beta_3(").replace("alpha_40(", "gamma_40(")  # two renames
+    unrelated = module("zeta").replace("value", "item").replace("other", "rest").replace("*", "/")
+    index = dedupe.NearDuplicates(threshold=0.85, num_perm=128)
+    sig = {k: dedupe.signature(t, 128, 5) for k, t in {"a.py": original, "b.py": renamed, "c.py": unrelated}.items()}
+
+    assert index.offer("a.py", sig["a.py"]) is None
+    hit = index.offer("b.py", sig["b.py"])
+    assert hit is not None and hit[0] == "a.py" and hit[1] >= 0.85
+    assert index.offer("c.py", sig["c.py"]) is None
+    assert index.clusters == {"a.py": [{"path": "b.py", "jaccard": round(hit[1], 3)}]}
+
+
+def test_shingles_of_a_short_document_are_one_shingle():
+    assert dedupe.shingles("a b", 5) == {b"a b"}
+    assert len(dedupe.shingles("a b c d e f", 5)) == 2
+
+
+def test_signature_is_deterministic_across_calls():
+    text = module("alpha")
+    assert (dedupe.signature(text, 64, 5) == dedupe.signature(text, 64, 5)).all()
+
+
+# --- the gate's tiers -----------------------------------------------------------------------------
+
+
+def test_an_empty_suite_fails_the_gate(tmp_path):
+    result = gate.run_suite(gate.gate_frame([]), [], tmp_path)
+    assert not result.passed
+    assert result.failed == [{"check": "expectation_suite", "observed": "0 expectations evaluated", "need": ">= 1"}]
+    assert "0 expectations evaluated" in result.message()
+
+
+def test_warning_tier_reports_without_blocking(tmp_path):
+    text = "x = 1  # " + "-" * 300  # mostly punctuation: low median alnum, but above the blocking floor
+    kept = [{"path": f"m{i}.py", "text": text + str(i), "sha256": str(i), "n_bytes": len(text) + 1} for i in range(3)]
+    rules = CurateParams(min_alnum_fraction=0.005)
+    rules.gate.min_documents, rules.gate.min_bytes = 1, 1
+
+    result = gate.run_suite(gate.gate_frame(kept), gate.gate_expectations(rules, documents_in=10), tmp_path)
+
+    assert result.passed
+    assert {w["check"] for w in result.warnings} == {
+        "expect_table_row_count_to_be_between",  # kept 3 of 10
+        "expect_column_median_to_be_between[alnum_fraction]",
+    }
+
+
+# --- drift ----------------------------------------------------------------------------------------
+
+
+def profile_of(texts: list[str]) -> dict:
+    return gate.merge_profiles([gate.text_profile(texts)])
+
+
+def test_drift_against_itself_is_all_ok():
+    texts = [module(f"m{i}") for i in range(20)]
+    checks = gate.drift_checks(profile_of(texts), profile_of(texts), DriftParams())
+    assert [c["verdict"] for c in checks] == ["ok"] * 5
+    assert all(c["figure"] in (1.0, 0.0) for c in checks)
+
+
+def test_drift_blocks_a_corpus_ten_times_smaller_and_another_language():
+    reference = profile_of([module(f"m{i}") for i in range(20)])
+    smaller = profile_of([module("m0"), module("m1")])
+    french = profile_of(["Le renard brun et rapide saute par-dessus le chien paresseux. " * 40] * 20)
+
+    by_check = {c["check"]: c for c in gate.drift_checks(smaller, reference, DriftParams())}
+    assert by_check["drift_documents"]["verdict"] == "block"
+    assert by_check["drift_documents"]["observed"] == 2 and by_check["drift_documents"]["champion"] == 20
+    assert by_check["drift_byte_distribution"]["verdict"] == "ok"
+
+    by_check = {c["check"]: c for c in gate.drift_checks(french, reference, DriftParams())}
+    assert by_check["drift_documents"]["verdict"] == "ok"
+    assert by_check["drift_byte_distribution"]["verdict"] == "block"
+    assert by_check["drift_word_distribution"]["verdict"] == "block"
+
+
+def test_drift_warn_tier_between_thresholds():
+    reference = profile_of([module(f"m{i}") for i in range(20)])
+    fewer = profile_of([module(f"m{i}") for i in range(14)])  # 1.43 times fewer
+    checks = {c["check"]: c["verdict"] for c in gate.drift_checks(fewer, reference, DriftParams())}
+    assert checks["drift_documents"] == "warn"
+
+
+def test_js_distance_bounds():
+    assert gate.js_distance([1, 2, 3], [1, 2, 3]) == 0.0
+    assert math.isclose(gate.js_distance([1, 0], [0, 1]), 1.0)
+    assert gate.js_distance({"a": 5}, {"a": 5}, 10, 10) == 0.0
+    assert 0 < gate.js_distance({"a": 5}, {"b": 5}, 10, 10) < 1
