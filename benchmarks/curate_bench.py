@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/curate_bench.py [--repeats 3] [--repeats-10x 1] [--skip-10x] [--steps-only]
 
 Corpus (a) is the Python standard library as ingest collects it; corpus (b) is (a) plus nine
-edited copies of each document (path prefix copyK/, one rare identifier renamed, one number
+edited copies of each document (path prefix copyK/, one identifier that occurs once renamed, one number
 changed, one comment line inserted): near-duplicates, not exact ones, so near dedupe has work.
 Each step runs single-process over the whole corpus; MB/s is raw input bytes over the step's
 median time. End to end is `curate.run` (parquet in, gate, parquet out) in a temp folder,
@@ -27,7 +27,6 @@ from pathlib import Path
 from pipelines import curate, gate
 from pipelines.data import write_documents
 from pipelines.dedupe import NearDuplicates, shingles, signature
-from pipelines.errors import GateError
 from pipelines.ingest import collect_documents
 from pipelines.params import load_params
 from pipelines.quality import decode_document, failing_filters
@@ -39,21 +38,14 @@ _NUMBER_RE = re.compile(r"\b\d+\b")
 
 
 def edit_copy(content: bytes, path: str, k: int) -> bytes:
-    """Copy k of a document: one rare identifier renamed, one number changed, one comment line added."""
-    encoding = "utf-8"
-    try:
-        text = content.decode(encoding)
-    except UnicodeDecodeError:
-        encoding = "latin-1"  # round-trips any bytes; the edits are ASCII
-        text = content.decode(encoding)
+    """Copy k of a document: an identifier used once renamed, a number changed, a comment line added."""
+    text = content.decode("latin-1")  # round-trips any bytes (the edits are ASCII), whatever the encoding
     rng = random.Random(f"{path}#{k}")
     counts = Counter(_IDENT_RE.findall(text))
-    rare = sorted(n for n, c in counts.items() if c <= 3 and not keyword.iskeyword(n))
-    if rare:
+    if rare := sorted(n for n, c in counts.items() if c == 1 and not keyword.iskeyword(n)):
         name = rng.choice(rare)
         text = re.sub(rf"\b{name}\b", f"{name}_v{k}", text)
-    numbers = list(_NUMBER_RE.finditer(text))
-    if numbers:
+    if numbers := list(_NUMBER_RE.finditer(text)):
         m = rng.choice(numbers)
         text = text[: m.start()] + str(int(m.group()) + k) + text[m.end() :]
     lines = text.split("\n")
@@ -61,14 +53,14 @@ def edit_copy(content: bytes, path: str, k: int) -> bytes:
     while i > 0 and lines[i - 1].endswith("\\"):  # a comment may not follow a line continuation
         i -= 1
     lines.insert(i, f"# benchmark copy {k}")
-    return "\n".join(lines).encode(encoding)
+    return "\n".join(lines).encode("latin-1")
 
 
 def ten_times(records: list[dict]) -> list[dict]:
     copies = [
         {"path": f"copy{k}/{r['path']}", "content": edit_copy(r["content"], r["path"], k)}
-        for r in records
         for k in range(1, 10)
+        for r in records
     ]
     return sorted(records + copies, key=lambda r: r["path"])
 
@@ -96,9 +88,7 @@ def timed(fn, repeats: int):
 
 
 def time_steps(records: list[dict], rules, repeats: int, tmp: Path) -> tuple[dict[str, float], dict]:
-    """Each per-document and corpus step of curate_documents, profile and gate, one process, in order."""
-    nd = rules.near_dedupe
-    times: dict[str, float] = {}
+    nd, times = rules.near_dedupe, {}
     times["decode"], texts = timed(lambda: [decode_document(r["content"])[0] for r in records], repeats)
     decoded = [(r["path"], t) for r, t in zip(records, texts, strict=True) if t is not None]
     times["scrub"], scrubbed = timed(lambda: [(p, scrub_text(t)[0]) for p, t in decoded], repeats)
@@ -129,51 +119,22 @@ def time_steps(records: list[dict], rules, repeats: int, tmp: Path) -> tuple[dic
         return [d for d in unique if near.offer(d["path"], sigs[d["path"]]) is None], near.clusters
 
     times["near: LSH pass"], (kept, near_clusters) = timed(lsh_pass, repeats)
-    times["profile"], _ = timed(
-        lambda: gate.merge_profiles([gate.text_profile([d["text"] for d in kept])]), repeats
-    )
-    expectations = gate.gate_expectations(rules, len(records))
+    kept_texts, expectations = [d["text"] for d in kept], gate.gate_expectations(rules, len(records))
+    times["profile"], _ = timed(lambda: gate.merge_profiles([gate.text_profile(kept_texts)]), repeats)
     times["GE suite"], _ = timed(lambda: gate.run_suite(gate.gate_frame(kept), expectations, tmp), repeats)
-    counts = {
-        "docs in": len(records),
-        "kept": len(kept),
-        "exact dupes": len(passed) - len(unique),
-        "near dupes": len(unique) - len(kept),
-        "clusters": len(exact_originals | set(near_clusters)),  # as curate counts them
-    }
-    return times, counts
+    clusters = exact_originals | set(near_clusters)  # kept path -> its copies, as curate counts them
+    return times, (len(records), len(kept), len(passed) - len(unique), len(unique) - len(kept), len(clusters))
 
 
-def time_end_to_end(records: list[dict], repeats: int, tmp: Path) -> dict[str, tuple[float, dict]]:
-    raw_dir = tmp / "raw"
-    write_documents(records, raw_dir)
-    out = {}
+def time_end_to_end(records: list[dict], repeats: int, tmp: Path) -> tuple[dict, dict]:
+    write_documents(records, tmp / "data.raw_dir")
+    keys = ("data.raw_dir", "data.curated_dir", "data.quarantine_dir", "curate.reports_dir")
+    times, timings = {}, {}
     for workers in (2, 1):
-        overrides = [
-            f"data.raw_dir={raw_dir}",
-            f"data.curated_dir={tmp / 'curated'}",
-            f"data.quarantine_dir={tmp / 'quarantine'}",
-            f"curate.reports_dir={tmp / 'reports'}",
-            f"curate.workers={workers}",
-        ]
-        params = load_params(PARAMS_PATH, overrides)
-
-        def run_stage(params=params):
-            try:
-                return curate.run(params)["timings"]
-            except GateError as exc:
-                print(f"  (gate failed, timing kept: {exc})")
-                return {}
-
-        out[f"curate.run, workers={workers}"] = timed(run_stage, repeats)
-    return out
-
-
-def bench_corpus(records: list[dict], rules, repeats: int, steps_only: bool) -> dict:
-    with tempfile.TemporaryDirectory(prefix="curate-bench-") as tmp:
-        times, counts = time_steps(records, rules, repeats, Path(tmp) / "steps")
-        e2e = {} if steps_only else time_end_to_end(records, repeats, Path(tmp))
-    return {"mb": sum(len(r["content"]) for r in records) / 1e6, "times": times, "e2e": e2e, "counts": counts}
+        params = load_params(PARAMS_PATH, [f"{k}={tmp / k}" for k in keys] + [f"curate.workers={workers}"])
+        step = f"END TO END curate.run, workers={workers}"
+        times[step], timings[step] = timed(lambda p=params: curate.run(p)["timings"], repeats)
+    return times, timings
 
 
 def main() -> None:
@@ -181,73 +142,57 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="repeats on the default corpus (median)")
     parser.add_argument("--repeats-10x", type=int, default=1, help="repeats on the ten-times corpus")
     parser.add_argument("--skip-10x", action="store_true", help="only the default corpus")
-    parser.add_argument("--steps-only", action="store_true", help="skip the end-to end curate.run")
+    parser.add_argument("--steps-only", action="store_true", help="skip the end-to-end curate.run")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="curate-bench-mlflow-") as mlflow_tmp:
-        os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{mlflow_tmp}/none.db"  # absent: drift not checked
-        run_benchmarks(args)
-
-
-def run_benchmarks(args) -> None:
     rules = load_params(PARAMS_PATH).curate
     print(f"{os.cpu_count()} CPUs, Python {platform.python_version()}, {platform.platform()}")
-    import great_expectations  # noqa: F401 -- import time is not the GE suite's time
+    import great_expectations  # noqa: F401 -- its import is not the GE suite's time
 
     base = collect_documents("python-stdlib")
     corpora = {"default": (base, args.repeats)}
     if not args.skip_10x:
         corpora["10x"] = (ten_times(base), args.repeats_10x)
-    results, sims = {}, {}
-    for name, (records, repeats) in corpora.items():
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="curate-bench-mlflow-") as mlflow_tmp:
+        os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{mlflow_tmp}/none.db"  # no file: drift not checked
+        for name, (records, repeats) in corpora.items():
+            print(f"timing {name}: {len(records)} documents, median of {repeats} ...", file=sys.stderr)
+            with tempfile.TemporaryDirectory(prefix="curate-bench-") as tmp:
+                times, counts = time_steps(records, rules, repeats, Path(tmp) / "steps")
+                e2e, timings = ({}, {}) if args.steps_only else time_end_to_end(records, repeats, Path(tmp))
+            mb = sum(len(r["content"]) for r in records) / 1e6
+            results[name] = (mb, times | e2e, timings, (f"{mb:.1f}", *counts, f"{repeats} run(s)"))
+    print_report(results)
+    if not args.skip_10x:
+        median, share = copy_similarity(corpora["10x"][0], rules.near_dedupe.shingle_size)
         print(
-            f"{name}: {len(records)} documents, {sum(len(r['content']) for r in records) / 1e6:.1f} MB, median of {repeats} repeat(s) ...",
-            file=sys.stderr,
-        )
-        results[name] = bench_corpus(records, rules, repeats, args.steps_only)
-        if name == "10x":
-            sims[name] = copy_similarity(records, rules.near_dedupe.shingle_size)
-
-    names = list(results)
-    print(
-        "\n| step | "
-        + " | ".join(f"{n} s | {n} MB/s" for n in names)
-        + (" | 10x/default time |" if len(names) > 1 else " |")
-    )
-    print("|---" * (1 + 2 * len(names) + (len(names) > 1)) + "|")
-    default = results["default"]
-    for step in [*default["times"], *default["e2e"]]:
-        cells = []
-        for n in names:
-            s = results[n]["times"].get(step) or results[n]["e2e"][step][0]
-            cells.append(f"{s:.2f} | {results[n]['mb'] / s:.1f}")
-        ratio = ""
-        if len(names) > 1:
-            s0 = default["times"].get(step) or default["e2e"][step][0]
-            s1 = results["10x"]["times"].get(step) or results["10x"]["e2e"][step][0]
-            ratio = f" | {s1 / s0:.1f}x"
-        print(f"| {step} | " + " | ".join(cells) + ratio + " |")
-
-    print("\n| corpus | MB in | docs in | kept | exact dupes | near dupes | clusters | repeats |")
-    print("|---" * 8 + "|")
-    for n in names:
-        c, r = results[n]["counts"], corpora[n][1]
-        print(f"| {n} | {results[n]['mb']:.1f} | " + " | ".join(str(v) for v in c.values()) + f" | {r} |")
-    for n, (median, share) in sims.items():
-        print(
-            f"\n{n} copies vs originals (every 10th document): median word-5-gram Jaccard {median:.3f}, {share:.0%} >= 0.85"
+            f"10x copies vs originals (every 10th doc): median 5-gram Jaccard {median:.3f}, {share:.0%} >= 0.85"
         )
 
-    if default["e2e"]:
-        for name, (s, timings) in default["e2e"].items():
-            print(f"default {name}: {s:.2f} s; curate's own timings of the last run: {timings}")
-        e2e_default = default["e2e"]["curate.run, workers=2"][0]
-        ok = "PASS" if e2e_default <= 15 else "FAIL"
-        print(f"\ntarget: default corpus end to end (workers=2) <= 15 s: {e2e_default:.2f} s {ok}")
-        if "10x" in results:
-            e2e_10x = results["10x"]["e2e"]["curate.run, workers=2"][0]
-            ratio = e2e_10x / e2e_default
-            ok = "PASS" if ratio <= 10 else "FAIL"
-            print(f"target: 10x corpus <= 10x the default's time: {e2e_10x:.2f} s = {ratio:.1f}x {ok}")
+
+def print_report(results: dict) -> None:
+    (mb, times, _, _), big = results["default"], results.get("10x")
+    header = ["step", "default s", "default MB/s"] + (["10x s", "10x MB/s", "10x / default"] if big else [])
+    print("\n| " + " | ".join(header) + " |\n" + "|---" * len(header) + "|")
+    for step, s in times.items():
+        cells = [step, f"{s:.2f}", f"{mb / s:.1f}"]
+        if big:
+            cells += [f"{big[1][step]:.2f}", f"{big[0] / big[1][step]:.1f}", f"{big[1][step] / s:.1f}x"]
+        print("| " + " | ".join(cells) + " |")
+    header = ["corpus", "MB in", "docs in", "kept", "exact dupes", "near dupes", "clusters", "median of"]
+    print("\n| " + " | ".join(header) + " |\n" + "|---" * len(header) + "|")
+    for name, (*_, row) in results.items():
+        print(f"| {name} | " + " | ".join(map(str, row)) + " |")
+    for name, (_, _, timings, _) in results.items():
+        for step, figures in timings.items():
+            print(f"{name}, {step}: curate's own timings, last run: {figures}")
+    step = "END TO END curate.run, workers=2"
+    if step in times:
+        s = times[step]
+        print(f"\ntarget: default corpus end to end <= 15 s: {s:.2f} s {'PASS' if s <= 15 else 'FAIL'}")
+        if big:
+            r = big[1][step] / s
+            print(f"target: 10x corpus end to end <= 10x default: {r:.1f}x {'PASS' if r <= 10 else 'FAIL'}")
 
 
 if __name__ == "__main__":

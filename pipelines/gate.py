@@ -21,7 +21,7 @@ import numpy as np
 
 from pipelines.data import write_json
 from pipelines.params import CurateParams, DriftParams
-from pipelines.quality import alnum_fraction, longest_line
+from pipelines.quality import alnum_fraction, is_code, longest_line
 
 GATE_REPORT = "gate.json"
 DATA_DOCS_DIR = "data_docs"
@@ -66,18 +66,26 @@ def gate_frame(kept: list[dict]):
     import pandas as pd
 
     texts = [doc.get("text") for doc in kept]
+    paths = [doc.get("path") for doc in kept]
 
     def stat(fn, dtype):  # a missing text is the not-null check's to report, not a crash here
         return pd.Series([fn(t) if isinstance(t, str) else None for t in texts], dtype=dtype)
 
     return pd.DataFrame(
         {
-            "path": [doc.get("path") for doc in kept],
+            "path": paths,
             "text": texts,
             "sha256": [doc.get("sha256") for doc in kept],
             "n_bytes": pd.Series([doc.get("n_bytes") for doc in kept], dtype="Int64"),
             "n_chars": stat(len, "Int64"),
-            "max_line_length": stat(longest_line, "Int64"),
+            # a line limit is a code rule: prose rows are null here, which GE's check skips
+            "max_line_length": pd.Series(
+                [
+                    longest_line(t) if isinstance(t, str) and is_code(p or "") else None
+                    for t, p in zip(texts, paths, strict=True)
+                ],
+                dtype="Int64",
+            ),
             "alnum_fraction": stat(alnum_fraction, "Float64"),
         },
         columns=GATE_COLUMNS,

@@ -52,9 +52,11 @@ def resolve_source(source: str) -> tuple[Path, list[Path]]:
 def read_table_file(path: Path, text_field: str) -> list[dict]:
     """Rows of a jsonl/parquet/csv file as records, through Hugging Face datasets (offline)."""
     from datasets import load_dataset
-    from datasets.utils.logging import disable_progress_bar
+    from datasets.utils import logging as datasets_logging
 
-    disable_progress_bar()
+    datasets_logging.disable_progress_bar()
+    # datasets logs its own error line before raising; ours below names the file and says it once.
+    datasets_logging.set_verbosity(datasets_logging.CRITICAL)
     try:
         table = load_dataset(TABLE_FORMATS[path.suffix.lower()], data_files=str(path), split="train")
     except Exception as exc:  # datasets raises many types for a corrupt file

@@ -114,14 +114,6 @@ def too_long(path: str, text: str, rules: CurateParams) -> str | None:
     return "too_long" if len(text) > rules.max_chars else None
 
 
-def long_line(path: str, text: str, rules: CurateParams) -> str | None:
-    return "long_line" if longest_line(text) > rules.max_line_length else None
-
-
-def long_mean_line(path: str, text: str, rules: CurateParams) -> str | None:
-    return "long_mean_line" if mean_line_length(text) > rules.max_mean_line_length else None
-
-
 def low_alnum(path: str, text: str, rules: CurateParams) -> str | None:
     return "low_alnum" if alnum_fraction(text) < rules.min_alnum_fraction else None
 
@@ -138,7 +130,19 @@ def encoded_data(path: str, text: str, rules: CurateParams) -> str | None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Filters for source code
+# Filters for source code (a paragraph of prose is one long line, and fine)
+
+
+def long_line(path: str, text: str, rules: CurateParams) -> str | None:
+    if not is_code(path):
+        return None
+    return "long_line" if longest_line(text) > rules.max_line_length else None
+
+
+def long_mean_line(path: str, text: str, rules: CurateParams) -> str | None:
+    if not is_code(path):
+        return None
+    return "long_mean_line" if mean_line_length(text) > rules.max_mean_line_length else None
 
 
 def invalid_python(path: str, text: str, rules: CurateParams) -> str | None:

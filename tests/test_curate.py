@@ -37,8 +37,9 @@ RULES = CurateParams(
         (quality.too_short, "a.txt", "a" * 9, "too_short"),
         (quality.too_long, "a.txt", "a" * 50, None),
         (quality.too_long, "a.txt", "a" * 51, "too_long"),
-        (quality.long_line, "a.txt", "a" * 20 + "\n" + "b" * 20, None),
-        (quality.long_line, "a.txt", "a" * 10 + "\n" + "b" * 21 + "\n", "long_line"),
+        (quality.long_line, "a.py", "a" * 20 + "\n" + "b" * 20, None),
+        (quality.long_line, "a.py", "a" * 10 + "\n" + "b" * 21 + "\n", "long_line"),
+        (quality.long_line, "a.txt", "a" * 10 + "\n" + "b" * 21 + "\n", None),  # prose: a paragraph is a line
         (quality.low_alnum, "a.txt", "ab  ", None),  # 2/4 = 0.5
         (quality.low_alnum, "a.txt", "ab   ", "low_alnum"),  # 2/5
         (quality.low_alnum, "a.txt", "a_", None),

@@ -54,7 +54,12 @@ def test_filter_thresholds(check, path, text, expected):
 def test_failing_filters_lists_every_reason_in_filter_order():
     text = "#" * 30  # too short, one long line, no letters
     rules = RULES.model_copy(update={"min_chars": 100, "max_line_length": 20})
-    assert quality.failing_filters("a.py", text, rules) == ["too_short", "long_line", "long_mean_line", "low_alnum"]
+    assert quality.failing_filters("a.py", text, rules) == [
+        "too_short",
+        "long_line",
+        "long_mean_line",
+        "low_alnum",
+    ]
 
 
 @pytest.mark.parametrize("reason", quality.FILTER_REASONS)
@@ -89,7 +94,9 @@ def test_scrub_replaces_each_kind_by_its_placeholder(text, kind, placeholder):
     scrubbed, counts = scrub.scrub_text(text)
     assert counts == {kind: 1}
     assert placeholder in scrubbed
-    assert not any(secret in scrubbed for secret in ("AKIA", "ghp_", "xoxb", "AIza", "sk-", "eyJ", "@python", "MIIE"))
+    assert not any(
+        secret in scrubbed for secret in ("AKIA", "ghp_", "xoxb", "AIza", "sk-", "eyJ", "@python", "MIIE")
+    )
 
 
 @pytest.mark.parametrize(
@@ -110,7 +117,9 @@ def test_scrub_leaves_ordinary_code_alone(text):
 
 
 def module(name: str, lines: int = 60) -> str:
-    return "".join(f"def {name}_{i}(value, other):\n    return value * {i} + other - {i * 7}\n" for i in range(lines))
+    return "".join(
+        f"def {name}_{i}(value, other):\n    return value * {i} + other - {i * 7}\n" for i in range(lines)
+    )
 
 
 def test_near_duplicates_keep_the_first_offered_and_list_clusters():
@@ -118,7 +127,10 @@ def test_near_duplicates_keep_the_first_offered_and_list_clusters():
     renamed = original.replace("alpha_3(", "beta_3(").replace("alpha_40(", "gamma_40(")  # two renames
     unrelated = module("zeta").replace("value", "item").replace("other", "rest").replace("*", "/")
     index = dedupe.NearDuplicates(threshold=0.85, num_perm=128)
-    sig = {k: dedupe.signature(t, 128, 5) for k, t in {"a.py": original, "b.py": renamed, "c.py": unrelated}.items()}
+    sig = {
+        k: dedupe.signature(t, 128, 5)
+        for k, t in {"a.py": original, "b.py": renamed, "c.py": unrelated}.items()
+    }
 
     assert index.offer("a.py", sig["a.py"]) is None
     hit = index.offer("b.py", sig["b.py"])
@@ -143,13 +155,18 @@ def test_signature_is_deterministic_across_calls():
 def test_an_empty_suite_fails_the_gate(tmp_path):
     result = gate.run_suite(gate.gate_frame([]), [], tmp_path)
     assert not result.passed
-    assert result.failed == [{"check": "expectation_suite", "observed": "0 expectations evaluated", "need": ">= 1"}]
+    assert result.failed == [
+        {"check": "expectation_suite", "observed": "0 expectations evaluated", "need": ">= 1"}
+    ]
     assert "0 expectations evaluated" in result.message()
 
 
 def test_warning_tier_reports_without_blocking(tmp_path):
     text = "x = 1  # " + "-" * 300  # mostly punctuation: low median alnum, but above the blocking floor
-    kept = [{"path": f"m{i}.py", "text": text + str(i), "sha256": str(i), "n_bytes": len(text) + 1} for i in range(3)]
+    kept = [
+        {"path": f"m{i}.py", "text": text + str(i), "sha256": str(i), "n_bytes": len(text) + 1}
+        for i in range(3)
+    ]
     rules = CurateParams(min_alnum_fraction=0.005)
     rules.gate.min_documents, rules.gate.min_bytes = 1, 1
 
