@@ -137,6 +137,11 @@ def test_flow_run_shares_dvc_cache_and_publishes_champion(project):
     run_data = client.get_run(version.run_id).data
     assert "val_bits_per_byte" in run_data.metrics and run_data.params["train.max_steps"] == "60"
     assert "train_loss" in run_data.metrics or client.get_metric_history(version.run_id, "train_loss") == []
+    # the curated data's profile is stored with the model, for the data gate of later runs
+    artifacts = {a.path for a in client.list_artifacts(version.run_id)}
+    assert {"data_profile.json", "curation"} <= artifacts
+    curation = {a.path for a in client.list_artifacts(version.run_id, "curation")}
+    assert {"curation/curation.json", "curation/gate.json", "curation/data_docs"} <= curation
 
 
 def test_unchanged_rerun_executes_nothing_and_registers_nothing(project):
@@ -170,7 +175,33 @@ def test_failed_gate_leaves_champion_and_checkpoints_alone(project):
     assert "Running stage 'tokenize'" not in run.stdout and "Running stage 'train'" not in run.stdout
     assert champion(env) == "1"
     assert sorted((p.name, p.stat().st_mtime_ns) for p in (proj / "checkpoints").iterdir()) == ckpt_before
-    trainpipe(proj, env, "curate", "-S", "curate.gate.min_documents=20")  # put the gate back
+    # the failed gate's reports reached the flow's MLflow run and Prefect
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    (failed_run,) = client.search_runs(
+        [client.get_experiment_by_name("trainpipe").experiment_id],
+        "attributes.status = 'FAILED'",
+        max_results=1,
+    )
+    assert "curation/data_docs" in {a.path for a in client.list_artifacts(failed_run.info.run_id, "curation")}
+    import sqlite3
+
+    with sqlite3.connect(Path(env["PREFECT_HOME"]) / "prefect.db") as db:
+        (table,) = db.execute(
+            "SELECT data FROM artifact WHERE key = 'trainpipe-curation' ORDER BY created DESC LIMIT 1"
+        ).fetchone()
+    assert "expect_table_row_count_to_be_between" in table and "FAILED" in table
+
+    # a corpus ten times smaller than the champion's: drift blocks it, and nothing trains
+    run = trainpipe(proj, env, "run", "-S", "data.max_documents=15", "-S", "curate.gate.min_documents=5")
+    assert run.returncode == 3, run.stderr[-2000:]
+    last = run.stderr.strip().splitlines()[-1]
+    assert "drift_documents (observed " in last and " vs champion " in last, last
+    assert "Running stage 'train'" not in run.stdout and champion(env) == "1"
+    # put the data and the gate back
+    put_back = trainpipe(
+        proj, env, "curate", "-S", "data.max_documents=150", "-S", "curate.gate.min_documents=20"
+    )
+    assert put_back.returncode == 0, put_back.stderr[-2000:]
 
 
 def free_port() -> int:

@@ -55,3 +55,36 @@ def test_failure_reason_prefers_the_stage_line():
     stderr = "noise\ntrainpipe curate: data gate failed: expect_x (observed 1)\nERROR: failed to reproduce 'curate'\n"
     assert failure_reason(stderr, ["repro"]) == "data gate failed: expect_x (observed 1)"
     assert failure_reason("ERROR: dvc broke\n", ["repro"]) == "ERROR: dvc broke"
+
+
+def test_curation_table_shows_counts_failures_warnings_and_drift():
+    from flows.training import curation_table
+
+    curation = {
+        "documents_in": 10,
+        "bytes_in": 5_000_000,
+        "kept": {"documents": 6, "bytes": 3_000_000},
+        "dropped": {"too_short": 3, "near_duplicate": 1, "duplicate": 0},
+        "scrubbed": {"email": 2, "api_key": 0},
+        "duplicate_clusters": [{"kept": "a.py", "copies": [{"path": "b.py"}]}],
+        "gate": {
+            "passed": False,
+            "evaluated": 13,
+            "failed": [
+                {"check": "drift_documents", "observed": "6 vs champion 60", "need": "ratio within 1/2..2"}
+            ],
+            "warnings": [{"check": "expect_table_row_count_to_be_between", "observed": "6", "need": ">= 5"}],
+        },
+        "drift": {
+            "checks": [{"check": "drift_documents", "observed": 6, "champion": 60, "verdict": "block"}]
+        },
+    }
+    rows = {(r["item"], r["verdict"]): r for r in curation_table(curation)}
+    assert rows[("documents in / kept", "")]["figure"] == "10 / 6"
+    assert rows[("dropped: too_short", "")]["figure"] == "3"
+    assert ("dropped: duplicate", "") not in rows  # zero counts are left out
+    assert rows[("scrubbed: email", "")]["figure"] == "2"
+    assert rows[("drift_documents", "block")]["reference"] in ("ratio within 1/2..2", "60")
+    assert rows[("expect_table_row_count_to_be_between", "warn")]["figure"] == "6"
+    assert rows[("gate", "FAILED")]["figure"] == "13 expectations"
+    assert all(isinstance(v, str) for r in rows.values() for v in r.values())
