@@ -109,19 +109,18 @@ def time_steps(records: list[dict], rules, repeats: int, tmp: Path) -> tuple[dic
         return unique, originals
 
     times["exact dedupe (sha256)"], (unique, exact_originals) = timed(exact_dedupe, repeats)
-    # curate signs every document that passed the filters, before exact dedupe
-    times["near: signatures"], sigs = timed(
-        lambda: {p: signature(t, nd.num_perm, nd.shingle_size) for p, t in passed}, repeats
-    )
+    sign = lambda: {p: signature(t, nd.num_perm, nd.shingle_size) for p, t in passed}  # noqa: E731
+    times["near: signatures"], sigs = timed(sign, repeats)  # curate signs all that pass, before exact dedupe
 
     def lsh_pass():
         near = NearDuplicates(nd.threshold, nd.num_perm)
         return [d for d in unique if near.offer(d["path"], sigs[d["path"]]) is None], near.clusters
 
     times["near: LSH pass"], (kept, near_clusters) = timed(lsh_pass, repeats)
-    kept_texts, expectations = [d["text"] for d in kept], gate.gate_expectations(rules, len(records))
+    kept_texts, n = [d["text"] for d in kept], len(records)
     times["profile"], _ = timed(lambda: gate.merge_profiles([gate.text_profile(kept_texts)]), repeats)
-    times["GE suite"], _ = timed(lambda: gate.run_suite(gate.gate_frame(kept), expectations, tmp), repeats)
+    suite = lambda: gate.run_suite(gate.gate_frame(kept), gate.gate_expectations(rules, n), tmp)  # noqa: E731
+    times["GE suite"], _ = timed(suite, repeats)  # an expectation belongs to one suite: fresh ones each run
     clusters = exact_originals | set(near_clusters)  # kept path -> its copies, as curate counts them
     return times, (len(records), len(kept), len(passed) - len(unique), len(unique) - len(kept), len(clusters))
 

@@ -296,7 +296,12 @@ def run(params: Params) -> dict:
 
 
 def _drift_line(check: dict) -> dict:
-    observed = f"{check['observed']:g} vs champion {check['champion']:g}"
+    def figure(value) -> str:
+        return f"{value:,.0f}" if float(value).is_integer() else f"{value:g}"
+
+    observed = (
+        f"{figure(check['observed'])} vs champion {figure(check['champion'])}, ratio {check['figure']:g}"
+    )
     if check["check"].endswith("distribution"):
         observed = f"Jensen-Shannon distance {check['figure']:g} from the champion's"
     return {"check": check["check"], "observed": observed, "need": check["need"]}
