@@ -377,10 +377,21 @@ def describe(summary: dict, params: Params) -> str:
         f"({summary['kept']['bytes'] / 1e6:.1f} of {summary['bytes_in'] / 1e6:.1f} MB); dropped: {dropped}; "
         f"scrubbed: {scrubbed}; {len(summary['duplicate_clusters'])} duplicate clusters",
         *[f"warning: {w['check']} (observed {w['observed']}, need {w['need']})" for w in warnings],
+        _drift_summary(summary.get("drift") or {}),
         f"gate passed -> {Path(params.data.curated_dir) / DOCUMENTS_FILE}; "
         f"quarantine: {Path(params.data.quarantine_dir) / DOCUMENTS_FILE}",
     ]
     return "\n".join(lines)
+
+
+def _drift_summary(drift: dict) -> str:
+    if drift.get("note"):
+        return f"drift: {drift['note']}"
+    reference = drift.get("reference") or {}
+    verdicts = ", ".join(
+        f"{c['check'].removeprefix('drift_')} {c['figure']:g} {c['verdict']}" for c in drift["checks"]
+    )
+    return f"drift against champion v{reference.get('version')}: {verdicts}"
 
 
 def main(argv: list[str] | None = None) -> None:
