@@ -18,6 +18,7 @@ If a blocking check fails, no curated table is left behind and the stage exits w
 """
 
 import difflib
+import gc
 import json
 import multiprocessing
 import os
@@ -89,6 +90,12 @@ def _profile_slice(bounds: tuple[int, int]) -> dict:
 def _parallel_map(fn, items: list, workers: int, **work) -> list:
     """fn over items in `workers` forked processes (inputs shared by fork, not pickled), in order."""
     _WORK.update(work)
+    # The per-document work allocates millions of small objects (shingles, parse nodes) and makes
+    # no reference cycles: with the collector on, each full collection also walks the whole
+    # corpus held in memory. Freezing what exists and pausing the collector skips all that.
+    gc_was_enabled = gc.isenabled()
+    gc.freeze()
+    gc.disable()
     try:
         if workers <= 1 or len(items) < 2:
             return [fn(item) for item in items]
@@ -97,6 +104,9 @@ def _parallel_map(fn, items: list, workers: int, **work) -> list:
             return pool.map(fn, items, chunksize=max(1, len(items) // (workers * 8)))
     finally:
         _WORK.clear()
+        gc.unfreeze()
+        if gc_was_enabled:
+            gc.enable()
 
 
 # ---------------------------------------------------------------------------------------------
