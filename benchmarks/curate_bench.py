@@ -26,7 +26,7 @@ from pathlib import Path
 
 from pipelines import curate, gate
 from pipelines.data import write_documents
-from pipelines.dedupe import NearDuplicates, shingles, signature
+from pipelines.dedupe import NearDuplicates, shingle_hashes, signature
 from pipelines.ingest import collect_documents
 from pipelines.params import load_params
 from pipelines.quality import decode_document, failing_filters
@@ -70,9 +70,11 @@ def copy_similarity(records: list[dict], shingle_size: int) -> tuple[float, floa
     by_path = {r["path"]: r["content"] for r in records}
     scores = []
     for path in sorted(p for p in by_path if not p.startswith("copy"))[::10]:
-        original = shingles(by_path[path].decode("utf-8", "replace"), shingle_size)
+        original = set(shingle_hashes(by_path[path].decode("utf-8", "replace"), shingle_size).tolist())
         for k in range(1, 10):
-            copy = shingles(by_path[f"copy{k}/{path}"].decode("utf-8", "replace"), shingle_size)
+            copy = set(
+                shingle_hashes(by_path[f"copy{k}/{path}"].decode("utf-8", "replace"), shingle_size).tolist()
+            )
             scores.append(len(original & copy) / len(original | copy))
     return statistics.median(scores), sum(s >= 0.85 for s in scores) / len(scores)
 

@@ -25,7 +25,8 @@ _NON_ALNUM_RE = re.compile(r"[\W_]+")  # \w is str.isalnum() plus "_", so this i
 # StarCoder's encoded-data patterns: base64 runs, hex byte lists, \u escapes.
 ENCODED_DATA_RES = (
     re.compile(r"[a-zA-Z0-9+/\n=]{64,}"),
-    re.compile(r"(?:\b(?:0x|\\x)?[0-9a-fA-F]{2}(?:,\s*|\b\s*)){8,}"),  # ", " separators too
+    # ", " separators too; the lookahead skips most positions before the group is tried (~2x faster)
+    re.compile(r"(?=[0-9a-fA-F\\])(?:\b(?:0x|\\x)?[0-9a-fA-F]{2}(?:,\s*|\b\s*)){8,}"),
 )
 UNICODE_ESCAPES_RE = re.compile(r"(?:\\u[0-9a-fA-F]{4}){8,}")
 # Source code by extension; anything else is judged as prose.

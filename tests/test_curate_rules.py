@@ -139,9 +139,12 @@ def test_near_duplicates_keep_the_first_offered_and_list_clusters():
     assert index.clusters == {"a.py": [{"path": "b.py", "jaccard": round(hit[1], 3)}]}
 
 
-def test_shingles_of_a_short_document_are_one_shingle():
-    assert dedupe.shingles("a b", 5) == {b"a b"}
-    assert len(dedupe.shingles("a b c d e f", 5)) == 2
+def test_shingle_hashes_are_distinct_ordered_word_ngrams():
+    assert len(dedupe.shingle_hashes("a b", 5)) == 1  # a short document is one shingle
+    assert len(dedupe.shingle_hashes("a b c d e f", 5)) == 2
+    assert len(dedupe.shingle_hashes("a b c d e a b c d e", 5)) == 5  # the repeat adds nothing new
+    assert set(dedupe.shingle_hashes("a b c d e", 5)) != set(dedupe.shingle_hashes("e d c b a", 5))
+    assert dedupe.shingle_hashes("x = f(a, b)", 2).max() < 2**32
 
 
 def test_signature_is_deterministic_across_calls():
