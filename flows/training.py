@@ -25,6 +25,7 @@ from flows.dvc import STAGES, StageFailed, StageOutcome, push, repro_stage
 from pipelines.data import read_json, sha256_hex
 from pipelines.errors import PERMANENT_EXIT_CODES
 from pipelines.params import PARAMS_FILE, Params, flatten, load_params, save_overrides
+from pipelines.runlock import workspace_lock
 
 
 def retry_transient_only(task, task_run, state) -> bool:
@@ -130,6 +131,12 @@ def summary_markdown(
 @flow(name="trainpipe-training", log_prints=True)
 def training_flow(params: Params | None = None) -> dict:
     """ingest → curate → tokenize → train → evaluate (DVC stages), then publish and push."""
+
+    with workspace_lock("run (flow)"):  # a no-op under `trainpipe run`, which holds it already
+        return _training_flow(params)
+
+
+def _training_flow(params: Params | None) -> dict:
     import mlflow
 
     logger = get_run_logger()

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from pipelines.errors import ConfigError, TrainpipeError
 from pipelines.params import PARAMS_FILE, load_params, save_overrides
+from pipelines.runlock import LOCK_FILE, workspace_lock
 
 STAGE_HELP = {
     "ingest": "snapshot the data source into data/raw",
@@ -29,6 +30,8 @@ STAGE_HELP = {
     "train": "train the model (resumes from checkpoints/)",
     "evaluate": "held-out bits per byte against gzip and xz",
 }
+# Commands that write the workspace (or register what it holds): one at a time (pipelines/runlock.py).
+LOCKED_COMMANDS = {"run", *STAGE_HELP, "publish", "restart"}
 
 
 def stage_main(stage: str, run, describe, argv: list[str] | None = None) -> None:
@@ -228,6 +231,12 @@ def build_parser() -> argparse.ArgumentParser:
             metavar="KEY=VALUE",
             help="override a params.yaml key (dotted, e.g. train.lr=3e-4); repeatable",
         )
+        if name in LOCKED_COMMANDS:
+            p.add_argument(
+                "--wait",
+                action="store_true",
+                help=f"if another trainpipe command holds {LOCK_FILE}, wait for it instead of refusing",
+            )
         p.set_defaults(func=func)
         return p
 
@@ -274,7 +283,11 @@ def main(argv: list[str] | None = None) -> None:
     reason: list[str] = []
     atexit.register(lambda: reason and print(reason[0], file=sys.stderr, flush=True))
     try:
-        args.func(args)
+        if args.command in LOCKED_COMMANDS:
+            with workspace_lock(args.command, wait=args.wait):
+                args.func(args)
+        else:
+            args.func(args)
     except TrainpipeError as exc:
         reason.append(f"trainpipe {args.command}: {exc}")
         sys.exit(exc.exit_code)
