@@ -294,6 +294,19 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         print(f"trainpipe {args.command}: interrupted", file=sys.stderr)
         sys.exit(130)
+    except Exception as exc:  # MLflow down outside publish (the flow's own run): one line too
+        from mlflow.exceptions import MlflowException
+
+        if not isinstance(exc, MlflowException):
+            raise
+        import mlflow
+
+        from pipelines.publish import mlflow_failure
+
+        reason.append(
+            f"trainpipe {args.command}: MLflow at {mlflow.get_tracking_uri()} failed ({mlflow_failure(exc)})"
+        )
+        sys.exit(1)
 
 
 if __name__ == "__main__":
