@@ -93,6 +93,8 @@ def cmd_run(args) -> None:
     pub, m = result["published"], result["metrics"]
     name = params.publish.model_name
     print()
+    if all(s["status"] == "skipped" for s in result["stages"]) and "already registered" in pub["reason"]:
+        print("unchanged: data, code and params as before; DVC skipped every stage, nothing new published")
     print(f"registered: {name} version {pub['version']} ({pub['model_uri']}) in {tracking_uri_text()}")
     print(f"champion: models:/{name}@champion is version {pub['champion_version']} ({pub['reason']})")
     print(

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
-from test_e2e import BIN, MODEL, make_project
+from test_e2e import BIN, MODEL, make_project, mlflow_dict
 
 pytestmark = pytest.mark.slow
 
@@ -88,11 +88,24 @@ def test_run_killed_in_train_reruns_from_train_and_resumes(tmp_path, mlflow_temp
         "train": f"resumed@{killed_at}",
         "evaluate": "ran",
     }
-    stages = client.load_dict(f"runs:/{version.run_id}/stages.json") if hasattr(client, "load_dict") else None
-    stages = stages or json.loads(
-        Path(client.download_artifacts(version.run_id, "stages.json", str(tmp_path))).read_text()
-    )
+    stages = mlflow_dict(client, version.run_id, "stages.json")
     assert "didn't change" in stages[0]["reason"] and stages[3]["resumed_from_step"] == killed_at
     assert "changed" in stages[3]["reason"]  # what DVC saw changed (train had never completed)
     summary = latest_prefect_artifact(env)
     assert f"| train | resumed@{killed_at} |" in summary and "| ingest | skipped |" in summary
+
+    # A diverged loss stops the run: not retried, nothing published, the failure recorded.
+    nan = subprocess.run(
+        [trainpipe, "run", "-S", "train.lr=1e12", "-S", "train.warmup_steps=0", "-S", "train.grad_clip=0"],
+        cwd=proj,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert nan.returncode == 4, nan.stderr[-2000:]
+    assert nan.stderr.strip().splitlines()[-1].startswith("trainpipe run: loss became")
+    assert nan.stdout.count("Running stage 'train'") == 1  # a permanent failure is not retried
+    assert [str(v.version) for v in client.search_model_versions(f"name = '{MODEL}'")] == ["1"]
+    assert client.get_model_version_by_alias(MODEL, "champion").version == version.version
+    assert "| train | failed | loss became" in latest_prefect_artifact(env)
