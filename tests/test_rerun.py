@@ -1,7 +1,8 @@
 """A bad run restarts cleanly, end to end with real processes: a `trainpipe run` killed by SIGKILL
 in the middle of training, and run again, re-runs only train onward (DVC skips the stages before
 it) and train resumes from its checkpoint; a second run started meanwhile waits or refuses; the
-flow records what each stage did in its MLflow run and its Prefect artifact."""
+flow records what each stage did in its MLflow run and its Prefect artifact. Then Prefect's own
+retry after only the training process is killed, and a diverged loss that stops a run."""
 
 import json
 import os
@@ -24,6 +25,16 @@ def latest_prefect_artifact(env: dict) -> str:
             "SELECT data FROM artifact WHERE key = 'trainpipe-run' ORDER BY created DESC LIMIT 1"
         ).fetchone()
     return json.loads(data)
+
+
+def _is_from(ckpt: Path, max_steps: int) -> bool:
+    """Whether a checkpoint was written by a run of max_steps (not left by an earlier run)."""
+    from pipelines.checkpoint import read_checkpoint
+
+    try:
+        return read_checkpoint(ckpt)["fingerprint"]["train"]["max_steps"] == max_steps
+    except Exception:  # being replaced right now
+        return False
 
 
 def test_run_killed_in_train_reruns_from_train_and_resumes(tmp_path, mlflow_template_db):
@@ -94,7 +105,40 @@ def test_run_killed_in_train_reruns_from_train_and_resumes(tmp_path, mlflow_temp
     summary = latest_prefect_artifact(env)
     assert f"| train | resumed@{killed_at} |" in summary and "| ingest | skipped |" in summary
 
+    # Prefect's own retry: only the training process is killed; the task fails as transient
+    # (DVC reports the stage killed by a signal) and its retry resumes from the checkpoint.
+    import psutil
+
+    second = subprocess.Popen(
+        [trainpipe, "run", "-S", "train.max_steps=80"],
+        cwd=proj,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    ckpt = proj / "checkpoints" / "ckpt-000020.pt"
+    deadline = time.monotonic() + 240
+    while not (ckpt.exists() and _is_from(ckpt, 80)):
+        assert second.poll() is None and time.monotonic() < deadline, "the second run never reached training"
+        time.sleep(0.01)
+    (trainer,) = [
+        c
+        for c in psutil.Process(second.pid).children(recursive=True)
+        if "pipelines.train" in " ".join(c.cmdline())
+    ]
+    trainer.kill()  # SIGKILL
+    out, _ = second.communicate(timeout=300)
+    assert second.returncode == 0, out[-3000:]
+    assert out.count("Running stage 'train'") == 2  # the failed attempt and Prefect's retry
+    assert "resuming from checkpoint at step" in out and "Running stage 'curate'" not in out
+    retried = client.get_model_version(MODEL, "2")
+    assert client.get_run(retried.run_id).data.tags["stage.train"].startswith("resumed@")
+
     # A diverged loss stops the run: not retried, nothing published, the failure recorded.
+    versions = sorted(str(v.version) for v in client.search_model_versions(f"name = '{MODEL}'"))
+    champion = client.get_model_version_by_alias(MODEL, "champion").version
     nan = subprocess.run(
         [trainpipe, "run", "-S", "train.lr=1e12", "-S", "train.warmup_steps=0", "-S", "train.grad_clip=0"],
         cwd=proj,
@@ -106,6 +150,6 @@ def test_run_killed_in_train_reruns_from_train_and_resumes(tmp_path, mlflow_temp
     assert nan.returncode == 4, nan.stderr[-2000:]
     assert nan.stderr.strip().splitlines()[-1].startswith("trainpipe run: loss became")
     assert nan.stdout.count("Running stage 'train'") == 1  # a permanent failure is not retried
-    assert [str(v.version) for v in client.search_model_versions(f"name = '{MODEL}'")] == ["1"]
-    assert client.get_model_version_by_alias(MODEL, "champion").version == version.version
+    assert sorted(str(v.version) for v in client.search_model_versions(f"name = '{MODEL}'")) == versions
+    assert client.get_model_version_by_alias(MODEL, "champion").version == champion
     assert "| train | failed | loss became" in latest_prefect_artifact(env)
