@@ -4,6 +4,7 @@
 `dvc repro` do the same work and share one cache.
 """
 
+import json
 import os
 import re
 import subprocess
@@ -28,8 +29,16 @@ class StageFailed(TrainpipeError):
 @dataclass
 class StageOutcome:
     stage: str
-    ran: bool  # False: DVC found its inputs unchanged and skipped it
+    ran: bool  # False: DVC skipped it
     detail: str
+    status: str = ""  # "ran", "skipped", "resumed" (train, from a checkpoint) or "failed"
+    reason: str = ""  # why it ran (what DVC saw changed) or why it was skipped (DVC's words)
+    resumed_from_step: int | None = None
+
+    @property
+    def tag(self) -> str:
+        """The short form recorded as the MLflow tag stage.<name>: ran, skipped, resumed@400."""
+        return f"resumed@{self.resumed_from_step}" if self.status == "resumed" else self.status
 
 
 def tool_env(extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -115,11 +124,45 @@ def failure_reason(stderr: str, args: list[str]) -> str:
     return (errors or lines or [f"dvc {' '.join(args)} failed"])[-1]
 
 
-def repro_stage(stage: str, env: dict[str, str] | None = None, single: bool = True) -> StageOutcome:
-    """`dvc repro [--single-item] STAGE`: runs it only if its deps, params or outs changed."""
+def describe_changes(entries: list) -> str:
+    """One line from a stage's `dvc status --json` entries, e.g.
+    [{"changed deps": {"params.yaml": {"train.lr": "modified"}}}] -> "changed deps: train.lr modified"."""
+    parts = []
+    for entry in entries:
+        if isinstance(entry, str):  # "changed command", "always changed"
+            parts.append(entry)
+            continue
+        for kind, changes in entry.items():
+            items = []
+            for path, what in changes.items():
+                items += (
+                    [f"{k} {v}" for k, v in what.items()] if isinstance(what, dict) else [f"{path} {what}"]
+                )
+            parts.append(f"{kind}: {', '.join(items)}")
+    return "; ".join(parts)
+
+
+def stage_changes(stages: list[str] | None = None) -> dict[str, str]:
+    """What DVC sees changed, per stage that would run (`dvc status --json`); unchanged ones are absent."""
+    out = dvc(["status", "--json", *(stages or [])], quiet=True)
+    entries = json.loads(out.strip() or "{}")
+    return {stage.split(":")[-1]: describe_changes(e) for stage, e in entries.items() if isinstance(e, list)}
+
+
+def repro_stage(
+    stage: str, env: dict[str, str] | None = None, single: bool = True, changed: str = ""
+) -> StageOutcome:
+    """`dvc repro [--single-item] STAGE`: runs it only if its deps, params or outs changed.
+    changed: what `dvc status` said had changed before, recorded as the reason it ran."""
     stdout = dvc(["repro", *(["--single-item"] if single else []), stage], env=env)
-    ran = f"Running stage '{stage}'" in stdout
-    return StageOutcome(stage, ran, "ran" if ran else "skipped: inputs unchanged (DVC cache)")
+    if f"Running stage '{stage}'" in stdout:
+        reason = changed or "DVC found it changed"
+        return StageOutcome(stage, True, f"ran ({reason})", "ran", reason)
+    if f"Stage '{stage}' is cached" in stdout:
+        reason = "same inputs as an earlier run: outputs restored from the DVC run cache"
+    else:
+        reason = "deps, params and outs unchanged (DVC: didn't change, skipping)"
+    return StageOutcome(stage, False, f"skipped: {reason}", "skipped", reason)
 
 
 def push(env: dict[str, str] | None = None) -> str:

@@ -3,7 +3,10 @@
 Steps, in order:
   1. ingest, curate, tokenize, train, evaluate: each `dvc repro --single-item STAGE`, skipped
      by DVC when its inputs are unchanged; retried with back-off on transient failures only
-     (a failed data gate or a diverged loss is final)
+     (a failed data gate or a diverged loss is final); a retried train resumes from its
+     checkpoint. Each stage is recorded as ran / skipped / resumed@STEP / failed with the
+     reason (what `dvc status` saw changed, or DVC's reason to skip): MLflow tags stage.<name>
+     and stages.json, and the Prefect artifact
   2. log params, curation counts and metrics to the flow's MLflow run
   3. publish: register the model, set @challenger, move @champion only if it is better
   4. push DVC outputs to the DVC remote, so the run's data and model can be restored
@@ -21,10 +24,11 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 
-from flows.dvc import STAGES, StageFailed, StageOutcome, push, repro_stage
+from flows.dvc import STAGES, StageFailed, StageOutcome, push, repro_stage, stage_changes
 from pipelines.data import read_json, sha256_hex
 from pipelines.errors import PERMANENT_EXIT_CODES
 from pipelines.params import PARAMS_FILE, Params, flatten, load_params, save_overrides
+from pipelines.runlock import workspace_lock
 
 
 def retry_transient_only(task, task_run, state) -> bool:
@@ -41,9 +45,15 @@ def retry_transient_only(task, task_run, state) -> bool:
 @task(
     retries=2, retry_delay_seconds=[10, 60], retry_condition_fn=retry_transient_only, task_run_name="{stage}"
 )
-def run_stage(stage: str, mlflow_run_id: str) -> StageOutcome:
+def run_stage(stage: str, mlflow_run_id: str, changed: str = "", model_dir: str = "models") -> StageOutcome:
     # Stages that log (train) attach to the flow's MLflow run through MLFLOW_RUN_ID.
-    return repro_stage(stage, env={"MLFLOW_RUN_ID": mlflow_run_id})
+    outcome = repro_stage(stage, env={"MLFLOW_RUN_ID": mlflow_run_id}, changed=changed)
+    if stage == "train" and outcome.ran:  # train says in its summary where it started
+        step = read_json(Path(model_dir) / "train.json").get("resumed_from_step") or 0
+        if step:
+            outcome.status, outcome.resumed_from_step = "resumed", step
+            outcome.detail = f"resumed from its checkpoint at step {step} ({outcome.reason})"
+    return outcome
 
 
 @task(retries=2, retry_delay_seconds=[5, 30])
@@ -102,8 +112,8 @@ def apply_params(params: Params | None) -> Params:
 def summary_markdown(
     outcomes: list[StageOutcome], curation: dict, metrics: dict, published: dict | None
 ) -> str:
-    rows = "\n".join(f"| {o.stage} | {o.detail} |" for o in outcomes)
-    lines = ["# trainpipe run", "", "| stage | outcome |", "|---|---|", rows, ""]
+    rows = "\n".join(f"| {o.stage} | {o.tag} | {o.reason} |" for o in outcomes)
+    lines = ["# trainpipe run", "", "| stage | outcome | why |", "|---|---|---|", rows, ""]
     if curation:
         kept = curation.get("kept", {})
         dropped = ", ".join(f"{k} {v}" for k, v in curation.get("dropped", {}).items() if v) or "none"
@@ -218,33 +228,62 @@ def report_curation(params: Params) -> dict:
 @flow(name="trainpipe-training", log_prints=True)
 def training_flow(params: Params | None = None) -> dict:
     """ingest → curate → tokenize → train → evaluate (DVC stages), then publish and push."""
+
+    with workspace_lock("run (flow)"):  # a no-op under `trainpipe run`, which holds it already
+        return _training_flow(params)
+
+
+def run_stages(params: Params, run_id: str, outcomes: list[StageOutcome]) -> None:
+    """Each stage through DVC, appending what happened to outcomes (a failed one included)."""
+    logger = get_run_logger()
+    changes = stage_changes()  # one `dvc status` for all: on an unchanged run, the only one
+    for stage in STAGES:
+        if any(o.ran for o in outcomes):  # an earlier stage's new outputs may change this one
+            changes = stage_changes([stage])
+        try:
+            outcomes.append(run_stage(stage, run_id, changes.get(stage, ""), params.train.model_dir))
+        except Exception as exc:
+            outcomes.append(StageOutcome(stage, True, f"failed: {exc}", "failed", str(exc)))
+            raise
+        logger.info("%s: %s", stage, outcomes[-1].detail)
+
+
+def record_stages(outcomes: list[StageOutcome]) -> None:
+    """In the flow's MLflow run: a tag stage.<name> = ran | skipped | resumed@STEP | failed, and
+    stages.json with the reasons."""
     import mlflow
 
-    logger = get_run_logger()
+    mlflow.set_tags({f"stage.{o.stage}": o.tag for o in outcomes})
+    mlflow.log_dict([o.__dict__ for o in outcomes], "stages.json")
+
+
+def _training_flow(params: Params | None) -> dict:
+    import mlflow
+
     params = apply_params(params)
     mlflow.set_experiment(params.publish.experiment)
     outcomes: list[StageOutcome] = []
     curation, metrics, published = {}, {}, None
-    with mlflow.start_run(run_name=f"flow-{flow_run.get_name() or 'local'}") as run:
-        run_id = run.info.run_id
-        mlflow.log_params({k: str(v)[:500] for k, v in flatten(params).items()})
-        mlflow.set_tag("prefect_flow_run_id", str(flow_run.get_id() or ""))
-        try:
-            for stage in STAGES:
-                outcomes.append(run_stage(stage, run_id))
-                logger.info("%s: %s", stage, outcomes[-1].detail)
-        finally:
-            curation = report_curation(params)
-            mlflow.set_tags({f"stage.{o.stage}": o.detail for o in outcomes})
-        metrics = read_json(Path(params.evaluate.reports_dir) / "metrics.json")
-        mlflow.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
-        published = publish(params, lineage(params), run_id)
-    push_outputs()
-    create_markdown_artifact(
-        summary_markdown(outcomes, curation, metrics, published),
-        key="trainpipe-run",
-        description="stages, curation, metrics and the alias decision of this run",
-    )
+    try:
+        with mlflow.start_run(run_name=f"flow-{flow_run.get_name() or 'local'}") as run:
+            run_id = run.info.run_id
+            mlflow.log_params({k: str(v)[:500] for k, v in flatten(params).items()})
+            mlflow.set_tag("prefect_flow_run_id", str(flow_run.get_id() or ""))
+            try:
+                run_stages(params, run_id, outcomes)
+            finally:
+                curation = report_curation(params)
+                record_stages(outcomes)
+            metrics = read_json(Path(params.evaluate.reports_dir) / "metrics.json")
+            mlflow.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+            published = publish(params, lineage(params), run_id)
+        push_outputs()
+    finally:  # a failed run leaves its record too: which stages ran, were skipped or failed
+        create_markdown_artifact(
+            summary_markdown(outcomes, curation, metrics, published),
+            key="trainpipe-run",
+            description="stages, curation, metrics and the alias decision of this run",
+        )
     return {"stages": [o.__dict__ for o in outcomes], "metrics": metrics, "published": published}
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from pipelines.errors import ConfigError, TrainpipeError
 from pipelines.params import PARAMS_FILE, load_params, save_overrides
+from pipelines.runlock import LOCK_FILE, workspace_lock
 
 STAGE_HELP = {
     "ingest": "snapshot the data source into data/raw",
@@ -29,6 +30,8 @@ STAGE_HELP = {
     "train": "train the model (resumes from checkpoints/)",
     "evaluate": "held-out bits per byte against gzip and xz",
 }
+# Commands that write the workspace (or register what it holds): one at a time (pipelines/runlock.py).
+LOCKED_COMMANDS = {"run", *STAGE_HELP, "publish", "restart"}
 
 
 def stage_main(stage: str, run, describe, argv: list[str] | None = None) -> None:
@@ -90,6 +93,8 @@ def cmd_run(args) -> None:
     pub, m = result["published"], result["metrics"]
     name = params.publish.model_name
     print()
+    if all(s["status"] == "skipped" for s in result["stages"]) and "already registered" in pub["reason"]:
+        print("unchanged: data, code and params as before; DVC skipped every stage, nothing new published")
     print(f"registered: {name} version {pub['version']} ({pub['model_uri']}) in {tracking_uri_text()}")
     print(f"champion: models:/{name}@champion is version {pub['champion_version']} ({pub['reason']})")
     print(
@@ -236,6 +241,12 @@ def build_parser() -> argparse.ArgumentParser:
             metavar="KEY=VALUE",
             help="override a params.yaml key (dotted, e.g. train.lr=3e-4); repeatable",
         )
+        if name in LOCKED_COMMANDS:
+            p.add_argument(
+                "--wait",
+                action="store_true",
+                help=f"if another trainpipe command holds {LOCK_FILE}, wait for it instead of refusing",
+            )
         p.set_defaults(func=func)
         return p
 
@@ -293,13 +304,30 @@ def main(argv: list[str] | None = None) -> None:
     reason: list[str] = []
     atexit.register(lambda: reason and print(reason[0], file=sys.stderr, flush=True))
     try:
-        args.func(args)
+        if args.command in LOCKED_COMMANDS and not getattr(args, "explain", None):  # --explain only reads
+            with workspace_lock(args.command, wait=args.wait):
+                args.func(args)
+        else:
+            args.func(args)
     except TrainpipeError as exc:
         reason.append(f"trainpipe {args.command}: {exc}")
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         print(f"trainpipe {args.command}: interrupted", file=sys.stderr)
         sys.exit(130)
+    except Exception as exc:  # MLflow down outside publish (the flow's own run): one line too
+        from mlflow.exceptions import MlflowException
+
+        if not isinstance(exc, MlflowException):
+            raise
+        import mlflow
+
+        from pipelines.publish import mlflow_failure
+
+        reason.append(
+            f"trainpipe {args.command}: MLflow at {mlflow.get_tracking_uri()} failed ({mlflow_failure(exc)})"
+        )
+        sys.exit(1)
 
 
 if __name__ == "__main__":

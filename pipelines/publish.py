@@ -12,8 +12,10 @@ move is recorded: a `promoted_at` tag on the version and the registered model's
 """
 
 import json
+import os
 import shutil
 import tempfile
+import time
 from datetime import UTC, datetime
 from importlib.metadata import version as installed_version
 from pathlib import Path
@@ -45,6 +47,16 @@ HISTORY_TAG = "champion_history"
 MAX_HISTORY_CHARS = 5000  # keep the tag small; the oldest entries go first
 PACKAGE_DIR = Path(__file__).resolve().parent
 SERVING_REQUIREMENTS = ("torch", "tokenizers", "safetensors", "numpy", "pandas")
+DECISION_TAG = "alias_decision"  # set last: a version without it had its publish cut short
+# Tests only: the name of a point in publish_model at which to stop (print a line, sleep), so
+# that a test can SIGKILL a real `trainpipe publish` there.
+PAUSE_ENV = "TRAINPIPE_TEST_PUBLISH_PAUSE_AT"
+
+
+def _test_pause(point: str) -> None:
+    if os.environ.get(PAUSE_ENV) == point:
+        print(f"publish: paused at {point}", flush=True)
+        time.sleep(600)
 
 
 def _now() -> str:
@@ -122,8 +134,10 @@ def _version_with_weights(client: MlflowClient, name: str, weights_sha: str) -> 
     """A registered version holding exactly these weights, if any."""
     try:
         found = client.search_model_versions(f"name = '{name}' and tags.weights_sha256 = '{weights_sha}'")
-    except MlflowException:
-        return None
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise  # an unreachable tracking server must not look like "not registered yet"
     return found[0] if found else None
 
 
@@ -154,9 +168,12 @@ def champion_history(client: MlflowClient, name: str) -> list[str]:
 def _move_champion(client: MlflowClient, name: str, version: str) -> None:
     """Point @champion at version and record the move."""
     client.set_registered_model_alias(name, CHAMPION, version)
+    _test_pause("champion-alias-set")
     client.set_model_version_tag(name, version, "promoted_at", _now())
     client.delete_model_version_tag(name, version, "rolled_back_at")
-    history = [*champion_history(client, name), str(version)]
+    history = champion_history(client, name)
+    if history[-1:] != [str(version)]:  # finishing a move a killed publish began records it once
+        history.append(str(version))
     while len(",".join(history)) > MAX_HISTORY_CHARS:
         history.pop(0)
     client.set_registered_model_tag(name, HISTORY_TAG, ",".join(history))
@@ -255,15 +272,41 @@ def decide_promotion(
 
 
 def publish_model(params: Params, lineage: dict[str, str] | None = None, run_id: str | None = None) -> dict:
-    """Log models/ as a pyfunc model, register it @challenger, and move @champion if it is better."""
+    """Log models/ as a pyfunc model, register it @challenger, and move @champion if it is better.
+
+    Safe to run again after it was killed at any point: a version is registered with all its
+    tags in one call, after its model is logged; aliases move after that; DECISION_TAG is set
+    last. A re-run that finds these weights registered without DECISION_TAG finishes that
+    version's alias decision instead of registering the weights again."""
     model_dir, metrics = read_trained_model(params)
+    try:
+        return _publish(params, model_dir, metrics, lineage, run_id)
+    except MlflowException as exc:
+        raise TrainpipeError(
+            f"publishing to MLflow at {mlflow.get_tracking_uri()} failed ({mlflow_failure(exc)}); "
+            f"the trained model stays in {model_dir}/: run `trainpipe publish` to finish"
+        ) from None
+
+
+def mlflow_failure(exc: MlflowException) -> str:
+    """A short reason: an unreachable server's message is a long URL and a retry count."""
+    text = (exc.message or str(exc)).strip()
+    if "Max retries exceeded" in text or "Connection refused" in text or "timed out" in text:
+        return "the tracking server did not answer, after MLflow's HTTP retries"
+    return text.splitlines()[0][:300] if text else exc.__class__.__name__
+
+
+def _publish(
+    params: Params, model_dir: Path, metrics: dict, lineage: dict | None, run_id: str | None
+) -> dict:
     name = params.publish.model_name
     bpb = float(metrics["val_bits_per_byte"])
     val_sha = str(metrics["val_set_sha256"])
     client = MlflowClient()
     weights_sha = sha256_file(model_dir / WEIGHTS_FILE)
     existing = _version_with_weights(client, name, weights_sha)
-    if existing is not None:  # an unchanged re-run: registering the same weights again adds nothing
+    if existing is not None and (DECISION_TAG in existing.tags or "rolled_back_at" in existing.tags):
+        # an unchanged re-run: registering the same weights again adds nothing
         champion = get_champion(client, name)
         return {
             "version": str(existing.version),
@@ -275,53 +318,84 @@ def publish_model(params: Params, lineage: dict[str, str] | None = None, run_id:
             "val_bits_per_byte": bpb,
             "champion_val_bits_per_byte": _float_tag(champion, "val_bits_per_byte") if champion else None,
         }
-    run_id, own_run = _resolve_run(client, params, run_id)
+    if existing is None:
+        version, run_id = _register(client, params, model_dir, metrics, lineage, run_id, weights_sha)
+        finishing = ""
+    else:
+        version, run_id = str(existing.version), existing.run_id
+        finishing = f" (finished the publish of v{version} that was cut short)"
     with tempfile.TemporaryDirectory(prefix="trainpipe-publish-") as tmp:
-        work_dir = Path(tmp)
-        try:
-            _log_run_inputs(client, run_id, metrics, params)
-            info = _log_model(client, params, run_id, model_dir, work_dir)
-            _check_signature(info.model_uri)
-            tags = {k: str(v) for k, v in (lineage or {}).items() if v is not None}
-            tags.update(
-                val_bits_per_byte=repr(bpb), val_set_sha256=val_sha, run_id=run_id, weights_sha256=weights_sha
-            )
-            version = str(mlflow.register_model(info.model_uri, name, tags=tags).version)
-            client.set_registered_model_alias(name, CHALLENGER, version)
-
-            champion = get_champion(client, name)
-            champion_bpb, rescored = None, False
-            if champion is not None:
-                champion_bpb = _float_tag(champion, "val_bits_per_byte")
-                rescored = champion.tags.get("val_set_sha256") != val_sha or champion_bpb is None
-                if rescored:
-                    champion_bpb = _rescore_champion(params, champion, work_dir)
-            promoted, reason = decide_promotion(
-                version,
-                bpb,
-                str(champion.version) if champion else None,
-                champion_bpb,
-                params.publish.min_improvement_bpb,
-                rescored,
-            )
-            if promoted:
-                _move_champion(client, name, version)
-        except BaseException:
-            if own_run:
-                client.set_terminated(run_id, "FAILED")
-            raise
-    if own_run:
-        client.set_terminated(run_id, "FINISHED")
+        promoted, reason, champion_version, champion_bpb = _decide_aliases(
+            client, params, version, bpb, val_sha, Path(tmp)
+        )
+    client.set_model_version_tag(name, version, DECISION_TAG, reason)
     return {
-        "version": str(version),
+        "version": version,
         "model_uri": f"models:/{name}/{version}",
         "run_id": run_id,
-        "champion_version": version if promoted else str(champion.version),
+        "champion_version": champion_version,
         "promoted": promoted,
-        "reason": reason,
+        "reason": reason + finishing,
         "val_bits_per_byte": bpb,
         "champion_val_bits_per_byte": champion_bpb,
     }
+
+
+def _register(client, params: Params, model_dir: Path, metrics: dict, lineage, run_id, weights_sha):
+    """Log the model into the run and register it as a new version with all its tags at once:
+    (version, run id)."""
+    run_id, own_run = _resolve_run(client, params, run_id)
+    try:
+        with tempfile.TemporaryDirectory(prefix="trainpipe-publish-") as tmp:
+            _log_run_inputs(client, run_id, metrics, params)
+            info = _log_model(client, params, run_id, model_dir, Path(tmp))
+            _check_signature(info.model_uri)
+        _test_pause("model-logged")
+        tags = {k: str(v) for k, v in (lineage or {}).items() if v is not None}
+        tags.update(
+            val_bits_per_byte=repr(float(metrics["val_bits_per_byte"])),
+            val_set_sha256=str(metrics["val_set_sha256"]),
+            run_id=run_id,
+            weights_sha256=weights_sha,
+        )
+        version = str(mlflow.register_model(info.model_uri, params.publish.model_name, tags=tags).version)
+        _test_pause("registered")
+    except BaseException:
+        if own_run:
+            client.set_terminated(run_id, "FAILED")
+        raise
+    if own_run:
+        client.set_terminated(run_id, "FINISHED")
+    return version, run_id
+
+
+def _decide_aliases(client, params: Params, version: str, bpb: float, val_sha: str, work_dir: Path):
+    """@challenger, then the promotion gate: (promoted, reason, champion version, champion bpb)."""
+    name = params.publish.model_name
+    client.set_registered_model_alias(name, CHALLENGER, version)
+    _test_pause("challenger-alias-set")
+    champion = get_champion(client, name)
+    if champion is not None and str(champion.version) == version:
+        # a killed publish had passed the gate and moved @champion: finish recording the move
+        _move_champion(client, name, version)
+        return True, f"v{version} became champion ({_bpb_text(bpb)} bpb)", version, bpb
+    champion_bpb, rescored = None, False
+    if champion is not None:
+        champion_bpb = _float_tag(champion, "val_bits_per_byte")
+        rescored = champion.tags.get("val_set_sha256") != val_sha or champion_bpb is None
+        if rescored:
+            champion_bpb = _rescore_champion(params, champion, work_dir)
+    promoted, reason = decide_promotion(
+        version,
+        bpb,
+        str(champion.version) if champion else None,
+        champion_bpb,
+        params.publish.min_improvement_bpb,
+        rescored,
+    )
+    if promoted:
+        _move_champion(client, name, version)
+    return promoted, reason, version if promoted else str(champion.version), champion_bpb
 
 
 def promote_version(params: Params, version: int | str) -> dict:

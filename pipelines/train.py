@@ -5,8 +5,9 @@
 
 Device chosen at run time (cuda, then mps, then cpu) with bf16 autocast where the device
 supports it. Every train.checkpoint_every steps a full checkpoint (weights, optimizer, RNG
-states, step, config, data version) is written atomically to checkpoints/; a train started
-while a checkpoint of the same config and data exists resumes from it. The batch of step i is
+states, step, config, data version) is written atomically to checkpoints/, the last two kept
+(pipelines/checkpoint.py); a train started while an intact checkpoint of the same config and
+data exists resumes from it, and from the one before when the newest is truncated. The batch of step i is
 a function of (seed, i) alone, so a resumed run sees the same data as an uninterrupted one.
 Writes models/: model.safetensors, config.json, tokenizer.json, train.json.
 """
@@ -24,12 +25,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipelines.checkpoint import load_checkpoint, save_checkpoint
 from pipelines.data import TOKENIZER_FILE, load_tokens, read_json, sha256_file, write_json
 from pipelines.errors import DivergenceError, TrainpipeError
 from pipelines.model import GPT, GPTConfig
 from pipelines.params import Params, TrainParams
 
-CHECKPOINT_FILE = "ckpt.pt"
 # Fields that do not change the weights a run ends with: a checkpoint stays valid across them.
 NON_MODEL_FIELDS = {"device", "checkpoint_every", "log_every", "checkpoint_dir", "model_dir"}
 
@@ -89,10 +90,9 @@ def run_fingerprint(cfg: TrainParams, model_cfg: GPTConfig) -> dict:
     return {"train": fields, "model": model_cfg.to_dict()}
 
 
-def save_checkpoint(
-    path: Path, model, optimizer, step: int, fingerprint: dict, version: str, history: list
-) -> None:
-    state = {
+def checkpoint_state(model, optimizer, step: int, fingerprint: dict, version: str, history: list) -> dict:
+    """Everything needed to continue: weights, optimizer, step, history, config, data, RNG states."""
+    return {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "step": step,
@@ -101,25 +101,6 @@ def save_checkpoint(
         "data_version": version,
         "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # atomic: a crash leaves the previous checkpoint whole
-
-
-def load_checkpoint(path: Path, fingerprint: dict, version: str) -> tuple[dict | None, str]:
-    """The checkpoint if it matches this run's config and data, else (None, why not)."""
-    if not path.exists():
-        return None, "no checkpoint"
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)  # our own file
-    except Exception as exc:
-        return None, f"checkpoint {path} unreadable ({exc.__class__.__name__}); starting fresh"
-    if state.get("fingerprint") != fingerprint:
-        return None, f"checkpoint {path} has another config; starting fresh"
-    if state.get("data_version") != version:
-        return None, f"checkpoint {path} was trained on other data; starting fresh"
-    return state, f"resuming from checkpoint at step {state['step']}"
 
 
 def write_model(model_dir: Path, model: GPT, tokens_dir: Path, summary: dict) -> None:
@@ -162,9 +143,10 @@ def train_model(params: Params, log=print) -> dict:
     torch.manual_seed(cfg.seed)  # seed once: the initial weights
     model = GPT(model_cfg).to(device)
     optimizer = make_optimizer(model, cfg)
-    ckpt_path = Path(cfg.checkpoint_dir) / CHECKPOINT_FILE
-    state, why = load_checkpoint(ckpt_path, fingerprint, version)
-    log(f"train: {why}")
+    ckpt_dir = Path(cfg.checkpoint_dir)
+    state, ckpt_path, notes = load_checkpoint(ckpt_dir, fingerprint, version)
+    for note in notes:
+        log(f"train: {note}")
     start_step, history = 0, []  # history: [step, train loss, lr] every log_every steps
     if state:
         model.load_state_dict(state["model"])
@@ -220,7 +202,8 @@ def train_model(params: Params, log=print) -> dict:
                     {"train_loss": loss_value, "lr": lr, "tokens_per_s": tok_s}, step=done, synchronous=False
                 )
             if done % cfg.checkpoint_every == 0 or done == cfg.max_steps:
-                save_checkpoint(ckpt_path, model, optimizer, done, fingerprint, version, history)
+                state = checkpoint_state(model, optimizer, done, fingerprint, version, history)
+                ckpt_path = save_checkpoint(ckpt_dir, state, keep=ckpt_path)  # the previous one stays
         bar.close()
         elapsed = time.perf_counter() - t0
         summary = {

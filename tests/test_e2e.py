@@ -149,8 +149,15 @@ def test_unchanged_rerun_executes_nothing_and_registers_nothing(project):
     run = trainpipe(proj, env, "run")
     assert run.returncode == 0, run.stderr[-3000:]
     assert "Running stage" not in run.stdout and "nothing new to publish" in run.stdout
+    assert "unchanged: data, code and params as before; DVC skipped every stage" in run.stdout
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
     assert [str(v.version) for v in client.search_model_versions(f"name = '{MODEL}'")] == ["1"]
+    latest = client.search_runs(
+        [client.get_experiment_by_name("trainpipe").experiment_id], order_by=["start_time DESC"]
+    )[0]
+    assert {k: v for k, v in latest.data.tags.items() if k.startswith("stage.")} == {
+        f"stage.{s}": "skipped" for s in ("ingest", "curate", "tokenize", "train", "evaluate")
+    }
 
 
 def test_worse_challenger_does_not_replace_champion(project):
@@ -162,7 +169,20 @@ def test_worse_challenger_does_not_replace_champion(project):
     assert champion(env) == "1"
     assert str(client.get_model_version_by_alias(MODEL, "challenger").version) == "2"
     # train logged per-step metrics into the flow's run
-    assert client.get_metric_history(client.get_model_version(MODEL, "2").run_id, "train_loss")
+    run_id = client.get_model_version(MODEL, "2").run_id
+    assert client.get_metric_history(run_id, "train_loss")
+    tags = client.get_run(run_id).data.tags
+    assert (tags["stage.ingest"], tags["stage.train"], tags["stage.evaluate"]) == ("skipped", "ran", "ran")
+    stages = {s["stage"]: s for s in mlflow_dict(client, run_id, "stages.json")}
+    assert stages["train"]["reason"] == "changed deps: train.max_steps modified"
+
+
+def mlflow_dict(client: MlflowClient, run_id: str, path: str):
+    import json
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        return json.loads(Path(client.download_artifacts(run_id, path, tmp)).read_text())
 
 
 def test_failed_gate_leaves_champion_and_checkpoints_alone(project):

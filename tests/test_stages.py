@@ -2,9 +2,7 @@
 
 import json
 
-import numpy as np
 import pytest
-from safetensors.torch import load_file
 
 from pipelines import evaluate, ingest, tokenize, train
 from pipelines.data import (
@@ -174,43 +172,6 @@ def test_train_smoke_loss_falls_and_writes_model(tokenized):
     assert history[-1][1] < history[0][1] - 0.5  # loss fell
     for name in ("model.safetensors", "config.json", "tokenizer.json", "train.json"):
         assert (tokenized.data.tokens_dir and __import__("pathlib").Path(models, name)).exists()
-
-
-def test_training_killed_with_sigkill_resumes_to_identical_weights(tokenized, tmp_path):
-    """A real process, killed by SIGKILL after a checkpoint, ends like an uninterrupted run."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    import yaml
-
-    full = train.train_model(tokenized, log=lambda *_: None)
-    full_weights = load_file(f"{tokenized.train.model_dir}/model.safetensors")
-
-    other = tokenized.model_copy(deep=True)
-    other.train.checkpoint_dir = str(tmp_path / "ckpt-killed")
-    other.train.model_dir = str(tmp_path / "models-killed")
-    params_file = tmp_path / "killed.yaml"
-    params_file.write_text(yaml.safe_dump(other.model_dump()))
-    cmd = [sys.executable, "-m", "pipelines.train", "--params", str(params_file)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    ckpt = tmp_path / "ckpt-killed" / train.CHECKPOINT_FILE
-    deadline = time.time() + 60
-    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    step_at_kill = __import__("torch").load(ckpt, weights_only=False)["step"]
-    assert step_at_kill < other.train.max_steps and not (tmp_path / "models-killed").exists()
-
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    assert f"resuming from checkpoint at step {step_at_kill}" in done.stdout
-    resumed_weights = load_file(f"{other.train.model_dir}/model.safetensors")
-    assert full["resumed_from_step"] == 0
-    assert all(np.array_equal(full_weights[k].numpy(), resumed_weights[k].numpy()) for k in full_weights)
 
 
 def test_checkpoint_of_another_config_is_not_resumed(tokenized):

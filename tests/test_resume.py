@@ -1,0 +1,165 @@
+"""Exact resume: a real training process killed by a real SIGKILL at several points (before the
+first checkpoint, just after one, between two, in the middle of writing one) resumes and ends
+with weights byte-identical to an uninterrupted run; a truncated newest checkpoint falls back to
+the one before."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import copy_mlflow_db
+from test_stages import curated_from_stdlib, tiny_params
+
+from pipelines import tokenize
+from pipelines.checkpoint import (
+    PAUSE_ENV,
+    checkpoint_path,
+    list_checkpoints,
+    load_checkpoint,
+    read_checkpoint,
+)
+
+MAX_STEPS, EVERY = 60, 10
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory, mlflow_template_db):
+    """Tiny tokens, an environment for training processes, and the weights of an uninterrupted run."""
+    root = tmp_path_factory.mktemp("resume")
+    params = tiny_params(root, f"train.max_steps={MAX_STEPS}", f"train.checkpoint_every={EVERY}")
+    curated_from_stdlib(params)
+    tokenize.run(params)
+    env = dict(os.environ, MLFLOW_TRACKING_URI=copy_mlflow_db(mlflow_template_db, root), PYTHONUNBUFFERED="1")
+    env.pop("MLFLOW_RUN_ID", None)
+    env.pop(PAUSE_ENV, None)
+    full = run_train(write_params(params, root / "full"), env)
+    assert full.returncode == 0, full.stderr
+    return params, env, (root / "full" / "models" / "model.safetensors").read_bytes()
+
+
+def base_ckpt(params) -> Path:
+    """The checkpoints the uninterrupted run left."""
+    return Path(params.data.tokens_dir).parent / "full" / "ckpt"
+
+
+def write_params(params, where: Path) -> Path:
+    """A params file for one training process, with its own checkpoint and model dirs."""
+    mine = params.model_copy(deep=True)
+    mine.train.checkpoint_dir = str(where / "ckpt")
+    mine.train.model_dir = str(where / "models")
+    where.mkdir(parents=True)
+    (where / "params.yaml").write_text(yaml.safe_dump(mine.model_dump()))
+    return where / "params.yaml"
+
+
+def train_cmd(params_file: Path) -> list[str]:
+    return [sys.executable, "-m", "pipelines.train", "--params", str(params_file)]
+
+
+def run_train(params_file: Path, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run(train_cmd(params_file), env=env, capture_output=True, text=True, timeout=180)
+
+
+def wait_for(predicate, proc, timeout=60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert proc.poll() is None, "training ended before the kill point"
+        assert time.monotonic() < deadline, "kill point never reached"
+        time.sleep(0.002)
+
+
+def kill_when(params_file: Path, env: dict, point) -> int:
+    """Start a training process, SIGKILL it when point(ckpt_dir, first_line) is true; the newest
+    committed checkpoint step at the kill (0 when none)."""
+    ckpt_dir = params_file.parent / "ckpt"
+    proc = subprocess.Popen(
+        train_cmd(params_file), env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
+    )
+    first_line = proc.stdout.readline().decode()  # "train: no checkpoint", printed before step 0
+    wait_for(lambda: point(ckpt_dir, first_line), proc)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (params_file.parent / "models").exists()
+    return list_checkpoints(ckpt_dir)[0][0] if list_checkpoints(ckpt_dir) else 0
+
+
+def exists(step: int):
+    return lambda ckpt_dir, _: checkpoint_path(ckpt_dir, step).exists()
+
+
+KILL_POINTS = {
+    "before the first checkpoint": lambda ckpt_dir, line: "no checkpoint" in line,
+    "between two checkpoints": lambda d, _: exists(2 * EVERY)(d, _) and time.sleep(0.02) is None,
+}
+
+
+@pytest.mark.parametrize("point", list(KILL_POINTS))
+def test_sigkill_at_any_point_resumes_to_identical_weights(base, tmp_path, point):
+    params, env, full_weights = base
+    params_file = write_params(params, tmp_path / "run")
+    step_at_kill = kill_when(params_file, env, KILL_POINTS[point])
+    assert step_at_kill < MAX_STEPS
+
+    done = run_train(params_file, env)
+    assert done.returncode == 0, done.stderr
+    if step_at_kill:
+        assert f"resuming from checkpoint at step {step_at_kill}" in done.stdout
+    else:
+        assert "train: no checkpoint" in done.stdout
+    assert (tmp_path / "run" / "models" / "model.safetensors").read_bytes() == full_weights
+    assert len(list_checkpoints(tmp_path / "run" / "ckpt")) == 2  # the newest and the one before
+
+
+def test_sigkill_while_a_checkpoint_is_written_resumes_from_the_previous_one(base, tmp_path):
+    params, env, full_weights = base
+    params_file = write_params(params, tmp_path / "run")
+    tmp_file = checkpoint_path(tmp_path / "run" / "ckpt", 2 * EVERY).with_suffix(".pt.tmp")
+    slow_env = dict(env, **{PAUSE_ENV: "1.5"})  # each checkpoint write stops halfway for 1.5 s
+    step_at_kill = kill_when(params_file, slow_env, lambda *_: tmp_file.exists())
+    assert step_at_kill == EVERY  # the second checkpoint was half-written, never committed
+    full_size = checkpoint_path(tmp_path / "run" / "ckpt", EVERY).stat().st_size
+    assert 0 < tmp_file.stat().st_size < full_size
+
+    done = run_train(params_file, env)
+    assert done.returncode == 0, done.stderr
+    assert f"resuming from checkpoint at step {EVERY}" in done.stdout
+    assert (tmp_path / "run" / "models" / "model.safetensors").read_bytes() == full_weights
+    assert not tmp_file.exists()  # leftovers are cleaned up at the next save
+
+
+def test_truncated_newest_checkpoint_falls_back_to_the_one_before(base, tmp_path):
+    params, env, full_weights = base
+    params_file = write_params(params, tmp_path / "run")
+    ckpt_dir = tmp_path / "run" / "ckpt"
+    shutil.copytree(base_ckpt(params), ckpt_dir)
+    newest, previous = [p for _, p in list_checkpoints(ckpt_dir)]
+    assert newest.name == f"ckpt-{MAX_STEPS:06d}.pt"  # an uninterrupted run keeps its last two
+    with open(newest, "r+b") as fh:  # as a full disk or a careless copy might leave it
+        fh.truncate(newest.stat().st_size // 3)
+
+    done = run_train(params_file, env)
+    assert done.returncode == 0, done.stderr
+    assert f"checkpoint {newest} is unusable (truncated or corrupt" in done.stdout
+    assert f"resuming from checkpoint at step {MAX_STEPS - EVERY}" in done.stdout
+    assert (tmp_path / "run" / "models" / "model.safetensors").read_bytes() == full_weights
+
+
+def test_checkpoint_of_other_data_or_config_is_not_resumed(base):
+    params, _, _ = base
+    ckpt_dir = base_ckpt(params)
+    state = read_checkpoint(list_checkpoints(ckpt_dir)[0][1])
+    fingerprint, version = state["fingerprint"], state["data_version"]
+    assert load_checkpoint(ckpt_dir, fingerprint, version)[0]["step"] == MAX_STEPS
+    state, path, notes = load_checkpoint(ckpt_dir, fingerprint, "another-data-version")
+    assert state is None and notes == [
+        f"checkpoint {checkpoint_path(ckpt_dir, MAX_STEPS)} was trained on other data; starting fresh"
+    ]
+    other = {**fingerprint, "train": {**fingerprint["train"], "seed": 1}}
+    assert load_checkpoint(ckpt_dir, other, version)[2][-1].endswith("has another config; starting fresh")
