@@ -16,6 +16,7 @@ Steps, in order:
 """
 
 import json
+import logging
 import os
 import subprocess
 from pathlib import Path
@@ -26,9 +27,24 @@ from prefect.runtime import flow_run
 
 from flows.dvc import STAGES, StageFailed, StageOutcome, push, repro_stage, stage_changes
 from pipelines.data import read_json, sha256_hex
-from pipelines.errors import PERMANENT_EXIT_CODES
+from pipelines.errors import PERMANENT_EXIT_CODES, TrainpipeError
 from pipelines.params import PARAMS_FILE, Params, flatten, load_params, save_overrides
 from pipelines.runlock import workspace_lock
+
+
+class _OneLineForOurErrors(logging.Filter):
+    """Prefect logs a failed flow's exception with its traceback. Our own errors (a failed gate,
+    a bad parameter, a diverged loss) carry a one-line reason that says it all, and `trainpipe`
+    prints it last: drop the traceback from those records, keep the line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], TrainpipeError):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+for _name in ("prefect.flow_runs", "prefect.task_runs"):
+    logging.getLogger(_name).addFilter(_OneLineForOurErrors())
 
 
 def retry_transient_only(task, task_run, state) -> bool:
