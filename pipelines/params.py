@@ -270,6 +270,12 @@ def save_overrides(path: str | Path, overrides: list[str]) -> Params:
     from ruamel.yaml import YAML
 
     rt = YAML()
+    rt.preserve_quotes = True
+    rt.width = 4096  # never re-wrap a long line
+    # ruamel writes None as an empty value; params.yaml spells it `null`
+    rt.representer.add_representer(
+        type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null")
+    )
     path = Path(path)
     doc = rt.load(path.read_text()) if path.exists() else {}
     for text in overrides:
@@ -279,7 +285,10 @@ def save_overrides(path: str | Path, overrides: list[str]) -> Params:
             if key not in node:
                 node[key] = {}
             node = node[key]
-        node[keys[-1]] = value
+        # An equal value is left as written: re-assigning it would lose its flow style or its
+        # `null` spelling, and restart writes every recorded key back.
+        if keys[-1] not in node or node[keys[-1]] != value:
+            node[keys[-1]] = value
     tmp = path.with_suffix(".yaml.tmp")
     with tmp.open("w") as fh:
         rt.dump(doc, fh)

@@ -73,3 +73,13 @@ def test_save_overrides_keeps_comments_and_refuses_bad_values(tmp_path):
     with pytest.raises(ConfigError):
         save_overrides(path, ["train.max_steps=-1"])
     assert "max_steps: 20" in path.read_text()  # nothing written on a bad override
+
+
+def test_save_overrides_leaves_equal_values_as_written(tmp_path):
+    path = tmp_path / "params.yaml"
+    text = 'data:\n  max_documents: null   # all\ncurate:\n  autogen_markers: ["a", "b"]\n  min_chars: 200\n'
+    path.write_text(text)
+    save_overrides(path, ["data.max_documents=null", "curate.autogen_markers=[a, b]", "curate.min_chars=200"])
+    assert path.read_text() == text
+    save_overrides(path, ["curate.min_chars=100"])
+    assert path.read_text() == text.replace("min_chars: 200", "min_chars: 100")
