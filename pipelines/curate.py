@@ -373,7 +373,13 @@ def explain(path: str, params: Params) -> str:
             f"{path} passed every filter, but the gate failed, so nothing was curated: see {report}"
         )
     raw = read_documents(params.data.raw_dir) if (Path(params.data.raw_dir) / DOCUMENTS_FILE).exists() else []
-    close = difflib.get_close_matches(path, [r["path"] for r in raw], n=3)
+    raw_paths = [r["path"] for r in raw]
+    if path in raw_paths:
+        raise ConfigError(
+            f"{path} is in the raw snapshot but neither curated nor quarantined: the outputs are from "
+            "another curation; run `trainpipe curate` (or `dvc checkout`)"
+        )
+    close = difflib.get_close_matches(path, raw_paths, n=3)
     hint = f"; did you mean {', '.join(close)}?" if close else ""
     raise ConfigError(f"{path} is not a document of the raw snapshot {params.data.raw_dir}{hint}")
 

@@ -178,6 +178,7 @@ def stage_params(tmp_path, *overrides: str):
         overrides=[
             f"data.raw_dir={tmp_path / 'raw'}",
             f"data.curated_dir={tmp_path / 'curated'}",
+            f"data.quarantine_dir={tmp_path / 'quarantine'}",
             f"curate.reports_dir={tmp_path / 'reports'}",
             "curate.gate.min_documents=5",
             "curate.gate.min_bytes=1000",
@@ -263,6 +264,7 @@ def test_main_exits_3_with_one_line_on_gate_failure(tmp_path, capsys):
     overrides = [
         f"data.raw_dir={tmp_path / 'raw'}",
         f"data.curated_dir={tmp_path / 'curated'}",
+        f"data.quarantine_dir={tmp_path / 'quarantine'}",
         f"curate.reports_dir={tmp_path / 'reports'}",
         "curate.gate.min_documents=1",
         "curate.gate.min_bytes=100000000",
@@ -276,3 +278,19 @@ def test_main_exits_3_with_one_line_on_gate_failure(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("trainpipe curate: data gate failed: expect_column_sum_to_be_between[n_bytes]")
     assert err.count("\n") == 1
+
+
+def test_explain_names_what_it_cannot_find(tmp_path):
+    from pipelines.errors import ConfigError
+
+    write_documents(raw_records(), tmp_path / "raw")
+    params = stage_params(tmp_path)
+    with pytest.raises(ConfigError, match="run `trainpipe curate` first"):
+        curate.explain("pkg/copy.py", params)
+    curate.run(params)
+    assert "an exact copy of pkg/copy.py" in curate.explain("pkg/mod_000.py", params)  # first path stays
+    with pytest.raises(ConfigError, match="did you mean pkg/mod_001.py"):
+        curate.explain("pkg/mod_01.py", params)
+    curate.write_quarantine([], {}, tmp_path / "quarantine")  # outputs of another curation
+    with pytest.raises(ConfigError, match="neither curated nor quarantined"):
+        curate.explain("pkg/mod_000.py", params)

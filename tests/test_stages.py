@@ -39,6 +39,7 @@ def tiny_params(root, *extra):
     dirs = [
         f"data.raw_dir={root}/raw",
         f"data.curated_dir={root}/curated",
+        f"data.quarantine_dir={root}/quarantine",
         f"data.tokens_dir={root}/tokens",
         f"train.checkpoint_dir={root}/ckpt",
         f"train.model_dir={root}/models",
