@@ -326,8 +326,8 @@ def _rescore_champion(
     if champion_block < context:
         bpb = score_model_dir(model_dir, texts, bf16=bf16, context=champion_block)
         note += (
-            f"; both scored at the champion's context of {champion_block} tokens "
-            f"(the challenger's metrics are at {context})"
+            f"; both scored at the champion's context of {champion_block} tokens, "
+            f"not the challenger's {context}"
         )
         context = champion_block
     return bpb, score_model_dir(champion_dir, texts, bf16=bf16, context=context), note
