@@ -7,10 +7,17 @@ non-overlapping windows of block_size tokens. Bits per byte = total negative log
 of the tokens / UTF-8 bytes of the documents, so it compares across tokenizers and with
 compressors. Writes reports/metrics.json (DVC metrics), reports/loss_curve.csv (DVC plot of
 the training loss) and reports/samples.json (sampled completions).
+
+A score belongs to its weights and to how it was scored: metrics.json carries the sha256 of the
+weights it scored (publish refuses metrics of other weights) and a score key over everything
+else that changes the number: the validation set, the token cap, the context length scored, the
+precision and the scoring code. Scores compare only under equal keys; publish re-scores the
+champion under the challenger's settings when its key differs.
 """
 
 import csv
 import gzip
+import inspect
 import json
 import lzma
 import math
@@ -18,12 +25,31 @@ from pathlib import Path
 
 import torch
 
-from pipelines.data import EOT, TOKENIZER_FILE, read_documents, read_json, split_documents, write_json
+from pipelines import model as model_code
+from pipelines.data import (
+    EOT,
+    TOKENIZER_FILE,
+    read_documents,
+    read_json,
+    sha256_file,
+    sha256_hex,
+    split_documents,
+    write_json,
+)
 from pipelines.errors import TrainpipeError
 from pipelines.model import GPT, GPTConfig
 from pipelines.params import Params
 from pipelines.train import use_bf16
 
+WEIGHTS_FILE = "model.safetensors"
+# What a score depends on besides the weights; two scores compare only when all are equal.
+SCORE_KEY_FIELDS = (
+    "val_set_sha256",
+    "score_max_tokens",
+    "score_context",
+    "score_bf16",
+    "scoring_code_sha256",
+)
 SAMPLE_PROMPTS = ["def fibonacci(n):\n", "import os\n\n\ndef ", "class Stack:\n    def __init__(self):\n"]
 
 
@@ -35,14 +61,18 @@ def load_model_dir(model_dir: str | Path, device: str | torch.device = "cpu"):
     model_dir = Path(model_dir)
     config = GPTConfig(**json.loads((model_dir / "config.json").read_text()))
     model = GPT(config)
-    load_model(model, str(model_dir / "model.safetensors"))
+    load_model(model, str(model_dir / WEIGHTS_FILE))
     return model.to(device).eval(), Tokenizer.from_file(str(model_dir / TOKENIZER_FILE))
 
 
-def validation_texts(params: Params) -> list[str]:
+def validation_documents(params: Params) -> list[dict]:
     """The held-out documents of the curated set, in path order."""
     _, val_docs = split_documents(read_documents(params.data.curated_dir), params.tokenize.val_fraction)
-    return [d["text"] for d in val_docs]
+    return val_docs
+
+
+def validation_texts(params: Params) -> list[str]:
+    return [d["text"] for d in validation_documents(params)]
 
 
 @torch.no_grad()
@@ -53,13 +83,18 @@ def score_texts(
     max_tokens: int | None = None,
     batch_size: int = 16,
     bf16: bool = False,
+    context: int | None = None,
 ) -> dict:
     """Negative log-likelihood of texts under the model, in bits, with the bytes it covers.
 
     The stream is <|endoftext|> doc1 <|endoftext|> doc2 ...; every token after the first is
-    predicted once. With max_tokens, whole documents are taken until the cap is reached.
-    Models compared with each other must be scored with the same bf16 setting.
+    predicted once, in windows of `context` tokens (default: the model's block_size). With
+    max_tokens, whole documents are taken until the cap is reached. Models compared with each
+    other must be scored with the same texts, cap, context and bf16 setting (the score key).
     """
+    T = context or model.config.block_size
+    if T > model.config.block_size:
+        raise ValueError(f"context {T} is longer than the model's block_size {model.config.block_size}")
     eot = tokenizer.token_to_id(EOT)
     stream, n_bytes = [eot], 0
     for enc, text in zip(tokenizer.encode_batch(texts, add_special_tokens=False), texts, strict=True):
@@ -69,7 +104,6 @@ def score_texts(
         n_bytes += len(text.encode("utf-8"))
     device = next(model.parameters()).device
     ids = torch.tensor(stream, dtype=torch.long)
-    T = model.config.block_size
     starts = list(range(0, len(ids) - 1, T))
     nll_nats = 0.0
     for b in range(0, len(starts), batch_size):
@@ -94,16 +128,36 @@ def score_texts(
         "bytes": n_bytes,
         "loss": nll_nats / n_tokens,
         "documents_scored": stream.count(eot) - 1,
+        "context": T,
     }
 
 
 def score_model_dir(
-    model_dir: str | Path, texts: list[str], max_tokens: int | None = None, bf16: bool = True
+    model_dir: str | Path,
+    texts: list[str],
+    *,
+    bf16: bool,
+    max_tokens: int | None = None,
+    context: int | None = None,
 ) -> float:
-    """Held-out bits per byte of a saved model on texts (used to re-score a champion)."""
+    """Held-out bits per byte of a saved model on texts (used to re-score a champion).
+
+    bf16 has no default: a re-score must use the precision of the score it is compared with."""
     model, tokenizer = load_model_dir(model_dir)
-    s = score_texts(model, tokenizer, texts, max_tokens, bf16=bf16)
+    s = score_texts(model, tokenizer, texts, max_tokens, bf16=bf16, context=context)
     return s["nll_bits"] / s["bytes"]
+
+
+def scoring_code_sha256() -> str:
+    """The code that turns weights and texts into a score: score_texts and the model's forward pass
+    (pipelines/model.py), both DVC dependencies of this stage, so `dvc repro` re-scores after an
+    edit to either. An edit to either makes earlier scores incomparable."""
+    return sha256_hex(inspect.getsource(score_texts) + inspect.getsource(model_code))
+
+
+def score_key(settings: dict) -> str:
+    """One hash over SCORE_KEY_FIELDS of a metrics dict: equal keys, comparable scores."""
+    return sha256_hex(json.dumps({k: settings[k] for k in SCORE_KEY_FIELDS}, sort_keys=True))
 
 
 def compression_bits_per_byte(texts: list[str]) -> dict:
@@ -149,6 +203,7 @@ def write_loss_curve(history: list, path: Path) -> None:
 
 def evaluate_model(params: Params) -> dict:
     torch.manual_seed(params.train.seed)
+    weights_sha = sha256_file(Path(params.train.model_dir) / WEIGHTS_FILE)  # the weights scored below
     model, tokenizer = load_model_dir(params.train.model_dir)
     texts = validation_texts(params)
     if not texts:
@@ -156,13 +211,22 @@ def evaluate_model(params: Params) -> dict:
     bf16 = use_bf16(params.train.bf16, torch.device("cpu"))
     scored = score_texts(model, tokenizer, texts, params.evaluate.max_tokens, bf16=bf16)
     covered = texts[: scored["documents_scored"]]
+    settings = {
+        "val_set_sha256": read_json(Path(params.data.tokens_dir) / "meta.json")["val_set_sha256"],
+        "score_max_tokens": params.evaluate.max_tokens,
+        "score_context": scored["context"],
+        "score_bf16": bf16,
+        "scoring_code_sha256": scoring_code_sha256(),
+    }
     metrics = {
         "val_loss": scored["loss"],
         "val_bits_per_byte": scored["nll_bits"] / scored["bytes"],
         "val_tokens": scored["tokens"],
         "val_bytes": scored["bytes"],
         "val_documents": scored["documents_scored"],
-        "val_set_sha256": read_json(Path(params.data.tokens_dir) / "meta.json")["val_set_sha256"],
+        "weights_sha256": weights_sha,
+        **settings,
+        "score_key": score_key(settings),
         **compression_bits_per_byte(covered),
     }
     reports = Path(params.evaluate.reports_dir)

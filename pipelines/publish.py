@@ -5,8 +5,13 @@
     trainpipe rollback               # move @champion back to the previous champion
 
 The flow runs publish after evaluate, outside DVC: registry side effects do not belong in a
-reproducible stage. The promotion gate compares bits per byte on the same validation set; when
-the champion was scored on another one, it is re-scored on the current one first. Every alias
+reproducible stage. Publish refuses reports/metrics.json unless it scored the weights in models/
+(its weights_sha256). The promotion gate compares bits per byte only under equal score keys
+(validation set, token cap, context, precision, scoring code: see pipelines.evaluate); when the
+champion's key differs, it is re-scored exactly as the challenger was: the same documents,
+context and precision. A champion whose block_size is shorter than the challenger's context
+cannot be scored at that context: then both are re-scored at the champion's block_size, and the
+reason says so. Every alias
 move is recorded: a `promoted_at` tag on the version and the registered model's
 `champion_history` tag (versions, newest last), which rollback walks back.
 """
@@ -28,6 +33,12 @@ from mlflow.exceptions import MlflowException
 
 from pipelines.data import TOKENIZER_FILE, read_json, sha256_file, write_json
 from pipelines.errors import ConfigError, TrainpipeError
+from pipelines.evaluate import (
+    SCORE_KEY_FIELDS,
+    score_model_dir,
+    scoring_code_sha256,
+    validation_documents,
+)
 from pipelines.gate import PROFILE_ARTIFACT
 from pipelines.params import Params
 from pipelines.serve import (
@@ -38,10 +49,21 @@ from pipelines.serve import (
     inference_defaults,
     serving_limits,
 )
+from pipelines.tokenize import validation_set_hash
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.json"
+SCORE_KEY_TAG = "score_key"
+# what each score-key field is called in a reason
+SCORE_FIELD_NAMES = {
+    "val_set_sha256": "validation set",
+    "score_max_tokens": "token cap",
+    "score_context": "context",
+    "score_bf16": "precision",
+    "scoring_code_sha256": "scoring code",
+}
+REQUIRED_METRICS = ("val_bits_per_byte", "val_documents", "weights_sha256", SCORE_KEY_TAG, *SCORE_KEY_FIELDS)
 CHAMPION, CHALLENGER = "champion", "challenger"
 HISTORY_TAG = "champion_history"
 MAX_HISTORY_CHARS = 5000  # keep the tag small; the oldest entries go first
@@ -68,7 +90,8 @@ def _bpb_text(value: float) -> str:
 
 
 def read_trained_model(params: Params) -> tuple[Path, dict]:
-    """The model dir and its metrics, or a one-line error naming the stage to run."""
+    """The model dir and its metrics, which must have scored its weights; else a one-line error
+    naming the stage to run (`trainpipe train` runs no evaluate: its metrics are of older weights)."""
     model_dir = Path(params.train.model_dir)
     missing = [f for f in (WEIGHTS_FILE, CONFIG_FILE, TOKENIZER_FILE) if not (model_dir / f).is_file()]
     if missing:
@@ -82,10 +105,27 @@ def read_trained_model(params: Params) -> tuple[Path, dict]:
         raise ConfigError(f"no metrics at {metrics_path}: run `trainpipe evaluate` first") from None
     except json.JSONDecodeError:
         raise ConfigError(f"{metrics_path} is not valid JSON: run `trainpipe evaluate` again") from None
-    for key in ("val_bits_per_byte", "val_set_sha256"):
+    for key in REQUIRED_METRICS:
         if key not in metrics:
             raise ConfigError(f"{metrics_path} has no {key!r}: run `trainpipe evaluate` again")
+    weights_sha = sha256_file(model_dir / WEIGHTS_FILE)
+    if metrics["weights_sha256"] != weights_sha:
+        raise ConfigError(
+            f"{metrics_path} scored other weights (sha256 {str(metrics['weights_sha256'])[:12]}) than "
+            f"{model_dir / WEIGHTS_FILE} (sha256 {weights_sha[:12]}): run `trainpipe evaluate` first"
+        )
+    if metrics["scoring_code_sha256"] != scoring_code_sha256():
+        # a champion re-scored by this code would not be scored as the challenger was
+        raise ConfigError(
+            f"{metrics_path} was scored by other code than this checkout's score_texts and "
+            f"pipelines/model.py: run `trainpipe evaluate` first"
+        )
     return model_dir, metrics
+
+
+def _tag_value(value) -> str:
+    """A metrics value as a version tag: strings as they are, numbers, booleans and null as JSON."""
+    return value if isinstance(value, str) else json.dumps(value)
 
 
 def serving_requirements() -> list[str]:
@@ -229,15 +269,8 @@ def _float_tag(version: ModelVersion, key: str) -> float | None:
         return None
 
 
-def _rescore_champion(params: Params, champion: ModelVersion, work_dir: Path) -> float:
-    """Bits per byte of the champion on the current validation set."""
-    try:
-        from pipelines.evaluate import score_model_dir, validation_texts
-    except ImportError as exc:
-        raise TrainpipeError(
-            f"champion v{champion.version} was scored on another validation set and cannot be "
-            f"re-scored ({exc}); compare by hand and run `trainpipe promote`"
-        ) from None
+def _download_champion(champion: ModelVersion, work_dir: Path) -> Path:
+    """The champion's weights, config and tokenizer in a model dir as the train stage writes it."""
     uri = f"models:/{champion.name}/{champion.version}"
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(work_dir / "champion")))
     pyfunc_conf = mlflow.models.Model.load(str(local)).flavors["python_function"]
@@ -245,9 +278,59 @@ def _rescore_champion(params: Params, champion: ModelVersion, work_dir: Path) ->
     champion_dir.mkdir()
     for key, filename in (("weights", WEIGHTS_FILE), ("config", CONFIG_FILE), ("tokenizer", TOKENIZER_FILE)):
         shutil.copy(local / pyfunc_conf["artifacts"][key]["path"], champion_dir / filename)
-    # Scored as evaluate scored the challenger, with the same cap on validation tokens.
-    cap = {"max_tokens": params.evaluate.max_tokens} if params.evaluate.max_tokens else {}
-    return float(score_model_dir(champion_dir, validation_texts(params), **cap))
+    return champion_dir
+
+
+def _challenger_texts(params: Params, metrics: dict) -> list[str]:
+    """The very documents evaluate scored the challenger on, or an error if they are gone: the
+    token cap picked them with the challenger's tokenizer, so a re-score takes them, not the cap."""
+    metrics_path = Path(params.evaluate.reports_dir) / METRICS_FILE
+    docs = validation_documents(params)
+    if validation_set_hash(docs) != metrics["val_set_sha256"]:
+        raise ConfigError(
+            f"{metrics_path} was scored on another validation set than {params.data.curated_dir}/ "
+            f"holds now: run `trainpipe evaluate` first"
+        )
+    return [d["text"] for d in docs[: int(metrics["val_documents"])]]
+
+
+def _check_rescorable(client: MlflowClient, params: Params, metrics: dict) -> None:
+    """If the gate will have to re-score the champion, the challenger's documents must be at hand."""
+    champion = get_champion(client, params.publish.model_name)
+    if champion is not None and champion.tags.get(SCORE_KEY_TAG) != metrics[SCORE_KEY_TAG]:
+        _challenger_texts(params, metrics)
+
+
+def _rescore_why(champion: ModelVersion, metrics: dict) -> str:
+    if "val_bits_per_byte" not in champion.tags:
+        return "it had no score"
+    if SCORE_KEY_TAG not in champion.tags:
+        return "it was scored before score keys"
+    differ = [name for f, name in SCORE_FIELD_NAMES.items() if champion.tags.get(f) != _tag_value(metrics[f])]
+    return "it was scored with another " + ", ".join(differ or ["score key"])
+
+
+def _rescore_champion(
+    params: Params, champion: ModelVersion, model_dir: Path, metrics: dict, work_dir: Path
+) -> tuple[float, float, str]:
+    """(challenger bpb, champion bpb, note): the champion scored exactly as the challenger was,
+    on the same documents with the same precision and context. A champion with a shorter
+    block_size cannot take the challenger's context: both are then scored at the champion's."""
+    texts = _challenger_texts(params, metrics)
+    champion_dir = _download_champion(champion, work_dir)
+    bf16 = bool(metrics["score_bf16"])
+    context = int(metrics["score_context"])
+    bpb = float(metrics["val_bits_per_byte"])
+    note = f"champion re-scored as the challenger was: {_rescore_why(champion, metrics)}"
+    champion_block = int(read_json(champion_dir / CONFIG_FILE)["block_size"])
+    if champion_block < context:
+        bpb = score_model_dir(model_dir, texts, bf16=bf16, context=champion_block)
+        note += (
+            f"; both scored at the champion's context of {champion_block} tokens, "
+            f"not the challenger's {context}"
+        )
+        context = champion_block
+    return bpb, score_model_dir(champion_dir, texts, bf16=bf16, context=context), note
 
 
 def decide_promotion(
@@ -256,12 +339,13 @@ def decide_promotion(
     champion_version: str | None,
     champion_bpb: float | None,
     margin: float,
-    rescored: bool = False,
+    note: str = "",
 ) -> tuple[bool, str]:
-    """The promotion gate: (promote?, one-line reason). Both scores are on the same validation set."""
+    """The promotion gate: (promote?, one-line reason). Both scores have the same score key;
+    note says how they were made comparable, if they had to be."""
     if champion_version is None or champion_bpb is None:
         return True, f"no champion yet: v{version} ({_bpb_text(bpb)} bpb) becomes champion"
-    on = " (champion re-scored on the current validation set)" if rescored else ""
+    on = f" ({note})" if note else ""
     if bpb < champion_bpb - margin:
         return True, f"challenger {_bpb_text(bpb)} bpb beats champion {_bpb_text(champion_bpb)} bpb{on}"
     need = f", needs a margin of {margin} bpb" if margin else ""
@@ -301,9 +385,8 @@ def _publish(
 ) -> dict:
     name = params.publish.model_name
     bpb = float(metrics["val_bits_per_byte"])
-    val_sha = str(metrics["val_set_sha256"])
     client = MlflowClient()
-    weights_sha = sha256_file(model_dir / WEIGHTS_FILE)
+    weights_sha = str(metrics["weights_sha256"])  # read_trained_model checked it is models/'s
     existing = _version_with_weights(client, name, weights_sha)
     if existing is not None and (DECISION_TAG in existing.tags or "rolled_back_at" in existing.tags):
         # an unchanged re-run: registering the same weights again adds nothing
@@ -319,6 +402,7 @@ def _publish(
             "champion_val_bits_per_byte": _float_tag(champion, "val_bits_per_byte") if champion else None,
         }
     if existing is None:
+        _check_rescorable(client, params, metrics)  # fail before a version exists, not after
         version, run_id = _register(client, params, model_dir, metrics, lineage, run_id, weights_sha)
         finishing = ""
     else:
@@ -326,7 +410,7 @@ def _publish(
         finishing = f" (finished the publish of v{version} that was cut short)"
     with tempfile.TemporaryDirectory(prefix="trainpipe-publish-") as tmp:
         promoted, reason, champion_version, champion_bpb = _decide_aliases(
-            client, params, version, bpb, val_sha, Path(tmp)
+            client, params, version, model_dir, metrics, Path(tmp)
         )
     client.set_model_version_tag(name, version, DECISION_TAG, reason)
     return {
@@ -354,10 +438,11 @@ def _register(client, params: Params, model_dir: Path, metrics: dict, lineage, r
         tags = {k: str(v) for k, v in (lineage or {}).items() if v is not None}
         tags.update(
             val_bits_per_byte=repr(float(metrics["val_bits_per_byte"])),
-            val_set_sha256=str(metrics["val_set_sha256"]),
             run_id=run_id,
             weights_sha256=weights_sha,
+            score_key=str(metrics[SCORE_KEY_TAG]),
         )
+        tags.update({field: _tag_value(metrics[field]) for field in SCORE_KEY_FIELDS})
         version = str(mlflow.register_model(info.model_uri, params.publish.model_name, tags=tags).version)
         _test_pause("registered")
     except BaseException:
@@ -369,9 +454,10 @@ def _register(client, params: Params, model_dir: Path, metrics: dict, lineage, r
     return version, run_id
 
 
-def _decide_aliases(client, params: Params, version: str, bpb: float, val_sha: str, work_dir: Path):
+def _decide_aliases(client, params: Params, version: str, model_dir: Path, metrics: dict, work_dir: Path):
     """@challenger, then the promotion gate: (promoted, reason, champion version, champion bpb)."""
     name = params.publish.model_name
+    bpb = float(metrics["val_bits_per_byte"])
     client.set_registered_model_alias(name, CHALLENGER, version)
     _test_pause("challenger-alias-set")
     champion = get_champion(client, name)
@@ -379,19 +465,18 @@ def _decide_aliases(client, params: Params, version: str, bpb: float, val_sha: s
         # a killed publish had passed the gate and moved @champion: finish recording the move
         _move_champion(client, name, version)
         return True, f"v{version} became champion ({_bpb_text(bpb)} bpb)", version, bpb
-    champion_bpb, rescored = None, False
+    champion_bpb, note = None, ""
     if champion is not None:
         champion_bpb = _float_tag(champion, "val_bits_per_byte")
-        rescored = champion.tags.get("val_set_sha256") != val_sha or champion_bpb is None
-        if rescored:
-            champion_bpb = _rescore_champion(params, champion, work_dir)
+        if champion.tags.get(SCORE_KEY_TAG) != metrics[SCORE_KEY_TAG] or champion_bpb is None:
+            bpb, champion_bpb, note = _rescore_champion(params, champion, model_dir, metrics, work_dir)
     promoted, reason = decide_promotion(
         version,
         bpb,
         str(champion.version) if champion else None,
         champion_bpb,
         params.publish.min_improvement_bpb,
-        rescored,
+        note,
     )
     if promoted:
         _move_champion(client, name, version)

@@ -18,7 +18,7 @@ SNIPPETS = [
 ]
 
 
-def make_model_dir(path: str | Path, seed: int = 0) -> Path:
+def make_model_dir(path: str | Path, seed: int = 0, block_size: int = 32) -> Path:
     """Write a tiny untrained model dir as the train stage does: weights, config.json, tokenizer.json."""
     import torch
     from safetensors.torch import save_model
@@ -40,14 +40,31 @@ def make_model_dir(path: str | Path, seed: int = 0) -> Path:
     tok.train_from_iterator(SNIPPETS * 4, trainer)
     tok.save(str(path / TOKENIZER_FILE))
     torch.manual_seed(seed)
-    config = GPTConfig(vocab_size=tok.get_vocab_size(), block_size=32, n_layer=1, n_head=2, n_embd=32)
+    config = GPTConfig(vocab_size=tok.get_vocab_size(), block_size=block_size, n_layer=1, n_head=2, n_embd=32)
     save_model(GPT(config), str(path / "model.safetensors"))
     write_json(path / "config.json", config.to_dict())
     return path
 
 
-def write_metrics(reports_dir: str | Path, val_bits_per_byte: float, val_set_sha256: str = "a" * 64) -> Path:
-    """A metrics.json as the evaluate stage writes it."""
+def write_metrics(
+    reports_dir: str | Path,
+    val_bits_per_byte: float,
+    val_set_sha256: str = "a" * 64,
+    model_dir: str | Path | None = None,
+) -> Path:
+    """A metrics.json as the evaluate stage writes it, for the weights in model_dir (default: the
+    models/ folder beside reports_dir), with the score key of an uncapped fp32 score."""
+    from pipelines.data import read_json, sha256_file
+    from pipelines.evaluate import score_key, scoring_code_sha256
+
+    model_dir = Path(model_dir) if model_dir else Path(reports_dir).parent / "models"
+    settings = {
+        "val_set_sha256": val_set_sha256,
+        "score_max_tokens": None,
+        "score_context": read_json(model_dir / "config.json")["block_size"],
+        "score_bf16": False,
+        "scoring_code_sha256": scoring_code_sha256(),
+    }
     path = Path(reports_dir) / "metrics.json"
     write_json(
         path,
@@ -56,7 +73,10 @@ def write_metrics(reports_dir: str | Path, val_bits_per_byte: float, val_set_sha
             "val_loss": val_bits_per_byte * 2.5,
             "val_tokens": 1000,
             "val_bytes": 3500,
-            "val_set_sha256": val_set_sha256,
+            "val_documents": 12,
+            "weights_sha256": sha256_file(model_dir / "model.safetensors"),
+            **settings,
+            "score_key": score_key(settings),
             "gzip_bits_per_byte": 1.87,
             "xz_bits_per_byte": 1.79,
         },

@@ -1,14 +1,20 @@
 """publish: logging, registration, the promotion gate, promote and rollback, on a real MLflow registry."""
 
 import itertools
+import json
+import shutil
+from pathlib import Path
 
 import mlflow
 import pandas as pd
 import pytest
-from conftest import copy_mlflow_db, make_model_dir, write_metrics
+import torch
+from conftest import SNIPPETS, copy_mlflow_db, make_model_dir, write_metrics
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
+from pipelines import evaluate, tokenize, train
+from pipelines.data import read_json, sha256_file, sha256_hex, write_documents, write_json
 from pipelines.errors import ConfigError, TrainpipeError
 from pipelines.params import Params, PublishParams, ServeParams
 from pipelines.publish import (
@@ -212,27 +218,188 @@ def test_promote_unknown_version_and_rollback_without_champion_are_errors(traine
         rollback_champion(trained)
 
 
-def test_champion_scored_on_another_validation_set_is_rescored(trained, tmp_path):
-    evaluate = pytest.importorskip("pipelines.evaluate")
-    if not hasattr(evaluate, "score_model_dir") or not hasattr(evaluate, "validation_texts"):
-        pytest.skip("pipelines.evaluate has no score_model_dir/validation_texts yet")
-    from conftest import SNIPPETS
+def test_metrics_of_other_weights_are_refused_in_one_line(trained, tmp_path):
+    client = MlflowClient()
+    publish(trained, 2.1)
+    scored_sha = sha256_file(tmp_path / "models/model.safetensors")
+    make_model_dir(tmp_path / "models", seed=99)  # what `trainpipe train` leaves: new weights, old metrics
+    new_sha = sha256_file(tmp_path / "models/model.safetensors")
+    with pytest.raises(ConfigError) as info:
+        publish_model(trained)
+    assert str(info.value) == (
+        f"reports/metrics.json scored other weights (sha256 {scored_sha[:12]}) than "
+        f"models/model.safetensors (sha256 {new_sha[:12]}): run `trainpipe evaluate` first"
+    )
+    assert [str(v.version) for v in client.search_model_versions(f"name = '{NAME}'")] == ["1"]
+    # metrics written before weights were named are refused too, not trusted
+    metrics = read_json(tmp_path / "reports/metrics.json")
+    del metrics["weights_sha256"]
+    write_json(tmp_path / "reports/metrics.json", metrics)
+    with pytest.raises(ConfigError, match=r"has no 'weights_sha256': run `trainpipe evaluate` again"):
+        publish_model(trained)
 
-    from pipelines.data import write_documents
 
+def test_metrics_of_other_scoring_code_are_refused(trained, tmp_path):
+    write_metrics(tmp_path / "reports", 2.0)
+    metrics = read_json(tmp_path / "reports/metrics.json")
+    write_json(tmp_path / "reports/metrics.json", {**metrics, "scoring_code_sha256": "0" * 64})
+    with pytest.raises(ConfigError) as info:
+        publish_model(trained)
+    assert str(info.value) == (
+        "reports/metrics.json was scored by other code than this checkout's score_texts and "
+        "pipelines/model.py: run `trainpipe evaluate` first"
+    )
+
+
+# --- scores compared only under equal score keys, with the real evaluate stage on tiny data ---
+
+
+@pytest.fixture
+def corpus(trained) -> Params:
+    """A curated corpus of 12 snippets, tokenized: evaluate runs for real on its validation split."""
     trained.tokenize.val_fraction = 0.45
-    docs = [{"path": f"pkg/mod{i}.py", "text": SNIPPETS[i % len(SNIPPETS)]} for i in range(12)]
-    write_documents(docs, trained.data.curated_dir)
-    texts = evaluate.validation_texts(trained)
-    assert texts, "the fixture corpus needs at least one validation document"
-    # v1's tag says 9.0 bpb on another set; on the current set it scores `actual`.
-    publish(trained, 9.0, sha="a" * 64)
-    actual = evaluate.score_model_dir(tmp_path / "models", texts)  # models/ holds v1's weights
-    stale_winner = publish(trained, actual + 0.5, sha="b" * 64)
+    trained.evaluate.sample_tokens = 4
+    write_corpus(trained, 12)
+    return trained
+
+
+def write_corpus(params: Params, n: int) -> None:
+    texts = [SNIPPETS[i % len(SNIPPETS)] + f"# module {i}\n" for i in range(n)]
+    docs = [
+        {"path": f"pkg/mod{i}.py", "text": t, "sha256": sha256_hex(t), "n_bytes": len(t.encode())}
+        for i, t in enumerate(texts)
+    ]
+    write_documents(docs, params.data.curated_dir)
+    tokenize.run(params)
+
+
+def evaluate_new_model(params: Params, tmp_path, tag_bpb: float | None = None, **model) -> tuple[dict, Path]:
+    """New weights in models/, scored by the real evaluate stage: (metrics, a copy of the model dir).
+    tag_bpb replaces the score evaluate wrote, so that a stale champion tag shows if it is trusted."""
+    make_model_dir(params.train.model_dir, seed=next(_seeds), **model)
+    write_json(Path(params.train.model_dir) / "train.json", {"history": []})
+    metrics = evaluate.evaluate_model(params)
+    if tag_bpb is not None:
+        metrics["val_bits_per_byte"] = tag_bpb
+        write_json(Path(params.evaluate.reports_dir) / "metrics.json", metrics)
+    return metrics, shutil.copytree(params.train.model_dir, tmp_path / f"kept-{next(_seeds)}")
+
+
+def with_settings(params: Params, settings: dict) -> tuple[Params, dict]:
+    """(params with the "section.field" settings, make_model_dir's keyword arguments)."""
+    params = params.model_copy(deep=True)
+    model = {k: v for k, v in settings.items() if "." not in k}
+    for key, value in settings.items():
+        if "." in key:
+            section, field = key.split(".")
+            setattr(getattr(params, section), field, value)
+    return params, model
+
+
+def test_champion_with_the_same_score_key_is_not_rescored(corpus, tmp_path):
+    evaluate_new_model(corpus, tmp_path, tag_bpb=9.0)
+    publish_model(corpus)
+    metrics, _ = evaluate_new_model(corpus, tmp_path, tag_bpb=8.5)
+    second = publish_model(corpus)
+    assert second["champion_val_bits_per_byte"] == 9.0  # the same key: the champion's tag is trusted
+    assert second["reason"] == "challenger 8.5000 bpb beats champion 9.0000 bpb"
+    tags = MlflowClient().get_model_version(NAME, "2").tags
+    named = ("score_key", "val_set_sha256", "scoring_code_sha256", "weights_sha256")
+    assert {k: tags[k] for k in named} == {k: metrics[k] for k in named}
+    bf16 = json.dumps(train.use_bf16(corpus.train.bf16, torch.device("cpu")))
+    assert (tags["score_context"], tags["score_max_tokens"], tags["score_bf16"]) == ("32", "null", bf16)
+    assert tags["val_bits_per_byte"] == "8.5"
+
+
+def test_champion_scored_on_another_validation_set_is_rescored(corpus, tmp_path):
+    _, v1 = evaluate_new_model(corpus, tmp_path, tag_bpb=9.0)  # v1's tag: 9.0 bpb on 12 documents
+    publish_model(corpus)
+    write_corpus(corpus, 24)  # the corpus grows, and its validation set with it
+    bf16 = train.use_bf16(corpus.train.bf16, torch.device("cpu"))
+    actual = evaluate.score_model_dir(v1, evaluate.validation_texts(corpus), bf16=bf16)
+
+    evaluate_new_model(corpus, tmp_path, tag_bpb=actual + 0.5)
+    stale_winner = publish_model(corpus)
     assert stale_winner["promoted"] is False, "compared with the stale 9.0 instead of re-scoring"
-    assert stale_winner["champion_val_bits_per_byte"] == pytest.approx(actual, rel=1e-6)
-    assert "re-scored" in stale_winner["reason"]
-    assert publish(trained, actual - 0.5, sha="b" * 64)["promoted"] is True
+    assert stale_winner["champion_val_bits_per_byte"] == pytest.approx(actual, rel=1e-9)
+    assert stale_winner["reason"].endswith(
+        "(champion re-scored as the challenger was: it was scored with another validation set)"
+    )
+    evaluate_new_model(corpus, tmp_path, tag_bpb=actual - 0.5)
+    assert publish_model(corpus)["promoted"] is True
+
+
+@pytest.mark.parametrize(
+    ("champion_settings", "challenger_settings", "differs"),
+    [
+        ({"train.bf16": "off"}, {"train.bf16": "on"}, "precision"),
+        ({"train.bf16": "on"}, {"train.bf16": "off"}, "precision"),
+        ({"evaluate.max_tokens": None}, {"evaluate.max_tokens": 40}, "token cap"),
+        ({"block_size": 64}, {"block_size": 32}, "context"),  # the champion scored at the shorter context
+    ],
+)
+def test_champion_scored_otherwise_is_rescored_as_the_challenger_was(
+    corpus, tmp_path, champion_settings, challenger_settings, differs
+):
+    params, model = with_settings(corpus, champion_settings)
+    own, v1 = evaluate_new_model(params, tmp_path, tag_bpb=9.0, **model)
+    publish_model(params)
+    params, model = with_settings(corpus, challenger_settings)
+    metrics, _ = evaluate_new_model(params, tmp_path, **model)
+    result = publish_model(params)
+
+    texts = evaluate.validation_texts(params)
+    as_challenger = evaluate.score_model_dir(
+        v1,
+        texts,
+        bf16=metrics["score_bf16"],
+        max_tokens=metrics["score_max_tokens"],
+        context=metrics["score_context"],
+    )
+    assert result["champion_val_bits_per_byte"] == pytest.approx(as_challenger, rel=1e-9)
+    assert result["promoted"] is (metrics["val_bits_per_byte"] < as_challenger)
+    assert result["reason"].endswith(
+        f"(champion re-scored as the challenger was: it was scored with another {differs})"
+    )
+    # The champion's own setting gives another score, so a re-score in it would have been caught.
+    as_champion = evaluate.score_model_dir(
+        v1, texts, bf16=own["score_bf16"], max_tokens=own["score_max_tokens"], context=own["score_context"]
+    )
+    assert abs(as_champion - as_challenger) > 1e-6
+
+
+def test_champion_with_a_shorter_context_scores_both_at_its_context(corpus, tmp_path):
+    _, v1 = evaluate_new_model(corpus, tmp_path, tag_bpb=9.0, block_size=32)
+    publish_model(corpus)
+    metrics, v2 = evaluate_new_model(corpus, tmp_path, block_size=64)
+    result = publish_model(corpus)
+
+    texts, bf16 = evaluate.validation_texts(corpus), metrics["score_bf16"]
+    champion_bpb = evaluate.score_model_dir(v1, texts, bf16=bf16, context=32)
+    challenger_bpb = evaluate.score_model_dir(v2, texts, bf16=bf16, context=32)
+    assert abs(challenger_bpb - metrics["val_bits_per_byte"]) > 1e-6  # its own score, at 64, is not compared
+    assert result["champion_val_bits_per_byte"] == pytest.approx(champion_bpb, rel=1e-9)
+    assert result["promoted"] is (challenger_bpb < champion_bpb)
+    assert f"{challenger_bpb:.4f} bpb" in result["reason"] and f"{champion_bpb:.4f} bpb" in result["reason"]
+    assert result["reason"].endswith(
+        "(champion re-scored as the challenger was: it was scored with another context; both scored at "
+        "the champion's context of 32 tokens, not the challenger's 64)"
+    )
+
+
+def test_a_rescore_needs_the_documents_the_challenger_was_scored_on(corpus, tmp_path):
+    evaluate_new_model(corpus, tmp_path, block_size=64)
+    publish_model(corpus)
+    evaluate_new_model(corpus, tmp_path)  # another context: the champion must be re-scored
+    write_corpus(corpus, 24)  # ... but the curated data changed after evaluate
+    with pytest.raises(ConfigError) as info:
+        publish_model(corpus)
+    assert str(info.value) == (
+        "reports/metrics.json was scored on another validation set than data/curated/ holds now: "
+        "run `trainpipe evaluate` first"
+    )
+    # refused before anything was registered
+    assert [str(v.version) for v in MlflowClient().search_model_versions(f"name = '{NAME}'")] == ["1"]
 
 
 # --- the logged model, loaded back through the registry ------------------------------------

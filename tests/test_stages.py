@@ -1,8 +1,10 @@
 """Unit and smoke tests of ingest, tokenize, train and evaluate on tiny data, on CPU."""
 
 import json
+import math
 
 import pytest
+import torch
 
 from pipelines import evaluate, ingest, tokenize, train
 from pipelines.data import (
@@ -10,11 +12,13 @@ from pipelines.data import (
     is_validation,
     load_tokens,
     read_documents,
+    sha256_file,
     sha256_hex,
     split_documents,
     write_documents,
 )
 from pipelines.errors import DivergenceError, SourceError
+from pipelines.model import GPT, GPTConfig
 from pipelines.params import load_params
 
 TINY_TRAIN = [
@@ -203,8 +207,14 @@ def test_evaluate_writes_metrics_next_to_compressors(tokenized):
         1.0 < metrics["gzip_bits_per_byte"] < 4
         and metrics["xz_bits_per_byte"] < metrics["gzip_bits_per_byte"]
     )
+    # the score names its weights and how it was scored (the promotion gate compares on these)
+    assert metrics["weights_sha256"] == sha256_file(f"{tokenized.train.model_dir}/model.safetensors")
+    assert (metrics["score_context"], metrics["score_max_tokens"]) == (32, None)
+    assert metrics["score_bf16"] is train.use_bf16(tokenized.train.bf16, torch.device("cpu"))
+    assert metrics["scoring_code_sha256"] == evaluate.scoring_code_sha256()
+    assert metrics["score_key"] == evaluate.score_key(metrics)
     reports = tokenized.evaluate.reports_dir
-    assert json.load(open(f"{reports}/metrics.json"))["val_tokens"] == metrics["val_tokens"]
+    assert json.load(open(f"{reports}/metrics.json")) == metrics
     assert open(f"{reports}/loss_curve.csv").readline().strip() == "step,train_loss,lr"
     samples = json.load(open(f"{reports}/samples.json"))
     assert len(samples) == 3 and all(isinstance(s["completion"], str) for s in samples)
@@ -218,3 +228,74 @@ def test_score_texts_counts_every_byte_and_honours_max_tokens(tokenized):
     assert full["bytes"] == sum(len(t.encode()) for t in texts) and full["documents_scored"] == 2
     capped = evaluate.score_texts(model, tok, texts, max_tokens=3)
     assert capped["documents_scored"] == 1 and capped["bytes"] == len(texts[0].encode())
+
+
+def byte_model_dir(path, block_size: int):
+    """A model dir whose tokenizer has no merges (one token per byte of ASCII text, and
+    <|endoftext|>: V = 257) and whose weights are all zero, so every logit is 0: each predicted
+    token costs exactly log2(V) bits."""
+    from safetensors.torch import save_model
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    trainer = trainers.BpeTrainer(
+        vocab_size=257, special_tokens=[EOT], initial_alphabet=alphabet, show_progress=False
+    )
+    tok.train_from_iterator(["aaaa bbbb"], trainer)
+    assert tok.get_vocab_size() == 257
+    path.mkdir()
+    tok.save(str(path / "tokenizer.json"))
+    config = GPTConfig(vocab_size=257, block_size=block_size, n_layer=1, n_head=2, n_embd=8)
+    model = GPT(config)
+    for p in model.parameters():
+        torch.nn.init.zeros_(p)
+    save_model(model, str(path / "model.safetensors"))
+    (path / "config.json").write_text(json.dumps(config.to_dict()))
+    return path
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+@pytest.mark.parametrize("context", [None, 5])
+def test_bits_per_byte_of_a_uniform_model_matches_a_hand_count(tmp_path, bf16, context):
+    texts = ["def f(x):\n    return x\n", "a = 1\n"]  # 23 + 6 = 29 bytes, all ASCII
+    # The stream is EOT doc1 EOT doc2 EOT: 29 + 3 = 32 tokens, of which all but the first are
+    # predicted: 31 tokens at log2(257) bits each (windows of 16, or of 5, and a short tail).
+    expected = 31 * math.log2(257) / 29
+    model_dir = byte_model_dir(tmp_path / "m", block_size=16)
+    model, tok = evaluate.load_model_dir(model_dir)
+    scored = evaluate.score_texts(model, tok, texts, bf16=bf16, context=context)
+    assert (scored["tokens"], scored["bytes"], scored["documents_scored"]) == (31, 29, 2)
+    assert scored["nll_bits"] == pytest.approx(31 * math.log2(257), rel=1e-6)
+    assert evaluate.score_model_dir(model_dir, texts, bf16=bf16, context=context) == pytest.approx(
+        expected, rel=1e-6
+    )
+
+
+def test_score_texts_refuses_a_context_longer_than_the_model(tmp_path):
+    model, tok = evaluate.load_model_dir(byte_model_dir(tmp_path / "m", block_size=16))
+    with pytest.raises(ValueError, match="context 17 is longer than the model's block_size 16"):
+        evaluate.score_texts(model, tok, ["x = 1\n"], context=17)
+
+
+def test_score_key_changes_with_each_setting_that_changes_a_score():
+    base = {
+        "val_set_sha256": "a" * 64,
+        "score_max_tokens": None,
+        "score_context": 64,
+        "score_bf16": False,
+        "scoring_code_sha256": evaluate.scoring_code_sha256(),
+    }
+    changed = [
+        ("val_set_sha256", "b" * 64),
+        ("score_max_tokens", 20000),
+        ("score_context", 32),
+        ("score_bf16", True),
+        ("scoring_code_sha256", "c" * 64),
+    ]
+    assert [field for field, _ in changed] == list(evaluate.SCORE_KEY_FIELDS)
+    keys = {evaluate.score_key(base)} | {evaluate.score_key({**base, f: v}) for f, v in changed}
+    assert len(keys) == len(changed) + 1
+    assert evaluate.score_key({**base, "val_loss": 1.0}) == evaluate.score_key(base)  # only the key's fields
