@@ -278,6 +278,97 @@ def test_warning_tier_reports_without_blocking(tmp_path):
     }
 
 
+def kept_docs(paths: list[str], size: int = 400) -> list[dict]:
+    docs = []
+    for i, path in enumerate(paths):
+        text = f"def f_{i}(x):\n    return x * {i}\n" + "# a comment line of words\n" * (size // 27)
+        docs.append({"path": path, "text": text, "sha256": f"sha{i}", "n_bytes": len(text)})
+    return docs
+
+
+GOOD = ["pkg/a.py", "pkg/b.py", "lib/c.py", "lib/d.md", "e.txt"]
+
+
+@pytest.mark.parametrize(
+    "paths, change, gate_overrides, failed, warned",
+    [
+        (GOOD, None, {}, set(), set()),
+        # blocking: what a defect upstream of the gate would leave, and the corpus's budget
+        (
+            GOOD,
+            lambda f: f.drop(columns=["source"], inplace=True),
+            {},
+            {"expect_table_columns_to_match_set"},
+            "any",
+        ),
+        (
+            GOOD,
+            lambda f: f.__setitem__("n_bytes", f["n_bytes"].astype("float64")),
+            {},
+            {"expect_column_values_to_be_of_type[n_bytes]"},
+            set(),
+        ),
+        (
+            GOOD,
+            lambda f: f.__setitem__("text", [None, *f["text"][1:]]),
+            {},
+            {"expect_column_values_to_not_be_null[text]"},
+            set(),
+        ),
+        (
+            ["pkg/a.py", "pkg/a.py", "lib/c.py", "lib/d.py", "e.py"],  # two documents, one name
+            None,
+            {},
+            {"expect_column_values_to_be_unique[path]"},
+            set(),
+        ),
+        (GOOD, None, {"min_documents": 6}, {"expect_table_row_count_to_be_between"}, set()),
+        (GOOD, None, {"max_bytes": 1000}, {"expect_column_sum_to_be_between[n_bytes]"}, set()),
+        (GOOD, None, {"min_bytes": 100_000}, {"expect_column_sum_to_be_between[n_bytes]"}, set()),
+        # warnings: what the filters cannot see, one document at a time
+        (
+            ["vendor/a.py", "vendor/b.py", "vendor/c.py", "pkg/d.py", "e.py"],  # 3 of 5 from vendor/
+            None,
+            {},
+            set(),
+            {"expect_column_max_to_be_between[source_share]"},
+        ),
+        (
+            ["pkg/a.py", "web/icon.svg", "docs/page.html", "lib/rows.jsonl#3", "README"],
+            None,
+            {},
+            set(),
+            {"expect_column_values_to_be_in_set[extension]"},
+        ),
+        (GOOD, None, {"warn_min_kept_fraction": 0.9}, set(), {"expect_table_row_count_to_be_between"}),
+    ],
+)
+def test_each_expectation_fires_on_what_it_guards(tmp_path, paths, change, gate_overrides, failed, warned):
+    rules = CurateParams()
+    rules.gate = rules.gate.model_copy(update={"min_documents": 1, "min_bytes": 100, **gate_overrides})
+    frame = gate.gate_frame(kept_docs(paths))
+    expectations = gate.gate_expectations(rules, documents_in=6, num_sources=frame["source"].nunique())
+    if change:
+        change(frame)
+
+    result = gate.run_suite(frame, expectations, tmp_path)
+
+    assert {f["check"] for f in result.failed} == failed
+    assert result.passed == (not failed)
+    if warned != "any":
+        assert {w["check"] for w in result.warnings} == warned
+
+
+def test_a_single_source_is_not_warned_about_its_share(tmp_path):
+    rows = [f"corpus.jsonl#{i}" for i in range(4)]  # one table file: its share is 1 by definition
+    frame = gate.gate_frame(kept_docs(rows))
+    rules = CurateParams()
+    rules.gate.min_documents, rules.gate.min_bytes = 1, 1
+    result = gate.run_suite(frame, gate.gate_expectations(rules, 4, frame["source"].nunique()), tmp_path)
+    assert result.passed and result.warnings == []
+    assert list(frame["source"]) == ["corpus.jsonl"] * 4 and list(frame["extension"]) == [".jsonl"] * 4
+
+
 # --- drift ----------------------------------------------------------------------------------------
 
 
