@@ -297,6 +297,7 @@ def run(params: Params) -> dict:
         records = read_documents(params.data.raw_dir)
     except FileNotFoundError as exc:
         raise SourceError(str(exc)) from None
+    _check_unique_paths(records, params.data.raw_dir)
     result = curate_documents(records, rules)
     write_quarantine(
         result.dropped,
@@ -332,6 +333,18 @@ def run(params: Params) -> dict:
         [{**doc, "scrubbed": json.dumps(doc["scrubbed"], sort_keys=True)} for doc in result.kept], curated_dir
     )
     return summary
+
+
+def _check_unique_paths(records: list[dict], raw_dir: str) -> None:
+    """Every later step keys documents by path (dedupe, quarantine, --explain): two documents under
+    one name, which a glob over FILE.jsonl and a file named FILE.jsonl#ROW can give, stop here."""
+    seen: set[str] = set()
+    repeated = sorted({r["path"] for r in records if r["path"] in seen or seen.add(r["path"])})
+    if repeated:
+        raise SourceError(
+            f"{raw_dir}: {repeated[0]!r} names more than one document ({len(repeated)} such names): "
+            "narrow or rename data.source"
+        )
 
 
 def _drift_line(check: dict) -> dict:

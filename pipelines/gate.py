@@ -92,8 +92,10 @@ def gate_frame(kept: list[dict]):
 
 
 def source_of(path: str) -> str:
-    """The top-level folder a document came from, or its file (a top-level file, a table's rows)."""
-    return path.split("#", 1)[0].split("/", 1)[0]
+    """The top-level folder a document came from; a top-level file is its own source, and so is
+    a file named by its absolute path (ingest names a table's rows /path/to/FILE#ROW)."""
+    name = path.split("#", 1)[0]
+    return name if name.startswith("/") else name.split("/", 1)[0]
 
 
 def extension_of(path: str) -> str:
