@@ -24,6 +24,7 @@ import json
 import multiprocessing
 import os
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -338,8 +339,7 @@ def run(params: Params) -> dict:
 def _check_unique_paths(records: list[dict], raw_dir: str) -> None:
     """Every later step keys documents by path (dedupe, quarantine, --explain): two documents under
     one name, which a glob over FILE.jsonl and a file named FILE.jsonl#ROW can give, stop here."""
-    seen: set[str] = set()
-    repeated = sorted({r["path"] for r in records if r["path"] in seen or seen.add(r["path"])})
+    repeated = sorted(path for path, n in Counter(r["path"] for r in records).items() if n > 1)
     if repeated:
         raise SourceError(
             f"{raw_dir}: {repeated[0]!r} names more than one document ({len(repeated)} such names): "
