@@ -121,8 +121,12 @@ def time_steps(records: list[dict], rules, repeats: int, tmp: Path) -> tuple[dic
     times["near: LSH pass"], (kept, near_clusters) = timed(lsh_pass, repeats)
     kept_texts, n = [d["text"] for d in kept], len(records)
     times["profile"], _ = timed(lambda: gate.merge_profiles([gate.text_profile(kept_texts)]), repeats)
-    suite = lambda: gate.run_suite(gate.gate_frame(kept), gate.gate_expectations(rules, n), tmp)  # noqa: E731
-    times["GE suite"], _ = timed(suite, repeats)  # an expectation belongs to one suite: fresh ones each run
+
+    def suite():  # as curate.run does it; an expectation belongs to one suite: fresh ones each run
+        frame = gate.gate_frame(kept)
+        return gate.run_suite(frame, gate.gate_expectations(rules, n, frame["source"].nunique()), tmp)
+
+    times["GE suite"], _ = timed(suite, repeats)
     clusters = exact_originals | set(near_clusters)  # kept path -> its copies, as curate counts them
     return times, (len(records), len(kept), len(passed) - len(unique), len(unique) - len(kept), len(clusters))
 

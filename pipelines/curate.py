@@ -5,7 +5,8 @@
 
 Reads data/raw/documents.parquet (path, content bytes; never modified). Writes:
     data/curated/documents.parquet    path, text, sha256, n_bytes, scrubbed (JSON: matches per kind)
-    data/quarantine/documents.parquet every dropped document as ingested, with all its reasons
+    data/quarantine/documents.parquet every dropped document, scrubbed as curate saw it, with all
+                                      its reasons and the kinds of secret replaced (JSON)
     reports/curation.json             counts in and out, per reason, per scrubbed kind, duplicate
                                       clusters, drift figures, gate verdict, step timings
     reports/data_profile.json         the curated set's profile (publish stores it with the model)
@@ -23,6 +24,7 @@ import json
 import multiprocessing
 import os
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,7 +37,7 @@ from pipelines.dedupe import NearDuplicates, signature
 from pipelines.errors import ConfigError, GateError, SourceError
 from pipelines.params import CurateParams, Params
 from pipelines.quality import FILTER_REASONS, decode_document, explain_reason, failing_filters
-from pipelines.scrub import KINDS, PATTERNS, scrub_text
+from pipelines.scrub import KINDS, PLACEHOLDERS, scrub_text
 
 CURATION_REPORT = "curation.json"
 PROFILE_REPORT = gates.PROFILE_ARTIFACT  # publish stores it with the model
@@ -47,6 +49,7 @@ QUARANTINE_SCHEMA = pa.schema(
         ("reasons", pa.list_(pa.string())),
         ("duplicate_of", pa.string()),
         ("jaccard", pa.float64()),
+        ("scrubbed", pa.string()),
     ]
 )
 
@@ -207,15 +210,36 @@ def corpus_profile(texts: list[str], workers: int) -> dict:
 # Outputs
 
 
-def write_quarantine(dropped: list[dict], records_by_path: dict[str, bytes], out_dir: str | Path) -> Path:
-    """Every dropped document, byte for byte as ingested, with every reason that applied."""
+def write_quarantine(
+    dropped: list[dict], records_by_path: dict[str, bytes], out_dir: str | Path, scrub: bool = True
+) -> Path:
+    """Every dropped document with every reason that applied, its secrets scrubbed as in the
+    curated set: the quarantine is pushed to the DVC remote like any output, so it must hold no
+    secret that curation found. Decodable content is stored as its scrubbed text (UTF-8, the
+    text the filters judged); undecodable content as its bytes, scrubbed through latin-1 (which
+    maps every byte to one character and back), so ASCII secrets in a legacy file go too."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows = [{**doc, "content": records_by_path.get(doc["path"])} for doc in dropped]
+    rows = []
+    for doc in dropped:
+        content, scrubbed = quarantine_content(records_by_path.get(doc["path"]), scrub)
+        rows.append({**doc, "content": content, "scrubbed": json.dumps(scrubbed, sort_keys=True)})
     path, tmp = out_dir / DOCUMENTS_FILE, out_dir / (DOCUMENTS_FILE + ".tmp")
     pq.write_table(pa.Table.from_pylist(rows, schema=QUARANTINE_SCHEMA), tmp)
     os.replace(tmp, path)
     return path
+
+
+def quarantine_content(content: bytes | None, scrub: bool) -> tuple[bytes | None, dict[str, int]]:
+    """(what the quarantine stores for one raw document, secrets replaced per kind)."""
+    if content is None or not scrub:
+        return content, {}
+    text, undecodable = decode_document(content)
+    if undecodable:
+        text, scrubbed = scrub_text(content.decode("latin-1"))
+        return text.encode("latin-1"), scrubbed
+    text, scrubbed = scrub_text(text)
+    return text.encode("utf-8"), scrubbed
 
 
 def summarize(result: CurationResult, rules: CurateParams, gate: dict, drift: dict) -> dict:
@@ -274,8 +298,14 @@ def run(params: Params) -> dict:
         records = read_documents(params.data.raw_dir)
     except FileNotFoundError as exc:
         raise SourceError(str(exc)) from None
+    _check_unique_paths(records, params.data.raw_dir)
     result = curate_documents(records, rules)
-    write_quarantine(result.dropped, {r["path"]: r["content"] for r in records}, params.data.quarantine_dir)
+    write_quarantine(
+        result.dropped,
+        {r["path"]: r["content"] for r in records},
+        params.data.quarantine_dir,
+        scrub=rules.scrub_secrets,
+    )
     del records
 
     started = time.perf_counter()
@@ -286,7 +316,8 @@ def run(params: Params) -> dict:
     started = time.perf_counter()
     try:
         frame = gates.gate_frame(result.kept)
-        gate = gates.run_suite(frame, gates.gate_expectations(rules, result.documents_in), reports_dir)
+        expectations = gates.gate_expectations(rules, result.documents_in, frame["source"].nunique())
+        gate = gates.run_suite(frame, expectations, reports_dir)
     except Exception as exc:
         error = {"passed": False, "error": f"the gate did not run: {type(exc).__name__}: {exc}"}
         write_json(reports_dir / CURATION_REPORT, summarize(result, rules, error, drift))
@@ -303,6 +334,17 @@ def run(params: Params) -> dict:
         [{**doc, "scrubbed": json.dumps(doc["scrubbed"], sort_keys=True)} for doc in result.kept], curated_dir
     )
     return summary
+
+
+def _check_unique_paths(records: list[dict], raw_dir: str) -> None:
+    """Every later step keys documents by path (dedupe, quarantine, --explain): two documents under
+    one name, which a glob over FILE.jsonl and a file named FILE.jsonl#ROW can give, stop here."""
+    repeated = sorted(path for path, n in Counter(r["path"] for r in records).items() if n > 1)
+    if repeated:
+        raise SourceError(
+            f"{raw_dir}: {repeated[0]!r} names more than one document ({len(repeated)} such names): "
+            "narrow or rename data.source"
+        )
 
 
 def _drift_line(check: dict) -> dict:
@@ -357,7 +399,7 @@ def explain(path: str, params: Params) -> str:
         scrubbed = json.loads(doc.get("scrubbed") or "{}")
         lines = [f"{path}: kept ({doc['n_bytes']} bytes) in {curated}"]
         if scrubbed:
-            changes = ", ".join(f"{n} {kind} -> {PATTERNS[kind][0]}" for kind, n in sorted(scrubbed.items()))
+            changes = ", ".join(f"{n} {kind} -> {PLACEHOLDERS[kind]}" for kind, n in sorted(scrubbed.items()))
             lines.append(f"  - changed: secrets and personal data replaced: {changes}")
         else:
             lines.append("  - unchanged apart from newline normalisation")

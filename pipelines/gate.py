@@ -21,11 +21,15 @@ import numpy as np
 
 from pipelines.data import write_json
 from pipelines.params import CurateParams, DriftParams
-from pipelines.quality import alnum_fraction, is_code, longest_line
+from pipelines.quality import CODE_SUFFIXES, alnum_fraction
 
 GATE_REPORT = "gate.json"
 DATA_DOCS_DIR = "data_docs"
-GATE_COLUMNS = ["path", "text", "sha256", "n_bytes", "n_chars", "max_line_length", "alnum_fraction"]
+GATE_COLUMNS = ["path", "text", "sha256", "n_bytes", "alnum_fraction", "source", "source_share", "extension"]
+# What a text corpus is made of: code, prose, the table formats ingest reads rows from, and files
+# without an extension (README, Makefile). Anything else kept (.svg, .html, .pem, .ipynb) is
+# worth a look even though it passed the filters.
+TEXT_EXTENSIONS = CODE_SUFFIXES | {".txt", ".md", ".rst", ".jsonl", ".json", ".parquet", ".csv", ""}
 TOP_WORDS = 2000
 _WORD_RE = re.compile(r"\w+")
 
@@ -62,38 +66,54 @@ class GateResult:
 
 
 def gate_frame(kept: list[dict]):
-    """The curated set as the DataFrame the gate checks, with statistics recomputed from the text."""
+    """The curated set as the DataFrame the gate checks, with what the suite needs derived per row."""
     import pandas as pd
 
     texts = [doc.get("text") for doc in kept]
     paths = [doc.get("path") for doc in kept]
-
-    def stat(fn, dtype):  # a missing text is the not-null check's to report, not a crash here
-        return pd.Series([fn(t) if isinstance(t, str) else None for t in texts], dtype=dtype)
-
+    sources = [source_of(p) if isinstance(p, str) else None for p in paths]
+    per_source = Counter(sources)
     return pd.DataFrame(
         {
             "path": paths,
             "text": texts,
             "sha256": [doc.get("sha256") for doc in kept],
             "n_bytes": pd.Series([doc.get("n_bytes") for doc in kept], dtype="Int64"),
-            "n_chars": stat(len, "Int64"),
-            # a line limit is a code rule: prose rows are null here, which GE's check skips
-            "max_line_length": pd.Series(
-                [
-                    longest_line(t) if isinstance(t, str) and is_code(p or "") else None
-                    for t, p in zip(texts, paths, strict=True)
-                ],
-                dtype="Int64",
+            # a missing text is the not-null check's to report, not a crash here
+            "alnum_fraction": pd.Series(
+                [alnum_fraction(t) if isinstance(t, str) else None for t in texts], dtype="Float64"
             ),
-            "alnum_fraction": stat(alnum_fraction, "Float64"),
+            "source": sources,
+            "source_share": pd.Series([per_source[s] / len(kept) for s in sources], dtype="Float64"),
+            "extension": [extension_of(p) if isinstance(p, str) else None for p in paths],
         },
         columns=GATE_COLUMNS,
     )
 
 
-def gate_expectations(rules: CurateParams, documents_in: int) -> list:
-    """Both tiers; each expectation says in meta["need"] what passing means, for the report."""
+def source_of(path: str) -> str:
+    """The top-level folder a document came from; a top-level file is its own source, and so is
+    a file named by its absolute path (ingest names a table's rows /path/to/FILE#ROW)."""
+    name = path.split("#", 1)[0]
+    return name if name.startswith("/") else name.split("/", 1)[0]
+
+
+def extension_of(path: str) -> str:
+    """The lower-cased suffix, "" for none; a table row has its file's (rows.jsonl#3 -> ".jsonl")."""
+    name = path.split("#", 1)[0].rsplit("/", 1)[-1]
+    return "." + name.rsplit(".", 1)[1].lower() if "." in name.strip(".") else ""
+
+
+def gate_expectations(rules: CurateParams, documents_in: int, num_sources: int | None = None) -> list:
+    """Both tiers; each expectation says in meta["need"] what passing means, for the report.
+
+    Only checks the per-document filters cannot make: the frame's schema, duplicate paths, the
+    corpus's size and byte budget, and (warnings) how much curation kept, the median alphanumeric
+    share, one source dominating, files that are neither text nor code. The filters' own
+    thresholds are not re-checked here: every kept document passed them a moment ago.
+    num_sources: distinct top-level sources kept; with one, its share is 1 by definition and
+    the share check is left out.
+    """
     import great_expectations as gx
 
     E = gx.expectations
@@ -103,25 +123,19 @@ def gate_expectations(rules: CurateParams, documents_in: int) -> list:
             E.ExpectTableColumnsToMatchSet(column_set=GATE_COLUMNS, exact_match=True),
             f"exactly {GATE_COLUMNS}",
         ),
+        *[
+            (E.ExpectColumnValuesToBeOfType(column=c, type_=t), f"type {t}")
+            for c, t in (("path", "str"), ("text", "str"), ("sha256", "str"), ("n_bytes", "int64"))
+        ],
         *[(E.ExpectColumnValuesToNotBeNull(column=c), "no nulls") for c in ("path", "text", "sha256")],
-        (E.ExpectColumnValuesToBeUnique(column="sha256"), "unique values"),
         (E.ExpectColumnValuesToBeUnique(column="path"), "unique values"),
-        (
-            E.ExpectColumnValuesToBeBetween(
-                column="n_chars", min_value=rules.min_chars, max_value=rules.max_chars
-            ),
-            f"{rules.min_chars}..{rules.max_chars}",
-        ),
-        (
-            E.ExpectColumnValuesToBeBetween(column="max_line_length", max_value=rules.max_line_length),
-            f"<= {rules.max_line_length}",
-        ),
-        (
-            E.ExpectColumnValuesToBeBetween(column="alnum_fraction", min_value=rules.min_alnum_fraction),
-            f">= {rules.min_alnum_fraction}",
-        ),
         (E.ExpectTableRowCountToBeBetween(min_value=gate.min_documents), f">= {gate.min_documents}"),
-        (E.ExpectColumnSumToBeBetween(column="n_bytes", min_value=gate.min_bytes), f">= {gate.min_bytes}"),
+        (
+            E.ExpectColumnSumToBeBetween(
+                column="n_bytes", min_value=gate.min_bytes, max_value=gate.max_bytes
+            ),
+            f"{gate.min_bytes:,}..{gate.max_bytes:,} bytes",
+        ),
     ]
     min_kept = math.ceil(gate.warn_min_kept_fraction * documents_in)
     warning = [
@@ -135,7 +149,22 @@ def gate_expectations(rules: CurateParams, documents_in: int) -> list:
             ),
             f">= {gate.warn_min_median_alnum}",
         ),
+        (
+            E.ExpectColumnValuesToBeInSet(
+                column="extension", value_set=sorted(TEXT_EXTENSIONS), severity="warning"
+            ),
+            "source code or text files (.py, .md, .txt, table rows, ...)",
+        ),
     ]
+    if num_sources is None or num_sources > 1:
+        warning.append(
+            (
+                E.ExpectColumnMaxToBeBetween(
+                    column="source_share", max_value=gate.warn_max_source_share, severity="warning"
+                ),
+                f"<= {gate.warn_max_source_share} of the kept documents from one top-level folder or file",
+            )
+        )
     for expectation, need in blocking + warning:
         expectation.meta = {"need": need}
     return [expectation for expectation, _ in blocking + warning]

@@ -67,13 +67,27 @@ class DriftParams(Section):
 class GateParams(Section):
     min_documents: int = Field(500, ge=1, description="fewest curated documents that may train a model")
     min_bytes: int = Field(5_000_000, ge=1, description="fewest curated UTF-8 bytes that may train a model")
+    max_bytes: int = Field(
+        1_000_000_000,
+        ge=1,
+        description="most curated UTF-8 bytes one run may train on (a misconfigured source)",
+    )
     warn_min_kept_fraction: float = Field(
         0.5, ge=0, le=1, description="warn when curation keeps less of the input"
     )
     warn_min_median_alnum: float = Field(
         0.5, ge=0, le=1, description="warn when the median alnum fraction is lower"
     )
+    warn_max_source_share: float = Field(
+        0.5, gt=0, le=1, description="warn when one top-level folder or file holds more of the kept documents"
+    )
     drift: DriftParams = Field(default_factory=DriftParams, description="drift against the champion's data")
+
+    @model_validator(mode="after")
+    def _byte_bounds_ordered(self):
+        if self.min_bytes > self.max_bytes:
+            raise ValueError("curate.gate.min_bytes must not exceed curate.gate.max_bytes")
+        return self
 
 
 class NearDedupeParams(Section):

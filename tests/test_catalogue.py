@@ -7,18 +7,24 @@ The drift cases compare with a champion published for real into a SQLite registr
 """
 
 import json
+import os
 import random
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+import yaml
 from conftest import make_model_dir, write_metrics
 
 from pipelines import curate, ingest
 from pipelines.data import DOCUMENTS_FILE, sha256_file
-from pipelines.params import load_params
+from pipelines.params import load_params, save_overrides
 
 GATE = ["curate.gate.min_documents=5", "curate.gate.min_bytes=3000", "curate.workers=1"]
+BIN = Path(sys.executable).parent
 
 
 def module(i: int, name: str = "item") -> str:
@@ -236,27 +242,152 @@ def test_nulls_in_a_jsonl(ws, tmp_path):
     assert len(nulls) == 8 and all("too_short" in row["reasons"] for row in nulls)
 
 
+SECRETS = (
+    "AWS_KEY = 'AKIAIOSFODNN7EXAMPLE'\n"
+    "AWS_SECRET = 'wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY'\n"
+    "GITHUB = 'ghp_" + "x1Y2" * 9 + "'\n"
+    "GITLAB = 'glpat-" + "Ab1_" * 7 + "'\n"
+    "PYPI = 'pypi-AgEIcHlwaS5vcmc" + "Q2x" * 20 + "'\n"
+    "SLACK = 'https://hooks.slack.com/services/T00000000/B00000000/XXXXXXXXXXXXXXXXXXXXXXXX'\n"
+    "DB = 'postgres://app:hunter2@db.internal:5432/app'\n"
+    "db_password = 'correct-horse-battery'\n"
+    "OWNER = 'jane.doe@corp.co.uk'\n"
+    "KEY = '''-----BEGIN PRIVATE KEY-----\nMIIEvQIBADANBgkqhkiG9w0BAQEFAASC\n-----END PRIVATE KEY-----'''\n"
+    "PGP = '''-----BEGIN PGP PRIVATE KEY BLOCK-----\n\nlQOYBF0Sm0oBCADJ8mXn\n-----END PGP PRIVATE KEY BLOCK-----'''\n"
+)
+# what must appear nowhere but the raw snapshot: one piece of each secret above
+SECRET_BYTES = (
+    "AKIAIOSFODNN7EXAMPLE",
+    "wJalrXUtnFEMI",
+    "ghp_x1Y2",
+    "glpat-Ab1_",
+    "pypi-AgEIcHlwaS5vcmc",
+    "T00000000/B00000000",
+    "hunter2",
+    "correct-horse",
+    "jane.doe",
+    "MIIEvQIBADAN",
+    "lQOYBF0Sm0oBCADJ8mXn",
+)
+
+
 def test_files_full_of_secrets(ws, tmp_path):
     folder = tmp_path / "secrets"
     good_corpus(folder)
-    secrets = (
-        "AWS_KEY = 'AKIAIOSFODNN7EXAMPLE'\n"
-        "GITHUB = 'ghp_" + "x1Y2" * 9 + "'\n"
-        "OWNER = 'jane.doe@example.com'\n"
-        "KEY = '''-----BEGIN PRIVATE KEY-----\nMIIEvQIBADANBgkqhkiG9w0BAQEFAASC\n-----END PRIVATE KEY-----'''\n"
-    )
     for i in range(3):
-        (folder / f"settings_{i}.py").write_text(secrets * 3 + module(200 + i))
-    where, code, err = ws.run(folder)
+        (folder / f"settings_{i}.py").write_text(SECRETS * 3 + module(200 + i))
+    (folder / "short.py").write_text(SECRETS)  # too short: dropped, so it lands in the quarantine
+    where, code, err = ws.run(folder, "curate.min_chars=1500")
     assert (where, code) == ("passed", 0), err
     curated_text = "".join(doc["text"] for doc in ws.curated())
-    for secret in ("AKIAIOSFODNN7EXAMPLE", "ghp_", "jane.doe@example.com", "MIIEvQIBADAN"):
-        assert secret not in curated_text
-    assert ws.report()["scrubbed"] == {"api_key": 18, "email": 9, "private_key": 9, "token": 0}
-    assert "3 api_key -> <API_KEY>" not in ws.explain("settings_0.py")
-    assert "6 api_key -> <API_KEY>, 3 email -> <EMAIL>, 3 private_key -> <PRIVATE_KEY>" in ws.explain(
-        "settings_0.py"
+    quarantined = b"".join(row["content"] for row in ws.quarantine().values())
+    for secret in SECRET_BYTES:
+        assert secret not in curated_text and secret.encode() not in quarantined, secret
+    assert ws.quarantine()["short.py"]["reasons"] == ["too_short"]
+    assert ws.report()["scrubbed"] == {
+        "private_key": 18,
+        "api_key": 54,
+        "token": 0,
+        "credentials": 9,
+        "password": 9,
+        "email": 9,
+    }
+    assert "6 api_key -> <API_KEY>" not in ws.explain("settings_0.py")
+    assert (
+        "18 api_key -> <API_KEY>, 3 credentials -> <CREDENTIALS>, 3 email -> <EMAIL>, "
+        "3 password -> <PASSWORD>, 6 private_key -> <PRIVATE_KEY>"
+    ) in ws.explain("settings_0.py")
+
+
+@pytest.mark.slow
+def test_secrets_reach_neither_the_dvc_remote_nor_the_logged_reports(tmp_path):
+    """`dvc repro` and `dvc push` for real, in a git repo made of this project's files: the raw
+    snapshot (which holds the secrets, byte for byte) stays in the local cache; what is pushed,
+    and every report the flow logs to MLflow from reports/, holds none of them."""
+    folder = tmp_path / "secrets"
+    good_corpus(folder)
+    (folder / "settings.py").write_text(SECRETS + module(300))
+    (folder / "short.py").write_text(SECRETS)  # dropped: too short
+    proj, env = dvc_project(tmp_path, folder)
+    for args in (["repro", "curate"], ["push"], ["status", "--cloud", "ingest", "curate"]):
+        done = subprocess.run(["dvc", *args], cwd=proj, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stdout + done.stderr
+    assert "in sync" in done.stdout  # the unpushed raw snapshot is no missing data
+
+    def holding_secrets(root: Path) -> dict[str, list[str]]:
+        found = {}
+        for path in sorted(p for p in root.rglob("*") if p.is_file()):
+            data = path.read_bytes()
+            if hits := [s for s in SECRET_BYTES if s.encode() in data]:
+                found[str(path.relative_to(root))] = hits
+        return found
+
+    assert holding_secrets(proj / "data" / "raw"), "the raw snapshot should hold the planted secrets"
+    remote_dir = proj / ".dvc-remote"  # the project's own default remote, a local folder
+    for pushed_or_logged in (remote_dir, *(proj / p for p in ("data/quarantine", "data/curated", "reports"))):
+        assert holding_secrets(pushed_or_logged) == {}, pushed_or_logged
+    remote = {p.relative_to(remote_dir).as_posix() for p in remote_dir.rglob("*") if p.is_file()}
+    lock = yaml.safe_load((proj / "dvc.lock").read_text())
+    raw_md5 = lock["stages"]["ingest"]["outs"][0]["md5"]
+    quarantine_md5 = next(
+        o["md5"] for o in lock["stages"]["curate"]["outs"] if o["path"] == "data/quarantine"
     )
+    assert f"files/md5/{quarantine_md5[:2]}/{quarantine_md5[2:]}" in remote  # the quarantine is pushed
+    assert f"files/md5/{raw_md5[:2]}/{raw_md5[2:]}" not in remote  # the raw snapshot is not
+
+
+def dvc_project(tmp_path: Path, source: Path) -> tuple[Path, dict]:
+    """This project's git-tracked files (tests aside) as a fresh git repo; its DVC remote is local."""
+    repo = Path(__file__).resolve().parents[1]
+    proj = tmp_path / "proj"
+    files = subprocess.run(["git", "ls-files"], cwd=repo, capture_output=True, text=True, check=True).stdout
+    for name in files.split():
+        if not name.startswith("tests/"):
+            (proj / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(repo / name, proj / name)
+    save_overrides(proj / "params.yaml", [f"data.source={source}", *GATE])
+    for args in (
+        ["git", "init", "-q"],
+        ["git", "add", "-A"],
+        ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"],
+    ):
+        subprocess.run(
+            args, cwd=proj, check=True, env={**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+        )
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+        "PYTHONPATH": str(proj),
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'no-registry.db'}",
+        "DVC_SITE_CACHE_DIR": str(tmp_path / "dvc-site-cache"),
+    }
+    return proj, env
+
+
+def test_two_documents_under_one_name_stop_curation(ws, tmp_path):
+    """A table's rows are named FILE#ROW: a glob over a folder holding rows.jsonl and a text file
+    named rows.jsonl#1 gives two documents one name, which dedupe and the quarantine cannot tell
+    apart. Curation stops with one line before any of them."""
+    folder = tmp_path / "collide"
+    good_corpus(folder)
+    (folder / "rows.jsonl").write_text("".join(json.dumps({"text": prose(i)}) + "\n" for i in range(3)))
+    (folder / "rows.jsonl#1").write_text(prose(99))
+    where, code, err = ws.run(f"{folder}/*", "curate.min_chars=100")  # a glob: names as found
+    assert (where, code) == ("curate", 2)
+    assert one_line(err).endswith(
+        "rows.jsonl#1' names more than one document (1 such names): narrow or rename data.source"
+    )
+
+
+def test_kept_files_that_are_neither_code_nor_text_are_a_warning(ws, tmp_path):
+    folder = tmp_path / "mixed"
+    good_corpus(folder)
+    (folder / "page.html").write_text("<p>" + prose(1) + "</p>")
+    where, code, err = ws.run(folder, "curate.min_chars=100")
+    assert (where, code) == ("passed", 0), err
+    (warning,) = ws.report()["gate"]["warnings"]
+    assert warning["check"] == "expect_column_values_to_be_in_set[extension]"
+    assert "1 of 11 rows failing, e.g. '.html'" in warning["observed"]
 
 
 def test_generated_files_and_encoded_blobs(ws, tmp_path):
