@@ -29,8 +29,9 @@ from pipelines.checkpoint import checkpoint_path
 from pipelines.params import PARAMS_FILE, load_params
 
 
-def train(params_file: Path, env: dict, kill_at: Path | None = None) -> float:
-    """Seconds from start to exit, or to the SIGKILL once kill_at exists."""
+def train(params_file: Path, env: dict, kill_at: str | None = None) -> float:
+    """Seconds from start to exit, or to the SIGKILL once a file matching the glob kill_at
+    (relative to the params file's folder) exists: checkpoints live in checkpoints/<run key>/."""
     cmd = [sys.executable, "-m", "pipelines.train", "--params", str(params_file)]
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -38,7 +39,7 @@ def train(params_file: Path, env: dict, kill_at: Path | None = None) -> float:
         if proc.wait():
             sys.exit(f"training failed with exit code {proc.returncode}")
         return time.perf_counter() - start
-    while not kill_at.exists():
+    while not any(params_file.parent.glob(kill_at)):
         if proc.poll() is not None:
             sys.exit(f"training ended (code {proc.returncode}) before {kill_at} was written")
         time.sleep(0.01)
@@ -62,7 +63,7 @@ def one_round(overrides: list[str], work: Path, env: dict) -> dict:
         files[name] = work / name / "params.yaml"
         files[name].write_text(yaml.safe_dump(mine.model_dump()))
     full = train(files["full"], env)
-    killed = train(files["killed"], env, kill_at=checkpoint_path(work / "killed" / "ckpt", half))
+    killed = train(files["killed"], env, kill_at=f"ckpt/*/{checkpoint_path('', half)}")
     resumed = train(files["killed"], env)
     same = (work / "full/models/model.safetensors").read_bytes() == (
         work / "killed/models/model.safetensors"

@@ -4,18 +4,20 @@
     trainpipe train -S train.max_steps=200
 
 Device chosen at run time (cuda, then mps, then cpu) with bf16 autocast where the device
-supports it. Every train.checkpoint_every steps a full checkpoint (weights, optimizer, RNG
-states, step, config, data version) is written atomically to checkpoints/, the last two kept
-(pipelines/checkpoint.py); a train started while an intact checkpoint of the same config and
-data exists resumes from it, and from the one before when the newest is truncated. The batch of step i is
-a function of (seed, i) alone, so a resumed run sees the same data as an uninterrupted one.
+supports it. Every train.checkpoint_every steps a full checkpoint (weights, optimizer, torch RNG
+state, step, config, data version, code version) is written atomically to checkpoints/<key>/, one
+folder per config and data, the last two kept (pipelines/checkpoint.py); a train started while an
+intact checkpoint of the same code, config and data exists resumes from it, and from the one before
+when the newest is truncated. Once the model is written the run's checkpoint folder is removed: a
+finished run's checkpoints never stand in for a later run. The batch of step i is a function of
+(seed, i) alone, so a resumed run sees the same data as an uninterrupted one. A non-finite loss or
+gradient stops the run before anything of that step is saved.
 Writes models/: model.safetensors, config.json, tokenizer.json, train.json.
 """
 
 import json
 import math
 import os
-import random
 import shutil
 import sys
 import time
@@ -25,7 +27,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipelines.checkpoint import load_checkpoint, save_checkpoint
+import pipelines.checkpoint
+import pipelines.data
+import pipelines.model
+from pipelines.checkpoint import CODE, load_checkpoint, remove_run, run_dir, save_checkpoint
 from pipelines.data import TOKENIZER_FILE, load_tokens, read_json, sha256_file, write_json
 from pipelines.errors import DivergenceError, TrainpipeError
 from pipelines.model import GPT, GPTConfig
@@ -33,6 +38,13 @@ from pipelines.params import Params, TrainParams
 
 # Fields that do not change the weights a run ends with: a checkpoint stays valid across them.
 NON_MODEL_FIELDS = {"device", "checkpoint_every", "log_every", "checkpoint_dir", "model_dir"}
+# The modules whose code decides the weights a run ends with (dvc.yaml lists them as train's deps).
+WEIGHT_MODULE_FILES = (
+    __file__,
+    pipelines.model.__file__,
+    pipelines.checkpoint.__file__,
+    pipelines.data.__file__,
+)
 
 
 def pick_device(name: str) -> torch.device:
@@ -84,14 +96,25 @@ def data_version(tokens_dir: Path) -> str:
     return sha256_file(tokens_dir / "train.bin", tokens_dir / TOKENIZER_FILE)[:16]
 
 
+def code_version() -> dict:
+    """The code that decides the weights: a hash of each module's bytes (a comment-only edit
+    counts as a change: it may retrain, never reuse other code's checkpoint), and the versions
+    of torch and numpy (batches pass through numpy)."""
+    files = {f"pipelines/{Path(f).name}": sha256_file(f)[:16] for f in WEIGHT_MODULE_FILES}
+    # str(): torch.__version__ is a TorchVersion, which weights-only loading refuses
+    return files | {"torch": str(torch.__version__), "numpy": np.__version__}
+
+
 def run_fingerprint(cfg: TrainParams, model_cfg: GPTConfig) -> dict:
-    """The config a checkpoint must match to be resumed from."""
+    """The config and code a checkpoint must match to be resumed from."""
     fields = {k: v for k, v in cfg.model_dump().items() if k not in NON_MODEL_FIELDS}
-    return {"train": fields, "model": model_cfg.to_dict()}
+    return {"train": fields, "model": model_cfg.to_dict(), CODE: code_version()}
 
 
 def checkpoint_state(model, optimizer, step: int, fingerprint: dict, version: str, history: list) -> dict:
-    """Everything needed to continue: weights, optimizer, step, history, config, data, RNG states."""
+    """Everything needed to continue: weights, optimizer, step, history, config, data, code and
+    the torch RNG state (the only generator training draws from; python's and numpy's are unused).
+    Tensors and plain data only, so that it loads with weights_only=True."""
     return {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -99,8 +122,23 @@ def checkpoint_state(model, optimizer, step: int, fingerprint: dict, version: st
         "history": history,
         "fingerprint": fingerprint,
         "data_version": version,
-        "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+        "rng": {"torch": torch.get_rng_state()},
     }
+
+
+def check_gradients(model: GPT, cfg: TrainParams, step: int) -> None:
+    """Clip the gradient norm to train.grad_clip (0: no clipping); stop when it is not finite,
+    before the optimizer turns it into NaN weights that a checkpoint would keep."""
+    if cfg.grad_clip > 0:
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    else:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+    norm_value = norm.item()  # sync point
+    if not math.isfinite(norm_value):
+        raise DivergenceError(
+            f"gradient norm became {norm_value} at step {step}: training stopped, no model written "
+            f"(try a lower train.lr than {cfg.lr})"
+        )
 
 
 def write_model(model_dir: Path, model: GPT, tokens_dir: Path, summary: dict) -> None:
@@ -143,7 +181,7 @@ def train_model(params: Params, log=print) -> dict:
     torch.manual_seed(cfg.seed)  # seed once: the initial weights
     model = GPT(model_cfg).to(device)
     optimizer = make_optimizer(model, cfg)
-    ckpt_dir = Path(cfg.checkpoint_dir)
+    ckpt_dir = run_dir(cfg.checkpoint_dir, fingerprint, version)
     state, ckpt_path, notes = load_checkpoint(ckpt_dir, fingerprint, version)
     for note in notes:
         log(f"train: {note}")
@@ -185,8 +223,7 @@ def train_model(params: Params, log=print) -> dict:
                 )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            check_gradients(model, cfg, step)
             optimizer.step()
             timed_tokens += tokens_per_step
             done = step + 1
@@ -223,6 +260,7 @@ def train_model(params: Params, log=print) -> dict:
         }
         mlflow.log_metrics({"train_seconds": elapsed, "num_params": summary["num_params"]})
     write_model(model_dir, model, tokens_dir, summary)
+    remove_run(ckpt_dir)  # the model is the result now; a later run must not resume this one
     return summary
 
 

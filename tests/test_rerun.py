@@ -80,15 +80,14 @@ def test_run_killed_in_train_reruns_from_train_and_resumes(tmp_path, mlflow_temp
         in refused.stderr.strip().splitlines()[-1]
     )
 
-    ckpt = proj / "checkpoints" / "ckpt-000020.pt"
     deadline = time.monotonic() + 240
-    while not ckpt.exists():
+    while not list(proj.glob("checkpoints/*/ckpt-000020.pt")):  # checkpoints/<run key>/
         assert first.poll() is None and time.monotonic() < deadline, "the first run never reached training"
         time.sleep(0.01)
     os.killpg(first.pid, signal.SIGKILL)
     first.wait()
     assert not (proj / "models" / "model.safetensors").exists()  # killed before train finished
-    killed_at = max(int(p.stem.split("-")[1]) for p in (proj / "checkpoints").glob("ckpt-*.pt"))
+    killed_at = max(int(p.stem.split("-")[1]) for p in proj.glob("checkpoints/*/ckpt-*.pt"))
 
     out, err = waiter.communicate(timeout=300)  # the waiter now gets the lock: it is the re-run
     assert waiter.returncode == 0, err[-3000:]
@@ -127,9 +126,8 @@ def test_run_killed_in_train_reruns_from_train_and_resumes(tmp_path, mlflow_temp
         text=True,
         start_new_session=True,
     )
-    ckpt = proj / "checkpoints" / "ckpt-000020.pt"
     deadline = time.monotonic() + 240
-    while not (ckpt.exists() and _is_from(ckpt, 80)):
+    while not any(_is_from(ckpt, 80) for ckpt in proj.glob("checkpoints/*/ckpt-000020.pt")):
         assert second.poll() is None and time.monotonic() < deadline, "the second run never reached training"
         time.sleep(0.01)
     # The Python process itself: where SHELL is unset DVC runs the stage through

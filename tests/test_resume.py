@@ -1,7 +1,7 @@
 """Exact resume: a real training process killed by a real SIGKILL at several points (before the
 first checkpoint, just after one, between two, in the middle of writing one) resumes and ends
-with weights byte-identical to an uninterrupted run; a truncated newest checkpoint falls back to
-the one before."""
+with weights byte-identical to an uninterrupted run, and leaves no checkpoint once its model is
+written; a truncated newest checkpoint falls back to the one before."""
 
 import os
 import shutil
@@ -43,15 +43,34 @@ def base(tmp_path_factory, mlflow_template_db):
     return params, env, (root / "full" / "models" / "model.safetensors").read_bytes()
 
 
-def base_ckpt(params) -> Path:
-    """The checkpoints the uninterrupted run left."""
-    return Path(params.data.tokens_dir).parent / "full" / "ckpt"
+@pytest.fixture(scope="module")
+def base_ckpt(base, tmp_path_factory) -> Path:
+    """The run folder of a run killed while writing its third checkpoint: the checkpoints of
+    steps EVERY and 2 * EVERY (a finished run leaves none)."""
+    params, env, _ = base
+    params_file = write_params(params, tmp_path_factory.mktemp("killed") / "run")
+    slow_env = dict(env, **{PAUSE_ENV: "0.5"})
+    assert kill_when(params_file, slow_env, writing(3 * EVERY)) == 2 * EVERY
+    return run_folder(params_file.parent / "ckpt")
 
 
-def write_params(params, where: Path) -> Path:
-    """A params file for one training process, with its own checkpoint and model dirs."""
+def run_folder(ckpt_root: Path) -> Path | None:
+    """The one run folder (checkpoints/<key>/) under a checkpoint root; None when there is none."""
+    folders = [p for p in ckpt_root.iterdir() if p.is_dir()] if ckpt_root.is_dir() else []
+    assert len(folders) <= 1, folders
+    return folders[0] if folders else None
+
+
+def committed(ckpt_root: Path) -> list[tuple[int, Path]]:
+    folder = run_folder(ckpt_root)
+    return list_checkpoints(folder) if folder else []
+
+
+def write_params(params, where: Path, ckpt_dir: Path | None = None) -> Path:
+    """A params file for one training process, with its own checkpoint (unless ckpt_dir names
+    one) and model dirs."""
     mine = params.model_copy(deep=True)
-    mine.train.checkpoint_dir = str(where / "ckpt")
+    mine.train.checkpoint_dir = str(ckpt_dir or where / "ckpt")
     mine.train.model_dir = str(where / "models")
     where.mkdir(parents=True)
     (where / "params.yaml").write_text(yaml.safe_dump(mine.model_dump()))
@@ -62,8 +81,11 @@ def train_cmd(params_file: Path) -> list[str]:
     return [sys.executable, "-m", "pipelines.train", "--params", str(params_file)]
 
 
-def run_train(params_file: Path, env: dict) -> subprocess.CompletedProcess:
-    return subprocess.run(train_cmd(params_file), env=env, capture_output=True, text=True, timeout=180)
+def run_train(params_file: Path, env: dict, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Train to the end; cwd: where `python -m pipelines.train` finds its code (default: here)."""
+    return subprocess.run(
+        train_cmd(params_file), env=env, cwd=cwd, capture_output=True, text=True, timeout=180
+    )
 
 
 def wait_for(predicate, proc, timeout=60.0) -> None:
@@ -74,12 +96,12 @@ def wait_for(predicate, proc, timeout=60.0) -> None:
         time.sleep(0.002)
 
 
-def kill_when(params_file: Path, env: dict, point) -> int:
+def kill_when(params_file: Path, env: dict, point, cwd: Path | None = None) -> int:
     """Start a training process, SIGKILL it when point(ckpt_dir, first_line) is true; the newest
     committed checkpoint step at the kill (0 when none)."""
     ckpt_dir = params_file.parent / "ckpt"
     proc = subprocess.Popen(
-        train_cmd(params_file), env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
+        train_cmd(params_file), env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
     )
     first_line = proc.stdout.readline().decode()  # "train: no checkpoint", printed before step 0
     wait_for(lambda: point(ckpt_dir, first_line), proc)
@@ -87,11 +109,16 @@ def kill_when(params_file: Path, env: dict, point) -> int:
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
     assert not (params_file.parent / "models").exists()
-    return list_checkpoints(ckpt_dir)[0][0] if list_checkpoints(ckpt_dir) else 0
+    return committed(ckpt_dir)[0][0] if committed(ckpt_dir) else 0
 
 
 def exists(step: int):
-    return lambda ckpt_dir, _: checkpoint_path(ckpt_dir, step).exists()
+    return lambda ckpt_dir, _: any(ckpt_dir.glob(f"*/{checkpoint_path('', step)}"))
+
+
+def writing(step: int):
+    """The checkpoint of step is half-written (PAUSE_ENV holds it there)."""
+    return lambda ckpt_dir, _: any(ckpt_dir.glob(f"*/{checkpoint_path('', step)}.tmp"))
 
 
 KILL_POINTS = {
@@ -114,18 +141,18 @@ def test_sigkill_at_any_point_resumes_to_identical_weights(base, tmp_path, point
     else:
         assert "train: no checkpoint" in done.stdout
     assert (tmp_path / "run" / "models" / "model.safetensors").read_bytes() == full_weights
-    assert len(list_checkpoints(tmp_path / "run" / "ckpt")) == 2  # the newest and the one before
+    assert run_folder(tmp_path / "run" / "ckpt") is None  # the model is written: nothing to resume
 
 
 def test_sigkill_while_a_checkpoint_is_written_resumes_from_the_previous_one(base, tmp_path):
     params, env, full_weights = base
     params_file = write_params(params, tmp_path / "run")
-    tmp_file = checkpoint_path(tmp_path / "run" / "ckpt", 2 * EVERY).with_suffix(".pt.tmp")
     slow_env = dict(env, **{PAUSE_ENV: "1.5"})  # each checkpoint write stops halfway for 1.5 s
-    step_at_kill = kill_when(params_file, slow_env, lambda *_: tmp_file.exists())
+    step_at_kill = kill_when(params_file, slow_env, writing(2 * EVERY))
     assert step_at_kill == EVERY  # the second checkpoint was half-written, never committed
-    full_size = checkpoint_path(tmp_path / "run" / "ckpt", EVERY).stat().st_size
-    assert 0 < tmp_file.stat().st_size < full_size
+    folder = run_folder(tmp_path / "run" / "ckpt")
+    tmp_file = checkpoint_path(folder, 2 * EVERY).with_suffix(".pt.tmp")
+    assert 0 < tmp_file.stat().st_size < checkpoint_path(folder, EVERY).stat().st_size
 
     done = run_train(params_file, env)
     assert done.returncode == 0, done.stderr
@@ -134,32 +161,31 @@ def test_sigkill_while_a_checkpoint_is_written_resumes_from_the_previous_one(bas
     assert not tmp_file.exists()  # leftovers are cleaned up at the next save
 
 
-def test_truncated_newest_checkpoint_falls_back_to_the_one_before(base, tmp_path):
+def test_truncated_newest_checkpoint_falls_back_to_the_one_before(base, base_ckpt, tmp_path):
     params, env, full_weights = base
     params_file = write_params(params, tmp_path / "run")
-    ckpt_dir = tmp_path / "run" / "ckpt"
-    shutil.copytree(base_ckpt(params), ckpt_dir)
+    ckpt_dir = tmp_path / "run" / "ckpt" / base_ckpt.name
+    shutil.copytree(base_ckpt, ckpt_dir)
     newest, previous = [p for _, p in list_checkpoints(ckpt_dir)]
-    assert newest.name == f"ckpt-{MAX_STEPS:06d}.pt"  # an uninterrupted run keeps its last two
+    assert newest.name == f"ckpt-{2 * EVERY:06d}.pt"  # a run keeps its last two
     with open(newest, "r+b") as fh:  # as a full disk or a careless copy might leave it
         fh.truncate(newest.stat().st_size // 3)
 
     done = run_train(params_file, env)
     assert done.returncode == 0, done.stderr
     assert f"checkpoint {newest} is unusable (truncated or corrupt" in done.stdout
-    assert f"resuming from checkpoint at step {MAX_STEPS - EVERY}" in done.stdout
+    assert f"resuming from checkpoint at step {EVERY}" in done.stdout
     assert (tmp_path / "run" / "models" / "model.safetensors").read_bytes() == full_weights
 
 
-def test_checkpoint_of_other_data_or_config_is_not_resumed(base):
-    params, _, _ = base
-    ckpt_dir = base_ckpt(params)
+def test_checkpoint_of_other_data_or_config_is_not_resumed(base_ckpt):
+    ckpt_dir = base_ckpt
     state = read_checkpoint(list_checkpoints(ckpt_dir)[0][1])
     fingerprint, version = state["fingerprint"], state["data_version"]
-    assert load_checkpoint(ckpt_dir, fingerprint, version)[0]["step"] == MAX_STEPS
+    assert load_checkpoint(ckpt_dir, fingerprint, version)[0]["step"] == 2 * EVERY
     state, path, notes = load_checkpoint(ckpt_dir, fingerprint, "another-data-version")
     assert state is None and notes == [
-        f"checkpoint {checkpoint_path(ckpt_dir, MAX_STEPS)} was trained on other data; starting fresh"
+        f"checkpoint {checkpoint_path(ckpt_dir, 2 * EVERY)} was trained on other data; starting fresh"
     ]
     other = {**fingerprint, "train": {**fingerprint["train"], "seed": 1}}
     assert load_checkpoint(ckpt_dir, other, version)[2][-1].endswith("has another config; starting fresh")
