@@ -166,5 +166,23 @@ def repro_stage(
 
 
 def push(env: dict[str, str] | None = None) -> str:
-    """Push the cached outputs to the default DVC remote (a local folder unless configured)."""
-    return dvc(["push", "-q"], env=env, quiet=True)
+    """Push the cached outputs to the default DVC remote (a local folder unless configured).
+    A failure is one line naming the remote. (No -q: it hides DVC's own error line.)"""
+    try:
+        return dvc(["push"], env=env, quiet=True)
+    except StageFailed as exc:
+        reason = str(exc).removeprefix("ERROR: ")
+        raise StageFailed(f"dvc push to {default_remote()} failed ({reason})", exc.exit_code) from None
+
+
+def default_remote() -> str:
+    """'remote NAME (URL)' of the default DVC remote, as `dvc remote list` shows it."""
+    try:
+        listing = dvc(["remote", "list"], quiet=True)
+    except StageFailed:
+        return "the default DVC remote"
+    for line in listing.splitlines():
+        parts = line.split()
+        if len(parts) >= 2 and parts[-1] == "(default)":
+            return f"remote {parts[0]!r} ({' '.join(parts[1:-1])})"
+    return "the default DVC remote (none is set: `dvc remote add -d NAME URL`)"
