@@ -317,11 +317,15 @@ def _training_flow(params: Params | None) -> dict:
 
 
 if __name__ == "__main__":
+    import atexit
     import sys
 
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # Registered before Prefect's own exit handlers, so it runs after them: the reason stays last.
+    reason: list[str] = []
+    atexit.register(lambda: reason and print(reason[0], file=sys.stderr, flush=True))
     try:
         training_flow()
     except TrainpipeError as exc:  # one line and the error's code (5: the lock wait ran out)
-        print(f"python -m flows.training: {exc}", file=sys.stderr, flush=True)
+        reason.append(f"python -m flows.training: {exc}")
         sys.exit(exc.exit_code)
