@@ -176,13 +176,13 @@ def push(env: dict[str, str] | None = None) -> str:
 
 
 def default_remote() -> str:
-    """'remote NAME (URL)' of the default DVC remote, as `dvc remote list` shows it."""
+    """'remote NAME (URL)' of the default DVC remote. (Not `dvc remote list`: rich wraps its
+    lines at 80 columns when they go to a pipe.)"""
     try:
-        listing = dvc(["remote", "list"], quiet=True)
+        name = dvc(["remote", "default"], quiet=True).strip()
+        if not name or name == "No default remote set":
+            return "the default DVC remote (none is set: `dvc remote add -d NAME URL`)"
+        url = dvc(["config", f"remote.{name}.url"], quiet=True).strip()
     except StageFailed:
         return "the default DVC remote"
-    for line in listing.splitlines():
-        parts = line.split()
-        if len(parts) >= 2 and parts[-1] == "(default)":
-            return f"remote {parts[0]!r} ({' '.join(parts[1:-1])})"
-    return "the default DVC remote (none is set: `dvc remote add -d NAME URL`)"
+    return f"remote {name!r} ({url})"
