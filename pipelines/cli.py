@@ -1,6 +1,6 @@
 """The `trainpipe` command: the whole flow, each stage, and the registry and serving operations.
 
-    trainpipe run [-S key=value ...]      the Prefect flow: stages, publish, push
+    trainpipe run [-S key=value ...]      the Prefect flow: stages, push, publish
     trainpipe train -S train.max_steps=200
     trainpipe serve --port 5001
     trainpipe --help / trainpipe COMMAND --help
@@ -301,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         return p
 
-    add("run", cmd_run, "run the whole flow: stages, publish, push")
+    add("run", cmd_run, "run the whole flow: stages, push, publish")
     for stage, help_text in STAGE_HELP.items():
         p = add(
             stage,
