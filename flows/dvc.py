@@ -166,5 +166,23 @@ def repro_stage(
 
 
 def push(env: dict[str, str] | None = None) -> str:
-    """Push the cached outputs to the default DVC remote (a local folder unless configured)."""
-    return dvc(["push", "-q"], env=env, quiet=True)
+    """Push the cached outputs to the default DVC remote (a local folder unless configured).
+    A failure is one line naming the remote. (No -q: it hides DVC's own error line.)"""
+    try:
+        return dvc(["push"], env=env, quiet=True)
+    except StageFailed as exc:
+        reason = str(exc).removeprefix("ERROR: ")
+        raise StageFailed(f"dvc push to {default_remote()} failed ({reason})", exc.exit_code) from None
+
+
+def default_remote() -> str:
+    """'remote NAME (URL)' of the default DVC remote. (Not `dvc remote list`: rich wraps its
+    lines at 80 columns when they go to a pipe.)"""
+    try:
+        name = dvc(["remote", "default"], quiet=True).strip()
+        if not name or name == "No default remote set":
+            return "the default DVC remote (none is set: `dvc remote add -d NAME URL`)"
+        url = dvc(["config", f"remote.{name}.url"], quiet=True).strip()
+    except StageFailed:
+        return "the default DVC remote"
+    return f"remote {name!r} ({url})"

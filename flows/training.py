@@ -8,9 +8,13 @@ Steps, in order:
      reason (what `dvc status` saw changed, or DVC's reason to skip): MLflow tags stage.<name>
      and stages.json, and the Prefect artifact
   2. log params, curation counts and metrics to the flow's MLflow run
-  3. publish: register the model, set @challenger, move @champion only if it is better
-  4. push DVC outputs to the DVC remote, so the run's data and model can be restored
+  3. push DVC outputs to the DVC remote, so the run's data and model can be restored; a failed
+     push fails the run here, before any alias moves
+  4. publish: register the model, set @challenger, move @champion only if it is better
   5. leave a Prefect artifact summarising the run
+
+It holds the workspace lock throughout. A flow run that no `trainpipe` command started (a
+schedule, a deployment) waits for the lock: at most TRAINPIPE_LOCK_WAIT_S seconds (default 3600).
 
     trainpipe run                         # or: python -m flows.training
 """
@@ -29,7 +33,7 @@ from flows.dvc import STAGES, StageFailed, StageOutcome, push, repro_stage, stag
 from pipelines.data import read_json, sha256_hex
 from pipelines.errors import PERMANENT_EXIT_CODES, TrainpipeError
 from pipelines.params import PARAMS_FILE, Params, flatten, load_params, save_overrides
-from pipelines.runlock import workspace_lock
+from pipelines.runlock import flow_lock_wait_s, workspace_lock
 
 
 class _OneLineForOurErrors(logging.Filter):
@@ -81,7 +85,13 @@ def publish(params: Params, lineage: dict, mlflow_run_id: str) -> dict:
 
 @task(retries=2, retry_delay_seconds=[5, 30])
 def push_outputs() -> None:
-    push()
+    try:
+        push()
+    except StageFailed as exc:
+        raise StageFailed(
+            f"{exc}; nothing was published and @champion did not move: run again once the remote takes the push",
+            exc.exit_code,
+        ) from None
 
 
 def git_commit() -> str:
@@ -189,12 +199,14 @@ def curation_table(curation: dict) -> list[dict]:
         }
     )
     gate = curation.get("gate", {})
+    drift = curation.get("drift") or {}
+    drift_names = {c["check"] for c in drift.get("checks", [])}
     for tier, verdict in (("failed", "block"), ("warnings", "warn")):
-        rows += [
+        rows += [  # a drift check that blocked or warned is in its tier too: listed once, below
             {"item": c["check"], "figure": c["observed"], "reference": c["need"], "verdict": verdict}
             for c in gate.get(tier, [])
+            if c["check"] not in drift_names
         ]
-    drift = curation.get("drift") or {}
     rows += [
         {"item": c["check"], "figure": c["observed"], "reference": c["champion"], "verdict": c["verdict"]}
         for c in drift.get("checks", [])
@@ -243,9 +255,9 @@ def report_curation(params: Params) -> dict:
 
 @flow(name="trainpipe-training", log_prints=True)
 def training_flow(params: Params | None = None) -> dict:
-    """ingest → curate → tokenize → train → evaluate (DVC stages), then publish and push."""
-
-    with workspace_lock("run (flow)"):  # a no-op under `trainpipe run`, which holds it already
+    """ingest → curate → tokenize → train → evaluate (DVC stages), then push and publish."""
+    # A no-op under `trainpipe run`, which holds the lock already (or refused to start).
+    with workspace_lock("run (flow)", wait=True, timeout=flow_lock_wait_s()):
         return _training_flow(params)
 
 
@@ -292,8 +304,9 @@ def _training_flow(params: Params | None) -> dict:
                 record_stages(outcomes)
             metrics = read_json(Path(params.evaluate.reports_dir) / "metrics.json")
             mlflow.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+            # Pushed before publish moves an alias: a champion's data and model are never only here.
+            push_outputs()
             published = publish(params, lineage(params), run_id)
-        push_outputs()
     finally:  # a failed run leaves its record too: which stages ran, were skipped or failed
         create_markdown_artifact(
             summary_markdown(outcomes, curation, metrics, published),
@@ -304,5 +317,15 @@ def _training_flow(params: Params | None) -> dict:
 
 
 if __name__ == "__main__":
+    import atexit
+    import sys
+
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    training_flow()
+    # Registered before Prefect's own exit handlers, so it runs after them: the reason stays last.
+    reason: list[str] = []
+    atexit.register(lambda: reason and print(reason[0], file=sys.stderr, flush=True))
+    try:
+        training_flow()
+    except TrainpipeError as exc:  # one line and the error's code (5: the lock wait ran out)
+        reason.append(f"python -m flows.training: {exc}")
+        sys.exit(exc.exit_code)

@@ -1,6 +1,6 @@
 """The `trainpipe` command: the whole flow, each stage, and the registry and serving operations.
 
-    trainpipe run [-S key=value ...]      the Prefect flow: stages, publish, push
+    trainpipe run [-S key=value ...]      the Prefect flow: stages, push, publish
     trainpipe train -S train.max_steps=200
     trainpipe serve --port 5001
     trainpipe --help / trainpipe COMMAND --help
@@ -31,7 +31,8 @@ STAGE_HELP = {
     "evaluate": "held-out bits per byte against gzip and xz",
 }
 # Commands that write the workspace (or register what it holds): one at a time (pipelines/runlock.py).
-LOCKED_COMMANDS = {"run", *STAGE_HELP, "publish", "restart"}
+LOCKED_COMMANDS = {"run", *STAGE_HELP, "publish", "promote", "rollback", "restart"}
+HISTORY_WIDTH = 120
 
 
 def stage_main(stage: str, run, describe, argv: list[str] | None = None) -> None:
@@ -125,7 +126,19 @@ def cmd_curate(args) -> None:
 def cmd_publish(args) -> None:
     from pipelines.publish import publish_model
 
-    result = publish_model(load_params(PARAMS_FILE, args.set))
+    params = load_params(PARAMS_FILE, args.set)
+    if Path("dvc.yaml").exists() and Path(".dvc").is_dir():
+        # In a DVC project the outputs go to the remote before any alias moves, as in the flow.
+        from flows.dvc import StageFailed, push
+
+        try:
+            push()
+        except StageFailed as exc:
+            raise StageFailed(
+                f"{exc}; nothing was published: run `trainpipe publish` again once the remote takes the push",
+                exc.exit_code,
+            ) from None
+    result = publish_model(params)
     print(f"registered {result['model_uri']} version {result['version']}: {result['reason']}")
 
 
@@ -141,6 +154,44 @@ def cmd_rollback(args) -> None:
 
     result = rollback_champion(load_params(PARAMS_FILE, args.set))
     print(f"champion rolled back to version {result.get('champion_version')}")
+
+
+def format_history(moves: list[dict], width: int = HISTORY_WIDTH) -> list[str]:
+    """One row per alias move, oldest first; a long reason wraps in its own column."""
+    import textwrap
+
+    head = f"{'time (UTC)':<19}  {'from -> to':<12}  {'command':<18}  {'flow run':<8}  "
+    lines = [head + "reason"]
+    for move in moves:
+        when = (move.get("time") or "-")[:19].replace("T", " ")
+        step = f"{_version_text(move.get('from'))} -> {_version_text(move.get('to'))}"
+        flow_run = (move.get("flow_run") or "-")[:8]
+        row = f"{when:<19}  {step:<12}  {move.get('command') or '-':<18}  {flow_run:<8}  "
+        reason = textwrap.wrap(move.get("reason") or "-", width - len(head)) or ["-"]
+        lines.append(row + reason[0])
+        lines += [" " * len(head) + more for more in reason[1:]]
+    return lines
+
+
+def _version_text(version) -> str:
+    return f"v{version}" if version else "none"
+
+
+def cmd_history(args) -> None:
+    import json
+
+    from pipelines.publish import read_history
+
+    params = load_params(PARAMS_FILE, args.set)
+    moves = read_history(params)
+    if args.json:
+        for move in moves:
+            print(json.dumps(move))
+        return
+    if not moves:
+        print(f"models:/{params.publish.model_name}@champion has never moved")
+        return
+    print("\n".join(format_history(moves)))
 
 
 def cmd_serve(args) -> None:
@@ -250,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         return p
 
-    add("run", cmd_run, "run the whole flow: stages, publish, push")
+    add("run", cmd_run, "run the whole flow: stages, push, publish")
     for stage, help_text in STAGE_HELP.items():
         p = add(
             stage,
@@ -268,6 +319,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("promote", cmd_promote, "make a registered version the champion")
     p.add_argument("version", help="registered model version number")
     add("rollback", cmd_rollback, "move the champion back to the previous champion")
+    p = add(
+        "history", cmd_history, "every move of @champion, oldest first: time, from -> to, reason, flow run"
+    )
+    p.add_argument("--json", action="store_true", help="one JSON record per move (full flow run ids)")
     p = add("serve", cmd_serve, "serve the champion with `mlflow models serve` on 127.0.0.1")
     p.add_argument("--port", type=int, default=None, help="port (default: serve.port)")
     p.add_argument("--model-uri", default=None, help="serve this MLflow model URI instead of @champion")

@@ -11,9 +11,10 @@ reproducible stage. Publish refuses reports/metrics.json unless it scored the we
 champion's key differs, it is re-scored exactly as the challenger was: the same documents,
 context and precision. A champion whose block_size is shorter than the challenger's context
 cannot be scored at that context: then both are re-scored at the champion's block_size, and the
-reason says so. Every alias
-move is recorded: a `promoted_at` tag on the version and the registered model's
-`champion_history` tag (versions, newest last), which rollback walks back.
+reason says so. Every move of @champion is recorded: a `promoted_at` tag on the version and, on
+the registered model, one tag per move (`champion_move/<time>-<random>`, a JSON record), which
+`trainpipe history` lists and rollback walks back. A tag per move, never rewritten, so
+concurrent moves cannot lose a record.
 """
 
 import json
@@ -65,8 +66,9 @@ SCORE_FIELD_NAMES = {
 }
 REQUIRED_METRICS = ("val_bits_per_byte", "val_documents", "weights_sha256", SCORE_KEY_TAG, *SCORE_KEY_FIELDS)
 CHAMPION, CHALLENGER = "champion", "challenger"
-HISTORY_TAG = "champion_history"
-MAX_HISTORY_CHARS = 5000  # keep the tag small; the oldest entries go first
+HISTORY_TAG_PREFIX = "champion_move/"  # + a sortable UTC time and a random suffix: one tag per move
+LEGACY_HISTORY_TAG = "champion_history"  # versions, comma-separated: written before the records
+MAX_REASON_CHARS = 500
 PACKAGE_DIR = Path(__file__).resolve().parent
 SERVING_REQUIREMENTS = ("torch", "tokenizers", "safetensors", "numpy", "pandas")
 DECISION_TAG = "alias_decision"  # set last: a version without it had its publish cut short
@@ -200,23 +202,102 @@ def _get_version(client: MlflowClient, name: str, version: int | str) -> ModelVe
         raise
 
 
-def champion_history(client: MlflowClient, name: str) -> list[str]:
-    tag = client.get_registered_model(name).tags.get(HISTORY_TAG, "")
-    return [v for v in tag.split(",") if v]
+def champion_history(client: MlflowClient, name: str) -> list[dict]:
+    """Every move of @champion, oldest first: {time, from, to, reason, flow_run, command}.
+    Versions of a registry written before the records (the CSV tag) come first, without a time."""
+    tags = client.get_registered_model(name).tags
+    legacy = [v for v in tags.get(LEGACY_HISTORY_TAG, "").split(",") if v]
+    moves = [
+        {
+            "time": "",
+            "from": prev,
+            "to": v,
+            "reason": "recorded before trainpipe kept one record per move",
+            "flow_run": None,
+            "command": None,
+        }
+        for prev, v in zip([None, *legacy], legacy, strict=False)
+    ]
+    for key in sorted(k for k in tags if k.startswith(HISTORY_TAG_PREFIX)):
+        try:
+            record = json.loads(tags[key])
+        except json.JSONDecodeError:
+            continue  # not written by trainpipe: not a move it can vouch for
+        if isinstance(record, dict) and record.get("to"):
+            moves.append(record)
+    return moves
 
 
-def _move_champion(client: MlflowClient, name: str, version: str) -> None:
-    """Point @champion at version and record the move."""
-    client.set_registered_model_alias(name, CHAMPION, version)
+def read_history(params: Params) -> list[dict]:
+    """Every move of the configured model's @champion, oldest first (`trainpipe history`)."""
+    name = params.publish.model_name
+    try:
+        return champion_history(MlflowClient(), name)
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            raise ConfigError(
+                f"no registered model {name} in {mlflow.get_tracking_uri()}: nothing was published yet"
+            ) from None
+        raise
+
+
+def _flow_run_id() -> str | None:
+    """The Prefect flow run this move happens in, if any. Only the flow imports Prefect, so a
+    plain `trainpipe promote` does not pay seconds to import it just to learn there is none."""
+    import sys
+
+    if "prefect" not in sys.modules:
+        return os.environ.get("PREFECT__FLOW_RUN_ID") or None
+    from prefect.runtime import flow_run
+
+    return flow_run.get_id() or None
+
+
+def _record_move(client: MlflowClient, name: str, moved_from: str | None, to: str, reason: str, command: str):
+    import secrets
+
+    now = datetime.now(UTC)
+    # The key sorts by time; the random suffix keeps two moves in one microsecond apart.
+    key = f"{HISTORY_TAG_PREFIX}{now.strftime('%Y%m%dT%H%M%S.%fZ')}-{secrets.token_hex(4)}"
+    record = {
+        "time": now.isoformat(timespec="seconds"),
+        "from": moved_from,
+        "to": to,
+        "reason": reason[:MAX_REASON_CHARS],
+        "flow_run": _flow_run_id(),
+        "command": command,
+    }
+    client.set_registered_model_tag(name, key, json.dumps(record))
+
+
+def _move_champion(
+    client: MlflowClient, name: str, version: str, reason: str | None = None, command: str | None = None
+) -> None:
+    """Point @champion at version and record the move (as its own tag: nothing read and rewritten).
+    Called again for a version that is already champion, it records the move once: a killed
+    publish may have moved the alias without recording it."""
+    version = str(version)
+    champion = get_champion(client, name)
+    moved_from = str(champion.version) if champion else None
+    finishing, recorded = moved_from == version, False
+    if finishing:
+        last = (champion_history(client, name) or [{}])[-1]
+        recorded = last.get("to") == version
+        moved_from = last.get("to")  # the champion before the move that was cut short
+    else:
+        client.set_registered_model_alias(name, CHAMPION, version)
     _test_pause("champion-alias-set")
     client.set_model_version_tag(name, version, "promoted_at", _now())
     client.delete_model_version_tag(name, version, "rolled_back_at")
-    history = champion_history(client, name)
-    if history[-1:] != [str(version)]:  # finishing a move a killed publish began records it once
-        history.append(str(version))
-    while len(",".join(history)) > MAX_HISTORY_CHARS:
-        history.pop(0)
-    client.set_registered_model_tag(name, HISTORY_TAG, ",".join(history))
+    if recorded:
+        return
+    reason = reason or "passed the promotion gate"
+    if finishing:
+        reason += " (recorded by the run that finished the move)"
+    from pipelines.runlock import current_command
+
+    command = command or current_command() or "publish"
+    _record_move(client, name, moved_from, version, reason, f"trainpipe {command}")
 
 
 def _log_run_inputs(client: MlflowClient, run_id: str, metrics: dict, params: Params) -> None:
@@ -479,7 +560,7 @@ def _decide_aliases(client, params: Params, version: str, model_dir: Path, metri
         note,
     )
     if promoted:
-        _move_champion(client, name, version)
+        _move_champion(client, name, version, reason=reason)
     return promoted, reason, version if promoted else str(champion.version), champion_bpb
 
 
@@ -494,9 +575,9 @@ def promote_version(params: Params, version: int | str) -> dict:
     if previous == version:
         promoted, reason = False, f"v{version} is already champion"
     else:
-        _move_champion(client, name, version)
-        promoted = True
         reason = f"v{version} promoted by hand" + (f" (was v{previous})" if previous else "")
+        _move_champion(client, name, version, reason=reason, command="promote")
+        promoted = True
     return {
         "version": version,
         "model_uri": f"models:/{name}/{version}",
@@ -515,7 +596,7 @@ def rollback_champion(params: Params) -> dict:
     if champion is None:
         raise ConfigError(f"no champion registered for model {name}: nothing to roll back")
     current = str(champion.version)
-    history = champion_history(client, name)
+    history = [move["to"] for move in champion_history(client, name)]
     target = None
     for candidate in reversed(history):
         if candidate == current:
@@ -534,7 +615,7 @@ def rollback_champion(params: Params) -> dict:
         )
     version = str(target.version)
     client.set_model_version_tag(name, current, "rolled_back_at", _now())
-    _move_champion(client, name, version)
+    _move_champion(client, name, version, reason=f"rolled back from v{current}", command="rollback")
     return {
         "version": version,
         "model_uri": f"models:/{name}/{version}",

@@ -57,9 +57,23 @@ def test_failure_reason_prefers_the_stage_line():
     assert failure_reason("ERROR: dvc broke\n", ["repro"]) == "ERROR: dvc broke"
 
 
-def test_curation_table_shows_counts_failures_warnings_and_drift():
+def test_curation_table_lists_counts_failures_warnings_and_each_drift_check_once():
     from flows.training import curation_table
 
+    blocked = {
+        "check": "drift_documents",
+        "observed": 6,
+        "champion": 60,
+        "need": "ratio within 1/2..2",
+        "verdict": "block",
+    }
+    passed = {
+        "check": "drift_bytes",
+        "observed": 3.0,
+        "champion": 3.1,
+        "need": "ratio within 1/2..2",
+        "verdict": "ok",
+    }
     curation = {
         "documents_in": 10,
         "bytes_in": 5_000_000,
@@ -70,21 +84,27 @@ def test_curation_table_shows_counts_failures_warnings_and_drift():
         "gate": {
             "passed": False,
             "evaluated": 13,
+            # the curate stage puts a blocking drift check among the gate's failures too
             "failed": [
-                {"check": "drift_documents", "observed": "6 vs champion 60", "need": "ratio within 1/2..2"}
+                blocked,
+                {"check": "expect_column_values_to_not_be_null", "observed": "2 nulls", "need": "none"},
             ],
             "warnings": [{"check": "expect_table_row_count_to_be_between", "observed": "6", "need": ">= 5"}],
         },
-        "drift": {
-            "checks": [{"check": "drift_documents", "observed": 6, "champion": 60, "verdict": "block"}]
-        },
+        "drift": {"checks": [blocked, passed]},
     }
-    rows = {(r["item"], r["verdict"]): r for r in curation_table(curation)}
-    assert rows[("documents in / kept", "")]["figure"] == "10 / 6"
-    assert rows[("dropped: too_short", "")]["figure"] == "3"
-    assert ("dropped: duplicate", "") not in rows  # zero counts are left out
-    assert rows[("scrubbed: email", "")]["figure"] == "2"
-    assert rows[("drift_documents", "block")]["reference"] in ("ratio within 1/2..2", "60")
-    assert rows[("expect_table_row_count_to_be_between", "warn")]["figure"] == "6"
-    assert rows[("gate", "FAILED")]["figure"] == "13 expectations"
-    assert all(isinstance(v, str) for r in rows.values() for v in r.values())
+    rows = [tuple(r.values()) for r in curation_table(curation)]
+    assert rows == [
+        ("documents in / kept", "10 / 6", "", ""),
+        ("MB in / kept", "5.00 / 3.00", "", ""),
+        ("dropped: too_short", "3", "", ""),  # zero counts are left out
+        ("dropped: near_duplicate", "1", "", ""),
+        ("scrubbed: email", "2", "", ""),
+        ("duplicate clusters", "1", "", ""),
+        ("expect_column_values_to_not_be_null", "2 nulls", "none", "block"),
+        ("expect_table_row_count_to_be_between", "6", ">= 5", "warn"),
+        ("drift_documents", "6", "60", "block"),
+        ("drift_bytes", "3.0", "3.1", "ok"),
+        ("gate", "13 expectations", "", "FAILED"),
+    ]
+    assert list(curation_table(curation)[0]) == ["item", "figure", "reference", "verdict"]

@@ -18,7 +18,7 @@ from pipelines.data import read_json, sha256_file, sha256_hex, write_documents, 
 from pipelines.errors import ConfigError, TrainpipeError
 from pipelines.params import Params, PublishParams, ServeParams
 from pipelines.publish import (
-    HISTORY_TAG,
+    champion_history,
     decide_promotion,
     promote_version,
     publish_model,
@@ -43,7 +43,8 @@ def champion_version(client: MlflowClient) -> str:
 
 
 def history(client: MlflowClient) -> str:
-    return client.get_registered_model(NAME).tags[HISTORY_TAG]
+    """The versions @champion moved to, oldest first, from the per-move records."""
+    return ",".join(m["to"] for m in champion_history(client, NAME))
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,7 @@ from mlflow import MlflowClient
 
 from pipelines.data import sha256_file
 from pipelines.params import Params, PublishParams
-from pipelines.publish import DECISION_TAG, HISTORY_TAG, PAUSE_ENV, publish_model
+from pipelines.publish import DECISION_TAG, PAUSE_ENV, champion_history, publish_model
 
 NAME = PublishParams().model_name
 TRAINPIPE = str(Path(sys.executable).parent / "trainpipe")
@@ -46,7 +46,8 @@ def registry(client: MlflowClient) -> dict:
     model = client.get_registered_model(NAME)
     versions = {str(v.version): v.tags for v in client.search_model_versions(f"name = '{NAME}'")}
     aliases = {alias: str(v) for alias, v in model.aliases.items()}
-    return {"versions": versions, "aliases": aliases, "history": model.tags.get(HISTORY_TAG)}
+    history = ",".join(move["to"] for move in champion_history(client, NAME))
+    return {"versions": versions, "aliases": aliases, "history": history}
 
 
 def test_publish_killed_at_each_step_is_finished_by_running_it_again(mlflow_env, model_dir, tmp_path):
@@ -84,6 +85,8 @@ def test_publish_killed_at_each_step_is_finished_by_running_it_again(mlflow_env,
     assert set(state["versions"]) == {"1", "2"}  # the same weights were never registered twice
     assert state["aliases"] == {"champion": "2", "challenger": "2"} and state["history"] == "1,2"
     assert "promoted_at" in state["versions"]["2"] and DECISION_TAG in state["versions"]["2"]
+    last = champion_history(client, NAME)[-1]  # the move the killed publish began, recorded once
+    assert (last["from"], last["to"], last["command"]) == ("1", "2", "trainpipe publish")
     again = publish_model(Params())
     assert again["version"] == "2" and "nothing new to publish" in again["reason"]
 
