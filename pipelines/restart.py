@@ -14,6 +14,7 @@ run), whose `dvc checkout` would delete outputs. Checkpoints of the bad run are 
 checkpoints/: train only resumes one whose config and data match.
 """
 
+import hashlib
 import json
 import tempfile
 from pathlib import Path
@@ -41,27 +42,42 @@ def lock_params(lock: dict) -> list[str]:
     return [f"{k}={json.dumps(v)}" for k, v in sorted(out.items())]
 
 
+def file_md5(path: Path) -> str | None:
+    """DVC 3's hash of a file (plain md5 of its bytes); None if there is no such file."""
+    if not path.is_file():
+        return None
+    h = hashlib.md5()
+    with path.open("rb") as fh:
+        while chunk := fh.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def missing_outputs(lock: dict, cache_dir: Path) -> list[str]:
-    """The outputs a dvc.lock names whose objects the local DVC cache lacks, as
-    'PATH' or 'PATH (N of M files)'. The layout is DVC 3's: files/md5/ab/cdef..., a directory's
-    file list in the object of its md5 ending in .dir."""
+    """The outputs a dvc.lock names that `dvc checkout` could not produce, as 'PATH' or
+    'PATH (N of M files)': a file whose object is neither in the local DVC cache nor already in
+    the workspace. The layout is DVC 3's: files/md5/ab/cdef..., a directory's file list in the
+    object of its md5 ending in .dir."""
 
     def obj(md5: str) -> Path:
         return cache_dir / "files" / "md5" / md5[:2] / md5[2:]
 
+    def have(md5: str, path: Path) -> bool:
+        return obj(md5).is_file() or file_md5(path) == md5  # checkout keeps a matching file
+
     missing = []
     for stage in lock.get("stages", {}).values():
         for out in stage.get("outs", []):
-            md5 = out.get("md5", "")
+            md5, path = out.get("md5", ""), Path(out["path"])
             if not md5.endswith(".dir"):
-                if not obj(md5).is_file():
+                if not have(md5, path):
                     missing.append(out["path"])
                 continue
             if not obj(md5).is_file():
                 missing.append(f"{out['path']} (its file list)")
                 continue
             entries = json.loads(obj(md5).read_text())
-            lacking = sum(not obj(e["md5"]).is_file() for e in entries)
+            lacking = sum(not have(e["md5"], path / e["relpath"]) for e in entries)
             if lacking:
                 missing.append(f"{out['path']} ({lacking} of {len(entries)} files)")
     return missing

@@ -1,6 +1,7 @@
 """What restart checks before it touches the workspace: which outputs of a recorded dvc.lock
 the local DVC cache lacks (the end-to-end restarts are in tests/test_e2e.py)."""
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -17,7 +18,8 @@ def lock_of(*outs: tuple[str, str]) -> dict:
     return {"stages": {"s": {"outs": [{"path": p, "md5": m, "hash": "md5"} for p, m in outs]}}}
 
 
-def test_missing_outputs_names_files_dirs_and_file_lists(tmp_path):
+def test_missing_outputs_names_files_dirs_and_file_lists(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the workspace: output paths are relative to it
     entries = [{"md5": "aa" + "1" * 30, "relpath": "a"}, {"md5": "bb" + "2" * 30, "relpath": "b"}]
     put(tmp_path, "cc" + "3" * 30 + ".dir", json.dumps(entries))
     put(tmp_path, entries[0]["md5"])
@@ -33,6 +35,12 @@ def test_missing_outputs_names_files_dirs_and_file_lists(tmp_path):
         "reports/samples.json",
         "data/tokens (its file list)",
     ]
+    # a file the workspace already holds needs no cache object: checkout keeps it
+    (tmp_path / "reports").mkdir()
+    (tmp_path / "reports/samples.json").write_text("kept")
+    assert (
+        missing_outputs(lock_of(("reports/samples.json", hashlib.md5(b"kept").hexdigest())), tmp_path) == []
+    )
     put(tmp_path, entries[1]["md5"])
     put(tmp_path, "ee" + "5" * 30)
     put(tmp_path, "ff" + "6" * 30 + ".dir", "[]")
