@@ -399,11 +399,11 @@ def test_restart_from_a_version_whose_outputs_are_gone_changes_nothing(published
                     moved.append((aside / store.name / rel, store / rel))
         before = workspace_bytes(proj)
         run = trainpipe(proj, env, "restart", "--from", str(version.version))
+        assert workspace_bytes(proj) == before  # params.yaml, dvc.lock and every output as they were
         assert run.returncode == 2, run.stderr[-2000:]
         lines = run.stderr.strip().splitlines()
         assert lines[-1].startswith(f"trainpipe restart: version {version.version} of '{MODEL}' cannot")
         assert "models (" in lines[-1] and "Traceback" not in run.stderr
-        assert workspace_bytes(proj) == before
     finally:
         for src, dst in moved:
             shutil.move(src, dst)
