@@ -4,24 +4,29 @@ behind the champion (or any registered version), discarding the outputs of a bad
     trainpipe restart                     # the champion's state
     trainpipe restart --from 3            # version 3's state
 
-Publish logs the run's dvc.lock next to the model. Restoring writes that dvc.lock and the
-params it records into the workspace, then `dvc checkout` brings the outputs back from the DVC
-cache (`dvc pull` from the remote when the cache lacks them). Checkpoints of the bad run are
-left in checkpoints/: train only resumes one whose config and data match.
+Publish logs the run's dvc.lock next to the model. Restoring first makes sure the DVC cache
+holds every object that dvc.lock names (`dvc fetch` from the remote for those it lacks), and
+only then writes that dvc.lock and the params it records into the workspace for good and runs
+`dvc checkout`. When an object is in neither the cache nor the remote, params.yaml, dvc.lock
+and the outputs are left byte for byte as they were and a one-line error names what is
+missing. It is also the way back from a stale committed dvc.lock (`git checkout -- .` after a
+run), whose `dvc checkout` would delete outputs. Checkpoints of the bad run are left in
+checkpoints/: train only resumes one whose config and data match.
 """
 
-import shutil
+import hashlib
+import json
 import tempfile
 from pathlib import Path
 
 from pipelines.errors import ConfigError
 from pipelines.params import PARAMS_FILE, save_overrides
 
+LOCK_FILE = "dvc.lock"
+
 
 def lock_params(lock: dict) -> list[str]:
     """The params.yaml values a dvc.lock recorded, as key=value overrides."""
-    import json
-
     out: dict[str, object] = {}
 
     def walk(prefix: str, value) -> None:
@@ -37,12 +42,86 @@ def lock_params(lock: dict) -> list[str]:
     return [f"{k}={json.dumps(v)}" for k, v in sorted(out.items())]
 
 
+def file_md5(path: Path) -> str | None:
+    """DVC 3's hash of a file (plain md5 of its bytes); None if there is no such file."""
+    if not path.is_file():
+        return None
+    h = hashlib.md5()
+    with path.open("rb") as fh:
+        while chunk := fh.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def missing_outputs(lock: dict, cache_dir: Path) -> list[str]:
+    """The outputs a dvc.lock names that `dvc checkout` could not produce, as 'PATH' or
+    'PATH (N of M files)': a file whose object is neither in the local DVC cache nor already in
+    the workspace. The layout is DVC 3's: files/md5/ab/cdef..., a directory's file list in the
+    object of its md5 ending in .dir."""
+
+    def obj(md5: str) -> Path:
+        return cache_dir / "files" / "md5" / md5[:2] / md5[2:]
+
+    def have(md5: str, path: Path) -> bool:
+        return obj(md5).is_file() or file_md5(path) == md5  # checkout keeps a matching file
+
+    missing = []
+    for stage in lock.get("stages", {}).values():
+        for out in stage.get("outs", []):
+            md5, path = out.get("md5", ""), Path(out["path"])
+            if not md5.endswith(".dir"):
+                if not have(md5, path):
+                    missing.append(out["path"])
+                continue
+            if not obj(md5).is_file():
+                missing.append(f"{out['path']} (its file list)")
+                continue
+            entries = json.loads(obj(md5).read_text())
+            lacking = sum(not have(e["md5"], path / e["relpath"]) for e in entries)
+            if lacking:
+                missing.append(f"{out['path']} ({lacking} of {len(entries)} files)")
+    return missing
+
+
+def recorded_params_text(lock: dict) -> bytes:
+    """params.yaml as it is now, with the values the dvc.lock recorded written in: computed
+    in a temporary copy, so a value the schema no longer accepts fails before anything is written."""
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = Path(tmp) / PARAMS_FILE
+        copy.write_bytes(Path(PARAMS_FILE).read_bytes())
+        save_overrides(copy, lock_params(lock))
+        return copy.read_bytes()
+
+
+def put_back(saved: dict[str, bytes | None]) -> None:
+    """Rewrite the files as they were, byte for byte (None: the file did not exist)."""
+    for path, data in saved.items():
+        if data is None:
+            Path(path).unlink(missing_ok=True)
+        else:
+            Path(path).write_bytes(data)
+
+
+def _fetch_missing(lock: dict, cache_dir: Path) -> list[str]:
+    """`dvc fetch` (it writes only the cache) when objects are missing; what is still missing.
+    It reads the dvc.lock in the workspace, so the recorded one must be in place."""
+    from flows.dvc import StageFailed, dvc
+
+    if not missing_outputs(lock, cache_dir):
+        return []
+    try:
+        dvc(["fetch", "-q"], quiet=True)
+    except StageFailed:
+        pass  # the objects it could not download are named from the cache below
+    return missing_outputs(lock, cache_dir)
+
+
 def restore_version(params, version: str | None = None) -> dict:
     import mlflow
     import yaml
     from mlflow import MlflowClient
 
-    from flows.dvc import StageFailed, dvc
+    from flows.dvc import dvc
     from pipelines.publish import _get_version, get_champion
 
     client = MlflowClient()
@@ -53,17 +132,29 @@ def restore_version(params, version: str | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         try:
             lock_path = mlflow.artifacts.download_artifacts(
-                run_id=mv.run_id, artifact_path="dvc.lock", dst_path=tmp
+                run_id=mv.run_id, artifact_path=LOCK_FILE, dst_path=tmp
             )
         except Exception:
             raise ConfigError(
                 f"version {mv.version} of {name!r} has no dvc.lock recorded: cannot restore"
             ) from None
-        lock = yaml.safe_load(Path(lock_path).read_text())
-        save_overrides(PARAMS_FILE, lock_params(lock))
-        shutil.copyfile(lock_path, "dvc.lock")
+        lock_bytes = Path(lock_path).read_bytes()
+    lock = yaml.safe_load(lock_bytes)
+    params_bytes = recorded_params_text(lock)
+    cache_dir = Path(dvc(["cache", "dir"], quiet=True).strip())
+    saved = {p: Path(p).read_bytes() if Path(p).is_file() else None for p in (PARAMS_FILE, LOCK_FILE)}
     try:
+        Path(PARAMS_FILE).write_bytes(params_bytes)
+        Path(LOCK_FILE).write_bytes(lock_bytes)
+        missing = _fetch_missing(lock, cache_dir)
+        if missing:
+            raise ConfigError(
+                f"version {mv.version} of {name!r} cannot be restored: {', '.join(missing)} in neither "
+                "the DVC cache nor the DVC remote; params.yaml, dvc.lock and outputs left as they were"
+            )
         dvc(["checkout", "--force", "-q"], quiet=True)
-    except StageFailed:
-        dvc(["pull", "--force", "-q"], quiet=True)  # not in the local cache: fetch from the remote
+    except BaseException:
+        # also on Ctrl-C: never leave a recorded dvc.lock over outputs it does not describe
+        put_back(saved)
+        raise
     return {"version": str(mv.version), "run_id": mv.run_id}

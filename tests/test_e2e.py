@@ -2,6 +2,8 @@
 temporary git repository, Prefect flow runs through `trainpipe run`, an MLflow registry on
 SQLite, and `trainpipe serve` answering HTTP."""
 
+import hashlib
+import json
 import os
 import shutil
 import signal
@@ -13,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import requests
+import yaml
 from conftest import copy_mlflow_db
 from mlflow import MlflowClient
 
@@ -91,12 +94,62 @@ def champion(env) -> str | None:
         return None
 
 
-def test_dvc_repro_runs_every_stage_then_nothing(project):
+# Each test runs alone or in any order: the module's project gets its first flow run from the
+# fixture below, whichever test asks first, and a test that changes the project puts it back
+# to the champion's state (the `scratch` fixture) or makes its own project.
+
+
+@pytest.fixture(scope="module")
+def first_run(project) -> subprocess.CompletedProcess:
+    """The first `trainpipe run` on the fresh project: every stage runs, version 1 is champion."""
     proj, env = project
-    first = sh([str(BIN / "dvc"), "repro"], proj, env)
-    assert first.returncode == 0, first.stderr[-2000:]
+    # every stage runs: on a shared 2-core machine this can take over 5 minutes
+    run = sh([str(BIN / "trainpipe"), "run"], proj, env, timeout=1200)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return run
+
+
+@pytest.fixture
+def published(project, first_run) -> tuple[Path, dict]:
+    """The module's project, trained and published, in the champion's state."""
+    return project
+
+
+def back_to_champion(proj: Path, env: dict) -> None:
+    """Restore the champion's params, dvc.lock and outputs (the documented way back)."""
+    run = trainpipe(proj, env, "restart")
+    assert run.returncode == 0, run.stderr[-2000:]
+    status = sh([str(BIN / "dvc"), "status"], proj, env)
+    assert "up to date" in status.stdout, status.stdout
+
+
+@pytest.fixture
+def scratch(published):
+    """The published project for a test that changes it; put back to the champion's state after."""
+    yield published
+    back_to_champion(*published)
+
+
+@pytest.fixture(scope="module")
+def worse_challenger(project, first_run) -> dict:
+    """A flow run with 3 training steps: its version becomes @challenger, not @champion. The
+    workspace is put back to the champion's state afterwards."""
+    proj, env = project
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    run = trainpipe(proj, env, "run", "-S", "train.max_steps=3")
+    try:
+        assert run.returncode == 0, run.stderr[-3000:]
+        version = client.get_model_version_by_alias(MODEL, "challenger")
+        return {"run": run, "version": version, "champion": champion(env)}
+    finally:
+        back_to_champion(proj, env)
+
+
+def test_flow_run_executes_every_stage_and_publishes_champion(project, first_run):
+    proj, env = project
+    run = first_run
     for stage in ("ingest", "curate", "tokenize", "train", "evaluate"):
-        assert f"Running stage '{stage}'" in first.stdout
+        assert f"Running stage '{stage}'" in run.stdout, stage
     for out in (
         "data/raw/documents.parquet",
         "data/curated/documents.parquet",
@@ -107,18 +160,6 @@ def test_dvc_repro_runs_every_stage_then_nothing(project):
         "reports/data_docs/index.html",
     ):
         assert (proj / out).exists(), out
-    second = sh([str(BIN / "dvc"), "repro"], proj, env)
-    assert second.returncode == 0 and "Running stage" not in second.stdout
-    status = sh([str(BIN / "dvc"), "status"], proj, env)
-    assert "up to date" in status.stdout
-
-
-def test_flow_run_shares_dvc_cache_and_publishes_champion(project):
-    proj, env = project
-    run = trainpipe(proj, env, "run")
-    assert run.returncode == 0, run.stderr[-3000:]
-    # the stages ran under `dvc repro` above: the flow re-executes none of them
-    assert "Running stage" not in run.stdout
     assert f"models:/{MODEL}@champion" in run.stdout and "trainpipe serve" in run.stdout
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
     version = client.get_model_version_by_alias(MODEL, "champion")
@@ -126,17 +167,22 @@ def test_flow_run_shares_dvc_cache_and_publishes_champion(project):
     assert version.tags["prefect_flow_run_id"] and version.tags["data_version"]
     assert len(version.tags["git_commit"]) >= 40
     # the flow's Prefect artifact, read from the Prefect database the run used
-    import json
     import sqlite3
 
     with sqlite3.connect(Path(env["PREFECT_HOME"]) / "prefect.db") as db:
         (data,) = db.execute("SELECT data FROM artifact WHERE key = 'trainpipe-run'").fetchone()
     summary = json.loads(data)
-    assert "| train | skipped" in summary and "kept: " in summary and "val_bits_per_byte" in summary
+    assert "| train | ran" in summary and "kept: " in summary and "val_bits_per_byte" in summary
     assert "becomes champion" in summary
     run_data = client.get_run(version.run_id).data
     assert "val_bits_per_byte" in run_data.metrics and run_data.params["train.max_steps"] == "60"
-    assert "train_loss" in run_data.metrics or client.get_metric_history(version.run_id, "train_loss") == []
+    # the training curve is in the flow's run: a point every train.log_every steps and the last
+    from pipelines.params import load_params
+
+    every = load_params(proj / "params.yaml").train.log_every
+    history = client.get_metric_history(version.run_id, "train_loss")
+    assert sorted(m.step for m in history) == [s for s in range(1, 61) if s % every == 0 or s == 60]
+    assert all(0 < m.value < 20 for m in history)
     # the curated data's profile is stored with the model, for the data gate of later runs
     artifacts = {a.path for a in client.list_artifacts(version.run_id)}
     assert {"data_profile.json", "curation"} <= artifacts
@@ -144,14 +190,25 @@ def test_flow_run_shares_dvc_cache_and_publishes_champion(project):
     assert {"curation/curation.json", "curation/gate.json", "curation/data_docs"} <= curation
 
 
-def test_unchanged_rerun_executes_nothing_and_registers_nothing(project):
-    proj, env = project
+def test_dvc_repro_after_a_flow_run_runs_nothing(published):
+    # the flow and `dvc repro` share one cache and one dvc.lock
+    proj, env = published
+    repro = sh([str(BIN / "dvc"), "repro"], proj, env)
+    assert repro.returncode == 0, repro.stderr[-2000:]
+    assert "Running stage" not in repro.stdout and "Stage 'train' didn't change" in repro.stdout
+    status = sh([str(BIN / "dvc"), "status"], proj, env)
+    assert "up to date" in status.stdout
+
+
+def test_unchanged_rerun_executes_nothing_and_registers_nothing(published):
+    proj, env = published
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    before = {str(v.version) for v in client.search_model_versions(f"name = '{MODEL}'")}
     run = trainpipe(proj, env, "run")
     assert run.returncode == 0, run.stderr[-3000:]
     assert "Running stage" not in run.stdout and "nothing new to publish" in run.stdout
     assert "unchanged: data, code and params as before; DVC skipped every stage" in run.stdout
-    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
-    assert [str(v.version) for v in client.search_model_versions(f"name = '{MODEL}'")] == ["1"]
+    assert {str(v.version) for v in client.search_model_versions(f"name = '{MODEL}'")} == before
     latest = client.search_runs(
         [client.get_experiment_by_name("trainpipe").experiment_id], order_by=["start_time DESC"]
     )[0]
@@ -160,20 +217,20 @@ def test_unchanged_rerun_executes_nothing_and_registers_nothing(project):
     }
 
 
-def test_worse_challenger_does_not_replace_champion(project):
-    proj, env = project
-    run = trainpipe(proj, env, "run", "-S", "train.max_steps=3")
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert "Running stage 'train'" in run.stdout and "Running stage 'curate'" not in run.stdout
+def test_worse_challenger_does_not_replace_champion(published, worse_challenger):
+    proj, env = published
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
-    assert champion(env) == "1"
-    assert str(client.get_model_version_by_alias(MODEL, "challenger").version) == "2"
-    # train logged per-step metrics into the flow's run
-    run_id = client.get_model_version(MODEL, "2").run_id
-    assert client.get_metric_history(run_id, "train_loss")
-    tags = client.get_run(run_id).data.tags
+    run = worse_challenger["run"]
+    assert "Running stage 'train'" in run.stdout and "Running stage 'curate'" not in run.stdout
+    assert worse_challenger["champion"] == "1"
+    version = worse_challenger["version"]
+    assert version.version != "1"
+    assert version.tags["weights_sha256"] != client.get_model_version(MODEL, "1").tags["weights_sha256"]
+    # train logged its curve into the flow's run: 3 steps, one point (the last step)
+    assert [m.step for m in client.get_metric_history(version.run_id, "train_loss")] == [3]
+    tags = client.get_run(version.run_id).data.tags
     assert (tags["stage.ingest"], tags["stage.train"], tags["stage.evaluate"]) == ("skipped", "ran", "ran")
-    stages = {s["stage"]: s for s in mlflow_dict(client, run_id, "stages.json")}
+    stages = {s["stage"]: s for s in mlflow_dict(client, version.run_id, "stages.json")}
     assert stages["train"]["reason"] == "changed deps: train.max_steps modified"
 
 
@@ -185,8 +242,8 @@ def mlflow_dict(client: MlflowClient, run_id: str, path: str):
         return json.loads(Path(client.download_artifacts(run_id, path, tmp)).read_text())
 
 
-def test_failed_gate_leaves_champion_and_checkpoints_alone(project):
-    proj, env = project
+def test_failed_gate_leaves_champion_and_checkpoints_alone(scratch):
+    proj, env = scratch
     ckpt_before = sorted((p.name, p.stat().st_mtime_ns) for p in (proj / "checkpoints").iterdir())
     run = trainpipe(proj, env, "run", "-S", "curate.gate.min_documents=100000")
     assert run.returncode == 3
@@ -218,11 +275,6 @@ def test_failed_gate_leaves_champion_and_checkpoints_alone(project):
     last = run.stderr.strip().splitlines()[-1]
     assert "drift_documents (observed " in last and " vs champion " in last, last
     assert "Running stage 'train'" not in run.stdout and champion(env) == "1"
-    # put the data and the gate back
-    put_back = trainpipe(
-        proj, env, "curate", "-S", "data.max_documents=150", "-S", "curate.gate.min_documents=20"
-    )
-    assert put_back.returncode == 0, put_back.stderr[-2000:]
 
 
 def free_port() -> int:
@@ -231,8 +283,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_serve_answers_prompts_from_the_champion(project):
-    proj, env = project
+def test_serve_answers_prompts_from_the_champion(published):
+    proj, env = published
     port = free_port()
     server = subprocess.Popen(
         [str(BIN / "trainpipe"), "serve", "--port", str(port)],
@@ -263,11 +315,13 @@ def test_serve_answers_prompts_from_the_champion(project):
         server.wait(timeout=30)
 
 
-def test_restart_restores_the_champions_data_and_model(project, tmp_path, monkeypatch):
+def test_restart_restores_the_champions_data_and_model(published, tmp_path, monkeypatch):
     import mlflow
 
-    proj, env = project
-    assert "max_steps: 3" in (proj / "params.yaml").read_text()  # the workspace holds the worse v2
+    proj, env = published
+    bad = trainpipe(proj, env, "train", "-S", "train.max_steps=3")  # a bad run in the workspace
+    assert bad.returncode == 0, bad.stderr[-2000:]
+    assert "max_steps: 3" in (proj / "params.yaml").read_text()
     run = trainpipe(proj, env, "restart")
     assert run.returncode == 0, run.stderr[-2000:]
     assert "version 1" in run.stdout
@@ -278,6 +332,81 @@ def test_restart_restores_the_champions_data_and_model(project, tmp_path, monkey
     assert "max_steps: 60" in (proj / "params.yaml").read_text()
     status = sh([str(BIN / "dvc"), "status"], proj, env)
     assert "up to date" in status.stdout, status.stdout
+
+
+def test_restart_is_the_way_back_after_git_checkout_of_the_committed_lock(published):
+    # `git checkout -- .` after a run puts back the committed dvc.lock, whose md5s are not this
+    # workspace's: `dvc checkout` would then delete outputs. `trainpipe restart` restores.
+    proj, env = published
+    git = sh(["git", "checkout", "--", "dvc.lock", "params.yaml"], proj, env)
+    assert git.returncode == 0, git.stderr
+    stale = sh([str(BIN / "dvc"), "status"], proj, env)
+    assert "up to date" not in stale.stdout  # the state the test is about
+    run = trainpipe(proj, env, "restart")
+    assert run.returncode == 0, run.stderr[-2000:]
+    status = sh([str(BIN / "dvc"), "status"], proj, env)
+    assert "up to date" in status.stdout, status.stdout
+    registered = MlflowClient(env["MLFLOW_TRACKING_URI"]).get_model_version_by_alias(MODEL, "champion")
+    weights = hashlib.sha256((proj / "models/model.safetensors").read_bytes()).hexdigest()
+    assert weights == registered.tags["weights_sha256"]
+
+
+def cache_objects(lock: dict, store: Path) -> set[Path]:
+    """The files of a DVC 3 object store (the cache or a local remote) that a dvc.lock's outputs
+    are made of: files/md5/ab/cdef..., a directory's file list in the object ending in .dir."""
+
+    def obj(md5: str) -> Path:
+        return Path("files", "md5", md5[:2], md5[2:])
+
+    found = set()
+    for stage in lock["stages"].values():
+        for out in stage.get("outs", []):
+            found.add(obj(out["md5"]))
+            if out["md5"].endswith(".dir"):
+                found |= {obj(e["md5"]) for e in json.loads((store / obj(out["md5"])).read_text())}
+    return found
+
+
+def read_yaml(path: Path) -> dict:
+    return yaml.safe_load(path.read_text())
+
+
+def workspace_bytes(proj: Path) -> dict[str, str]:
+    """sha256 of params.yaml, dvc.lock and every output file."""
+    files = [proj / "params.yaml", proj / "dvc.lock"]
+    for folder in ("data", "models", "reports"):
+        files += [p for p in (proj / folder).rglob("*") if p.is_file()]
+    return {str(p.relative_to(proj)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+
+
+def test_restart_from_a_version_whose_outputs_are_gone_changes_nothing(published, worse_challenger, tmp_path):
+    proj, env = published
+    version = worse_challenger["version"]
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    recorded = Path(client.download_artifacts(version.run_id, "dvc.lock", str(tmp_path)))
+    cache, remote = proj / ".dvc" / "cache", proj / ".dvc-remote"
+    # the objects only that version has: in neither the cache nor the remote afterwards
+    gone = cache_objects(read_yaml(recorded), cache) - cache_objects(read_yaml(proj / "dvc.lock"), cache)
+    assert gone, "the worse version shares every object with the champion"
+    aside = tmp_path / "aside"
+    moved = []
+    try:
+        for store in (cache, remote):
+            for rel in gone:
+                if (store / rel).exists():
+                    (aside / store.name / rel).parent.mkdir(parents=True, exist_ok=True)
+                    shutil.move(store / rel, aside / store.name / rel)
+                    moved.append((aside / store.name / rel, store / rel))
+        before = workspace_bytes(proj)
+        run = trainpipe(proj, env, "restart", "--from", str(version.version))
+        assert workspace_bytes(proj) == before  # params.yaml, dvc.lock and every output as they were
+        assert run.returncode == 2, run.stderr[-2000:]
+        lines = run.stderr.strip().splitlines()
+        assert lines[-1].startswith(f"trainpipe restart: version {version.version} of '{MODEL}' cannot")
+        assert "models (" in lines[-1] and "Traceback" not in run.stderr
+    finally:
+        for src, dst in moved:
+            shutil.move(src, dst)
 
 
 def test_gate_failure_on_a_fresh_project_trains_nothing(tmp_path, mlflow_template_db):

@@ -1,14 +1,43 @@
+from pathlib import Path
+
 import pytest
 
 from pipelines.errors import ConfigError
 from pipelines.params import Params, flatten, load_params, save_overrides
 
 
-def test_shipped_params_yaml_is_valid_and_matches_schema_defaults():
-    params = load_params("params.yaml")
-    assert params.data.source == "python-stdlib"
-    # every key the file sets is one the schema knows (load would have raised otherwise)
-    assert set(flatten(params)) == set(flatten(Params()))
+def params_drift(path: str | Path) -> tuple[set, set, dict]:
+    """How a params file differs from the schema: (keys it sets that are no field, fields it
+    does not set, {key: (its value, the default)} where the typed value differs)."""
+    import yaml
+
+    def leaves(node: dict, prefix: str = "") -> set[str]:
+        keys = set()
+        for key, value in node.items():
+            keys |= leaves(value, f"{prefix}{key}.") if isinstance(value, dict) else {prefix + key}
+        return keys
+
+    written = leaves(yaml.safe_load(Path(path).read_text()))
+    defaults = flatten(Params())
+    shipped = flatten(load_params(path))
+    changed = {k: (shipped[k], v) for k, v in defaults.items() if shipped[k] != v}
+    return written - set(defaults), set(defaults) - written, changed
+
+
+def test_shipped_params_yaml_sets_every_field_to_its_schema_default():
+    # params.yaml documents the defaults: a default changed in one place only fails here
+    assert params_drift("params.yaml") == (set(), set(), {})
+    assert load_params("params.yaml").data.source == "python-stdlib"
+
+
+def test_params_drift_sees_an_unset_field_and_a_changed_value(tmp_path):
+    steps, every = Params().train.max_steps, Params().train.log_every
+    text = Path("params.yaml").read_text()
+    assert f"  log_every: {every}\n" in text and f"  max_steps: {steps}\n" in text
+    text = text.replace(f"  log_every: {every}\n", "")
+    path = tmp_path / "params.yaml"
+    path.write_text(text.replace(f"  max_steps: {steps}\n", f"  max_steps: {steps + 1}\n"))
+    assert params_drift(path) == (set(), {"train.log_every"}, {"train.max_steps": (steps + 1, steps)})
 
 
 @pytest.mark.parametrize(
