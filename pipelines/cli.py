@@ -206,6 +206,11 @@ def cmd_restart(args) -> None:
 
     result = restore_version(load_params(PARAMS_FILE, args.set), args.from_version)
     print(f"workspace restored to the data and model of version {result['version']}")
+    if result.get("not_restored"):
+        print(
+            f"not restored: {', '.join(result['not_restored'])} (the raw snapshot is never pushed); "
+            "`trainpipe ingest` re-creates it from data.source"
+        )
 
 
 def start_prefect_server(port: int) -> subprocess.Popen:

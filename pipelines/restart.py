@@ -23,6 +23,10 @@ from pipelines.errors import ConfigError
 from pipelines.params import PARAMS_FILE, save_overrides
 
 LOCK_FILE = "dvc.lock"
+# Stages whose outputs are never pushed (dvc.yaml `push: false`): the raw snapshot holds the source
+# byte for byte, secrets included. Restart goes on without it when the cache lacks it (a fresh
+# clone); `trainpipe ingest` re-creates it from data.source with the same hash.
+LOCAL_ONLY_STAGES = ("ingest",)
 
 
 def lock_params(lock: dict) -> list[str]:
@@ -53,7 +57,7 @@ def file_md5(path: Path) -> str | None:
     return h.hexdigest()
 
 
-def missing_outputs(lock: dict, cache_dir: Path) -> list[str]:
+def missing_outputs(lock: dict, cache_dir: Path, include_local_only: bool = False) -> list[str]:
     """The outputs a dvc.lock names that `dvc checkout` could not produce, as 'PATH' or
     'PATH (N of M files)': a file whose object is neither in the local DVC cache nor already in
     the workspace. The layout is DVC 3's: files/md5/ab/cdef..., a directory's file list in the
@@ -66,7 +70,9 @@ def missing_outputs(lock: dict, cache_dir: Path) -> list[str]:
         return obj(md5).is_file() or file_md5(path) == md5  # checkout keeps a matching file
 
     missing = []
-    for stage in lock.get("stages", {}).values():
+    for stage_name, stage in lock.get("stages", {}).items():
+        if stage_name in LOCAL_ONLY_STAGES and not include_local_only:
+            continue
         for out in stage.get("outs", []):
             md5, path = out.get("md5", ""), Path(out["path"])
             if not md5.endswith(".dir"):
@@ -81,6 +87,12 @@ def missing_outputs(lock: dict, cache_dir: Path) -> list[str]:
             if lacking:
                 missing.append(f"{out['path']} ({lacking} of {len(entries)} files)")
     return missing
+
+
+def local_only_missing(lock: dict, cache_dir: Path) -> list[str]:
+    """Outputs of LOCAL_ONLY_STAGES that the cache lacks: restart goes on without them."""
+    only = {k: v for k, v in lock.get("stages", {}).items() if k in LOCAL_ONLY_STAGES}
+    return missing_outputs({"stages": only}, cache_dir, include_local_only=True)
 
 
 def recorded_params_text(lock: dict) -> bytes:
@@ -152,9 +164,10 @@ def restore_version(params, version: str | None = None) -> dict:
                 f"version {mv.version} of {name!r} cannot be restored: {', '.join(missing)} in neither "
                 "the DVC cache nor the DVC remote; params.yaml, dvc.lock and outputs left as they were"
             )
-        dvc(["checkout", "--force", "-q"], quiet=True)
+        not_restored = local_only_missing(lock, cache_dir)
+        dvc(["checkout", "--force", "-q", *(["--allow-missing"] if not_restored else [])], quiet=True)
     except BaseException:
         # also on Ctrl-C: never leave a recorded dvc.lock over outputs it does not describe
         put_back(saved)
         raise
-    return {"version": str(mv.version), "run_id": mv.run_id}
+    return {"version": str(mv.version), "run_id": mv.run_id, "not_restored": not_restored}

@@ -5,7 +5,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from pipelines.restart import missing_outputs
+from pipelines.restart import local_only_missing, missing_outputs
 
 
 def put(cache: Path, md5: str, text: str = "x") -> None:
@@ -45,3 +45,20 @@ def test_missing_outputs_names_files_dirs_and_file_lists(tmp_path, monkeypatch):
     put(tmp_path, "ee" + "5" * 30)
     put(tmp_path, "ff" + "6" * 30 + ".dir", "[]")
     assert missing_outputs(lock, tmp_path) == []
+
+
+def test_the_raw_snapshot_is_never_a_reason_to_refuse_but_is_reported(tmp_path, monkeypatch):
+    """data/raw is never pushed (it may hold secrets): a fresh clone's cache lacks it, and restart
+    goes on without it, saying so; every other output still has to be there."""
+    monkeypatch.chdir(tmp_path)
+    put(tmp_path, "dd" + "4" * 30)
+    lock = {
+        "stages": {
+            "ingest": {"outs": [{"path": "data/raw", "md5": "ab" + "7" * 30 + ".dir", "hash": "md5"}]},
+            "evaluate": {"outs": [{"path": "reports/metrics.json", "md5": "dd" + "4" * 30, "hash": "md5"}]},
+        }
+    }
+    assert missing_outputs(lock, tmp_path) == []
+    assert local_only_missing(lock, tmp_path) == ["data/raw (its file list)"]
+    lock["stages"]["evaluate"]["outs"][0]["md5"] = "ee" + "5" * 30
+    assert missing_outputs(lock, tmp_path) == ["reports/metrics.json"]
