@@ -69,9 +69,8 @@ def test_publish_killed_at_each_step_is_finished_by_running_it_again(mlflow_env,
     assert state["versions"]["2"]["val_bits_per_byte"] == "1.9" and DECISION_TAG not in state["versions"]["2"]
     assert state["aliases"] == before["aliases"] == {"champion": "1", "challenger": "1"}
 
-    kill_publish_at(
-        "challenger-alias-set"
-    )  # re-run finds v2 and carries on; killed before the gate moved @champion
+    # the re-run finds v2 and carries on; killed before the gate moved @champion
+    kill_publish_at("challenger-alias-set")
     state = registry(client)
     assert set(state["versions"]) == {"1", "2"} and state["aliases"] == {"champion": "1", "challenger": "2"}
     assert DECISION_TAG not in state["versions"]["2"] and state["history"] == before["history"]
