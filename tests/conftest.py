@@ -120,4 +120,9 @@ def mlflow_env(tmp_path, monkeypatch, mlflow_template_db) -> str:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")  # offline: nothing to send
     monkeypatch.chdir(tmp_path)
+    # mlflow.set_experiment (called by an in-process train or flow in an earlier test) leaves a
+    # process-wide active experiment of another database: start each test on this one's default.
+    import mlflow
+
+    mlflow.set_experiment(experiment_id="0")
     return uri
