@@ -8,6 +8,8 @@ raw bytes: decoding is curate's job, so files in legacy encodings arrive as they
 local file, folder or glob. Text files (.txt, .py, .md, ...) become one record each with their
 raw bytes; .jsonl/.json, .parquet and .csv files are read through Hugging Face `datasets`,
 one record per row, taking the text from the column named by data.text_field.
+Under DVC, ingest depends on data/inputs/source.json, the manifest of the source's files that
+the inputs stage writes on every repro: an added, removed or edited file re-runs ingest.
 """
 
 import glob
