@@ -94,10 +94,10 @@ def cmd_run(args) -> None:
     name = params.publish.model_name
     print()
     if all(s["status"] == "skipped" for s in result["stages"]) and "already registered" in pub["reason"]:
-        # the inputs check (source files, champion's profile) runs every time: it is no stage
+        # the inputs check runs every time (it is no stage); its files, and so the stages, did not change
         print(
-            "unchanged: source, champion, data, code and params as before; DVC skipped every stage, "
-            "nothing new published"
+            "unchanged: data, code and params as before; DVC skipped every stage "
+            "(the source and the champion checked, unchanged), nothing new published"
         )
     if result["inputs"].get("warning"):
         print(f"warning: {result['inputs']['warning']}")
