@@ -24,8 +24,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from pipelines import curate, gate
-from pipelines.data import write_documents
+from pipelines import curate, gate, inputs
+from pipelines.data import write_documents, write_json
 from pipelines.dedupe import NearDuplicates, shingle_hashes, signature
 from pipelines.ingest import collect_documents
 from pipelines.params import load_params
@@ -133,10 +133,19 @@ def time_steps(records: list[dict], rules, repeats: int, tmp: Path) -> tuple[dic
 
 def time_end_to_end(records: list[dict], repeats: int, tmp: Path) -> tuple[dict, dict]:
     write_documents(records, tmp / "data.raw_dir")
-    keys = ("data.raw_dir", "data.curated_dir", "data.quarantine_dir", "curate.reports_dir")
+    keys = (
+        "data.raw_dir",
+        "data.curated_dir",
+        "data.quarantine_dir",
+        "data.inputs_dir",
+        "curate.reports_dir",
+    )
     times, timings = {}, {}
     for workers in (2, 1):
         params = load_params(PARAMS_PATH, [f"{k}={tmp / k}" for k in keys] + [f"curate.workers={workers}"])
+        # the drift reference, as the inputs stage records it before curate runs
+        reference = inputs.champion_reference(params)[0]
+        write_json(Path(params.data.inputs_dir) / inputs.CHAMPION_FILE, reference)
         step = f"END TO END curate.run, workers={workers}"
         times[step], timings[step] = timed(lambda p=params: curate.run(p)["timings"], repeats)
     return times, timings

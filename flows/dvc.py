@@ -16,6 +16,10 @@ from pathlib import Path
 from pipelines.errors import TrainpipeError
 
 STAGES = ("ingest", "curate", "tokenize", "train", "evaluate")
+# The always-changed stage that records what DVC cannot hash (pipelines/inputs.py): a check
+# that runs first on every repro, not a step whose running means anything changed.
+INPUTS_CHECK = "inputs"
+DVC_CHATTER = ("Running stage ", "> ", "Updating lock file", "Generating lock file", "Stage '")
 
 
 class StageFailed(TrainpipeError):
@@ -163,6 +167,13 @@ def repro_stage(
     else:
         reason = "deps, params and outs unchanged (DVC: didn't change, skipping)"
     return StageOutcome(stage, False, f"skipped: {reason}", "skipped", reason)
+
+
+def check_inputs(env: dict[str, str] | None = None) -> list[str]:
+    """Run the inputs check (`dvc repro --single-item inputs`); its own lines, without DVC's.
+    DVC's "Running stage 'inputs'" would say on every run that something ran: it always does."""
+    stdout = dvc(["repro", "--single-item", INPUTS_CHECK], env=env, quiet=True)
+    return [ln for ln in stdout.splitlines() if ln.strip() and not ln.startswith(DVC_CHATTER)]
 
 
 def push(env: dict[str, str] | None = None) -> str:

@@ -1,6 +1,9 @@
 """The training flow: one Prefect flow run = one MLflow run = one pass over the DVC stages.
 
 Steps, in order:
+  0. the inputs check (`dvc repro --single-item inputs`, every run): records the source's files
+     and the champion's data profile, the inputs that DVC cannot hash; ingest and curate depend
+     on its files, so they re-run only when the source or the champion really changed
   1. ingest, curate, tokenize, train, evaluate: each `dvc repro --single-item STAGE`, skipped
      by DVC when its inputs are unchanged; retried with back-off on transient failures only
      (a failed data gate or a diverged loss is final); a retried train resumes from its
@@ -29,9 +32,10 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 
-from flows.dvc import STAGES, StageFailed, StageOutcome, push, repro_stage, stage_changes
+from flows.dvc import STAGES, StageFailed, StageOutcome, check_inputs, push, repro_stage, stage_changes
 from pipelines.data import read_json, sha256_hex
 from pipelines.errors import PERMANENT_EXIT_CODES, TrainpipeError
+from pipelines.inputs import CHAMPION_FILE, SOURCE_FILE
 from pipelines.params import PARAMS_FILE, Params, flatten, load_params, save_overrides
 from pipelines.runlock import flow_lock_wait_s, workspace_lock
 
@@ -261,10 +265,25 @@ def training_flow(params: Params | None = None) -> dict:
         return _training_flow(params)
 
 
+@task(retries=2, retry_delay_seconds=[10, 60], retry_condition_fn=retry_transient_only)
+def record_inputs(params: Params) -> dict:
+    """The inputs check; what it recorded, for the flow run's MLflow tags (input.source_sha256,
+    input.champion) and the printed summary (a warning when the registry could not be read)."""
+    for line in check_inputs():
+        get_run_logger().info(line)
+    inputs_dir = Path(params.data.inputs_dir)
+    champion = read_json(inputs_dir / CHAMPION_FILE)
+    return {
+        "source_sha256": sha256_hex((inputs_dir / SOURCE_FILE).read_bytes()),
+        "champion": f"v{champion['version']}" if champion["status"] == "champion" else champion["status"],
+        "warning": champion["note"] if champion["status"] == "unreachable" else "",
+    }
+
+
 def run_stages(params: Params, run_id: str, outcomes: list[StageOutcome]) -> None:
     """Each stage through DVC, appending what happened to outcomes (a failed one included)."""
     logger = get_run_logger()
-    changes = stage_changes()  # one `dvc status` for all: on an unchanged run, the only one
+    changes = stage_changes(list(STAGES))  # one `dvc status` for all: on an unchanged run, the only one
     for stage in STAGES:
         if any(o.ran for o in outcomes):  # an earlier stage's new outputs may change this one
             changes = stage_changes([stage])
@@ -291,13 +310,15 @@ def _training_flow(params: Params | None) -> dict:
     params = apply_params(params)
     mlflow.set_experiment(params.publish.experiment)
     outcomes: list[StageOutcome] = []
-    curation, metrics, published = {}, {}, None
+    curation, metrics, published, inputs = {}, {}, None, {}
     try:
         with mlflow.start_run(run_name=f"flow-{flow_run.get_name() or 'local'}") as run:
             run_id = run.info.run_id
             mlflow.log_params({k: str(v)[:500] for k, v in flatten(params).items()})
             mlflow.set_tag("prefect_flow_run_id", str(flow_run.get_id() or ""))
             try:
+                inputs = record_inputs(params)
+                mlflow.set_tags({f"input.{k}": v for k, v in inputs.items() if k != "warning"})
                 run_stages(params, run_id, outcomes)
             finally:
                 curation = report_curation(params)
@@ -313,7 +334,12 @@ def _training_flow(params: Params | None) -> dict:
             key="trainpipe-run",
             description="stages, curation, metrics and the alias decision of this run",
         )
-    return {"stages": [o.__dict__ for o in outcomes], "metrics": metrics, "published": published}
+    return {
+        "stages": [o.__dict__ for o in outcomes],
+        "inputs": inputs,
+        "metrics": metrics,
+        "published": published,
+    }
 
 
 if __name__ == "__main__":

@@ -95,7 +95,13 @@ def cmd_run(args) -> None:
     name = params.publish.model_name
     print()
     if all(s["status"] == "skipped" for s in result["stages"]) and "already registered" in pub["reason"]:
-        print("unchanged: data, code and params as before; DVC skipped every stage, nothing new published")
+        # the inputs check runs every time (it is no stage); its files, and so the stages, did not change
+        print(
+            "unchanged: data, code and params as before; DVC skipped every stage "
+            "(the source and the champion checked, unchanged), nothing new published"
+        )
+    if result["inputs"].get("warning"):
+        print(f"warning: {result['inputs']['warning']}")
     print(f"registered: {name} version {pub['version']} ({pub['model_uri']}) in {tracking_uri_text()}")
     print(f"champion: models:/{name}@champion is version {pub['champion_version']} ({pub['reason']})")
     print(

@@ -35,6 +35,7 @@ from pipelines import gate as gates
 from pipelines.data import DOCUMENTS_FILE, read_documents, read_json, sha256_hex, write_documents, write_json
 from pipelines.dedupe import NearDuplicates, signature
 from pipelines.errors import ConfigError, GateError, SourceError
+from pipelines.inputs import read_champion_reference
 from pipelines.params import CurateParams, Params
 from pipelines.quality import FILTER_REASONS, decode_document, explain_reason, failing_filters
 from pipelines.scrub import KINDS, PLACEHOLDERS, scrub_text
@@ -268,7 +269,9 @@ def summarize(result: CurationResult, rules: CurateParams, gate: dict, drift: di
 
 
 def check_drift(profile: dict, params: Params) -> tuple[dict, list[dict], list[dict]]:
-    """(drift report, blocking failures, warnings) against the champion's stored profile."""
+    """(drift report, blocking failures, warnings) against the champion's profile, as the inputs
+    stage recorded it in champion.json (a DVC dependency of this stage: never the registry itself,
+    so a cached verdict cannot belong to another champion). An unreachable registry is a warning."""
     drift_params = params.curate.gate.drift
     if not drift_params.enabled:
         return (
@@ -276,10 +279,14 @@ def check_drift(profile: dict, params: Params) -> tuple[dict, list[dict], list[d
             [],
             [],
         )
-    reference, source = gates.champion_profile(params.publish.model_name)
-    if reference is None:
-        return {"reference": source, "note": source.get("note"), "checks": []}, [], []
-    checks = gates.drift_checks(profile, reference, drift_params)
+    recorded = read_champion_reference(params)
+    source = {k: recorded[k] for k in ("model", "version", "run_id", "profile_sha256") if k in recorded}
+    if recorded["status"] == "unreachable":
+        warning = {"check": "drift", "observed": recorded["note"], "need": "the champion's data profile"}
+        return {"reference": source, "note": recorded["note"], "checks": []}, [], [warning]
+    if recorded["status"] != "champion":
+        return {"reference": source or None, "note": recorded["note"], "checks": []}, [], []
+    checks = gates.drift_checks(profile, recorded["profile"], drift_params)
     failed = [c for c in checks if c["verdict"] == "block"]
     warned = [c for c in checks if c["verdict"] == "warn"]
     return {"reference": source, "note": None, "checks": checks}, failed, warned
@@ -348,6 +355,9 @@ def _check_unique_paths(records: list[dict], raw_dir: str) -> None:
 
 
 def _drift_line(check: dict) -> dict:
+    if "figure" not in check:  # a drift check that could not run says why in its own words
+        return {"check": check["check"], "observed": check["observed"], "need": check["need"]}
+
     def figure(value) -> str:
         return f"{value:,.0f}" if float(value).is_integer() else f"{value:g}"
 

@@ -378,41 +378,83 @@ def drift_checks(profile: dict, reference: dict, drift: DriftParams) -> list[dic
 PROFILE_ARTIFACT = "data_profile.json"  # logged by publish to the run of every registered version
 
 
-def champion_profile(model_name: str) -> tuple[dict | None, dict]:
-    """(the data profile stored with models:/NAME@champion, where it came from or why there is none).
+def champion_profile(model_name: str) -> tuple[dict, str]:
+    """What drift compares with: the data profile stored with models:/NAME@champion, or why not.
 
-    No registry, no champion or a champion without a profile means there is nothing to compare
-    with: drift is then reported as not checked, never guessed. A registry that cannot be read
-    is said so too; the blocking data checks above still ran.
+    A record for the inputs stage's champion.json: status "champion" (with version, run id,
+    the profile and its sha256), "none" (no registry, no champion, or a champion without a
+    profile: nothing to compare with, drift not checked) or "unreachable" (the registry could
+    not be read: curate turns that into a warning, never a silent pass). Its content depends on
+    the reference alone (no times, no error details that vary between tries), so an unchanged
+    reference leaves the file, and the curate stage's DVC dependency, unchanged. The second
+    value is the error behind "unreachable", for the person reading the log ("" otherwise).
     """
     import os
-    import tempfile
 
     uri = os.environ.get("MLFLOW_TRACKING_URI", "")
     db = (
         uri.removeprefix("sqlite:///") if uri.startswith("sqlite:///") else ("mlflow.db" if not uri else None)
     )
     if db is not None and not Path(db).exists():  # opening it would create an empty registry
-        return None, {"note": "no registry yet: drift not checked"}
+        return {"status": "none", "note": "no registry yet: drift not checked"}, ""
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one small file
     try:
-        from mlflow import MlflowClient
-        from mlflow.exceptions import MlflowException
+        with _short_http_retries():
+            return _read_champion_profile(model_name), ""
+    except Exception as exc:  # noqa: BLE001 -- an unreachable registry must not crash the pipeline
+        where = _without_credentials(uri) or "mlflow.db"
+        note = f"registry {where} unreachable ({type(exc).__name__}): drift not checked"
+        return {"status": "unreachable", "note": note}, f"{type(exc).__name__}: {exc}"
 
-        client = MlflowClient()
-        try:
-            version = client.get_model_version_by_alias(model_name, "champion")
-        except MlflowException:
-            return None, {"note": f"no models:/{model_name}@champion yet: drift not checked"}
-        source = {"model": model_name, "version": str(version.version), "run_id": version.run_id}
-        with tempfile.TemporaryDirectory(prefix="trainpipe-profile-") as tmp:
-            try:
-                path = client.download_artifacts(version.run_id, PROFILE_ARTIFACT, tmp)
-            except (MlflowException, OSError):
-                return None, {
-                    **source,
-                    "note": f"champion v{version.version} has no {PROFILE_ARTIFACT}: drift not checked",
-                }
-            return json.loads(Path(path).read_text()), source
-    except Exception as exc:  # noqa: BLE001 -- an unreachable registry must not crash curation
-        return None, {"note": f"registry unreadable ({type(exc).__name__}: {exc}): drift not checked"}
+
+def _read_champion_profile(model_name: str) -> dict:
+    """champion_profile's registry reads; raises when the registry does not answer."""
+    import hashlib
+    import tempfile
+
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient()
+    try:
+        version = client.get_model_version_by_alias(model_name, "champion")
+    except MlflowException as exc:
+        if exc.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            raise  # no answer from the registry (a connection error is INTERNAL_ERROR)
+        return {"status": "none", "note": f"no models:/{model_name}@champion yet: drift not checked"}
+    source = {"model": model_name, "version": str(version.version), "run_id": version.run_id}
+    if PROFILE_ARTIFACT not in {a.path for a in client.list_artifacts(version.run_id)}:
+        note = f"champion v{version.version} has no {PROFILE_ARTIFACT}: drift not checked"
+        return {**source, "status": "none", "note": note}
+    with tempfile.TemporaryDirectory(prefix="trainpipe-profile-") as tmp:
+        data = Path(client.download_artifacts(version.run_id, PROFILE_ARTIFACT, tmp)).read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    return {**source, "status": "champion", "profile_sha256": digest, "profile": json.loads(data)}
+
+
+@contextmanager
+def _short_http_retries():
+    """MLflow retries a failed HTTP request 7 times with growing back-off, for minutes; a drift
+    reference that cannot be read is reported as such, so a few seconds of trying is enough."""
+    import os
+
+    short = {
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+        "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+    }
+    saved = {key: os.environ.get(key) for key in short}
+    os.environ.update(short)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _without_credentials(uri: str) -> str:
+    """A tracking URI fit for a report: scheme://user:password@host loses its user and password."""
+    return re.sub(r"//[^/@]*@", "//", uri)

@@ -29,6 +29,9 @@ class DataParams(Section):
     curated_dir: str = Field("data/curated", description="curate output: documents that passed")
     tokens_dir: str = Field("data/tokens", description="tokenize output: tokenizer and token arrays")
     quarantine_dir: str = Field("data/quarantine", description="curate output: dropped documents and why")
+    inputs_dir: str = Field(
+        "data/inputs", description="inputs output: the source manifest and the champion's data profile"
+    )
 
 
 class DriftParams(Section):

@@ -19,7 +19,7 @@ import pytest
 import yaml
 from conftest import make_model_dir, write_metrics
 
-from pipelines import curate, ingest
+from pipelines import curate, ingest, inputs
 from pipelines.data import DOCUMENTS_FILE, sha256_file
 from pipelines.params import load_params, save_overrides
 
@@ -66,6 +66,7 @@ class Workspace:
             f"data.raw_dir={r / 'raw'}",
             f"data.curated_dir={r / 'curated'}",
             f"data.quarantine_dir={r / 'quarantine'}",
+            f"data.inputs_dir={r / 'inputs'}",
             f"curate.reports_dir={r / 'reports'}",
             *GATE,
             *extra,
@@ -93,6 +94,8 @@ class Workspace:
             return "ingest", code, err
         raw = self.root / "raw" / DOCUMENTS_FILE
         raw_sha = sha256_file(raw)
+        code, _, err = self.stage(inputs, source, list(extra))  # the champion's profile, for drift
+        assert code == 0, err
         code, _, err = self.stage(curate, source, list(extra))
         assert "Traceback" not in err
         assert sha256_file(raw) == raw_sha, "the raw snapshot must stay as ingested"

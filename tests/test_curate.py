@@ -1,13 +1,14 @@
 """Curate stage: filters, decoding and dedupe on a few rows; run() and main() against the real GE gate."""
 
 import json
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines import curate, gate, quality
-from pipelines.data import DOCUMENTS_FILE, sha256_hex, write_documents
-from pipelines.errors import GateError
+from pipelines import curate, gate, inputs, quality
+from pipelines.data import DOCUMENTS_FILE, sha256_hex, write_documents, write_json
+from pipelines.errors import GateError, SourceError
 from pipelines.params import CurateParams, GateParams, load_params
 
 
@@ -173,18 +174,23 @@ def raw_records(num_good: int = 30) -> list[dict]:
 
 
 def stage_params(tmp_path, *overrides: str):
-    return load_params(
+    """Params with every path in tmp_path, and the drift reference recorded as the inputs stage
+    records it (with no registry: none)."""
+    params = load_params(
         tmp_path / "nonexistent.yaml",
         overrides=[
             f"data.raw_dir={tmp_path / 'raw'}",
             f"data.curated_dir={tmp_path / 'curated'}",
             f"data.quarantine_dir={tmp_path / 'quarantine'}",
+            f"data.inputs_dir={tmp_path / 'inputs'}",
             f"curate.reports_dir={tmp_path / 'reports'}",
             "curate.gate.min_documents=5",
             "curate.gate.min_bytes=1000",
             *overrides,
         ],
     )
+    write_json(Path(params.data.inputs_dir) / inputs.CHAMPION_FILE, inputs.champion_reference(params)[0])
+    return params
 
 
 def test_run_writes_curated_table_and_reports(tmp_path):
@@ -296,10 +302,12 @@ def test_main_exits_3_with_one_line_on_gate_failure(tmp_path, capsys):
         f"data.raw_dir={tmp_path / 'raw'}",
         f"data.curated_dir={tmp_path / 'curated'}",
         f"data.quarantine_dir={tmp_path / 'quarantine'}",
+        f"data.inputs_dir={tmp_path / 'inputs'}",
         f"curate.reports_dir={tmp_path / 'reports'}",
         "curate.gate.min_documents=1",
         "curate.gate.min_bytes=100000000",
     ]
+    stage_params(tmp_path)  # records the drift reference in the same inputs_dir
     argv = ["--params", str(tmp_path / "nonexistent.yaml")] + [a for o in overrides for a in ("-S", o)]
 
     with pytest.raises(SystemExit) as info:
@@ -309,6 +317,86 @@ def test_main_exits_3_with_one_line_on_gate_failure(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("trainpipe curate: data gate failed: expect_column_sum_to_be_between[n_bytes]")
     assert err.count("\n") == 1
+
+
+# --- drift: the reference comes from the inputs stage's champion.json, never the registry -------
+
+
+def recorded_champion(params, profile: dict, version: str = "7", **fields) -> None:
+    """champion.json as the inputs stage writes it for a champion with this profile."""
+    record = {
+        "model": params.publish.model_name,
+        "drift_enabled": True,
+        "status": "champion",
+        "version": version,
+        "run_id": "r" * 32,
+        "profile_sha256": "b" * 64,
+        "profile": profile,
+        **fields,
+    }
+    write_json(Path(params.data.inputs_dir) / inputs.CHAMPION_FILE, record)
+
+
+def test_drift_compares_with_the_recorded_champion_profile(tmp_path):
+    write_documents(raw_records(), tmp_path / "raw")
+    params = stage_params(tmp_path)
+    texts = [python_file(i) for i in range(300)]  # the champion's data: ten times as many documents
+    recorded_champion(params, gate.merge_profiles([gate.text_profile(texts)]))
+
+    with pytest.raises(GateError, match=r"drift_documents \(observed 30 vs champion 300"):
+        curate.run(params)  # the registry (none here) is not asked: the file decides
+
+    report = json.loads((tmp_path / "reports" / "curation.json").read_text())
+    assert report["drift"]["reference"] == {
+        "model": params.publish.model_name,
+        "version": "7",
+        "run_id": "r" * 32,
+        "profile_sha256": "b" * 64,
+    }
+
+
+def test_drift_needs_a_reference_recorded_for_these_params(tmp_path):
+    from pipelines.errors import ConfigError
+
+    write_documents(raw_records(), tmp_path / "raw")
+    params = stage_params(tmp_path)
+    (Path(params.data.inputs_dir) / inputs.CHAMPION_FILE).unlink()
+    with pytest.raises(SourceError, match=r"champion.json is missing: run `dvc repro`"):
+        curate.run(params)
+    recorded_champion(params, {}, model="another-model")
+    with pytest.raises(ConfigError, match="recorded for model 'another-model'"):
+        curate.run(params)
+
+
+def closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # closed again when the block ends: nothing listens there
+
+
+def test_unreachable_registry_is_a_drift_warning_not_a_silent_pass(tmp_path, monkeypatch):
+    import time
+
+    write_documents(raw_records(), tmp_path / "raw")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://u:secret@127.0.0.1:{closed_port()}")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "7")  # the user's setting: not for this fetch
+    started = time.perf_counter()
+    params = stage_params(tmp_path)  # the inputs stage's fetch
+    assert time.perf_counter() - started < 30  # short retries, not MLflow's minutes of back-off
+    record = json.loads((Path(params.data.inputs_dir) / inputs.CHAMPION_FILE).read_text())
+    assert record["status"] == "unreachable" and "secret" not in json.dumps(record)
+    assert __import__("os").environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "7"  # restored after
+
+    summary = curate.run(params)
+
+    warnings = {w["check"]: w for w in summary["gate"]["warnings"]}
+    assert "unreachable" in warnings["drift"]["observed"] and summary["gate"]["passed"]
+    report = json.loads((tmp_path / "reports" / "curation.json").read_text())
+    assert report["gate"]["warnings"] == summary["gate"]["warnings"]
+    printed = curate.describe(summary, params)
+    assert "warning: drift (observed registry http://127.0.0.1:" in printed and "unreachable" in printed
 
 
 def test_explain_names_what_it_cannot_find(tmp_path):
