@@ -463,7 +463,7 @@ def _drift_summary(drift: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from pipelines.cli import stage_main
+    from pipelines.entry import stage_main
 
     stage_main("curate", run, describe, argv)
 

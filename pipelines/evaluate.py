@@ -256,7 +256,7 @@ def describe(m: dict, params: Params) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from pipelines.cli import stage_main
+    from pipelines.entry import stage_main
 
     stage_main("evaluate", run, describe, argv)
 

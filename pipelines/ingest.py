@@ -116,7 +116,7 @@ def describe(summary: dict, params: Params) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from pipelines.cli import stage_main
+    from pipelines.entry import stage_main
 
     stage_main("ingest", run, describe, argv)
 

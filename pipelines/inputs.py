@@ -115,7 +115,7 @@ def describe(summary: dict, params: Params) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from pipelines.cli import stage_main
+    from pipelines.entry import stage_main
 
     stage_main("inputs", run, describe, argv)
 

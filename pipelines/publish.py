@@ -42,6 +42,7 @@ from pipelines.evaluate import (
 )
 from pipelines.gate import PROFILE_ARTIFACT
 from pipelines.params import Params
+from pipelines.registry import CHAMPION, get_champion
 from pipelines.serve import (
     DEFAULT_INFERENCE_PARAMS,
     EXAMPLE_PROMPT,
@@ -65,7 +66,7 @@ SCORE_FIELD_NAMES = {
     "scoring_code_sha256": "scoring code",
 }
 REQUIRED_METRICS = ("val_bits_per_byte", "val_documents", "weights_sha256", SCORE_KEY_TAG, *SCORE_KEY_FIELDS)
-CHAMPION, CHALLENGER = "champion", "challenger"
+CHALLENGER = "challenger"
 HISTORY_TAG_PREFIX = "champion_move/"  # + a sortable UTC time and a random suffix: one tag per move
 LEGACY_HISTORY_TAG = "champion_history"  # versions, comma-separated: written before the records
 MAX_REASON_CHARS = 500
@@ -181,16 +182,6 @@ def _version_with_weights(client: MlflowClient, name: str, weights_sha: str) -> 
             return None
         raise  # an unreachable tracking server must not look like "not registered yet"
     return found[0] if found else None
-
-
-def get_champion(client: MlflowClient, name: str) -> ModelVersion | None:
-    try:
-        return client.get_model_version_by_alias(name, CHAMPION)
-    except MlflowException as exc:
-        # An unknown model is RESOURCE_DOES_NOT_EXIST; an unknown alias, INVALID_PARAMETER_VALUE.
-        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
-            return None
-        raise
 
 
 def _get_version(client: MlflowClient, name: str, version: int | str) -> ModelVersion:

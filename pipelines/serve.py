@@ -207,7 +207,7 @@ def run_server(params: Params, port: int | None = None, model_uri: str | None = 
     if model_uri is None:
         from mlflow import MlflowClient
 
-        from pipelines.publish import get_champion  # publish imports this module
+        from pipelines.registry import get_champion
 
         name = params.publish.model_name
         champion = get_champion(MlflowClient(), name)

@@ -89,7 +89,7 @@ def describe(s: dict, params: Params) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from pipelines.cli import stage_main
+    from pipelines.entry import stage_main
 
     stage_main("tokenize", run, describe, argv)
 

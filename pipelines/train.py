@@ -278,7 +278,7 @@ def describe(s: dict, params: Params) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from pipelines.cli import stage_main
+    from pipelines.entry import stage_main
 
     stage_main("train", run, describe, argv)
 

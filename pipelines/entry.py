@@ -1,0 +1,52 @@
+"""The entry point every stage module shares: `python -m pipelines.STAGE`, as dvc.yaml runs it.
+
+It sits below the stages (they import it) and below the CLI (which imports setup_environment), so
+no stage imports the CLI.
+"""
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from pipelines.errors import TrainpipeError
+from pipelines.params import PARAMS_FILE, load_params
+
+
+def stage_main(stage: str, run, describe, argv: list[str] | None = None) -> None:
+    """`python -m pipelines.STAGE`, as dvc.yaml runs it: load params, run, print one line.
+    A failure prints `trainpipe STAGE: reason` and exits with the error's code, which the flow
+    reads back from DVC to decide whether a retry can help."""
+    module = sys.modules[run.__module__]
+    parser = argparse.ArgumentParser(
+        prog=f"python -m pipelines.{stage}", description=module.__doc__.splitlines()[0]
+    )
+    parser.add_argument("--params", default=PARAMS_FILE, help="parameters file (default: params.yaml)")
+    parser.add_argument(
+        "-S",
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a parameter for this call only (not written to the file)",
+    )
+    args = parser.parse_args(argv)
+    setup_environment()
+    try:
+        params = load_params(args.params, args.set)
+        result = run(params)
+    except (TrainpipeError, FileNotFoundError) as exc:
+        print(f"trainpipe {stage}: {exc}", file=sys.stderr)
+        sys.exit(getattr(exc, "exit_code", 2))
+    print(describe(result, params))
+
+
+def setup_environment() -> None:
+    """Offline, project-local defaults for the tools (only where the user set nothing)."""
+    os.environ.setdefault("PREFECT_HOME", str(Path.cwd() / ".prefect"))
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
