@@ -137,7 +137,9 @@ def test_run_killed_in_train_reruns_from_train_and_resumes(tmp_path, mlflow_temp
     out, _ = second.communicate(timeout=300)
     assert second.returncode == 0, out[-3000:]
     assert out.count("Running stage 'train'") == 2  # the failed attempt and Prefect's retry
-    assert "resuming from checkpoint at step" in out and "Running stage 'curate'" not in out
+    # curate may run once: the first run made v1 champion, so its drift reference moved (the
+    # inputs check); its curated table is the same, so tokenize does not run
+    assert "resuming from checkpoint at step" in out and "Running stage 'tokenize'" not in out
     retried = client.get_model_version(MODEL, "2")
     assert client.get_run(retried.run_id).data.tags["stage.train"].startswith("resumed@")
 
