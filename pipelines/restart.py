@@ -57,11 +57,11 @@ def file_md5(path: Path) -> str | None:
     return h.hexdigest()
 
 
-def missing_outputs(lock: dict, cache_dir: Path, include_local_only: bool = False) -> list[str]:
+def missing_outputs(lock: dict, cache_dir: Path, skip: tuple[str, ...] = LOCAL_ONLY_STAGES) -> list[str]:
     """The outputs a dvc.lock names that `dvc checkout` could not produce, as 'PATH' or
     'PATH (N of M files)': a file whose object is neither in the local DVC cache nor already in
-    the workspace. The layout is DVC 3's: files/md5/ab/cdef..., a directory's file list in the
-    object of its md5 ending in .dir."""
+    the workspace; the outputs of the stages in `skip` are not looked at. The layout is DVC 3's:
+    files/md5/ab/cdef..., a directory's file list in the object of its md5 ending in .dir."""
 
     def obj(md5: str) -> Path:
         return cache_dir / "files" / "md5" / md5[:2] / md5[2:]
@@ -71,7 +71,7 @@ def missing_outputs(lock: dict, cache_dir: Path, include_local_only: bool = Fals
 
     missing = []
     for stage_name, stage in lock.get("stages", {}).items():
-        if stage_name in LOCAL_ONLY_STAGES and not include_local_only:
+        if stage_name in skip:
             continue
         for out in stage.get("outs", []):
             md5, path = out.get("md5", ""), Path(out["path"])
@@ -92,7 +92,7 @@ def missing_outputs(lock: dict, cache_dir: Path, include_local_only: bool = Fals
 def local_only_missing(lock: dict, cache_dir: Path) -> list[str]:
     """Outputs of LOCAL_ONLY_STAGES that the cache lacks: restart goes on without them."""
     only = {k: v for k, v in lock.get("stages", {}).items() if k in LOCAL_ONLY_STAGES}
-    return missing_outputs({"stages": only}, cache_dir, include_local_only=True)
+    return missing_outputs({"stages": only}, cache_dir, skip=())
 
 
 def recorded_params_text(lock: dict) -> bytes:
