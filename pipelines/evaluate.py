@@ -5,8 +5,10 @@
 Scores the validation split (documents whose path hashes into it, see pipelines.data) in
 non-overlapping windows of block_size tokens. Bits per byte = total negative log2-likelihood
 of the tokens / UTF-8 bytes of the documents, so it compares across tokenizers and with
-compressors. Writes reports/metrics.json (DVC metrics), reports/loss_curve.csv (DVC plot of
-the training loss) and reports/samples.json (sampled completions).
+compressors. Writes reports/metrics.json (DVC metrics), reports/per_document.json (each scored
+document's bits and bytes, which publish pairs with the champion's in a bootstrap),
+reports/loss_curve.csv (DVC plot of the training loss) and reports/samples.json (sampled
+completions).
 
 A score belongs to its weights and to how it was scored: metrics.json carries the sha256 of the
 weights it scored (publish refuses metrics of other weights) and a score key over everything
@@ -42,6 +44,7 @@ from pipelines.params import Params
 from pipelines.train import use_bf16
 
 WEIGHTS_FILE = "model.safetensors"
+PER_DOCUMENT_FILE = "per_document.json"  # each validation document's bits and bytes: the paired gate
 # What a score depends on besides the weights; two scores compare only when all are equal.
 SCORE_KEY_FIELDS = (
     "val_set_sha256",
@@ -85,27 +88,33 @@ def score_texts(
     bf16: bool = False,
     context: int | None = None,
 ) -> dict:
-    """Negative log-likelihood of texts under the model, in bits, with the bytes it covers.
+    """Negative log-likelihood of texts under the model, in bits, with the bytes it covers, in all
+    and per document (doc_bits, doc_bytes: one entry per document scored, in order).
 
     The stream is <|endoftext|> doc1 <|endoftext|> doc2 ...; every token after the first is
-    predicted once, in windows of `context` tokens (default: the model's block_size). With
-    max_tokens, whole documents are taken until the cap is reached. Models compared with each
-    other must be scored with the same texts, cap, context and bf16 setting (the score key).
+    predicted once, in windows of `context` tokens (default: the model's block_size). A predicted
+    token counts to the document it belongs to, the <|endoftext|> that ends a document to that
+    document, so the documents' bits add up to the total. With max_tokens, whole documents are
+    taken until the cap is reached. Models compared with each other must be scored with the same
+    texts, cap, context and bf16 setting (the score key).
     """
     T = context or model.config.block_size
     if T > model.config.block_size:
         raise ValueError(f"context {T} is longer than the model's block_size {model.config.block_size}")
     eot = tokenizer.token_to_id(EOT)
-    stream, n_bytes = [eot], 0
+    stream, doc_bytes, doc_tokens = [eot], [], []
     for enc, text in zip(tokenizer.encode_batch(texts, add_special_tokens=False), texts, strict=True):
         if max_tokens and len(stream) > 1 and len(stream) + len(enc.ids) + 1 > max_tokens + 1:
             break
         stream.extend(enc.ids + [eot])
-        n_bytes += len(text.encode("utf-8"))
+        doc_bytes.append(len(text.encode("utf-8")))
+        doc_tokens.append(len(enc.ids) + 1)
     device = next(model.parameters()).device
     ids = torch.tensor(stream, dtype=torch.long)
+    # the document of each predicted token ids[1:]: a document's tokens and the EOT that ends it
+    owner = torch.repeat_interleave(torch.arange(len(doc_tokens)), torch.tensor(doc_tokens, dtype=torch.long))
+    doc_nats = torch.zeros(len(doc_tokens), dtype=torch.float64)
     starts = list(range(0, len(ids) - 1, T))
-    nll_nats = 0.0
     for b in range(0, len(starts), batch_size):
         for_batch = starts[b : b + batch_size]
         full = [s for s in for_batch if s + T + 1 <= len(ids)]
@@ -118,18 +127,37 @@ def score_texts(
             y = torch.stack([ids[s + 1 : s + 1 + n] for s in group]).to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 logits, _ = model(x)
-            nll_nats += torch.nn.functional.cross_entropy(
-                logits.float().view(-1, logits.size(-1)), y.view(-1), reduction="sum"
-            ).item()
+            nll = torch.nn.functional.cross_entropy(
+                logits.float().view(-1, logits.size(-1)), y.view(-1), reduction="none"
+            )  # (len(group) * n,), in nats
+            doc_nats.index_add_(0, torch.cat([owner[s : s + n] for s in group]), nll.double().cpu())
     n_tokens = len(ids) - 1
+    nll_nats = doc_nats.sum().item()
     return {
         "nll_bits": nll_nats / math.log(2),
         "tokens": n_tokens,
-        "bytes": n_bytes,
+        "bytes": sum(doc_bytes),
         "loss": nll_nats / n_tokens,
-        "documents_scored": stream.count(eot) - 1,
+        "documents_scored": len(doc_bytes),
         "context": T,
+        "doc_bits": (doc_nats / math.log(2)).tolist(),
+        "doc_bytes": doc_bytes,
     }
+
+
+def score_saved_model(
+    model_dir: str | Path,
+    texts: list[str],
+    *,
+    bf16: bool,
+    max_tokens: int | None = None,
+    context: int | None = None,
+) -> dict:
+    """score_texts of a saved model (used to re-score a champion, per document).
+
+    bf16 has no default: a re-score must use the precision of the score it is compared with."""
+    model, tokenizer = load_model_dir(model_dir)
+    return score_texts(model, tokenizer, texts, max_tokens, bf16=bf16, context=context)
 
 
 def score_model_dir(
@@ -140,12 +168,18 @@ def score_model_dir(
     max_tokens: int | None = None,
     context: int | None = None,
 ) -> float:
-    """Held-out bits per byte of a saved model on texts (used to re-score a champion).
-
-    bf16 has no default: a re-score must use the precision of the score it is compared with."""
-    model, tokenizer = load_model_dir(model_dir)
-    s = score_texts(model, tokenizer, texts, max_tokens, bf16=bf16, context=context)
+    """Held-out bits per byte of a saved model on texts."""
+    s = score_saved_model(model_dir, texts, bf16=bf16, max_tokens=max_tokens, context=context)
     return s["nll_bits"] / s["bytes"]
+
+
+def document_scores(docs: list[dict], scored: dict) -> list[dict]:
+    """One record per document scored (the first documents_scored of docs): its path, content
+    hash, bits and bytes. The hashes let a later comparison check it pairs the same documents."""
+    return [
+        {"path": d["path"], "sha256": d["sha256"], "bits": bits, "bytes": n_bytes}
+        for d, bits, n_bytes in zip(docs, scored["doc_bits"], scored["doc_bytes"], strict=False)
+    ]
 
 
 def scoring_code_sha256() -> str:
@@ -205,9 +239,10 @@ def evaluate_model(params: Params) -> dict:
     torch.manual_seed(params.train.seed)
     weights_sha = sha256_file(Path(params.train.model_dir) / WEIGHTS_FILE)  # the weights scored below
     model, tokenizer = load_model_dir(params.train.model_dir)
-    texts = validation_texts(params)
-    if not texts:
+    docs = validation_documents(params)
+    if not docs:
         raise TrainpipeError("evaluate: the validation split is empty")
+    texts = [d["text"] for d in docs]
     bf16 = use_bf16(params.train.bf16, torch.device("cpu"))
     scored = score_texts(model, tokenizer, texts, params.evaluate.max_tokens, bf16=bf16)
     covered = texts[: scored["documents_scored"]]
@@ -231,6 +266,15 @@ def evaluate_model(params: Params) -> dict:
     }
     reports = Path(params.evaluate.reports_dir)
     write_json(reports / "metrics.json", metrics)
+    # apart from metrics.json, so that `dvc metrics show` stays a table of numbers
+    write_json(
+        reports / PER_DOCUMENT_FILE,
+        {
+            "weights_sha256": weights_sha,
+            "score_key": metrics["score_key"],
+            "documents": document_scores(docs, scored),
+        },
+    )
     train_summary = read_json(Path(params.train.model_dir) / "train.json")
     write_loss_curve(train_summary.get("history", []), reports / "loss_curve.csv")
     samples = sample_completions(

@@ -216,6 +216,20 @@ def test_evaluate_writes_metrics_next_to_compressors(tokenized):
     assert metrics["score_key"] == evaluate.score_key(metrics)
     reports = tokenized.evaluate.reports_dir
     assert json.load(open(f"{reports}/metrics.json")) == metrics
+    # each scored document's bits and bytes, for the paired promotion gate, in validation order
+    per_document = json.load(open(f"{reports}/{evaluate.PER_DOCUMENT_FILE}"))
+    assert (per_document["weights_sha256"], per_document["score_key"]) == (
+        metrics["weights_sha256"],
+        metrics["score_key"],
+    )
+    docs = per_document["documents"]
+    val_docs = evaluate.validation_documents(tokenized)
+    assert [(d["path"], d["sha256"]) for d in docs] == [(d["path"], d["sha256"]) for d in val_docs]
+    assert [d["bytes"] for d in docs] == [len(d["text"].encode()) for d in val_docs]
+    assert sum(d["bytes"] for d in docs) == metrics["val_bytes"] and len(docs) == metrics["val_documents"]
+    assert sum(d["bits"] for d in docs) / metrics["val_bytes"] == pytest.approx(
+        metrics["val_bits_per_byte"], rel=1e-12
+    )
     assert open(f"{reports}/loss_curve.csv").readline().strip() == "step,train_loss,lr"
     samples = json.load(open(f"{reports}/samples.json"))
     assert len(samples) == 3 and all(isinstance(s["completion"], str) for s in samples)
@@ -227,8 +241,10 @@ def test_score_texts_counts_every_byte_and_honours_max_tokens(tokenized):
     texts = ["def a():\n    return 1\n", "x = [i for i in range(3)]\n"]
     full = evaluate.score_texts(model, tok, texts)
     assert full["bytes"] == sum(len(t.encode()) for t in texts) and full["documents_scored"] == 2
+    assert full["doc_bytes"] == [len(t.encode()) for t in texts] and len(full["doc_bits"]) == 2
     capped = evaluate.score_texts(model, tok, texts, max_tokens=3)
     assert capped["documents_scored"] == 1 and capped["bytes"] == len(texts[0].encode())
+    assert capped["doc_bytes"] == [len(texts[0].encode())] and len(capped["doc_bits"]) == 1
 
 
 def byte_model_dir(path, block_size: int):
@@ -270,9 +286,47 @@ def test_bits_per_byte_of_a_uniform_model_matches_a_hand_count(tmp_path, bf16, c
     scored = evaluate.score_texts(model, tok, texts, bf16=bf16, context=context)
     assert (scored["tokens"], scored["bytes"], scored["documents_scored"]) == (31, 29, 2)
     assert scored["nll_bits"] == pytest.approx(31 * math.log2(257), rel=1e-6)
+    # per document: its 23 (6) bytes and the EOT that ends it, whichever window predicted them
+    assert scored["doc_bytes"] == [23, 6]
+    assert scored["doc_bits"] == pytest.approx([24 * math.log2(257), 7 * math.log2(257)], rel=1e-6)
     assert evaluate.score_model_dir(model_dir, texts, bf16=bf16, context=context) == pytest.approx(
         expected, rel=1e-6
     )
+
+
+def total_bits_by_windows(model, tok, texts, context) -> float:
+    """The total as score_texts summed it before it kept documents apart: the stream's tokens
+    predicted in windows of `context`, cross-entropy summed over each window."""
+    eot = tok.token_to_id(EOT)
+    stream = [eot]
+    for text in texts:
+        stream += tok.encode(text, add_special_tokens=False).ids + [eot]
+    ids, nats = torch.tensor(stream), 0.0
+    with torch.no_grad():
+        for s in range(0, len(ids) - 1, context):
+            n = min(context, len(ids) - 1 - s)
+            logits, _ = model(ids[s : s + n][None])
+            nats += torch.nn.functional.cross_entropy(
+                logits[0].float(), ids[s + 1 : s + 1 + n], reduction="sum"
+            ).item()
+    return nats / math.log(2)
+
+
+@pytest.mark.parametrize("context", [None, 7, 13])
+def test_per_document_bits_add_up_to_the_total(tmp_path, context):
+    from conftest import SNIPPETS, make_model_dir
+
+    model, tok = evaluate.load_model_dir(make_model_dir(tmp_path / "m", seed=3, block_size=32))
+    texts = SNIPPETS * 2  # 12 documents, several longer than a window: windows cross documents
+    scored = evaluate.score_texts(model, tok, texts, context=context, batch_size=4)
+    assert len(scored["doc_bits"]) == len(texts) and all(b > 0 for b in scored["doc_bits"])
+    assert math.fsum(scored["doc_bits"]) == pytest.approx(scored["nll_bits"], rel=1e-12)
+    assert scored["nll_bits"] == pytest.approx(
+        total_bits_by_windows(model, tok, texts, context or 32), rel=1e-6
+    )
+    # a document's bits do not depend on what else is scored when windows start at its start
+    alone = evaluate.score_texts(model, tok, texts[:1], context=context)
+    assert alone["doc_bits"][0] == pytest.approx(scored["doc_bits"][0], rel=1e-5)
 
 
 def test_score_texts_refuses_a_context_longer_than_the_model(tmp_path):
