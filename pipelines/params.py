@@ -192,7 +192,18 @@ class EvaluateParams(Section):
 class PublishParams(Section):
     model_name: str = Field("trainpipe-code-completion", min_length=1, description="registered model name")
     experiment: str = Field("trainpipe", min_length=1, description="MLflow experiment of the runs")
-    min_improvement_bpb: float = Field(0.0, ge=0, description="margin a challenger must beat the champion by")
+    min_improvement_bpb: float = Field(
+        0.0,
+        ge=0,
+        description="margin in bits per byte: a challenger is promoted only if the whole 95% interval "
+        "of its difference from the champion lies below minus this",
+    )
+    bootstrap_resamples: int = Field(
+        2000, ge=2000, description="resamples of the documents in the paired bootstrap of the gate"
+    )
+    bootstrap_seed: int = Field(
+        0, ge=0, description="seed of the bootstrap's resampling: the same scores, the same interval"
+    )
 
 
 class ServeParams(Section):

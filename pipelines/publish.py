@@ -6,12 +6,21 @@
 
 The flow runs publish after evaluate, outside DVC: registry side effects do not belong in a
 reproducible stage. Publish refuses reports/metrics.json unless it scored the weights in models/
-(its weights_sha256). The promotion gate compares bits per byte only under equal score keys
-(validation set, token cap, context, precision, scoring code: see pipelines.evaluate); when the
-champion's key differs, it is re-scored exactly as the challenger was: the same documents,
-context and precision. A champion whose block_size is shorter than the challenger's context
-cannot be scored at that context: then both are re-scored at the champion's block_size, and the
-reason says so. Every move of @champion is recorded: a `promoted_at` tag on the version and, on
+(its weights_sha256), and reports/per_document.json unless it is the same score per document.
+
+The promotion gate pairs the challenger's and the champion's bits on each validation document
+and bootstraps the difference in bits per byte (pipelines.bootstrap): the challenger is promoted
+only if the whole 95% interval lies below -publish.min_improvement_bpb. Each version keeps its
+per-document scores in its run (the tag per_document_scores names the artifact) and the interval
+in its tags (bpb_delta, bpb_delta_low, bpb_delta_high, bpb_delta_vs, ...). The champion's stored
+scores are paired only under equal score keys (validation set, token cap, context, precision,
+scoring code: see pipelines.evaluate) and the same documents; otherwise, or when it has none
+(published before per-document scores), it is re-scored exactly as the challenger was: the same
+documents, context and precision. A champion whose block_size is shorter than the challenger's
+context cannot be scored at that context: then both are re-scored at the champion's block_size,
+and the reason says so.
+
+Every move of @champion is recorded: a `promoted_at` tag on the version and, on
 the registered model, one tag per move (`champion_move/<time>-<random>`, a JSON record), which
 `trainpipe history` lists and rollback walks back. A tag per move, never rewritten, so
 concurrent moves cannot lose a record.
@@ -22,6 +31,7 @@ import os
 import shutil
 import tempfile
 import time
+from dataclasses import asdict
 from datetime import UTC, datetime
 from importlib.metadata import version as installed_version
 from pathlib import Path
@@ -32,11 +42,13 @@ from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
+from pipelines.bootstrap import BpbDelta, paired_bootstrap, read_bpb_delta
 from pipelines.data import TOKENIZER_FILE, read_json, sha256_file, write_json
 from pipelines.errors import ConfigError, TrainpipeError
 from pipelines.evaluate import (
+    PER_DOCUMENT_FILE,
     SCORE_KEY_FIELDS,
-    score_model_dir,
+    score_saved_model,
     scoring_code_sha256,
     validation_documents,
 )
@@ -57,6 +69,7 @@ WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.json"
 SCORE_KEY_TAG = "score_key"
+PER_DOCUMENT_TAG = "per_document_scores"  # the artifact, in the version's run, of its per-document scores
 # what each score-key field is called in a reason
 SCORE_FIELD_NAMES = {
     "val_set_sha256": "validation set",
@@ -123,7 +136,32 @@ def read_trained_model(params: Params) -> tuple[Path, dict]:
             f"{metrics_path} was scored by other code than this checkout's score_texts and "
             f"pipelines/model.py: run `trainpipe evaluate` first"
         )
+    read_document_scores(params, metrics)
     return model_dir, metrics
+
+
+def read_document_scores(params: Params, metrics: dict) -> list[dict]:
+    """reports/per_document.json, which must be the per-document form of the score in metrics:
+    the same weights, score key and documents. One record per document: path, sha256, bits, bytes."""
+    path = Path(params.evaluate.reports_dir) / PER_DOCUMENT_FILE
+    try:
+        scores = read_json(path)
+    except FileNotFoundError:
+        raise ConfigError(f"no per-document scores at {path}: run `trainpipe evaluate` again") from None
+    except json.JSONDecodeError:
+        raise ConfigError(f"{path} is not valid JSON: run `trainpipe evaluate` again") from None
+    documents = scores.get("documents") if isinstance(scores, dict) else None
+    if (
+        not isinstance(documents, list)
+        or scores.get("weights_sha256") != metrics["weights_sha256"]
+        or scores.get("score_key") != metrics[SCORE_KEY_TAG]
+        or len(documents) != int(metrics["val_documents"])
+    ):
+        raise ConfigError(
+            f"{path} is not the per-document score of {Path(params.evaluate.reports_dir) / METRICS_FILE}: "
+            f"run `trainpipe evaluate` again"
+        )
+    return documents
 
 
 def _tag_value(value) -> str:
@@ -369,40 +407,76 @@ def _challenger_texts(params: Params, metrics: dict) -> list[str]:
 def _check_rescorable(client: MlflowClient, params: Params, metrics: dict) -> None:
     """If the gate will have to re-score the champion, the challenger's documents must be at hand."""
     champion = get_champion(client, params.publish.model_name)
-    if champion is not None and champion.tags.get(SCORE_KEY_TAG) != metrics[SCORE_KEY_TAG]:
+    if champion is not None and _rescore_why(champion, metrics):
         _challenger_texts(params, metrics)
 
 
 def _rescore_why(champion: ModelVersion, metrics: dict) -> str:
+    """Why the champion's stored scores do not pair with the challenger's; "" if they may (the
+    documents are checked when they are read, _stored_document_scores)."""
     if "val_bits_per_byte" not in champion.tags:
         return "it had no score"
     if SCORE_KEY_TAG not in champion.tags:
         return "it was scored before score keys"
-    differ = [name for f, name in SCORE_FIELD_NAMES.items() if champion.tags.get(f) != _tag_value(metrics[f])]
-    return "it was scored with another " + ", ".join(differ or ["score key"])
+    if champion.tags[SCORE_KEY_TAG] != metrics[SCORE_KEY_TAG]:
+        differ = [
+            name for f, name in SCORE_FIELD_NAMES.items() if champion.tags.get(f) != _tag_value(metrics[f])
+        ]
+        return "it was scored with another " + ", ".join(differ or ["score key"])
+    if PER_DOCUMENT_TAG not in champion.tags:
+        return "it has no per-document scores (published before them)"
+    return ""
+
+
+def _stored_document_scores(
+    client: MlflowClient, champion: ModelVersion, documents: list[dict], work_dir: Path
+) -> tuple[list[float] | None, str]:
+    """(the champion's bits on each of the challenger's documents, "") from the scores its publish
+    logged, or (None, why they cannot be used)."""
+    try:
+        local = client.download_artifacts(champion.run_id, champion.tags[PER_DOCUMENT_TAG], str(work_dir))
+        stored = read_json(local)
+    except (MlflowException, OSError, json.JSONDecodeError):
+        return None, "its per-document scores could not be read"
+    if not isinstance(stored, dict) or (stored.get("weights_sha256"), stored.get("score_key")) != (
+        champion.tags.get("weights_sha256"),
+        champion.tags.get(SCORE_KEY_TAG),
+    ):
+        return None, "its per-document scores are not of its weights and score key"
+    theirs = stored.get("documents") or []
+    if [(d.get("path"), d.get("sha256")) for d in theirs] != [(d["path"], d["sha256"]) for d in documents]:
+        # equal keys, yet a token cap took other documents with another tokenizer
+        return None, "its per-document scores are of other documents"
+    return [float(d["bits"]) for d in theirs], ""
 
 
 def _rescore_champion(
-    params: Params, champion: ModelVersion, model_dir: Path, metrics: dict, work_dir: Path
-) -> tuple[float, float, str]:
-    """(challenger bpb, champion bpb, note): the champion scored exactly as the challenger was,
-    on the same documents with the same precision and context. A champion with a shorter
-    block_size cannot take the challenger's context: both are then scored at the champion's."""
+    params: Params,
+    champion: ModelVersion,
+    model_dir: Path,
+    metrics: dict,
+    documents: list[dict],
+    why: str,
+    work_dir: Path,
+) -> tuple[list[float], list[float], str]:
+    """(challenger bits, champion bits, note), per document: the champion scored exactly as the
+    challenger was, on the same documents with the same precision and context. A champion with a
+    shorter block_size cannot take the challenger's context: both are then scored at the champion's."""
     texts = _challenger_texts(params, metrics)
     champion_dir = _download_champion(champion, work_dir)
     bf16 = bool(metrics["score_bf16"])
     context = int(metrics["score_context"])
-    bpb = float(metrics["val_bits_per_byte"])
-    note = f"champion re-scored as the challenger was: {_rescore_why(champion, metrics)}"
+    bits = [float(d["bits"]) for d in documents]
+    note = f"champion re-scored as the challenger was: {why}"
     champion_block = int(read_json(champion_dir / CONFIG_FILE)["block_size"])
     if champion_block < context:
-        bpb = score_model_dir(model_dir, texts, bf16=bf16, context=champion_block)
+        bits = score_saved_model(model_dir, texts, bf16=bf16, context=champion_block)["doc_bits"]
         note += (
             f"; both scored at the champion's context of {champion_block} tokens, "
             f"not the challenger's {context}"
         )
         context = champion_block
-    return bpb, score_model_dir(champion_dir, texts, bf16=bf16, context=context), note
+    return bits, score_saved_model(champion_dir, texts, bf16=bf16, context=context)["doc_bits"], note
 
 
 def decide_promotion(
@@ -410,20 +484,32 @@ def decide_promotion(
     bpb: float,
     champion_version: str | None,
     champion_bpb: float | None,
+    delta: BpbDelta | None,
     margin: float,
     note: str = "",
 ) -> tuple[bool, str]:
-    """The promotion gate: (promote?, one-line reason). Both scores have the same score key;
-    note says how they were made comparable, if they had to be."""
-    if champion_version is None or champion_bpb is None:
+    """The promotion gate: (promote?, one-line reason). Promote only when the whole interval of
+    challenger minus champion lies below -margin; a first version becomes champion. bpb and
+    champion_bpb are on the documents the interval was measured on; note says how the two were
+    made comparable, if they had to be."""
+    if champion_version is None:
         return True, f"no champion yet: v{version} ({_bpb_text(bpb)} bpb) becomes champion"
-    on = f" ({note})" if note else ""
-    if bpb < champion_bpb - margin:
-        return True, f"challenger {_bpb_text(bpb)} bpb beats champion {_bpb_text(champion_bpb)} bpb{on}"
-    need = f", needs a margin of {margin} bpb" if margin else ""
-    return False, (
-        f"champion v{champion_version} keeps serving: {_bpb_text(champion_bpb)} bpb "
-        f"vs challenger {_bpb_text(bpb)} bpb{need}{on}"
+    if delta is None or champion_bpb is None:
+        raise ValueError("a challenger is compared with a champion through the interval of their difference")
+    details = f"{_bpb_text(bpb)} vs {_bpb_text(champion_bpb)} bpb on {delta.documents} documents"
+    details += f"; {note}" if note else ""
+    by = f" by more than {margin} bpb" if margin else ""
+    if delta.high < -margin:
+        return True, f"challenger {delta.text()}: better{by}, v{version} becomes champion ({details})"
+    if delta.low > 0:
+        verdict = "worse"
+    elif delta.high < 0:
+        verdict = f"better, but not surely{by}"
+    else:
+        verdict = "not significant"
+    return (
+        False,
+        f"challenger {delta.text()}: {verdict}, champion v{champion_version} keeps serving ({details})",
     )
 
 
@@ -472,6 +558,7 @@ def _publish(
             "reason": f"these weights are already registered as v{existing.version}: nothing new to publish",
             "val_bits_per_byte": bpb,
             "champion_val_bits_per_byte": _float_tag(champion, "val_bits_per_byte") if champion else None,
+            "bpb_delta": _delta_dict(read_bpb_delta(existing.tags)),
         }
     if existing is None:
         _check_rescorable(client, params, metrics)  # fail before a version exists, not after
@@ -481,7 +568,7 @@ def _publish(
         version, run_id = str(existing.version), existing.run_id
         finishing = f" (finished the publish of v{version} that was cut short)"
     with tempfile.TemporaryDirectory(prefix="trainpipe-publish-") as tmp:
-        promoted, reason, champion_version, champion_bpb = _decide_aliases(
+        promoted, reason, champion_version, champion_bpb, delta = _decide_aliases(
             client, params, version, model_dir, metrics, Path(tmp)
         )
     client.set_model_version_tag(name, version, DECISION_TAG, reason)
@@ -494,7 +581,12 @@ def _publish(
         "reason": reason + finishing,
         "val_bits_per_byte": bpb,
         "champion_val_bits_per_byte": champion_bpb,
+        "bpb_delta": _delta_dict(delta),  # challenger minus champion, with its 95% interval
     }
+
+
+def _delta_dict(delta: BpbDelta | None) -> dict | None:
+    return asdict(delta) if delta else None
 
 
 def _register(client, params: Params, model_dir: Path, metrics: dict, lineage, run_id, weights_sha):
@@ -504,6 +596,7 @@ def _register(client, params: Params, model_dir: Path, metrics: dict, lineage, r
     try:
         with tempfile.TemporaryDirectory(prefix="trainpipe-publish-") as tmp:
             _log_run_inputs(client, run_id, metrics, params)
+            scores_path = _log_document_scores(client, params, run_id, weights_sha)
             info = _log_model(client, params, run_id, model_dir, Path(tmp))
             _check_signature(info.model_uri)
         _test_pause("model-logged")
@@ -513,6 +606,7 @@ def _register(client, params: Params, model_dir: Path, metrics: dict, lineage, r
             run_id=run_id,
             weights_sha256=weights_sha,
             score_key=str(metrics[SCORE_KEY_TAG]),
+            **{PER_DOCUMENT_TAG: scores_path},
         )
         tags.update({field: _tag_value(metrics[field]) for field in SCORE_KEY_FIELDS})
         version = str(mlflow.register_model(info.model_uri, params.publish.model_name, tags=tags).version)
@@ -526,8 +620,18 @@ def _register(client, params: Params, model_dir: Path, metrics: dict, lineage, r
     return version, run_id
 
 
+def _log_document_scores(client: MlflowClient, params: Params, run_id: str, weights_sha: str) -> str:
+    """Log reports/per_document.json into the run, under a folder of these weights (a run may hold
+    more than one version): its artifact path, for the version's PER_DOCUMENT_TAG."""
+    folder = f"scores/{weights_sha[:16]}"
+    client.log_artifact(run_id, str(Path(params.evaluate.reports_dir) / PER_DOCUMENT_FILE), folder)
+    return f"{folder}/{PER_DOCUMENT_FILE}"
+
+
 def _decide_aliases(client, params: Params, version: str, model_dir: Path, metrics: dict, work_dir: Path):
-    """@challenger, then the promotion gate: (promoted, reason, champion version, champion bpb)."""
+    """@challenger, then the promotion gate: (promoted, reason, champion version, champion bpb,
+    the interval of challenger minus champion or None). The interval's tags are set on the version
+    before any alias moves, so a publish cut short after the move still has them."""
     name = params.publish.model_name
     bpb = float(metrics["val_bits_per_byte"])
     client.set_registered_model_alias(name, CHALLENGER, version)
@@ -535,24 +639,44 @@ def _decide_aliases(client, params: Params, version: str, model_dir: Path, metri
     champion = get_champion(client, name)
     if champion is not None and str(champion.version) == version:
         # a killed publish had passed the gate and moved @champion: finish recording the move
-        _move_champion(client, name, version)
-        return True, f"v{version} became champion ({_bpb_text(bpb)} bpb)", version, bpb
-    champion_bpb, note = None, ""
-    if champion is not None:
-        champion_bpb = _float_tag(champion, "val_bits_per_byte")
-        if champion.tags.get(SCORE_KEY_TAG) != metrics[SCORE_KEY_TAG] or champion_bpb is None:
-            bpb, champion_bpb, note = _rescore_champion(params, champion, model_dir, metrics, work_dir)
+        delta = read_bpb_delta(client.get_model_version(name, version).tags)
+        passed = f": challenger {delta.text()} vs v{delta.vs}" if delta else ""
+        _move_champion(client, name, version, reason=f"passed the promotion gate{passed}")
+        return True, f"v{version} became champion ({_bpb_text(bpb)} bpb)", version, bpb, delta
+    if champion is None:
+        promoted, reason = decide_promotion(
+            version, bpb, None, None, None, params.publish.min_improvement_bpb
+        )
+        _move_champion(client, name, version, reason=reason)
+        return promoted, reason, version, None, None
+    documents = read_document_scores(params, metrics)
+    why = _rescore_why(champion, metrics)
+    if not why:
+        champion_bits, why = _stored_document_scores(client, champion, documents, work_dir)
+    if why:
+        bits, champion_bits, note = _rescore_champion(
+            params, champion, model_dir, metrics, documents, why, work_dir
+        )
+    else:
+        bits, note = [float(d["bits"]) for d in documents], ""
+    doc_bytes = [int(d["bytes"]) for d in documents]
+    delta = paired_bootstrap(
+        bits,
+        champion_bits,
+        doc_bytes,
+        params.publish.bootstrap_resamples,
+        params.publish.bootstrap_seed,
+        vs=str(champion.version),
+    )
+    for key, value in delta.tags().items():
+        client.set_model_version_tag(name, version, key, value)
+    bpb, champion_bpb = sum(bits) / sum(doc_bytes), sum(champion_bits) / sum(doc_bytes)
     promoted, reason = decide_promotion(
-        version,
-        bpb,
-        str(champion.version) if champion else None,
-        champion_bpb,
-        params.publish.min_improvement_bpb,
-        note,
+        version, bpb, str(champion.version), champion_bpb, delta, params.publish.min_improvement_bpb, note
     )
     if promoted:
         _move_champion(client, name, version, reason=reason)
-    return promoted, reason, version if promoted else str(champion.version), champion_bpb
+    return promoted, reason, version if promoted else str(champion.version), champion_bpb, delta
 
 
 def promote_version(params: Params, version: int | str) -> dict:

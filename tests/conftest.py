@@ -46,16 +46,24 @@ def make_model_dir(path: str | Path, seed: int = 0, block_size: int = 32) -> Pat
     return path
 
 
+# The documents write_metrics says were scored: 12 of unequal length, the same in every call
+METRICS_DOC_BYTES = [100 + 50 * i for i in range(12)]
+
+
 def write_metrics(
     reports_dir: str | Path,
     val_bits_per_byte: float,
     val_set_sha256: str = "a" * 64,
     model_dir: str | Path | None = None,
+    doc_bits_per_byte: list[float] | None = None,
 ) -> Path:
     """A metrics.json as the evaluate stage writes it, for the weights in model_dir (default: the
-    models/ folder beside reports_dir), with the score key of an uncapped fp32 score."""
+    models/ folder beside reports_dir), with the score key of an uncapped fp32 score; and its
+    per_document.json. Each document scores val_bits_per_byte, or doc_bits_per_byte[i]; the
+    total is then what these add up to. Two models written with flat scores differ by the same
+    amount on every document: a bootstrap interval of zero width at the difference."""
     from pipelines.data import read_json, sha256_file
-    from pipelines.evaluate import score_key, scoring_code_sha256
+    from pipelines.evaluate import PER_DOCUMENT_FILE, score_key, scoring_code_sha256
 
     model_dir = Path(model_dir) if model_dir else Path(reports_dir).parent / "models"
     settings = {
@@ -65,6 +73,14 @@ def write_metrics(
         "score_bf16": False,
         "scoring_code_sha256": scoring_code_sha256(),
     }
+    rates = doc_bits_per_byte or [val_bits_per_byte] * len(METRICS_DOC_BYTES)
+    documents = [
+        {"path": f"pkg/mod{i}.py", "sha256": f"{i:064x}", "bits": rate * n, "bytes": n}
+        for i, (rate, n) in enumerate(zip(rates, METRICS_DOC_BYTES, strict=True))
+    ]
+    if doc_bits_per_byte:
+        val_bits_per_byte = sum(d["bits"] for d in documents) / sum(METRICS_DOC_BYTES)
+    weights_sha = sha256_file(model_dir / "model.safetensors")
     path = Path(reports_dir) / "metrics.json"
     write_json(
         path,
@@ -72,14 +88,18 @@ def write_metrics(
             "val_bits_per_byte": val_bits_per_byte,
             "val_loss": val_bits_per_byte * 2.5,
             "val_tokens": 1000,
-            "val_bytes": 3500,
-            "val_documents": 12,
-            "weights_sha256": sha256_file(model_dir / "model.safetensors"),
+            "val_bytes": sum(METRICS_DOC_BYTES),
+            "val_documents": len(METRICS_DOC_BYTES),
+            "weights_sha256": weights_sha,
             **settings,
             "score_key": score_key(settings),
             "gzip_bits_per_byte": 1.87,
             "xz_bits_per_byte": 1.79,
         },
+    )
+    write_json(
+        Path(reports_dir) / PER_DOCUMENT_FILE,
+        {"weights_sha256": weights_sha, "score_key": score_key(settings), "documents": documents},
     )
     return path
 
