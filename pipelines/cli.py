@@ -34,6 +34,7 @@ STAGE_HELP = {
 # Commands that write the workspace (or register what it holds): one at a time (pipelines/runlock.py).
 LOCKED_COMMANDS = {"run", *STAGE_HELP, "publish", "promote", "rollback", "restart"}
 HISTORY_WIDTH = 120
+INTERVAL_TEXT = r"(?:[+-]?\d+(?:\.\d+)? bpb )?\[[^\]]*\]"  # "-0.0040 bpb [-0.0110, +0.0030]": wrapped whole
 
 
 def require_project() -> None:
@@ -125,7 +126,9 @@ def cmd_rollback(args) -> None:
 
 
 def format_history(moves: list[dict], width: int = HISTORY_WIDTH) -> list[str]:
-    """One row per alias move, oldest first; a long reason wraps in its own column."""
+    """One row per alias move, oldest first; a long reason wraps in its own column, never inside
+    a difference and its interval ("-0.0040 bpb [-0.0110, +0.0030]" reads whole)."""
+    import re
     import textwrap
 
     head = f"{'time (UTC)':<19}  {'from -> to':<12}  {'command':<18}  {'flow run':<8}  "
@@ -135,7 +138,10 @@ def format_history(moves: list[dict], width: int = HISTORY_WIDTH) -> list[str]:
         step = f"{_version_text(move.get('from'))} -> {_version_text(move.get('to'))}"
         flow_run = (move.get("flow_run") or "-")[:8]
         row = f"{when:<19}  {step:<12}  {move.get('command') or '-':<18}  {flow_run:<8}  "
-        reason = textwrap.wrap(move.get("reason") or "-", width - len(head)) or ["-"]
+        # the space inside an interval is made unbreakable for textwrap, then put back
+        text = re.sub(INTERVAL_TEXT, lambda m: m.group().replace(" ", "\0"), move.get("reason") or "-")
+        wrapped = textwrap.wrap(text, width - len(head), break_on_hyphens=False) or ["-"]
+        reason = [line.replace("\0", " ") for line in wrapped]
         lines.append(row + reason[0])
         lines += [" " * len(head) + more for more in reason[1:]]
     return lines

@@ -125,7 +125,7 @@ def test_finishing_a_cut_short_move_records_it_once(versions):
 
 
 def test_format_history_fits_120_columns_oldest_first():
-    long_reason = "challenger 1.9300 bpb beats champion 2.1000 bpb " * 4
+    long_reason = "challenger -0.1700 bpb [-0.1900, -0.1500]: better, v12 becomes champion " * 3
     lines = format_history(
         [
             {"time": "", "from": None, "to": "1", "reason": "old", "flow_run": None, "command": None},
@@ -145,6 +145,20 @@ def test_format_history_fits_120_columns_oldest_first():
     assert lines[2].startswith("2026-01-02 03:04:05  v1 -> v12     trainpipe run       0b7f3c2e  challenger")
     assert len(lines) > 3 and lines[3].startswith(" " * 65)  # the long reason wraps in its column
     assert " ".join(" ".join(line[65:] for line in lines[2:]).split()) == " ".join(long_reason.split())
+
+
+def test_format_history_keeps_an_interval_on_one_line():
+    # at every position the wrap could fall, the interval and its numbers stay whole
+    interval = "-0.0040 bpb [-0.0110, +0.0030]"
+    for pad in range(50):  # the reason column is 55 wide
+        reason = "x" * pad + f" challenger {interval}: not significant, champion v4 keeps serving"
+        move = {"time": "", "from": "4", "to": "5", "reason": reason, "flow_run": None, "command": None}
+        lines = format_history([move])
+        assert all(len(line) <= 120 for line in lines)
+        shown = [line[65:] for line in lines[1:]]
+        assert any("[-0.0110, +0.0030]" in line for line in shown), shown
+        assert any("-0.0040 bpb" in line for line in shown), shown
+        assert " ".join(" ".join(shown).split()) == " ".join(reason.split())
 
 
 def trainpipe(*args: str) -> subprocess.CompletedProcess:
