@@ -19,6 +19,7 @@ status` and the flow read it there, then ask the endpoint itself (every predicti
 
 import contextlib
 import gc
+import json
 import logging
 import os
 import signal
@@ -180,6 +181,13 @@ class ChampionWatcher(threading.Thread):
         self.publish_record()
 
 
+def curl_example(host: str, port: int) -> str:
+    body = json.dumps(
+        {"dataframe_records": [{"prompt": "def fibonacci(n):"}], "params": {"max_new_tokens": 48}}
+    )
+    return f"curl -s http://{host}:{port}/invocations -H 'Content-Type: application/json' -d '{body}'"
+
+
 def _exit_on_sigterm(signum, frame):
     raise SystemExit(0)
 
@@ -228,8 +236,6 @@ def serve_following(params: Params, port: int | None = None) -> int:
     print(
         f"serving {name} v{version} at {url}/invocations, following @champion every {params.serve.poll_s:g} s"
     )
-    from pipelines.serve import curl_example
-
     print(f"try: {curl_example(host, port)}", flush=True)
     # uvicorn answers the requests in flight on SIGTERM, then re-raises the signal to the handler
     # it found: make that an exit, so the record below is cleared (SIGINT is KeyboardInterrupt).

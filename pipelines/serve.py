@@ -196,17 +196,12 @@ def serve_env() -> dict[str, str]:
     return env
 
 
-def curl_example(host: str, port: int) -> str:
-    body = json.dumps({"dataframe_records": [{"prompt": EXAMPLE_PROMPT}], "params": {"max_new_tokens": 48}})
-    return f"curl -s http://{host}:{port}/invocations -H 'Content-Type: application/json' -d '{body}'"
-
-
 def run_server(params: Params, port: int | None = None, model_uri: str | None = None) -> int:
     """Serve @champion and follow it (pipelines.endpoint), or serve one fixed model_uri with
     `mlflow models serve`, until interrupted; returns the exit code."""
-    if model_uri is None:
-        from pipelines.endpoint import serve_following
+    from pipelines.endpoint import curl_example, serve_following
 
+    if model_uri is None:
         try:
             return serve_following(params, port)
         except KeyboardInterrupt:
