@@ -84,6 +84,21 @@ def load_and_check(model_uri: str, version: str, work_dir: str | Path, deadline_
     return model
 
 
+SERVING_PACKAGES = ("mlflow", "torch", "tokenizers", "safetensors", "pandas", "numpy")
+
+
+def smoke_test_key() -> str:
+    """What a pass depends on besides the (immutable) version: this test and the serving
+    environment (Python and the packages that load and run the model)."""
+    import hashlib
+    import platform
+    from importlib.metadata import version
+
+    parts = [Path(__file__).read_text(), platform.python_version()]
+    parts += [f"{name}=={version(name)}" for name in SERVING_PACKAGES]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
 def run_smoke_test(model_uri: str, version: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[bool, str]:
     """(passed, one-line result) of the smoke test in a fresh process, bounded by timeout_s."""
     import mlflow
