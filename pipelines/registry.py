@@ -101,3 +101,26 @@ def last_flow_run(client: MlflowClient, experiment: str) -> dict | None:
         "prefect_flow_run_id": run.data.tags.get("prefect_flow_run_id"),
         "published": run.data.tags.get("published"),
     }
+
+
+def get_version(client: MlflowClient, name: str, version: int | str) -> ModelVersion:
+    """A registered version; ConfigError naming it when there is no such version."""
+    from pipelines.errors import ConfigError
+
+    try:
+        return client.get_model_version(name, str(version))
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            raise ConfigError(f"model {name} has no version {version}") from None
+        raise
+
+
+def run_artifact_bytes(client: MlflowClient, run_id: str, path: str) -> bytes | None:
+    """A run's artifact at path (a top-level file), or None when the run has none there."""
+    import tempfile
+    from pathlib import Path
+
+    if path not in {a.path for a in client.list_artifacts(run_id)}:
+        return None
+    with tempfile.TemporaryDirectory(prefix="trainpipe-artifact-") as tmp:
+        return Path(client.download_artifacts(run_id, path, tmp)).read_bytes()
