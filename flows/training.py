@@ -13,8 +13,11 @@ Steps, in order:
   2. log params, curation counts and metrics to the flow's MLflow run
   3. push DVC outputs to the DVC remote, so the run's data and model can be restored; a failed
      push fails the run here, before any alias moves
-  4. publish: register the model, set @challenger, move @champion only if it is better
-  5. leave a Prefect artifact summarising the run
+  4. publish: register the model, set @challenger, move @champion only if it is better and it
+     passed its smoke test (loaded and queried in a fresh process, as serving loads it)
+  5. serving: every running endpoint (`trainpipe serve` follows @champion) must serve the
+     champion within serve.wait_s, else the run fails; none running is said, not a failure
+  6. leave a Prefect artifact summarising the run
 
 It holds the workspace lock throughout. A flow run that no `trainpipe` command started (a
 schedule, a deployment) waits for the lock: at most TRAINPIPE_LOCK_WAIT_S seconds (default 3600).
@@ -87,6 +90,29 @@ def publish(params: Params, lineage: dict, mlflow_run_id: str) -> dict:
     return publish_model(params, lineage=lineage, run_id=mlflow_run_id)
 
 
+@task
+def reach_endpoints(params: Params, published: dict) -> dict:
+    """The champion must reach every running endpoint (they follow @champion) within
+    serve.wait_s; a run whose champion did not, fails with the reason."""
+    import mlflow
+
+    from pipelines.status import wait_for_champion
+
+    logger = get_run_logger()
+    serving = wait_for_champion(params, str(published["champion_version"]), log=logger.info)
+    mlflow.set_tags(
+        {
+            "serving.reason": serving["reason"][:500],
+            "serving.endpoints": ", ".join(f"{ep['url']}=v{ep['version']}" for ep in serving["endpoints"])
+            or "none",
+        }
+    )
+    logger.info(serving["reason"])
+    if serving["failed"]:
+        raise TrainpipeError(serving["reason"])
+    return serving
+
+
 @task(retries=2, retry_delay_seconds=[5, 30])
 def push_outputs() -> None:
     try:
@@ -140,7 +166,11 @@ def apply_params(params: Params | None) -> Params:
 
 
 def summary_markdown(
-    outcomes: list[StageOutcome], curation: dict, metrics: dict, published: dict | None
+    outcomes: list[StageOutcome],
+    curation: dict,
+    metrics: dict,
+    published: dict | None,
+    serving: dict | None = None,
 ) -> str:
     rows = "\n".join(f"| {o.stage} | {o.tag} | {o.reason} |" for o in outcomes)
     lines = ["# trainpipe run", "", "| stage | outcome | why |", "|---|---|---|", rows, ""]
@@ -163,7 +193,11 @@ def summary_markdown(
             "",
             f"version {published['version']} of `{published['model_uri']}`",
             f"alias decision: {published['reason']}",
+            "",
         ]
+    if serving:
+        lines += ["## Serving", "", serving["reason"], ""]
+        lines += [f"- {ep['url']} serves v{ep['version']}" for ep in serving["endpoints"]]
     return "\n".join(lines)
 
 
@@ -310,7 +344,7 @@ def _training_flow(params: Params | None) -> dict:
     params = apply_params(params)
     mlflow.set_experiment(params.publish.experiment)
     outcomes: list[StageOutcome] = []
-    curation, metrics, published, inputs = {}, {}, None, {}
+    curation, metrics, published, inputs, serving = {}, {}, None, {}, None
     try:
         with mlflow.start_run(run_name=f"flow-{flow_run.get_name() or 'local'}") as run:
             run_id = run.info.run_id
@@ -328,9 +362,10 @@ def _training_flow(params: Params | None) -> dict:
             # Pushed before publish moves an alias: a champion's data and model are never only here.
             push_outputs()
             published = publish(params, lineage(params), run_id)
+            serving = reach_endpoints(params, published)
     finally:  # a failed run leaves its record too: which stages ran, were skipped or failed
         create_markdown_artifact(
-            summary_markdown(outcomes, curation, metrics, published),
+            summary_markdown(outcomes, curation, metrics, published, serving),
             key="trainpipe-run",
             description="stages, curation, metrics and the alias decision of this run",
         )
@@ -339,6 +374,7 @@ def _training_flow(params: Params | None) -> dict:
         "inputs": inputs,
         "metrics": metrics,
         "published": published,
+        "serving": serving,
     }
 
 

@@ -71,7 +71,8 @@ def cmd_run(args) -> None:
         f"held-out: {m['val_bits_per_byte']:.3f} bits/byte (gzip -9 {m['gzip_bits_per_byte']:.3f}, "
         f"xz -9 {m['xz_bits_per_byte']:.3f}); metrics in {params.evaluate.reports_dir}/metrics.json"
     )
-    print(f"serve it: .venv/bin/trainpipe serve --port {params.serve.port}")
+    serving = result.get("serving") or {}
+    print(f"serving: {serving.get('reason', 'not checked')}")
     print("dvc.lock records this run's data and model versions: `git add dvc.lock params.yaml` to keep it")
 
 
@@ -171,7 +172,21 @@ def cmd_history(args) -> None:
 def cmd_serve(args) -> None:
     from pipelines.serve import run_server
 
-    run_server(load_params(PARAMS_FILE, args.set), port=args.port, model_uri=args.model_uri)
+    code = run_server(load_params(PARAMS_FILE, args.set), port=args.port, model_uri=args.model_uri)
+    if code:
+        sys.exit(code)
+
+
+def cmd_status(args) -> None:
+    import json
+
+    from pipelines.status import format_status, read_status
+
+    status = read_status(load_params(PARAMS_FILE, args.set))
+    if args.json:
+        print(json.dumps(status, indent=2, default=str))
+        return
+    print("\n".join(format_status(status)))
 
 
 def cmd_restart(args) -> None:
@@ -302,9 +317,24 @@ def build_parser() -> argparse.ArgumentParser:
         "history", cmd_history, "every move of @champion, oldest first: time, from -> to, reason, flow run"
     )
     p.add_argument("--json", action="store_true", help="one JSON record per move (full flow run ids)")
-    p = add("serve", cmd_serve, "serve the champion with `mlflow models serve` on 127.0.0.1")
+    p = add(
+        "status",
+        cmd_status,
+        "champion and challenger with their scores, what each endpoint serves, the last flow run",
+    )
+    p.add_argument("--json", action="store_true", help="the same as one JSON object")
+    p = add(
+        "serve",
+        cmd_serve,
+        "serve @champion on 127.0.0.1 with MLflow's scoring server and follow it: a promotion or "
+        "rollback reaches the endpoint within serve.poll_s seconds, after a smoke test, without a restart",
+    )
     p.add_argument("--port", type=int, default=None, help="port (default: serve.port)")
-    p.add_argument("--model-uri", default=None, help="serve this MLflow model URI instead of @champion")
+    p.add_argument(
+        "--model-uri",
+        default=None,
+        help="serve this MLflow model URI instead, fixed: it does not follow @champion",
+    )
     p = add("restart", cmd_restart, "restore the data and model behind the champion (or --from VERSION)")
     p.add_argument(
         "--from",

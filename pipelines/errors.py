@@ -1,7 +1,7 @@
 """Errors a person can act on. Each carries the process exit code the CLI uses for it.
 
 Exit codes: 1 unexpected failure, 2 bad input or configuration, 3 the data gate stopped the run,
-4 training diverged. The flow retries only failures that may be transient (code 1).
+4 training diverged, 6 a version failed its smoke test (it may not serve). The flow retries only failures that may be transient (code 1).
 """
 
 
@@ -35,5 +35,13 @@ class DivergenceError(TrainpipeError):
     exit_code = 4
 
 
+class SmokeTestError(TrainpipeError):
+    """A version failed to load or to answer its smoke test: it must not become champion."""
+
+    exit_code = 6
+
+
 # Exit codes that mean "retrying will not help": bad input, a failed gate, a diverged run.
-PERMANENT_EXIT_CODES = frozenset({ConfigError.exit_code, GateError.exit_code, DivergenceError.exit_code})
+PERMANENT_EXIT_CODES = frozenset(
+    {ConfigError.exit_code, GateError.exit_code, DivergenceError.exit_code, SmokeTestError.exit_code}
+)

@@ -410,24 +410,21 @@ def champion_profile(model_name: str) -> tuple[dict, str]:
 def _read_champion_profile(model_name: str) -> dict:
     """champion_profile's registry reads; raises when the registry does not answer."""
     import hashlib
-    import tempfile
 
     from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
+
+    from pipelines.registry import get_champion, run_artifact_bytes
 
     client = MlflowClient()
-    try:
-        version = client.get_model_version_by_alias(model_name, "champion")
-    except MlflowException as exc:
-        if exc.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
-            raise  # no answer from the registry (a connection error is INTERNAL_ERROR)
+    # None for no model or no alias; no answer from the registry raises (a connection error)
+    version = get_champion(client, model_name)
+    if version is None:
         return {"status": "none", "note": f"no models:/{model_name}@champion yet: drift not checked"}
     source = {"model": model_name, "version": str(version.version), "run_id": version.run_id}
-    if PROFILE_ARTIFACT not in {a.path for a in client.list_artifacts(version.run_id)}:
+    data = run_artifact_bytes(client, version.run_id, PROFILE_ARTIFACT)
+    if data is None:
         note = f"champion v{version.version} has no {PROFILE_ARTIFACT}: drift not checked"
         return {**source, "status": "none", "note": note}
-    with tempfile.TemporaryDirectory(prefix="trainpipe-profile-") as tmp:
-        data = Path(client.download_artifacts(version.run_id, PROFILE_ARTIFACT, tmp)).read_bytes()
     digest = hashlib.sha256(data).hexdigest()
     return {**source, "status": "champion", "profile_sha256": digest, "profile": json.loads(data)}
 

@@ -211,6 +211,13 @@ class ServeParams(Section):
     port: int = Field(5001, ge=1, le=65535, description="port the endpoint listens on")
     max_prompt_chars: int = Field(4000, ge=1, description="longest prompt accepted")
     max_new_tokens_limit: int = Field(512, ge=1, description="largest max_new_tokens accepted")
+    poll_s: float = Field(5.0, gt=0, le=15, description="how often the endpoint reads @champion, in seconds")
+    smoke_timeout_s: float = Field(
+        120.0, gt=0, description="time a version has to load and pass its smoke test"
+    )
+    wait_s: float = Field(
+        120.0, ge=0, description="how long the flow waits for a running endpoint to serve the new champion"
+    )
 
 
 class Params(Section):

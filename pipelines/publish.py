@@ -44,7 +44,7 @@ from mlflow.exceptions import MlflowException
 
 from pipelines.bootstrap import BpbDelta, paired_bootstrap, read_bpb_delta
 from pipelines.data import TOKENIZER_FILE, read_json, sha256_file, write_json
-from pipelines.errors import ConfigError, TrainpipeError
+from pipelines.errors import ConfigError, SmokeTestError, TrainpipeError
 from pipelines.evaluate import (
     PER_DOCUMENT_FILE,
     SCORE_KEY_FIELDS,
@@ -299,8 +299,37 @@ def _record_move(client: MlflowClient, name: str, moved_from: str | None, to: st
     client.set_registered_model_tag(name, key, json.dumps(record))
 
 
+def smoke_test(client: MlflowClient, name: str, version: str, timeout_s: float) -> str:
+    """Load the version in a fresh process as serving does and check its answers (pipelines.smoke);
+    the result is stored on the version. SmokeTestError when it fails: it never becomes champion.
+    A version is immutable, so a pass is reused while the serving environment and the test are
+    the same (smoke_test_key): a rollback does not wait for a test its target already passed."""
+    from pipelines.smoke import run_smoke_test, smoke_test_key
+
+    key = smoke_test_key()
+    tags = _get_version(client, name, version).tags
+    if tags.get("smoke_test", "").startswith("passed") and tags.get("smoke_test_key") == key:
+        return tags["smoke_test"]
+    print(f"smoke test of {name} v{version}: loading it in a fresh process", flush=True)
+    passed, result = run_smoke_test(f"models:/{name}/{version}", version, timeout_s)
+    client.set_model_version_tag(name, version, "smoke_test", result)
+    client.set_model_version_tag(name, version, "smoke_test_key", key)
+    client.set_model_version_tag(name, version, "smoke_tested_at", _now())
+    if not passed:
+        why = result.removeprefix("failed: ")
+        raise SmokeTestError(
+            f"v{version} of {name} failed its smoke test ({why}): it does not become champion"
+        )
+    return result
+
+
 def _move_champion(
-    client: MlflowClient, name: str, version: str, reason: str | None = None, command: str | None = None
+    client: MlflowClient,
+    name: str,
+    version: str,
+    reason: str | None = None,
+    command: str | None = None,
+    smoke_timeout_s: float = 120.0,
 ) -> None:
     """Point @champion at version and record the move (as its own tag: nothing read and rewritten).
     Called again for a version that is already champion, it records the move once: a killed
@@ -314,6 +343,9 @@ def _move_champion(
         recorded = last.get("to") == version
         moved_from = last.get("to")  # the champion before the move that was cut short
     else:
+        smoke_test(
+            client, name, version, smoke_timeout_s
+        )  # raises SmokeTestError: the alias stays where it is
         client.set_registered_model_alias(name, CHAMPION, version)
     _test_pause("champion-alias-set")
     client.set_model_version_tag(name, version, "promoted_at", _now())
@@ -647,7 +679,7 @@ def _decide_aliases(client, params: Params, version: str, model_dir: Path, metri
         promoted, reason = decide_promotion(
             version, bpb, None, None, None, params.publish.min_improvement_bpb
         )
-        _move_champion(client, name, version, reason=reason)
+        _move_champion(client, name, version, reason=reason, smoke_timeout_s=params.serve.smoke_timeout_s)
         return promoted, reason, version, None, None
     documents = read_document_scores(params, metrics)
     why = _rescore_why(champion, metrics)
@@ -675,7 +707,7 @@ def _decide_aliases(client, params: Params, version: str, model_dir: Path, metri
         version, bpb, str(champion.version), champion_bpb, delta, params.publish.min_improvement_bpb, note
     )
     if promoted:
-        _move_champion(client, name, version, reason=reason)
+        _move_champion(client, name, version, reason=reason, smoke_timeout_s=params.serve.smoke_timeout_s)
     return promoted, reason, version if promoted else str(champion.version), champion_bpb, delta
 
 
@@ -691,7 +723,14 @@ def promote_version(params: Params, version: int | str) -> dict:
         promoted, reason = False, f"v{version} is already champion"
     else:
         reason = f"v{version} promoted by hand" + (f" (was v{previous})" if previous else "")
-        _move_champion(client, name, version, reason=reason, command="promote")
+        _move_champion(
+            client,
+            name,
+            version,
+            reason=reason,
+            command="promote",
+            smoke_timeout_s=params.serve.smoke_timeout_s,
+        )
         promoted = True
     return {
         "version": version,
@@ -729,8 +768,15 @@ def rollback_champion(params: Params) -> dict:
             f"history {','.join(history) or 'empty'})"
         )
     version = str(target.version)
+    _move_champion(
+        client,
+        name,
+        version,
+        reason=f"rolled back from v{current}",
+        command="rollback",
+        smoke_timeout_s=params.serve.smoke_timeout_s,
+    )
     client.set_model_version_tag(name, current, "rolled_back_at", _now())
-    _move_champion(client, name, version, reason=f"rolled back from v{current}", command="rollback")
     return {
         "version": version,
         "model_uri": f"models:/{name}/{version}",

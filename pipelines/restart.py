@@ -129,28 +129,20 @@ def _fetch_missing(lock: dict, cache_dir: Path) -> list[str]:
 
 
 def restore_version(params, version: str | None = None) -> dict:
-    import mlflow
     import yaml
     from mlflow import MlflowClient
 
     from flows.dvc import dvc
-    from pipelines.publish import _get_version, get_champion
+    from pipelines.registry import get_champion, get_version, run_artifact_bytes
 
     client = MlflowClient()
     name = params.publish.model_name
-    mv = _get_version(client, name, version) if version else get_champion(client, name)
+    mv = get_version(client, name, version) if version else get_champion(client, name)
     if mv is None:
         raise ConfigError(f"no champion registered for model {name!r}: nothing to restore")
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            lock_path = mlflow.artifacts.download_artifacts(
-                run_id=mv.run_id, artifact_path=LOCK_FILE, dst_path=tmp
-            )
-        except Exception:
-            raise ConfigError(
-                f"version {mv.version} of {name!r} has no dvc.lock recorded: cannot restore"
-            ) from None
-        lock_bytes = Path(lock_path).read_bytes()
+    lock_bytes = run_artifact_bytes(client, mv.run_id, LOCK_FILE)
+    if lock_bytes is None:
+        raise ConfigError(f"version {mv.version} of {name!r} has no dvc.lock recorded: cannot restore")
     lock = yaml.safe_load(lock_bytes)
     params_bytes = recorded_params_text(lock)
     cache_dir = Path(dvc(["cache", "dir"], quiet=True).strip())

@@ -1,6 +1,6 @@
 """The inference endpoint: a pyfunc model that completes Python code, and the command that serves it.
 
-    trainpipe serve                  # mlflow models serve -m models:/<name>@champion on 127.0.0.1:5001
+    trainpipe serve                  # MLflow's scoring server on 127.0.0.1:5001, following @champion
     curl -s http://127.0.0.1:5001/invocations -H 'Content-Type: application/json' \\
         -d '{"dataframe_records": [{"prompt": "def fibonacci(n):"}], "params": {"max_new_tokens": 48}}'
 
@@ -24,7 +24,6 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
 from pipelines.data import EOT
-from pipelines.errors import ConfigError
 from pipelines.model import GPT, GPTConfig
 from pipelines.params import Params, ServeParams
 
@@ -197,25 +196,19 @@ def serve_env() -> dict[str, str]:
     return env
 
 
-def curl_example(host: str, port: int) -> str:
-    body = json.dumps({"dataframe_records": [{"prompt": EXAMPLE_PROMPT}], "params": {"max_new_tokens": 48}})
-    return f"curl -s http://{host}:{port}/invocations -H 'Content-Type: application/json' -d '{body}'"
-
-
 def run_server(params: Params, port: int | None = None, model_uri: str | None = None) -> int:
-    """Serve the champion (or model_uri) until interrupted; returns the server's exit code."""
+    """Serve @champion and follow it (pipelines.endpoint), or serve one fixed model_uri with
+    `mlflow models serve`, until interrupted; returns the exit code."""
+    from pipelines.endpoint import curl_example, serve_following
+
     if model_uri is None:
-        from mlflow import MlflowClient
-
-        from pipelines.registry import get_champion
-
-        name = params.publish.model_name
-        champion = get_champion(MlflowClient(), name)
-        if champion is None:
-            raise ConfigError(f"no champion registered for model {name}: run `trainpipe run` first")
-        print(f"serving {name} v{champion.version} (@champion)")
+        try:
+            return serve_following(params, port)
+        except KeyboardInterrupt:
+            return 130
     port = port or params.serve.port
     host = params.serve.host
+    print(f"serving {model_uri} (fixed: it does not follow @champion)")
     print(f"endpoint: http://{host}:{port}/invocations")
     print(f"try: {curl_example(host, port)}", flush=True)
     try:

@@ -146,3 +146,31 @@ def mlflow_env(tmp_path, monkeypatch, mlflow_template_db) -> str:
 
     mlflow.set_experiment(experiment_id="0")
     return uri
+
+
+SMOKE_TAGS = ("smoke_test", "smoke_test_key", "smoke_tested_at")
+
+
+@pytest.fixture(scope="session")
+def smoked_model_source(tmp_path_factory, mlflow_template_db) -> tuple[str, dict]:
+    """A served model as a local dir (a version's artifacts, downloaded) and the smoke-test tags
+    it earned when published: versions registered from this one source are the same model, so
+    they carry the same result without each spending a fresh process on it."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from pipelines.params import Params
+    from pipelines.publish import publish_model
+
+    root = tmp_path_factory.mktemp("smoked")
+    with pytest.MonkeyPatch.context() as mp:
+        uri = copy_mlflow_db(mlflow_template_db, root)
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        mp.chdir(root)
+        make_model_dir(root / "models")
+        write_metrics(root / "reports", 2.0)
+        version = publish_model(Params())["version"]
+        name = Params().publish.model_name
+        local = mlflow.artifacts.download_artifacts(f"models:/{name}/{version}", dst_path=str(root / "model"))
+        tags = MlflowClient(uri).get_model_version(name, version).tags
+    return local, {key: tags[key] for key in SMOKE_TAGS}

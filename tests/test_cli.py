@@ -20,6 +20,7 @@ COMMANDS = [
     "restart",
     "schedule",
     "generate",
+    "status",
     "history",
 ]
 

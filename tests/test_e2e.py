@@ -308,33 +308,50 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_serve_answers_prompts_from_the_champion(published):
-    proj, env = published
+def test_a_better_run_reaches_the_running_endpoint_without_a_restart(scratch):
+    """`trainpipe serve` answers from the champion; `trainpipe run` of a better model (more steps)
+    promotes it, and the flow waits until the endpoint serves it: no restart, and it says so."""
+    proj, env = scratch
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    old = champion(env)
     port = free_port()
-    server = subprocess.Popen(
-        [str(BIN / "trainpipe"), "serve", "--port", str(port)],
-        cwd=proj,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    log_path = proj.parent / "serve.log"
+    with log_path.open("w") as log:
+        server = subprocess.Popen(
+            [str(BIN / "trainpipe"), "serve", "--port", str(port), "-S", "serve.poll_s=2"],
+            cwd=proj, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
+    body = {"dataframe_records": [{"prompt": "def add(a, b):\n"}], "params": {"max_new_tokens": 12}}
     try:
-        deadline = time.time() + 90
-        while time.time() < deadline:
+        deadline = time.time() + 120
+        while time.time() < deadline and server.poll() is None:
             try:
-                if requests.get(f"{url}/ping", timeout=2).status_code == 200:
+                if requests.post(f"{url}/invocations", json=body, timeout=5).status_code == 200:
                     break
             except requests.ConnectionError:
                 time.sleep(0.5)
-        body = {"dataframe_records": [{"prompt": "def add(a, b):\n"}], "params": {"max_new_tokens": 12}}
         good = requests.post(f"{url}/invocations", json=body, timeout=30)
-        assert good.status_code == 200, good.text
-        assert isinstance(good.json()["predictions"][0]["completion"], str)
+        assert good.status_code == 200, log_path.read_text()[-3000:]
+        prediction = good.json()["predictions"][0]
+        assert isinstance(prediction["completion"], str) and prediction["model_version"] == old
         bad = requests.post(f"{url}/invocations", json={"dataframe_records": [{"prompt": ""}]}, timeout=30)
         assert 400 <= bad.status_code < 500 and "prompt" in bad.text
-        assert requests.post(f"{url}/invocations", json=body, timeout=30).status_code == 200
+
+        run = trainpipe(proj, env, "run", "-S", "train.max_steps=150")
+        assert run.returncode == 0, run.stderr[-3000:]
+        new = champion(env)
+        assert new != old, run.stdout[-2000:]
+        assert f"serving: {url} serves champion v{new}" in run.stdout, run.stdout[-2000:]
+        latest = client.search_runs(
+            [client.get_experiment_by_name("trainpipe").experiment_id], order_by=["start_time DESC"]
+        )[0]
+        assert latest.data.tags["serving.endpoints"] == f"{url}=v{new}"
+        after = requests.post(f"{url}/invocations", json=body, timeout=30)
+        assert after.status_code == 200 and after.json()["predictions"][0]["model_version"] == new
+        assert server.poll() is None  # the same process: no restart
+        status = trainpipe(proj, env, "status")
+        assert f"endpoint:   {url} serves v{new}" in status.stdout and "(the champion)" in status.stdout
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)

@@ -28,13 +28,14 @@ TRAINPIPE = str(Path(sys.executable).parent / "trainpipe")
 
 
 @pytest.fixture
-def versions(mlflow_env) -> MlflowClient:
-    """A registered model with 17 versions. Moving aliases reads only the registry, so a version
-    needs no logged model here: the source is any path."""
+def versions(mlflow_env, smoked_model_source) -> MlflowClient:
+    """A registered model with 17 versions of one served model (a champion must pass its smoke
+    test: they carry the result that model earned, so no move here waits for a fresh process)."""
+    source, smoke_tags = smoked_model_source
     client = MlflowClient()
     client.create_registered_model(NAME)
-    for i in range(17):
-        client.create_model_version(NAME, source=f"{mlflow_env}/source-{i}")
+    for _ in range(17):
+        client.create_model_version(NAME, source=source, tags=smoke_tags)
     return client
 
 

@@ -1,0 +1,143 @@
+"""The smoke test a version passes before it may serve (after TFX's InfraValidator).
+
+A version is loaded the way serving loads it: downloaded from its registry URI and loaded by
+MLflow's pyfunc loader, in a fresh process. It must answer its logged input example and a few
+fixed prompts within a time limit, with non-empty text, and the same seed must give the same
+output twice. Publish, promote and rollback run it before @champion moves; the endpoint runs the
+same checks (check_answers) in its own process before a new version takes traffic.
+
+This file runs as a script (`python -P pipelines/smoke.py URI VERSION`), not as
+`-m pipelines.smoke`: importing this checkout's `pipelines` package first would shadow the code
+the version carries, so it imports nothing of trainpipe. (-P keeps pipelines/ off sys.path, where
+pipelines/tokenize.py would shadow the standard library's tokenize.)
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+FIXED_PROMPTS = ("def add(a, b):", "import os\n\n\ndef ", "class Stack:\n    def push(self, item):")
+FIXED_PARAMS = {"max_new_tokens": 16, "temperature": 0.8, "top_k": 50, "seed": 1234}
+DEFAULT_TIMEOUT_S = 120.0
+
+
+class SmokeFailure(Exception):
+    """The version loaded, or did not, but its answers are not fit to serve."""
+
+
+def _completions(model, frame, params: dict) -> list[str]:
+    out = model.predict(frame, params=params)
+    if not hasattr(out, "columns") or "completion" not in out.columns:
+        raise SmokeFailure(f"prediction has no 'completion' column: {type(out).__name__}")
+    completions = out["completion"].tolist()
+    if len(completions) != len(frame):
+        raise SmokeFailure(f"{len(frame)} prompts gave {len(completions)} completions")
+    for prompt, text in zip(frame["prompt"].tolist(), completions, strict=True):
+        if not isinstance(text, str) or not text:
+            raise SmokeFailure(f"empty completion for prompt {prompt!r}")
+    return completions
+
+
+def check_answers(model, model_dir: str | Path, deadline_s: float = DEFAULT_TIMEOUT_S) -> None:
+    """Raise SmokeFailure unless the loaded pyfunc model answers fit to serve, in time."""
+    import pandas as pd
+    from mlflow.models import Model
+
+    started = time.monotonic()
+    meta = Model.load(str(model_dir))
+    example = meta.load_input_example(str(model_dir))
+    if example is None:
+        raise SmokeFailure("the version has no logged input example")
+    example_params = meta.load_input_example_params(str(model_dir)) or {}
+    try:
+        _completions(model, example, example_params)
+        fixed = pd.DataFrame({"prompt": list(FIXED_PROMPTS)})
+        first = _completions(model, fixed, FIXED_PARAMS)
+        second = _completions(model, fixed, FIXED_PARAMS)
+    except SmokeFailure:
+        raise
+    except Exception as exc:  # any error of the model's own code is a failed test, not a crash
+        text = str(exc).strip().splitlines()
+        raise SmokeFailure(f"predict raised {type(exc).__name__}: {text[0] if text else ''}"[:300]) from None
+    if first != second:
+        raise SmokeFailure(f"seed {FIXED_PARAMS['seed']} gave different completions on two calls")
+    took = time.monotonic() - started
+    if took > deadline_s:
+        raise SmokeFailure(f"answers took {took:.1f} s; the limit is {deadline_s:.0f} s")
+
+
+def load_and_check(model_uri: str, version: str, work_dir: str | Path, deadline_s: float = DEFAULT_TIMEOUT_S):
+    """Download model_uri, load it with MLflow's pyfunc loader and check it: the loaded model.
+    Raise SmokeFailure when it does not load or does not answer fit to serve."""
+    import mlflow
+
+    try:
+        local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(work_dir))
+        model = mlflow.pyfunc.load_model(local, model_config={"model_version": str(version)})
+    except Exception as exc:
+        text = str(exc).strip().splitlines()
+        raise SmokeFailure(f"does not load: {type(exc).__name__}: {text[0] if text else ''}"[:300]) from None
+    check_answers(model, local, deadline_s)
+    return model
+
+
+SERVING_PACKAGES = ("mlflow", "torch", "tokenizers", "safetensors", "pandas", "numpy")
+
+
+def smoke_test_key() -> str:
+    """What a pass depends on besides the (immutable) version: this test and the serving
+    environment (Python and the packages that load and run the model)."""
+    import hashlib
+    import platform
+    from importlib.metadata import version
+
+    parts = [Path(__file__).read_text(), platform.python_version()]
+    parts += [f"{name}=={version(name)}" for name in SERVING_PACKAGES]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+def run_smoke_test(model_uri: str, version: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[bool, str]:
+    """(passed, one-line result) of the smoke test in a fresh process, bounded by timeout_s."""
+    import mlflow
+
+    env = dict(os.environ)
+    # the child reads the registry this process resolved (a default sqlite:///mlflow.db is cwd's)
+    env.setdefault("MLFLOW_TRACKING_URI", mlflow.get_tracking_uri())
+    env.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    started = time.monotonic()
+    command = [sys.executable, "-P", str(Path(__file__).resolve()), model_uri, str(version), str(timeout_s)]
+    try:
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return False, f"failed: no answers within {timeout_s:.0f} s"
+    took = time.monotonic() - started
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    try:
+        result = json.loads(lines[-1])
+    except (IndexError, json.JSONDecodeError):
+        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        return False, f"failed: the test process exited {done.returncode}: {tail[:300]}"
+    if result.get("passed"):
+        return True, f"passed in {took:.1f} s ({len(FIXED_PROMPTS) * 2 + 1} requests, fresh process)"
+    return False, f"failed: {result.get('reason')}"
+
+
+def _main(argv: list[str]) -> int:
+    import tempfile
+
+    model_uri, version, timeout_s = argv[0], argv[1], float(argv[2])
+    with tempfile.TemporaryDirectory(prefix="trainpipe-smoke-") as tmp:
+        try:
+            load_and_check(model_uri, version, tmp, timeout_s)
+        except SmokeFailure as exc:
+            print(json.dumps({"passed": False, "reason": str(exc)}), flush=True)
+            return 0
+    print(json.dumps({"passed": True}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))
