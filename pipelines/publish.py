@@ -54,7 +54,27 @@ from pipelines.evaluate import (
 )
 from pipelines.gate import PROFILE_ARTIFACT
 from pipelines.params import Params
-from pipelines.registry import CHAMPION, get_champion
+from pipelines.registry import (
+    CHALLENGER,
+    CHAMPION,
+    champion_history,
+    create_logged_model,
+    delete_version_tag,
+    download_model,
+    download_run_artifact,
+    find_version,
+    find_version_with_weights,
+    finish_run,
+    get_champion,
+    get_version,
+    log_missing_metrics,
+    log_run_artifact,
+    record_move,
+    register_version,
+    resolve_run,
+    set_alias,
+    set_version_tags,
+)
 from pipelines.serve import (
     DEFAULT_INFERENCE_PARAMS,
     EXAMPLE_PROMPT,
@@ -79,10 +99,6 @@ SCORE_FIELD_NAMES = {
     "scoring_code_sha256": "scoring code",
 }
 REQUIRED_METRICS = ("val_bits_per_byte", "val_documents", "weights_sha256", SCORE_KEY_TAG, *SCORE_KEY_FIELDS)
-CHALLENGER = "challenger"
-HISTORY_TAG_PREFIX = "champion_move/"  # + a sortable UTC time and a random suffix: one tag per move
-LEGACY_HISTORY_TAG = "champion_history"  # versions, comma-separated: written before the records
-MAX_REASON_CHARS = 500
 PACKAGE_DIR = Path(__file__).resolve().parent
 SERVING_REQUIREMENTS = ("torch", "tokenizers", "safetensors", "numpy", "pandas")
 DECISION_TAG = "alias_decision"  # set last: a version without it had its publish cut short
@@ -196,67 +212,6 @@ def _check_signature(model_uri: str) -> None:
         )
 
 
-def _resolve_run(client: MlflowClient, params: Params, run_id: str | None) -> tuple[str, bool]:
-    """(run id, whether we created it): the given run, else the active run, else a new run."""
-    if run_id:
-        return run_id, False
-    active = mlflow.active_run()
-    if active is not None:
-        return active.info.run_id, False
-    experiment = client.get_experiment_by_name(params.publish.experiment)
-    experiment_id = (
-        experiment.experiment_id if experiment else client.create_experiment(params.publish.experiment)
-    )
-    run = client.create_run(experiment_id, run_name="publish", tags={"trainpipe.stage": "publish"})
-    return run.info.run_id, True
-
-
-def _version_with_weights(client: MlflowClient, name: str, weights_sha: str) -> ModelVersion | None:
-    """A registered version holding exactly these weights, if any."""
-    try:
-        found = client.search_model_versions(f"name = '{name}' and tags.weights_sha256 = '{weights_sha}'")
-    except MlflowException as exc:
-        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
-            return None
-        raise  # an unreachable tracking server must not look like "not registered yet"
-    return found[0] if found else None
-
-
-def _get_version(client: MlflowClient, name: str, version: int | str) -> ModelVersion:
-    try:
-        return client.get_model_version(name, str(version))
-    except MlflowException as exc:
-        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
-            raise ConfigError(f"model {name} has no version {version}") from None
-        raise
-
-
-def champion_history(client: MlflowClient, name: str) -> list[dict]:
-    """Every move of @champion, oldest first: {time, from, to, reason, flow_run, command}.
-    Versions of a registry written before the records (the CSV tag) come first, without a time."""
-    tags = client.get_registered_model(name).tags
-    legacy = [v for v in tags.get(LEGACY_HISTORY_TAG, "").split(",") if v]
-    moves = [
-        {
-            "time": "",
-            "from": prev,
-            "to": v,
-            "reason": "recorded before trainpipe kept one record per move",
-            "flow_run": None,
-            "command": None,
-        }
-        for prev, v in zip([None, *legacy], legacy, strict=False)
-    ]
-    for key in sorted(k for k in tags if k.startswith(HISTORY_TAG_PREFIX)):
-        try:
-            record = json.loads(tags[key])
-        except json.JSONDecodeError:
-            continue  # not written by trainpipe: not a move it can vouch for
-        if isinstance(record, dict) and record.get("to"):
-            moves.append(record)
-    return moves
-
-
 def read_history(params: Params) -> list[dict]:
     """Every move of the configured model's @champion, oldest first (`trainpipe history`)."""
     name = params.publish.model_name
@@ -282,23 +237,6 @@ def _flow_run_id() -> str | None:
     return flow_run.get_id() or None
 
 
-def _record_move(client: MlflowClient, name: str, moved_from: str | None, to: str, reason: str, command: str):
-    import secrets
-
-    now = datetime.now(UTC)
-    # The key sorts by time; the random suffix keeps two moves in one microsecond apart.
-    key = f"{HISTORY_TAG_PREFIX}{now.strftime('%Y%m%dT%H%M%S.%fZ')}-{secrets.token_hex(4)}"
-    record = {
-        "time": now.isoformat(timespec="seconds"),
-        "from": moved_from,
-        "to": to,
-        "reason": reason[:MAX_REASON_CHARS],
-        "flow_run": _flow_run_id(),
-        "command": command,
-    }
-    client.set_registered_model_tag(name, key, json.dumps(record))
-
-
 def smoke_test(client: MlflowClient, name: str, version: str, timeout_s: float) -> str:
     """Load the version in a fresh process as serving does and check its answers (pipelines.smoke);
     the result is stored on the version. SmokeTestError when it fails: it never becomes champion.
@@ -307,14 +245,14 @@ def smoke_test(client: MlflowClient, name: str, version: str, timeout_s: float) 
     from pipelines.smoke import run_smoke_test, smoke_test_key
 
     key = smoke_test_key()
-    tags = _get_version(client, name, version).tags
+    tags = get_version(client, name, version).tags
     if tags.get("smoke_test", "").startswith("passed") and tags.get("smoke_test_key") == key:
         return tags["smoke_test"]
     print(f"smoke test of {name} v{version}: loading it in a fresh process", flush=True)
     passed, result = run_smoke_test(f"models:/{name}/{version}", version, timeout_s)
-    client.set_model_version_tag(name, version, "smoke_test", result)
-    client.set_model_version_tag(name, version, "smoke_test_key", key)
-    client.set_model_version_tag(name, version, "smoke_tested_at", _now())
+    set_version_tags(
+        client, name, version, {"smoke_test": result, "smoke_test_key": key, "smoke_tested_at": _now()}
+    )
     if not passed:
         why = result.removeprefix("failed: ")
         raise SmokeTestError(
@@ -346,10 +284,10 @@ def _move_champion(
         smoke_test(
             client, name, version, smoke_timeout_s
         )  # raises SmokeTestError: the alias stays where it is
-        client.set_registered_model_alias(name, CHAMPION, version)
+        set_alias(client, name, CHAMPION, version)
     _test_pause("champion-alias-set")
-    client.set_model_version_tag(name, version, "promoted_at", _now())
-    client.delete_model_version_tag(name, version, "rolled_back_at")
+    set_version_tags(client, name, version, {"promoted_at": _now()})
+    delete_version_tag(client, name, version, "rolled_back_at")
     if recorded:
         return
     reason = reason or "passed the promotion gate"
@@ -358,21 +296,18 @@ def _move_champion(
     from pipelines.runlock import current_command
 
     command = command or current_command() or "publish"
-    _record_move(client, name, moved_from, version, reason, f"trainpipe {command}")
+    record_move(client, name, moved_from, version, reason, f"trainpipe {command}", _flow_run_id())
 
 
 def _log_run_inputs(client: MlflowClient, run_id: str, metrics: dict, params: Params) -> None:
     """Metrics (those the run lacks), the workspace dvc.lock, which a later restart reads, and the
     curated data's profile, which the data gate of later runs compares with (drift)."""
-    have = client.get_run(run_id).data.metrics
-    for key, value in metrics.items():
-        if key not in have and isinstance(value, int | float) and not isinstance(value, bool):
-            client.log_metric(run_id, key, float(value))
+    log_missing_metrics(client, run_id, metrics)
     if Path("dvc.lock").is_file():
-        client.log_artifact(run_id, "dvc.lock")
+        log_run_artifact(client, run_id, "dvc.lock")
     profile = Path(params.curate.reports_dir) / PROFILE_ARTIFACT
     if profile.is_file():
-        client.log_artifact(run_id, str(profile))
+        log_run_artifact(client, run_id, str(profile))
 
 
 def _log_model(client: MlflowClient, params: Params, run_id: str, model_dir: Path, work_dir: Path):
@@ -380,16 +315,14 @@ def _log_model(client: MlflowClient, params: Params, run_id: str, model_dir: Pat
     write_json(limits_path, serving_limits(params.serve))
     # Model.log rather than mlflow.pyfunc.log_model: it takes the run id, so the flow's run
     # (possibly active in another thread) need not be the active run, nor is it ended here.
-    # The logged model is created first, in the run's experiment: given only a run id, MLflow
-    # 3.17 would file it under the default experiment (or the active run's), not the run's.
-    experiment_id = client.get_run(run_id).info.experiment_id
-    logged = client.create_logged_model(experiment_id, name="model", source_run_id=run_id)
+    # The logged model is created first, in the run's experiment (registry.create_logged_model).
+    model_id = create_logged_model(client, run_id)
     return mlflow.models.Model.log(
         artifact_path=None,
         name="model",
         flavor=mlflow.pyfunc,
         run_id=run_id,
-        model_id=logged.model_id,
+        model_id=model_id,
         python_model=CodeCompletionModel(),
         artifacts={
             "weights": str(model_dir / WEIGHTS_FILE),
@@ -414,7 +347,7 @@ def _float_tag(version: ModelVersion, key: str) -> float | None:
 def _download_champion(champion: ModelVersion, work_dir: Path) -> Path:
     """The champion's weights, config and tokenizer in a model dir as the train stage writes it."""
     uri = f"models:/{champion.name}/{champion.version}"
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(work_dir / "champion")))
+    local = Path(download_model(uri, str(work_dir / "champion")))
     pyfunc_conf = mlflow.models.Model.load(str(local)).flavors["python_function"]
     champion_dir = work_dir / "champion_model"
     champion_dir.mkdir()
@@ -466,7 +399,7 @@ def _stored_document_scores(
     """(the champion's bits on each of the challenger's documents, "") from the scores its publish
     logged, or (None, why they cannot be used)."""
     try:
-        local = client.download_artifacts(champion.run_id, champion.tags[PER_DOCUMENT_TAG], str(work_dir))
+        local = download_run_artifact(client, champion.run_id, champion.tags[PER_DOCUMENT_TAG], str(work_dir))
         stored = read_json(local)
     except (MlflowException, OSError, json.JSONDecodeError):
         return None, "its per-document scores could not be read"
@@ -577,7 +510,7 @@ def _publish(
     bpb = float(metrics["val_bits_per_byte"])
     client = MlflowClient()
     weights_sha = str(metrics["weights_sha256"])  # read_trained_model checked it is models/'s
-    existing = _version_with_weights(client, name, weights_sha)
+    existing = find_version_with_weights(client, name, weights_sha)
     if existing is not None and (DECISION_TAG in existing.tags or "rolled_back_at" in existing.tags):
         # an unchanged re-run: registering the same weights again adds nothing
         champion = get_champion(client, name)
@@ -603,7 +536,7 @@ def _publish(
         promoted, reason, champion_version, champion_bpb, delta = _decide_aliases(
             client, params, version, model_dir, metrics, Path(tmp)
         )
-    client.set_model_version_tag(name, version, DECISION_TAG, reason)
+    set_version_tags(client, name, version, {DECISION_TAG: reason})
     return {
         "version": version,
         "model_uri": f"models:/{name}/{version}",
@@ -624,7 +557,7 @@ def _delta_dict(delta: BpbDelta | None) -> dict | None:
 def _register(client, params: Params, model_dir: Path, metrics: dict, lineage, run_id, weights_sha):
     """Log the model into the run and register it as a new version with all its tags at once:
     (version, run id)."""
-    run_id, own_run = _resolve_run(client, params, run_id)
+    run_id, own_run = resolve_run(client, params.publish.experiment, run_id)
     try:
         with tempfile.TemporaryDirectory(prefix="trainpipe-publish-") as tmp:
             _log_run_inputs(client, run_id, metrics, params)
@@ -641,14 +574,14 @@ def _register(client, params: Params, model_dir: Path, metrics: dict, lineage, r
             **{PER_DOCUMENT_TAG: scores_path},
         )
         tags.update({field: _tag_value(metrics[field]) for field in SCORE_KEY_FIELDS})
-        version = str(mlflow.register_model(info.model_uri, params.publish.model_name, tags=tags).version)
+        version = register_version(info.model_uri, params.publish.model_name, tags)
         _test_pause("registered")
     except BaseException:
         if own_run:
-            client.set_terminated(run_id, "FAILED")
+            finish_run(client, run_id, "FAILED")
         raise
     if own_run:
-        client.set_terminated(run_id, "FINISHED")
+        finish_run(client, run_id, "FINISHED")
     return version, run_id
 
 
@@ -656,7 +589,7 @@ def _log_document_scores(client: MlflowClient, params: Params, run_id: str, weig
     """Log reports/per_document.json into the run, under a folder of these weights (a run may hold
     more than one version): its artifact path, for the version's PER_DOCUMENT_TAG."""
     folder = f"scores/{weights_sha[:16]}"
-    client.log_artifact(run_id, str(Path(params.evaluate.reports_dir) / PER_DOCUMENT_FILE), folder)
+    log_run_artifact(client, run_id, str(Path(params.evaluate.reports_dir) / PER_DOCUMENT_FILE), folder)
     return f"{folder}/{PER_DOCUMENT_FILE}"
 
 
@@ -666,12 +599,12 @@ def _decide_aliases(client, params: Params, version: str, model_dir: Path, metri
     before any alias moves, so a publish cut short after the move still has them."""
     name = params.publish.model_name
     bpb = float(metrics["val_bits_per_byte"])
-    client.set_registered_model_alias(name, CHALLENGER, version)
+    set_alias(client, name, CHALLENGER, version)
     _test_pause("challenger-alias-set")
     champion = get_champion(client, name)
     if champion is not None and str(champion.version) == version:
         # a killed publish had passed the gate and moved @champion: finish recording the move
-        delta = read_bpb_delta(client.get_model_version(name, version).tags)
+        delta = read_bpb_delta(get_version(client, name, version).tags)
         passed = f": challenger {delta.text()} vs v{delta.vs}" if delta else ""
         _move_champion(client, name, version, reason=f"passed the promotion gate{passed}")
         return True, f"v{version} became champion ({_bpb_text(bpb)} bpb)", version, bpb, delta
@@ -700,8 +633,7 @@ def _decide_aliases(client, params: Params, version: str, model_dir: Path, metri
         params.publish.bootstrap_seed,
         vs=str(champion.version),
     )
-    for key, value in delta.tags().items():
-        client.set_model_version_tag(name, version, key, value)
+    set_version_tags(client, name, version, delta.tags())
     bpb, champion_bpb = sum(bits) / sum(doc_bytes), sum(champion_bits) / sum(doc_bytes)
     promoted, reason = decide_promotion(
         version, bpb, str(champion.version), champion_bpb, delta, params.publish.min_improvement_bpb, note
@@ -715,7 +647,7 @@ def promote_version(params: Params, version: int | str) -> dict:
     """Move @champion to a given version (by hand, past the gate) and record the move."""
     client = MlflowClient()
     name = params.publish.model_name
-    target = _get_version(client, name, version)
+    target = get_version(client, name, version)
     champion = get_champion(client, name)
     previous = str(champion.version) if champion else None
     version = str(target.version)
@@ -755,11 +687,8 @@ def rollback_champion(params: Params) -> dict:
     for candidate in reversed(history):
         if candidate == current:
             continue
-        try:
-            version = client.get_model_version(name, candidate)
-        except MlflowException:
-            continue  # deleted since
-        if "rolled_back_at" not in version.tags:
+        version = find_version(client, name, candidate)
+        if version is not None and "rolled_back_at" not in version.tags:
             target = version
             break
     if target is None:
@@ -776,7 +705,7 @@ def rollback_champion(params: Params) -> dict:
         command="rollback",
         smoke_timeout_s=params.serve.smoke_timeout_s,
     )
-    client.set_model_version_tag(name, current, "rolled_back_at", _now())
+    set_version_tags(client, name, current, {"rolled_back_at": _now()})
     return {
         "version": version,
         "model_uri": f"models:/{name}/{version}",

@@ -1,16 +1,27 @@
-"""Registry reads shared by publishing, restart and serving: the version behind an alias.
+"""Every call trainpipe makes to MLflow's client lives here: the registry (versions, aliases,
+tags, the champion's history, endpoint records) and the runs publish logs into.
 
-Kept apart from pipelines.publish so that the serving side can read the champion without
-importing publish (which imports the served model's module).
+Publish, promote, rollback, restart, status, serve and curate's drift check all read and write
+through these functions, so an unknown model, alias or version means the same everywhere (None or
+a one-line ConfigError) while an unreachable server always raises. Nothing here decides anything:
+the promotion gate and the smoke test are pipelines.publish's; this module only speaks MLflow.
+(pipelines/smoke.py downloads the version it tests itself: it runs as a script that must import
+nothing of this checkout, so that the version's own code is what loads.)
 """
 
 import json
+import secrets
+from datetime import UTC, datetime
 
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
 CHAMPION = "champion"
+CHALLENGER = "challenger"
+HISTORY_TAG_PREFIX = "champion_move/"  # + a sortable UTC time and a random suffix: one tag per move
+LEGACY_HISTORY_TAG = "champion_history"  # versions, comma-separated: written before the records
+MAX_REASON_CHARS = 500
 
 
 def get_champion(client: MlflowClient, name: str) -> ModelVersion | None:
@@ -124,3 +135,141 @@ def run_artifact_bytes(client: MlflowClient, run_id: str, path: str) -> bytes | 
         return None
     with tempfile.TemporaryDirectory(prefix="trainpipe-artifact-") as tmp:
         return Path(client.download_artifacts(run_id, path, tmp)).read_bytes()
+
+
+def find_version_with_weights(client: MlflowClient, name: str, weights_sha: str) -> ModelVersion | None:
+    """A registered version holding exactly these weights, if any."""
+    try:
+        found = client.search_model_versions(f"name = '{name}' and tags.weights_sha256 = '{weights_sha}'")
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise  # an unreachable tracking server must not look like "not registered yet"
+    return found[0] if found else None
+
+
+def find_version(client: MlflowClient, name: str, version: str) -> ModelVersion | None:
+    """A registered version, or None when it does not exist (deleted, say)."""
+    try:
+        return client.get_model_version(name, str(version))
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
+
+
+def set_alias(client: MlflowClient, name: str, alias: str, version: str) -> None:
+    client.set_registered_model_alias(name, alias, str(version))
+
+
+def delete_version_tag(client: MlflowClient, name: str, version: str, key: str) -> None:
+    client.delete_model_version_tag(name, str(version), key)
+
+
+def register_version(model_uri: str, name: str, tags: dict[str, str]) -> str:
+    """Register model_uri as a new version of name with all its tags at once: its number."""
+    import mlflow
+
+    return str(mlflow.register_model(model_uri, name, tags=tags).version)
+
+
+def champion_history(client: MlflowClient, name: str) -> list[dict]:
+    """Every move of @champion, oldest first: {time, from, to, reason, flow_run, command}.
+    Versions of a registry written before the records (the CSV tag) come first, without a time."""
+    tags = client.get_registered_model(name).tags
+    legacy = [v for v in tags.get(LEGACY_HISTORY_TAG, "").split(",") if v]
+    moves = [
+        {
+            "time": "",
+            "from": prev,
+            "to": v,
+            "reason": "recorded before trainpipe kept one record per move",
+            "flow_run": None,
+            "command": None,
+        }
+        for prev, v in zip([None, *legacy], legacy, strict=False)
+    ]
+    for key in sorted(k for k in tags if k.startswith(HISTORY_TAG_PREFIX)):
+        try:
+            record = json.loads(tags[key])
+        except json.JSONDecodeError:
+            continue  # not written by trainpipe: not a move it can vouch for
+        if isinstance(record, dict) and record.get("to"):
+            moves.append(record)
+    return moves
+
+
+def record_move(
+    client: MlflowClient,
+    name: str,
+    moved_from: str | None,
+    to: str,
+    reason: str,
+    command: str,
+    flow_run: str | None,
+) -> None:
+    """One registered-model tag per move of @champion, never rewritten: concurrent moves lose none."""
+    now = datetime.now(UTC)
+    # The key sorts by time; the random suffix keeps two moves in one microsecond apart.
+    key = f"{HISTORY_TAG_PREFIX}{now.strftime('%Y%m%dT%H%M%S.%fZ')}-{secrets.token_hex(4)}"
+    record = {
+        "time": now.isoformat(timespec="seconds"),
+        "from": moved_from,
+        "to": to,
+        "reason": reason[:MAX_REASON_CHARS],
+        "flow_run": flow_run,
+        "command": command,
+    }
+    client.set_registered_model_tag(name, key, json.dumps(record))
+
+
+def download_model(model_uri: str, dst: str) -> str:
+    """A registered model's files (models:/name/version) in a local dir: its path."""
+    import mlflow
+
+    return mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=dst)
+
+
+def download_run_artifact(client: MlflowClient, run_id: str, path: str, dst: str) -> str:
+    return client.download_artifacts(run_id, path, dst)
+
+
+# The runs publish logs into.
+
+
+def resolve_run(client: MlflowClient, experiment: str, run_id: str | None) -> tuple[str, bool]:
+    """(run id, whether we created it): the given run, else the active run, else a new run."""
+    import mlflow
+
+    if run_id:
+        return run_id, False
+    active = mlflow.active_run()
+    if active is not None:
+        return active.info.run_id, False
+    found = client.get_experiment_by_name(experiment)
+    experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+    run = client.create_run(experiment_id, run_name="publish", tags={"trainpipe.stage": "publish"})
+    return run.info.run_id, True
+
+
+def finish_run(client: MlflowClient, run_id: str, status: str) -> None:
+    client.set_terminated(run_id, status)
+
+
+def log_missing_metrics(client: MlflowClient, run_id: str, metrics: dict) -> None:
+    """The numeric metrics the run does not have yet."""
+    have = client.get_run(run_id).data.metrics
+    for key, value in metrics.items():
+        if key not in have and isinstance(value, int | float) and not isinstance(value, bool):
+            client.log_metric(run_id, key, float(value))
+
+
+def log_run_artifact(client: MlflowClient, run_id: str, path: str, folder: str | None = None) -> None:
+    client.log_artifact(run_id, path, folder)
+
+
+def create_logged_model(client: MlflowClient, run_id: str) -> str:
+    """A logged model in the run's experiment: its id. Given only a run id, MLflow 3.17 would file
+    the model under the default experiment (or the active run's), not the run's."""
+    experiment_id = client.get_run(run_id).info.experiment_id
+    return client.create_logged_model(experiment_id, name="model", source_run_id=run_id).model_id

@@ -13,7 +13,7 @@ import requests
 from mlflow import MlflowClient
 
 from pipelines.params import Params
-from pipelines.registry import CHAMPION, endpoint_records, get_alias, last_flow_run
+from pipelines.registry import CHALLENGER, CHAMPION, endpoint_records, get_alias, last_flow_run
 
 ASK_TIMEOUT_S = 10.0
 INTERVAL_TAGS = ("bpb_delta", "bpb_delta_low", "bpb_delta_high")
@@ -68,7 +68,7 @@ def read_status(params: Params) -> dict:
     client = MlflowClient()
     name = params.publish.model_name
     champion = get_alias(client, name, CHAMPION)
-    challenger = get_alias(client, name, "challenger")
+    challenger = get_alias(client, name, CHALLENGER)
     champion_version = str(champion.version) if champion else None
     return {
         "model": name,
