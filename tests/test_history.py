@@ -13,15 +13,8 @@ from mlflow import MlflowClient
 from pipelines.cli import format_history, main
 from pipelines.errors import ConfigError
 from pipelines.params import Params, PublishParams
-from pipelines.publish import (
-    HISTORY_TAG_PREFIX,
-    LEGACY_HISTORY_TAG,
-    _move_champion,
-    champion_history,
-    promote_version,
-    read_history,
-    rollback_champion,
-)
+from pipelines.publish import _move_champion, promote_version, read_history, rollback_champion
+from pipelines.registry import HISTORY_TAG_PREFIX, LEGACY_HISTORY_TAG, champion_history
 
 NAME = PublishParams().model_name
 TRAINPIPE = str(Path(sys.executable).parent / "trainpipe")
