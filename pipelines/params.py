@@ -199,7 +199,12 @@ class ServeParams(Section):
     host: str = Field("127.0.0.1", description="address the endpoint listens on")
     port: int = Field(5001, ge=1, le=65535, description="port the endpoint listens on")
     max_prompt_chars: int = Field(4000, ge=1, description="longest prompt accepted")
-    max_new_tokens_limit: int = Field(512, ge=1, description="largest max_new_tokens accepted")
+    max_new_tokens_limit: int = Field(
+        512,
+        ge=1,
+        description="largest max_new_tokens accepted; the served model caps it at its block_size - 1, "
+        "so that prompt and completion fit its context (the prompt's start is cropped to make room)",
+    )
 
 
 class Params(Section):
