@@ -35,9 +35,13 @@ LIMITS_FILE = "limits.json"
 DEFAULT_LIMITS: dict[str, int] = {
     "max_prompt_chars": 4000,
     "max_new_tokens_limit": 512,
+    "max_prompts": 16,
+    "max_total_new_tokens": 4096,
 }
 # Inference parameters and their defaults; publish builds the model signature from these.
 DEFAULT_INFERENCE_PARAMS: dict[str, Any] = {"max_new_tokens": 64, "temperature": 0.8, "top_k": 50, "seed": 0}
+MIN_TEMPERATURE = 0.01  # below it (but above 0, greedy) the scaled logits can overflow: see GPT.generate
+MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes 64 bits
 EXAMPLE_PROMPT = "def fibonacci(n):"
 # The pyfunc model_config key that names the registry version a loader loaded. Logged with the
 # value None: MLflow lets a loader override only keys the logged model declares.
@@ -97,6 +101,8 @@ def check_request(model_input: Any, params: dict | None, limits: dict[str, int])
         raise _invalid(f"input has no 'prompt' column (columns: {list(model_input.columns)})")
     if len(model_input) == 0:
         raise _invalid("input has no rows")
+    if len(model_input) > limits["max_prompts"]:
+        raise _invalid(f"prompts: {len(model_input)} in one request; the limit is {limits['max_prompts']}")
     prompts = model_input["prompt"].tolist()
     for i, prompt in enumerate(prompts):
         if not isinstance(prompt, str):
@@ -122,10 +128,21 @@ def check_request(model_input: Any, params: dict | None, limits: dict[str, int])
     }
     if not 1 <= checked["max_new_tokens"] <= limit:
         raise _invalid(f"max_new_tokens must be between 1 and {limit}, got {checked['max_new_tokens']}")
-    if not 0.0 <= checked["temperature"] <= 2.0:  # also rejects NaN
-        raise _invalid(f"temperature must be between 0 and 2, got {checked['temperature']}")
+    total = len(prompts) * checked["max_new_tokens"]
+    if total > limits["max_total_new_tokens"]:
+        raise _invalid(
+            f"max_new_tokens: {len(prompts)} prompts x {checked['max_new_tokens']} = {total} new tokens "
+            f"in one request; the limit is {limits['max_total_new_tokens']}"
+        )
+    temperature = checked["temperature"]
+    if not 0.0 <= temperature <= 2.0:  # also rejects NaN
+        raise _invalid(f"temperature must be between 0 and 2, got {temperature}")
+    if 0.0 < temperature < MIN_TEMPERATURE:
+        raise _invalid(f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE}, got {temperature}")
     if checked["top_k"] < 0:
         raise _invalid(f"top_k must be 0 (no limit) or more, got {checked['top_k']}")
+    if not 0 <= checked["seed"] <= MAX_SEED:
+        raise _invalid(f"seed must be between 0 and 2**64-1, got {checked['seed']}")
     return prompts, checked
 
 

@@ -205,6 +205,10 @@ class ServeParams(Section):
         description="largest max_new_tokens accepted; the served model caps it at its block_size - 1, "
         "so that prompt and completion fit its context (the prompt's start is cropped to make room)",
     )
+    max_prompts: int = Field(16, ge=1, description="most prompts in one request")
+    max_total_new_tokens: int = Field(
+        4096, ge=1, description="most new tokens in one request: prompts x max_new_tokens"
+    )
 
 
 class Params(Section):

@@ -22,7 +22,7 @@ from pipelines.params import Params, ServeParams
 from pipelines.publish import publish_model
 from pipelines.serve import run_server, serve_command, serve_env
 
-LIMITS = {"max_prompt_chars": 10, "max_new_tokens_limit": 8}
+LIMITS = {"max_prompt_chars": 10, "max_new_tokens_limit": 8, "max_prompts": 3, "max_total_new_tokens": 20}
 
 
 def test_check_request_fills_defaults():
@@ -47,12 +47,44 @@ def test_check_request_fills_defaults():
         ({"prompt": ["x"]}, {"top_k": -1}, "top_k"),
         ({"prompt": ["x"]}, {"seed": True}, "must be an integer"),
         ({"prompt": ["x"]}, {"beams": 4}, "unknown parameters"),
+        ({"prompt": ["x"] * 4}, None, "prompts: 4 in one request; the limit is 3"),
+        ({"prompt": ["x"] * 3}, {"max_new_tokens": 7}, r"max_new_tokens: 3 prompts x 7 = 21 new tokens"),
+        ({"prompt": ["x"]}, {"seed": -1}, r"seed must be between 0 and 2\*\*64-1"),
+        ({"prompt": ["x"]}, {"seed": 2**64}, "seed must be between"),
+        ({"prompt": ["x"]}, {"temperature": 0.005}, r"temperature must be 0 \(greedy\) or at least 0.01"),
+        ({"prompt": ["x"]}, {"temperature": 1e-45}, "temperature must be 0"),
     ],
 )
 def test_check_request_rejects(frame, params, message):
     with pytest.raises(MlflowException, match=message) as info:
         check_request(pd.DataFrame(frame), params, LIMITS)
     assert info.value.error_code == "INVALID_PARAMETER_VALUE"  # the enum: the server answers 400
+    assert "\n" not in info.value.message
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"temperature": 0},  # greedy
+        {"temperature": 0.01},
+        {"seed": 0},
+        {"seed": 2**64 - 1},
+        {"max_new_tokens": 6},  # 3 prompts x 6 = 18 new tokens
+    ],
+)
+def test_check_request_accepts_the_edges(params):
+    prompts, checked = check_request(
+        pd.DataFrame({"prompt": ["x"] * 3}), {"max_new_tokens": 6, **params}, LIMITS
+    )
+    assert len(prompts) == 3 and checked.items() >= params.items()
+
+
+def test_limits_of_an_older_model_fall_back_to_the_defaults():
+    older = {"max_prompt_chars": 10, "max_new_tokens_limit": 8}  # limits.json before max_prompts
+    with pytest.raises(MlflowException, match="the limit is 16"):
+        check_request(pd.DataFrame({"prompt": ["x"] * 17}), None, older)
+    assert model_limits(older, block_size=1024) == {**DEFAULT_LIMITS, **older}
+    assert model_limits(None, block_size=1024) == DEFAULT_LIMITS
 
 
 def test_max_new_tokens_limit_is_capped_below_the_context():
@@ -101,7 +133,7 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, mlflow_template_db):
     """`mlflow models serve` of a freshly published champion, v1 (block_size 128; limits: 200 chars,
-    64 new tokens)."""
+    64 new tokens, 4 prompts, 128 new tokens per request)."""
     root = tmp_path_factory.mktemp("serve")
     log_path = root / "server.log"
     with pytest.MonkeyPatch.context() as mp:
@@ -109,7 +141,11 @@ def server(tmp_path_factory, mlflow_template_db):
         mp.chdir(root)
         make_model_dir(root / "models", block_size=128)
         write_metrics(root / "reports", 2.0)
-        params = Params(serve=ServeParams(max_prompt_chars=200, max_new_tokens_limit=64))
+        params = Params(
+            serve=ServeParams(
+                max_prompt_chars=200, max_new_tokens_limit=64, max_prompts=4, max_total_new_tokens=128
+            )
+        )
         publish_model(params)
         # MLflow's scoring server passes this on as the pyfunc model_config
         env = {**serve_env(), "SERVING_MODEL_CONFIG": json.dumps({"model_version": "1"})}
@@ -174,12 +210,28 @@ def test_server_completes_a_prompt(server):
         ([{"prompt": "x"}], {"max_new_tokens": 0}, "between 1 and 64"),
         ([{"prompt": "x"}], {"max_new_tokens": 65}, "between 1 and 64"),
         ([{"prompt": "x"}], {"temperature": -1}, "temperature"),
+        ([{"prompt": "x"}] * 5, None, "prompts: 5 in one request; the limit is 4"),
+        ([{"prompt": "x"}] * 3, {"max_new_tokens": 50}, "max_new_tokens: 3 prompts x 50 = 150 new tokens"),
+        ([{"prompt": "x"}], {"seed": -1}, "seed must be between 0 and 2**64-1"),
+        ([{"prompt": "x"}], {"seed": 2**64}, "seed must be between 0 and 2**64-1"),
+        ([{"prompt": "x"}], {"temperature": 0.001}, "temperature must be 0 (greedy) or at least 0.01"),
+        ([{"prompt": "x"}], {"temperature": 1e-300}, "temperature must be 0 (greedy) or at least 0.01"),
     ],
 )
 def test_server_rejects_bad_requests(server, records, params, message):
     response = invoke(server, records, params)
     assert response.status_code == 400, response.text
     assert message in response.json()["message"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "params", [{"seed": 2**63}, {"seed": 2**64 - 1}, {"temperature": 0}, {"temperature": 0.01}]
+)
+def test_server_accepts_the_edges(server, params):
+    response = invoke(server, [{"prompt": "x"}], {"max_new_tokens": 4, **params})
+    assert response.status_code == 200, response.text
+    assert response.json()["predictions"][0]["model_version"] == "1"
 
 
 @pytest.mark.slow
