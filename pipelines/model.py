@@ -160,7 +160,7 @@ class GPT(nn.Module):
         cfg = self.config
         return 6 * self.num_params() + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def generate(
         self,
         idx: torch.Tensor,
@@ -203,16 +203,18 @@ class GPT(nn.Module):
 def _next_token(
     logits: torch.Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None
 ) -> torch.Tensor:
-    """The next token (B, 1) from the last position's logits (B, vocab)."""
-    if not bool(torch.isfinite(logits).all()):
-        raise ValueError("the model's logits are not finite (NaN or inf): its weights are broken")
-    if temperature <= 0:
-        return logits.argmax(dim=-1, keepdim=True)
-    logits = logits / temperature
-    if not bool(torch.isfinite(logits).all()):
+    """The next token (B, 1) from the last position's logits (B, vocab). Sampling draws among
+    the top_k only: the distribution of masking the others, without drawing over the vocabulary."""
+    scaled = logits / temperature if temperature > 0 else logits
+    # One sum checks every value (a NaN or inf anywhere makes it NaN or inf) with one sync.
+    if not math.isfinite(scaled.sum().item()):
+        if not math.isfinite(logits.sum().item()):
+            raise ValueError("the model's logits are not finite (NaN or inf): its weights are broken")
         raise ValueError(f"temperature {temperature} is too small: the scaled logits overflow")
-    if top_k:
-        v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-        logits[logits < v[:, [-1]]] = -float("inf")
-    probs = F.softmax(logits, dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator)
+    if temperature <= 0:
+        return scaled.argmax(dim=-1, keepdim=True)
+    if top_k and top_k < scaled.size(-1):
+        top, top_ids = torch.topk(scaled, top_k)  # (B, k)
+        choice = torch.multinomial(F.softmax(top, dim=-1), num_samples=1, generator=generator)
+        return top_ids.gather(-1, choice)
+    return torch.multinomial(F.softmax(scaled, dim=-1), num_samples=1, generator=generator)
