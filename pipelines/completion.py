@@ -150,6 +150,10 @@ class CodeCompletionModel(mlflow.pyfunc.PythonModel):
     """Completes a Python prompt. Input: a DataFrame with a 'prompt' column; output: columns
     'completion' and 'model_version' (the registry version given as model_config, else None)."""
 
+    # False runs generation without the KV cache (the reference path), for benchmarks in-process.
+    # Not a request parameter: a client could then ask for generation several times slower.
+    use_cache = True
+
     def load_context(self, context) -> None:
         from safetensors.torch import load_model
         from tokenizers import Tokenizer, decoders
@@ -205,7 +209,7 @@ class CodeCompletionModel(mlflow.pyfunc.PythonModel):
         prompts, checked = check_request(model_input, params, self.limits)
         # One prompt at a time, each with its own seeded generator: a request's completion does
         # not depend on what else was in the batch.
-        completions = [self.complete(p, **checked) for p in prompts]
+        completions = [self.complete(p, **checked, use_cache=self.use_cache) for p in prompts]
         return pd.DataFrame({"completion": completions, "model_version": [self.model_version] * len(prompts)})
 
 
