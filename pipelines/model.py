@@ -2,6 +2,10 @@
 
 model = GPT(GPTConfig(vocab_size=4096))
 logits, loss = model(idx, targets)
+out = model.generate(idx, max_new_tokens=64, temperature=0.8, top_k=50)   # with a KV cache
+
+The served model's code (pipelines/completion.py) imports this module and travels with it: it
+imports torch and nothing else of the project.
 """
 
 import math
@@ -25,6 +29,30 @@ class GPTConfig:
         return asdict(self)
 
 
+class KVCache:
+    """Keys and values of the positions seen so far, per layer, so that a generation step runs
+    only its new token through the model. Filled from position 0: one prefill of the prompt,
+    then one token per step, up to block_size positions."""
+
+    def __init__(self, config: GPTConfig):
+        self.config = config
+        self.pos = 0  # positions filled
+        self.k: torch.Tensor | None = None  # (n_layer, B, nh, block_size, hs)
+        self.v: torch.Tensor | None = None
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, nh, T, hs) at positions pos..pos+T; return all of the layer's so far."""
+        if self.k is None:
+            B, nh, _, hs = k.shape
+            shape = (self.config.n_layer, B, nh, self.config.block_size, hs)
+            self.k = torch.empty(shape, dtype=k.dtype, device=k.device)
+            self.v = torch.empty(shape, dtype=v.dtype, device=v.device)
+        end = self.pos + k.size(2)
+        self.k[layer, :, :, self.pos : end] = k
+        self.v[layer, :, :, self.pos : end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -34,13 +62,19 @@ class CausalSelfAttention(nn.Module):
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)
         # (B, nh, T, hs)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        causal = True
+        if cache is not None:
+            # k, v: (B, nh, pos + T, hs). The prefill (pos 0) is causal like training; a step
+            # (T == 1) attends to every cached position, all of them in its past: no mask.
+            causal = cache.pos == 0
+            k, v = cache.update(layer, k, v)
         y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
+            q, k, v, is_causal=causal, dropout_p=self.dropout if self.training else 0.0
         )
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.proj(y))
@@ -65,8 +99,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache, layer)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -98,15 +132,24 @@ class GPT(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         return n - self.wpe.weight.numel() if non_embedding else n
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+    def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """The final layer's normalized states (B, T, C) of idx, which follows the cache's positions."""
         B, T = idx.shape
-        if T > self.config.block_size:
-            raise ValueError(f"sequence of {T} tokens exceeds block_size {self.config.block_size}")
-        pos = torch.arange(T, device=idx.device)
+        start = cache.pos if cache is not None else 0
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.config.block_size}")
+        if start and T != 1:
+            raise ValueError(f"after the prefill, a KV cache takes one token at a time, got {T}")
+        pos = torch.arange(start, start + T, device=idx.device)
         x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C)
-        for block in self.blocks:
-            x = block(x)
-        logits = self.lm_head(self.ln_f(x))  # (B, T, vocab)
+        for layer, block in enumerate(self.blocks):
+            x = block(x, cache, layer)
+        if cache is not None:
+            cache.pos += T
+        return self.ln_f(x)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+        logits = self.lm_head(self.hidden_states(idx))  # (B, T, vocab)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
@@ -117,7 +160,7 @@ class GPT(nn.Module):
         cfg = self.config
         return 6 * self.num_params() + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def generate(
         self,
         idx: torch.Tensor,
@@ -126,22 +169,52 @@ class GPT(nn.Module):
         top_k: int | None = None,
         generator: torch.Generator | None = None,
         stop_token: int | None = None,
+        use_cache: bool = True,
     ) -> torch.Tensor:
-        """Sample max_new_tokens after idx (B, T); temperature 0 is greedy."""
+        """Sample max_new_tokens after idx (B, T); temperature 0 is greedy.
+
+        With use_cache the prompt runs through the model once (the prefill) and each step runs
+        only the newest token against cached keys and values, with logits at the last position
+        only. Without it, every step runs the whole context again: the reference, which the
+        cache matches token for token under the same generator. A cache cannot follow a window
+        that slides past block_size (every position shifts), so once the sequence outgrows
+        block_size the steps are the reference's; a caller that wants the fast path throughout
+        keeps prompt + max_new_tokens within block_size.
+
+        Raises ValueError when the logits are not finite (broken weights, NaN or inf), rather
+        than sampling garbage, or when temperature is so small that the scaled logits overflow.
+        """
+        block_size = self.config.block_size
+        cache = KVCache(self.config) if use_cache else None
         for _ in range(max_new_tokens):
-            idx_cond = idx[:, -self.config.block_size :]
-            logits, _ = self(idx_cond)
-            logits = logits[:, -1, :].float()
-            if temperature <= 0:
-                next_id = logits.argmax(dim=-1, keepdim=True)
+            if cache is not None and idx.size(1) <= block_size:
+                new = idx if cache.pos == 0 else idx[:, -1:]  # the prefill, then one token
+                logits = self.lm_head(self.hidden_states(new, cache)[:, -1, :])  # (B, vocab)
             else:
-                logits = logits / temperature
-                if top_k:
-                    v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-                    logits[logits < v[:, [-1]]] = -float("inf")
-                probs = F.softmax(logits, dim=-1)
-                next_id = torch.multinomial(probs, num_samples=1, generator=generator)
+                logits, _ = self(idx[:, -block_size:])
+                logits = logits[:, -1, :]
+            next_id = _next_token(logits.float(), temperature, top_k, generator)
             idx = torch.cat((idx, next_id), dim=1)
             if stop_token is not None and bool((next_id == stop_token).all()):
                 break
         return idx
+
+
+def _next_token(
+    logits: torch.Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None
+) -> torch.Tensor:
+    """The next token (B, 1) from the last position's logits (B, vocab). Sampling draws among
+    the top_k only: the distribution of masking the others, without drawing over the vocabulary."""
+    scaled = logits / temperature if temperature > 0 else logits
+    # One sum checks every value (a NaN or inf anywhere makes it NaN or inf) with one sync.
+    if not math.isfinite(scaled.sum().item()):
+        if not math.isfinite(logits.sum().item()):
+            raise ValueError("the model's logits are not finite (NaN or inf): its weights are broken")
+        raise ValueError(f"temperature {temperature} is too small: the scaled logits overflow")
+    if temperature <= 0:
+        return scaled.argmax(dim=-1, keepdim=True)
+    if top_k and top_k < scaled.size(-1):
+        top, top_ids = torch.topk(scaled, top_k)  # (B, k)
+        choice = torch.multinomial(F.softmax(top, dim=-1), num_samples=1, generator=generator)
+        return top_ids.gather(-1, choice)
+    return torch.multinomial(F.softmax(scaled, dim=-1), num_samples=1, generator=generator)

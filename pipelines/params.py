@@ -210,7 +210,16 @@ class ServeParams(Section):
     host: str = Field("127.0.0.1", description="address the endpoint listens on")
     port: int = Field(5001, ge=1, le=65535, description="port the endpoint listens on")
     max_prompt_chars: int = Field(4000, ge=1, description="longest prompt accepted")
-    max_new_tokens_limit: int = Field(512, ge=1, description="largest max_new_tokens accepted")
+    max_new_tokens_limit: int = Field(
+        512,
+        ge=1,
+        description="largest max_new_tokens accepted; the served model caps it at its block_size - 1, "
+        "so that prompt and completion fit its context (the prompt's start is cropped to make room)",
+    )
+    max_prompts: int = Field(16, ge=1, description="most prompts in one request")
+    max_total_new_tokens: int = Field(
+        4096, ge=1, description="most new tokens in one request: prompts x max_new_tokens"
+    )
     poll_s: float = Field(5.0, gt=0, le=15, description="how often the endpoint reads @champion, in seconds")
     smoke_timeout_s: float = Field(
         120.0, gt=0, description="time a version has to load and pass its smoke test"

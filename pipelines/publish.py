@@ -43,6 +43,15 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
 from pipelines.bootstrap import BpbDelta, paired_bootstrap, read_bpb_delta
+from pipelines.completion import (
+    DEFAULT_INFERENCE_PARAMS,
+    EXAMPLE_PROMPT,
+    LIMITS_FILE,
+    MODEL_VERSION_KEY,
+    inference_defaults,
+    model_limits,
+    serving_limits,
+)
 from pipelines.data import TOKENIZER_FILE, read_json, sha256_file, write_json
 from pipelines.errors import ConfigError, SmokeTestError, TrainpipeError
 from pipelines.evaluate import (
@@ -75,14 +84,6 @@ from pipelines.registry import (
     set_alias,
     set_version_tags,
 )
-from pipelines.serve import (
-    DEFAULT_INFERENCE_PARAMS,
-    EXAMPLE_PROMPT,
-    LIMITS_FILE,
-    CodeCompletionModel,
-    inference_defaults,
-    serving_limits,
-)
 from pipelines.tokenize import validation_set_hash
 
 WEIGHTS_FILE = "model.safetensors"
@@ -100,6 +101,10 @@ SCORE_FIELD_NAMES = {
 }
 REQUIRED_METRICS = ("val_bits_per_byte", "val_documents", "weights_sha256", SCORE_KEY_TAG, *SCORE_KEY_FIELDS)
 PACKAGE_DIR = Path(__file__).resolve().parent
+# The served model's code: logged as the model's own file (models from code, no pickle), with
+# only the modules it imports beside it, under code/pipelines/.
+MODEL_CODE_FILE = PACKAGE_DIR / "completion.py"
+INFERENCE_MODULES = ("model.py",)
 SERVING_REQUIREMENTS = ("torch", "tokenizers", "safetensors", "numpy", "pandas")
 DECISION_TAG = "alias_decision"  # set last: a version without it had its publish cut short
 # Tests only: the name of a point in publish_model at which to stop (print a line, sleep), so
@@ -190,14 +195,29 @@ def serving_requirements() -> list[str]:
     return [f"{name}=={installed_version(name)}" for name in SERVING_REQUIREMENTS]
 
 
-def model_signature(params: Params):
+def model_signature(limits: dict[str, int]):
+    """Input: a prompt column; output: the completion and the registry version that made it;
+    params: the inference parameters with their defaults under these limits."""
     from mlflow.models import infer_signature
 
     return infer_signature(
         pd.DataFrame({"prompt": ["def f():"]}),
-        pd.DataFrame({"completion": ["..."]}),
-        params=inference_defaults(params.serve.max_new_tokens_limit),
+        pd.DataFrame({"completion": ["..."], "model_version": ["1"]}),
+        params=inference_defaults(limits["max_new_tokens_limit"]),
     )
+
+
+def inference_code_dir(work_dir: Path) -> Path:
+    """A folder holding a package `pipelines` with only what the served model imports: the
+    code_paths of the logged model, so no stage, tracking or registry code travels with it."""
+    package = work_dir / "code" / "pipelines"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text(
+        '"""trainpipe inference code, as logged with a model: the GPT that completion.py serves."""\n'
+    )
+    for name in INFERENCE_MODULES:
+        shutil.copy(PACKAGE_DIR / name, package / name)
+    return package
 
 
 def _check_signature(model_uri: str) -> None:
@@ -312,7 +332,9 @@ def _log_run_inputs(client: MlflowClient, run_id: str, metrics: dict, params: Pa
 
 def _log_model(client: MlflowClient, params: Params, run_id: str, model_dir: Path, work_dir: Path):
     limits_path = work_dir / LIMITS_FILE
-    write_json(limits_path, serving_limits(params.serve))
+    block_size = int(read_json(model_dir / CONFIG_FILE)["block_size"])
+    limits = model_limits(serving_limits(params.serve), block_size)  # what the model will enforce
+    write_json(limits_path, limits)
     # Model.log rather than mlflow.pyfunc.log_model: it takes the run id, so the flow's run
     # (possibly active in another thread) need not be the active run, nor is it ended here.
     # The logged model is created first, in the run's experiment (registry.create_logged_model).
@@ -323,16 +345,17 @@ def _log_model(client: MlflowClient, params: Params, run_id: str, model_dir: Pat
         flavor=mlflow.pyfunc,
         run_id=run_id,
         model_id=model_id,
-        python_model=CodeCompletionModel(),
+        python_model=str(MODEL_CODE_FILE),  # models from code: MLflow runs this file to load the model
         artifacts={
             "weights": str(model_dir / WEIGHTS_FILE),
             "config": str(model_dir / CONFIG_FILE),
             "tokenizer": str(model_dir / TOKENIZER_FILE),
             "limits": str(limits_path),
         },
-        code_paths=[str(PACKAGE_DIR)],  # the model carries its inference code
+        code_paths=[str(inference_code_dir(work_dir))],
+        model_config={MODEL_VERSION_KEY: None},  # a loader names the version it loads
         pip_requirements=serving_requirements(),
-        signature=model_signature(params),
+        signature=model_signature(limits),
         input_example=(pd.DataFrame({"prompt": [EXAMPLE_PROMPT]}), {"max_new_tokens": 8}),
     )
 

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from pipelines.model import GPT, GPTConfig
+from pipelines.model import GPT, GPTConfig, KVCache
 
 TINY = GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32)
 
@@ -59,3 +59,65 @@ def test_generate_is_seeded_and_greedy_is_deterministic():
     assert greedy.shape == (1, 11) and torch.equal(greedy, model.generate(idx, 8, temperature=0))
     # longer than block_size: the context is cropped, generation goes on
     assert model.generate(idx, TINY.block_size + 4, temperature=0).shape[1] == 3 + TINY.block_size + 4
+
+
+PROMPTS = [[1], [5, 9, 2, 7], list(range(3, 13))]
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+@pytest.mark.parametrize(("temperature", "top_k"), [(0.0, None), (1.0, None), (0.8, 10)])
+def test_kv_cache_matches_no_cache_token_for_token(prompt, temperature, top_k):
+    torch.manual_seed(0)
+    model = GPT(TINY).eval()
+    idx = torch.tensor([prompt])
+    new_tokens = TINY.block_size - len(prompt)  # the cache fills to block_size exactly
+    outs = []
+    for use_cache in (True, False):
+        g = torch.Generator().manual_seed(11)
+        outs.append(model.generate(idx, new_tokens, temperature, top_k, g, use_cache=use_cache))
+    cached, reference = outs
+    assert cached.shape == (1, TINY.block_size)
+    assert cached.tolist() == reference.tolist()
+
+
+def test_kv_cache_past_block_size_continues_as_the_reference():
+    torch.manual_seed(0)
+    model = GPT(TINY).eval()
+    idx = torch.tensor([[1, 2, 3], [4, 5, 6]])  # a batch of two
+    outs = [
+        model.generate(idx, TINY.block_size + 5, 1.0, None, torch.Generator().manual_seed(3), use_cache=c)
+        for c in (True, False)
+    ]
+    assert outs[0].shape == (2, 3 + TINY.block_size + 5)
+    assert outs[0].tolist() == outs[1].tolist()
+
+
+def test_cached_logits_equal_the_full_forward():
+    torch.manual_seed(0)
+    model = GPT(TINY).eval()
+    idx = torch.randint(0, TINY.vocab_size, (2, TINY.block_size))
+    full, _ = model(idx)
+    cache = KVCache(TINY)
+    steps = [model.lm_head(model.hidden_states(idx[:, :5], cache))]
+    for t in range(5, TINY.block_size):
+        steps.append(model.lm_head(model.hidden_states(idx[:, t : t + 1], cache)))
+    assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-5)
+    with pytest.raises(ValueError, match="block_size"):
+        model.hidden_states(idx[:, :1], cache)  # the cache is full
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_generate_fails_loudly_on_nan_weights(use_cache):
+    torch.manual_seed(0)
+    model = GPT(TINY).eval()
+    with torch.no_grad():
+        model.blocks[0].mlp.fc.weight.fill_(float("nan"))
+    with pytest.raises(ValueError, match="not finite"):
+        model.generate(torch.tensor([[1, 2]]), 4, temperature=0.8, use_cache=use_cache)
+
+
+def test_generate_rejects_a_temperature_that_overflows_the_logits():
+    torch.manual_seed(0)
+    model = GPT(TINY).eval()
+    with pytest.raises(ValueError, match="temperature"):
+        model.generate(torch.tensor([[1, 2]]), 4, temperature=1e-45)

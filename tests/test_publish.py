@@ -588,21 +588,23 @@ def test_a_rescore_needs_the_documents_the_challenger_was_scored_on(corpus, tmp_
 
 @pytest.fixture(scope="module")
 def champion_model(tmp_path_factory, mlflow_template_db):
-    """One published champion (limits: 100 prompt chars, 40 new tokens), loaded with pyfunc."""
+    """One published champion (block_size 64; limits: 100 prompt chars, 40 new tokens), loaded with pyfunc."""
     root = tmp_path_factory.mktemp("champion")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", copy_mlflow_db(mlflow_template_db, root))
         mp.chdir(root)
-        make_model_dir(root / "models")
         params = Params(serve=ServeParams(max_prompt_chars=100, max_new_tokens_limit=40))
-        publish(params, 2.0)
+        make_model_dir(params.train.model_dir, block_size=64)
+        write_metrics(params.evaluate.reports_dir, 2.0)
+        publish_model(params)
         yield mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
 
 
 def test_loaded_model_completes_and_is_seeded(champion_model):
     prompt = pd.DataFrame({"prompt": ["def fibonacci(n):", "import os\n"]})
     out = champion_model.predict(prompt, params={"max_new_tokens": 12, "seed": 3})
-    assert list(out.columns) == ["completion"] and len(out) == 2
+    assert list(out.columns) == ["completion", "model_version"] and len(out) == 2
+    assert out["model_version"].tolist() == [None, None]  # loaded without a model_config
     assert all(isinstance(c, str) and c for c in out["completion"])
     again = champion_model.predict(prompt, params={"max_new_tokens": 12, "seed": 3})
     assert again["completion"].tolist() == out["completion"].tolist()
@@ -614,10 +616,11 @@ def test_loaded_model_completes_and_is_seeded(champion_model):
 
 
 def test_loaded_model_truncates_long_prompts(champion_model):
-    # ~100 chars of code is more than block_size (32) tokens for this tokenizer.
+    # ~100 chars of code is more than block_size (64) - max_new_tokens (40) tokens for this tokenizer:
+    # the prompt's start is cropped so that prompt and completion fit the context.
     prompt = "for i in range(10):\n    print(i * i)\n" * 2 + "def list_files(path):\n"
     assert len(prompt) <= 100
-    out = champion_model.predict(pd.DataFrame({"prompt": [prompt[:100]]}), params={"max_new_tokens": 5})
+    out = champion_model.predict(pd.DataFrame({"prompt": [prompt[:100]]}), params={"max_new_tokens": 40})
     assert isinstance(out["completion"][0], str)
 
 

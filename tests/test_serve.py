@@ -1,5 +1,6 @@
 """serve: request validation, the serve command, and a real `mlflow models serve` over HTTP."""
 
+import json
 import os
 import signal
 import socket
@@ -15,12 +16,13 @@ import requests
 from conftest import copy_mlflow_db, make_model_dir, write_metrics
 from mlflow.exceptions import MlflowException
 
+from pipelines.completion import DEFAULT_LIMITS, EOT, check_request, model_limits, serving_limits
 from pipelines.errors import ConfigError
 from pipelines.params import Params, ServeParams
 from pipelines.publish import publish_model
-from pipelines.serve import check_request, run_server, serve_command, serve_env
+from pipelines.serve import run_server, serve_command, serve_env
 
-LIMITS = {"max_prompt_chars": 10, "max_new_tokens_limit": 8}
+LIMITS = {"max_prompt_chars": 10, "max_new_tokens_limit": 8, "max_prompts": 3, "max_total_new_tokens": 20}
 
 
 def test_check_request_fills_defaults():
@@ -45,12 +47,57 @@ def test_check_request_fills_defaults():
         ({"prompt": ["x"]}, {"top_k": -1}, "top_k"),
         ({"prompt": ["x"]}, {"seed": True}, "must be an integer"),
         ({"prompt": ["x"]}, {"beams": 4}, "unknown parameters"),
+        ({"prompt": ["x"] * 4}, None, "prompts: 4 in one request; the limit is 3"),
+        ({"prompt": ["x"] * 3}, {"max_new_tokens": 7}, r"max_new_tokens: 3 prompts x 7 = 21 new tokens"),
+        ({"prompt": ["x"]}, {"seed": -1}, r"seed must be between 0 and 2\*\*64-1"),
+        ({"prompt": ["x"]}, {"seed": 2**64}, "seed must be between"),
+        ({"prompt": ["x"]}, {"temperature": 0.005}, r"temperature must be 0 \(greedy\) or at least 0.01"),
+        ({"prompt": ["x"]}, {"temperature": 1e-45}, "temperature must be 0"),
     ],
 )
 def test_check_request_rejects(frame, params, message):
     with pytest.raises(MlflowException, match=message) as info:
         check_request(pd.DataFrame(frame), params, LIMITS)
     assert info.value.error_code == "INVALID_PARAMETER_VALUE"  # the enum: the server answers 400
+    assert "\n" not in info.value.message
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"temperature": 0},  # greedy
+        {"temperature": 0.01},
+        {"seed": 0},
+        {"seed": 2**64 - 1},
+        {"max_new_tokens": 6},  # 3 prompts x 6 = 18 new tokens
+    ],
+)
+def test_check_request_accepts_the_edges(params):
+    prompts, checked = check_request(
+        pd.DataFrame({"prompt": ["x"] * 3}), {"max_new_tokens": 6, **params}, LIMITS
+    )
+    assert len(prompts) == 3 and checked.items() >= params.items()
+
+
+def test_limits_of_an_older_model_fall_back_to_the_defaults():
+    older = {"max_prompt_chars": 10, "max_new_tokens_limit": 8}  # limits.json before max_prompts
+    with pytest.raises(MlflowException, match="the limit is 16"):
+        check_request(pd.DataFrame({"prompt": ["x"] * 17}), None, older)
+    assert model_limits(older, block_size=1024) == {**DEFAULT_LIMITS, **older}
+    assert model_limits(None, block_size=1024) == DEFAULT_LIMITS
+
+
+def test_max_new_tokens_limit_is_capped_below_the_context():
+    assert model_limits({"max_new_tokens_limit": 512}, block_size=256)["max_new_tokens_limit"] == 255
+    assert model_limits({"max_new_tokens_limit": 64}, block_size=256)["max_new_tokens_limit"] == 64
+
+
+def test_inference_code_keeps_the_project_defaults():
+    """completion.py may import neither params nor data: its copies must equal theirs."""
+    from pipelines.data import EOT as DATA_EOT
+
+    assert serving_limits(ServeParams()) == DEFAULT_LIMITS
+    assert EOT == DATA_EOT
 
 
 def test_serve_command_serves_the_champion_with_the_venv_mlflow():
@@ -85,23 +132,30 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, mlflow_template_db):
-    """`mlflow models serve` of a freshly published champion (limits: 200 chars, 64 new tokens)."""
+    """`mlflow models serve` of a freshly published champion, v1 (block_size 128; limits: 200 chars,
+    64 new tokens, 4 prompts, 128 new tokens per request)."""
     root = tmp_path_factory.mktemp("serve")
     log_path = root / "server.log"
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", copy_mlflow_db(mlflow_template_db, root))
         mp.chdir(root)
-        make_model_dir(root / "models")
+        make_model_dir(root / "models", block_size=128)
         write_metrics(root / "reports", 2.0)
-        params = Params(serve=ServeParams(max_prompt_chars=200, max_new_tokens_limit=64))
+        params = Params(
+            serve=ServeParams(
+                max_prompt_chars=200, max_new_tokens_limit=64, max_prompts=4, max_total_new_tokens=128
+            )
+        )
         publish_model(params)
+        # MLflow's scoring server passes this on as the pyfunc model_config
+        env = {**serve_env(), "SERVING_MODEL_CONFIG": json.dumps({"model_version": "1"})}
         port = free_port()
         started = time.monotonic()
         with log_path.open("w") as log:
             # A session of its own: the server runs uvicorn through a shell, and the whole
             # group must go at teardown.
             proc = subprocess.Popen(
-                serve_command(params, port=port), env=serve_env(), stdout=log, stderr=subprocess.STDOUT,
+                serve_command(params, port=port), env=env, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True,
             )  # fmt: skip
         try:
@@ -140,6 +194,7 @@ def test_server_completes_a_prompt(server):
     assert response.status_code == 200, response.text
     [prediction] = response.json()["predictions"]
     assert isinstance(prediction["completion"], str) and prediction["completion"]
+    assert prediction["model_version"] == "1"
     again = invoke(server, [{"prompt": "def fibonacci(n):"}], {"max_new_tokens": 48, "seed": 1})
     assert again.json() == response.json()  # seeded: the same request, the same completion
 
@@ -155,12 +210,28 @@ def test_server_completes_a_prompt(server):
         ([{"prompt": "x"}], {"max_new_tokens": 0}, "between 1 and 64"),
         ([{"prompt": "x"}], {"max_new_tokens": 65}, "between 1 and 64"),
         ([{"prompt": "x"}], {"temperature": -1}, "temperature"),
+        ([{"prompt": "x"}] * 5, None, "prompts: 5 in one request; the limit is 4"),
+        ([{"prompt": "x"}] * 3, {"max_new_tokens": 50}, "max_new_tokens: 3 prompts x 50 = 150 new tokens"),
+        ([{"prompt": "x"}], {"seed": -1}, "seed must be between 0 and 2**64-1"),
+        ([{"prompt": "x"}], {"seed": 2**64}, "seed must be between 0 and 2**64-1"),
+        ([{"prompt": "x"}], {"temperature": 0.001}, "temperature must be 0 (greedy) or at least 0.01"),
+        ([{"prompt": "x"}], {"temperature": 1e-300}, "temperature must be 0 (greedy) or at least 0.01"),
     ],
 )
 def test_server_rejects_bad_requests(server, records, params, message):
     response = invoke(server, records, params)
     assert response.status_code == 400, response.text
     assert message in response.json()["message"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "params", [{"seed": 2**63}, {"seed": 2**64 - 1}, {"temperature": 0}, {"temperature": 0.01}]
+)
+def test_server_accepts_the_edges(server, params):
+    response = invoke(server, [{"prompt": "x"}], {"max_new_tokens": 4, **params})
+    assert response.status_code == 200, response.text
+    assert response.json()["predictions"][0]["model_version"] == "1"
 
 
 @pytest.mark.slow
@@ -173,3 +244,64 @@ def test_server_still_answers_after_bad_requests(server):
         latencies.append(time.perf_counter() - started)
         assert response.status_code == 200, response.text
     print(f"\np50 latency, 16 new tokens: {statistics.median(latencies) * 1000:.1f} ms")
+
+
+# --- the logged model: models from code, loaded as serving loads it --------------------------
+
+LOAD_AND_PREDICT = """
+import json, sys
+import mlflow.pyfunc, pandas as pd
+uri, version = sys.argv[1], sys.argv[2]
+model = mlflow.pyfunc.load_model(uri, model_config={"model_version": version} if version else None)
+out = model.predict(pd.DataFrame({"prompt": ["def f(x):", "import os"]}), params={"max_new_tokens": 8, "seed": 3})
+project = sorted(n for n in sys.modules if n == "pipelines" or n.startswith("pipelines."))
+print(json.dumps({"records": out.to_dict("records"), "modules": {n: sys.modules[n].__file__ for n in project}}))
+"""
+
+
+@pytest.mark.slow
+def test_logged_model_runs_no_pickle_and_carries_only_inference_code(mlflow_env, tmp_path):
+    import mlflow
+
+    make_model_dir(tmp_path / "models")
+    write_metrics(tmp_path / "reports", 2.0)
+    result = publish_model(Params())
+    uri = result["model_uri"]  # models:/<name>/1
+
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(tmp_path / "logged")))
+    pyfunc_conf = mlflow.models.Model.load(str(local)).flavors["python_function"]
+    assert Path(pyfunc_conf["model_code_path"]).name == "completion.py"
+    assert "python_model" not in pyfunc_conf  # the key of a cloudpickled instance
+    repo = Path(__file__).resolve().parents[1]
+    assert (local / "completion.py").read_text() == (repo / "pipelines" / "completion.py").read_text()
+    assert not [p for p in local.rglob("*") if p.suffix in (".pkl", ".pickle")]
+    code = local / pyfunc_conf["code"]
+    assert sorted(str(p.relative_to(code)) for p in code.rglob("*") if p.is_file()) == [
+        "pipelines/__init__.py",
+        "pipelines/model.py",
+    ]
+    assert pyfunc_conf["config"] == {"model_version": None}
+
+    # A fresh process outside the repository, without the checkout on its path: the model must
+    # load from what it carries, by the registry URI, as the serving process loads it.
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    answers = {}
+    for version in ("1", ""):
+        proc = subprocess.run(
+            [sys.executable, "-c", LOAD_AND_PREDICT, uri, version],
+            cwd=outside, env=env, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        answers[version] = json.loads(proc.stdout.strip().splitlines()[-1])
+    records = answers["1"]["records"]
+    assert [r["model_version"] for r in records] == ["1", "1"]
+    assert all(isinstance(r["completion"], str) and r["completion"] for r in records)
+    assert [r["model_version"] for r in answers[""]["records"]] == [None, None]
+    # the same seed, the same completions, whatever the model_config
+    assert [r["completion"] for r in answers[""]["records"]] == [r["completion"] for r in records]
+    # only the inference modules, and those from the model's own code dir, not this checkout
+    modules = answers["1"]["modules"]
+    assert sorted(modules) == ["pipelines", "pipelines.model"]
+    assert all("/code/pipelines/" in path for path in modules.values()), modules

@@ -1,0 +1,391 @@
+"""Serving latency and throughput: in-process predict against the HTTP endpoint, KV cache against none.
+
+    .venv/bin/python benchmarks/serve_bench.py [--quick] [--promotion]
+
+In a temporary folder with its own MLflow registry (SQLite), it publishes a model of the default
+architecture (params.yaml's train section; block_size raised to 512 so that 256 new tokens fit
+after a prompt) with random weights and a byte-level BPE tokenizer trained on stdlib sources
+(without an end-of-text token, so every completion is exactly the new tokens asked for). Then,
+side by side in one run, one prompt per request, sampled (temperature 0.8, top_k 50):
+  in-process  mlflow.pyfunc.load_model("models:/<name>/1").predict, from a thread pool
+  endpoint    `trainpipe serve --port P` (a subprocess), POST /invocations over HTTP
+  no cache    in-process with the model's KV cache off (the reference path). The endpoint has no
+              switch for it: a request parameter would let a client ask for the slow path.
+for 32 and 256 new tokens at concurrency 1, 4 and 16, printing p50/p99 latency and completions/s
+per cell (p99 of a few requests is their maximum), then the goals: the endpoint adds at most
+20% at concurrency 1; the cache is at least 5x faster at 256 new tokens.
+
+--promotion registers a second version and, under a steady load on the endpoint, runs
+`trainpipe promote 2`: it counts non-2xx answers and records which model_version each answer
+named, to show whether the endpoint switched with no failed request. The server stops (its
+process group) at the end either way.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pandas as pd
+import requests
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+NAME = "trainpipe-code-completion"  # publish.model_name's default: the temp folder has no params.yaml
+PROMPTS = [
+    "def fibonacci(n):",
+    "import os\n\n\ndef list_files(path):\n",
+    "class Point:\n    def __init__(self, x, y):\n",
+    "for i in range(10):\n",
+]
+BLOCK_SIZE = 512
+TEMPERATURE, TOP_K = 0.8, 50
+
+
+def make_model_dir(model_dir: Path) -> dict:
+    """Random weights of the default architecture and a tokenizer, as the train stage writes them."""
+    from safetensors.torch import save_model
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from pipelines.data import write_json
+    from pipelines.model import GPT, GPTConfig
+    from pipelines.params import load_params
+
+    model_dir.mkdir(parents=True)
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    texts = [p.read_text(errors="replace") for p in sorted(stdlib.glob("*.py"))[:150]]
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    params = load_params(REPO / "params.yaml")
+    train = params.train
+    trainer = trainers.BpeTrainer(
+        vocab_size=params.tokenize.vocab_size,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    tokenizer.save(str(model_dir / "tokenizer.json"))
+    config = GPTConfig(tokenizer.get_vocab_size(), BLOCK_SIZE, train.n_layer, train.n_head, train.n_embd)
+    torch.manual_seed(0)
+    model = GPT(config)
+    save_model(model, str(model_dir / "model.safetensors"))
+    write_json(model_dir / "config.json", config.to_dict())
+    return {**config.to_dict(), "params_m": model.num_params() / 1e6}
+
+
+def write_metrics(reports_dir: Path, model_dir: Path, bpb: float) -> None:
+    """A metrics.json as evaluate writes it for these weights (the score is made up: the gate
+    only has to order the versions)."""
+    from pipelines.data import sha256_file, write_json
+    from pipelines.evaluate import score_key, scoring_code_sha256
+
+    settings = {
+        "val_set_sha256": "0" * 64,
+        "score_max_tokens": None,
+        "score_context": BLOCK_SIZE,
+        "score_bf16": False,
+        "scoring_code_sha256": scoring_code_sha256(),
+    }
+    metrics = {
+        "val_bits_per_byte": bpb,
+        "val_documents": 1,
+        "weights_sha256": sha256_file(model_dir / "model.safetensors"),
+        **settings,
+        "score_key": score_key(settings),
+    }
+    write_json(reports_dir / "metrics.json", metrics)
+
+
+def publish(work: Path, bpb: float, seed: int = 0) -> str:
+    from pipelines.params import Params
+    from pipelines.publish import publish_model
+
+    if seed:  # another version: other weights in the same model dir
+        from safetensors.torch import save_model
+
+        from pipelines.model import GPT, GPTConfig
+
+        config = GPTConfig(**json.loads((work / "models/config.json").read_text()))
+        torch.manual_seed(seed)
+        save_model(GPT(config), str(work / "models/model.safetensors"))
+    write_metrics(work / "reports", work / "models", bpb)
+    return publish_model(Params())["version"]
+
+
+# --- load ----------------------------------------------------------------------------------
+
+
+def run_cell(call, new_tokens: int, concurrency: int, num_requests: int) -> dict:
+    """num_requests calls, concurrency at a time: latencies (s), wall time, statuses."""
+
+    def one(i: int) -> tuple[float, int]:
+        started = time.perf_counter()
+        status = call(PROMPTS[i % len(PROMPTS)], new_tokens, i)
+        return time.perf_counter() - started, status
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        results = list(pool.map(one, range(num_requests)))
+    wall = time.perf_counter() - started
+    latencies = sorted(r[0] for r in results)
+    return {
+        "p50": statistics.median(latencies),
+        "p99": latencies[min(len(latencies) - 1, round(0.99 * (len(latencies) - 1)))],
+        "per_s": num_requests / wall,
+        "failed": sum(1 for r in results if not 200 <= r[1] < 300),
+        "n": num_requests,
+    }
+
+
+def in_process_call(model):
+    def call(prompt: str, new_tokens: int, seed: int) -> int:
+        params = {"max_new_tokens": new_tokens, "temperature": TEMPERATURE, "top_k": TOP_K, "seed": seed}
+        model.predict(pd.DataFrame({"prompt": [prompt]}), params=params)
+        return 200
+
+    return call
+
+
+def http_call(url: str):
+    local = threading.local()  # one kept-alive session per client thread
+
+    def call(prompt: str, new_tokens: int, seed: int) -> int:
+        if not hasattr(local, "session"):
+            local.session = requests.Session()
+        body = {
+            "dataframe_records": [{"prompt": prompt}],
+            "params": {
+                "max_new_tokens": new_tokens,
+                "temperature": TEMPERATURE,
+                "top_k": TOP_K,
+                "seed": seed,
+            },
+        }
+        return local.session.post(f"{url}/invocations", json=body, timeout=600).status_code
+
+    return call
+
+
+# --- the endpoint --------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def trainpipe(*args: str) -> list[str]:
+    return [str(Path(sys.executable).parent / "trainpipe"), *args]
+
+
+def start_endpoint(work: Path, env: dict, port: int) -> subprocess.Popen:
+    log = (work / "serve.log").open("w")
+    # A session of its own: the server runs uvicorn through a shell; the whole group goes at the end.
+    proc = subprocess.Popen(
+        trainpipe("serve", "--port", str(port)), cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            sys.exit(f"trainpipe serve exited {proc.returncode}:\n{(work / 'serve.log').read_text()[-3000:]}")
+        try:
+            if requests.get(f"http://127.0.0.1:{port}/ping", timeout=1).status_code == 200:
+                return proc
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.2)
+    stop(proc)
+    sys.exit(f"no /ping within 120 s:\n{(work / 'serve.log').read_text()[-3000:]}")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def promotion_under_load(url: str, work: Path, env: dict, version: str, before_s: float, after_s: float):
+    """A steady load (4 clients, 32 new tokens); `trainpipe promote <version>` after before_s; the
+    load goes on for after_s after the promote returned (the alias has moved by then).
+    Returns the answers (seconds since the promote returned, latency, status, model_version),
+    the promote's exit code and its duration."""
+    answers, lock, stop_at = [], threading.Lock(), [float("inf")]
+
+    def client() -> None:
+        session, i = requests.Session(), 0
+        while time.monotonic() < stop_at[0]:
+            body = {
+                "dataframe_records": [{"prompt": PROMPTS[i % len(PROMPTS)]}],
+                "params": {"max_new_tokens": 32, "seed": i},
+            }
+            started = time.monotonic()
+            try:
+                r = session.post(f"{url}/invocations", json=body, timeout=60)
+                status, named = r.status_code, None
+                if r.ok:
+                    named = r.json()["predictions"][0].get("model_version")
+            except (requests.RequestException, ValueError) as exc:
+                status, named = type(exc).__name__, None
+            now = time.monotonic()
+            with lock:
+                answers.append((now, now - started, status, named))
+            i += 1
+
+    threads = [threading.Thread(target=client) for _ in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(before_s)
+    started = time.monotonic()
+    code = subprocess.run(trainpipe("promote", version), cwd=work, env=env, capture_output=True).returncode
+    promoted = time.monotonic()
+    stop_at[0] = promoted + after_s
+    for t in threads:
+        t.join()
+    return [(t - promoted, lat, s, v) for t, lat, s, v in answers], code, promoted - started
+
+
+# --- main ----------------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--quick", action="store_true", help="fewer requests per cell; no cache at concurrency 1 only"
+    )
+    parser.add_argument("--promotion", action="store_true", help="also promote a second version under load")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads here and in the server (default: torch's own)",
+    )
+    args = parser.parse_args()
+    concurrencies = (1, 4, 16)
+    requests_per_cell = {1: 4, 4: 8, 16: 16} if args.quick else {1: 10, 4: 20, 16: 32}
+    no_cache_concurrencies = (1,) if args.quick else concurrencies
+
+    work = Path(tempfile.mkdtemp(prefix="serve-bench-"))
+    env = dict(os.environ)
+    env.update(
+        MLFLOW_TRACKING_URI=f"sqlite:///{work / 'mlflow.db'}",
+        MLFLOW_DISABLE_TELEMETRY="true",
+        MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false",
+        PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+        PATH=os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]),
+    )
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        env["OMP_NUM_THREADS"] = str(args.threads)  # read by torch when the server starts
+    os.environ.update({k: env[k] for k in ("MLFLOW_TRACKING_URI", "MLFLOW_DISABLE_TELEMETRY")})
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+    os.chdir(work)
+    server = None
+    try:
+        t0 = time.perf_counter()
+        config = make_model_dir(work / "models")
+        v1 = publish(work, bpb=2.0)
+        import mlflow.pyfunc
+
+        model = mlflow.pyfunc.load_model(f"models:/{NAME}/{v1}", model_config={"model_version": v1})
+        port = free_port()
+        server = start_endpoint(work, env, port)
+        url = f"http://127.0.0.1:{port}"
+        setup_s = time.perf_counter() - t0
+        print(
+            f"model {config['n_layer']} layers x {config['n_embd']}, {config['n_head']} heads, block {BLOCK_SIZE}, "
+            f"vocab {config['vocab_size']} ({config['params_m']:.2f} M params); torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads, {os.cpu_count()} CPUs; setup {setup_s:.0f} s"
+        )
+        print(
+            f"requests per cell at concurrency 1/4/16: {'/'.join(str(requests_per_cell[c]) for c in concurrencies)}"
+            f" (p99 of so few is their maximum); one prompt per request, temperature {TEMPERATURE}, top_k {TOP_K}"
+        )
+        python_model = model.unwrap_python_model()
+        paths = {
+            "in-process": in_process_call(model),
+            "endpoint": http_call(url),
+            "no cache": in_process_call(model),
+        }
+        for name, call in paths.items():  # warm-up: first calls pay one-off costs
+            python_model.use_cache = name != "no cache"
+            call(PROMPTS[0], 8, 0)
+        print(f"{'path':<11} {'new':>4} {'conc':>4} {'reqs':>4} {'p50 ms':>8} {'p99 ms':>8} {'compl/s':>8}")
+        results = {}
+        for new_tokens in (32, 256):
+            for c in concurrencies:  # the paths of a cell one after the other: the same machine state
+                for name, call in paths.items():
+                    if name == "no cache" and c not in no_cache_concurrencies:
+                        continue
+                    python_model.use_cache = name != "no cache"
+                    n = requests_per_cell[c] if name != "no cache" or new_tokens == 32 else max(c, 3)
+                    r = run_cell(call, new_tokens, c, n)
+                    results[name, new_tokens, c] = r
+                    failed = f"  {r['failed']} failed" if r["failed"] else ""
+                    print(
+                        f"{name:<11} {new_tokens:>4} {c:>4} {r['n']:>4} {r['p50'] * 1000:>8.0f} "
+                        f"{r['p99'] * 1000:>8.0f} {r['per_s']:>8.2f}{failed}",
+                        flush=True,
+                    )
+        python_model.use_cache = True
+        print("goals:")
+        for new_tokens in (32, 256):
+            over = results["endpoint", new_tokens, 1]["p50"] / results["in-process", new_tokens, 1]["p50"] - 1
+            verdict = "met" if over <= 0.20 else "NOT met"
+            print(
+                f"  endpoint over in-process, p50 at concurrency 1, {new_tokens} new tokens: {over:+.1%} (<= +20%: {verdict})"
+            )
+        speedup = results["no cache", 256, 1]["p50"] / results["in-process", 256, 1]["p50"]
+        verdict = "met" if speedup >= 5 else "NOT met"
+        print(f"  KV cache speedup, p50 at concurrency 1, 256 new tokens: {speedup:.1f}x (>= 5x: {verdict})")
+
+        if args.promotion:
+            v2 = publish(work, bpb=3.0, seed=1)  # worse: stays @challenger until promoted by hand
+            answers, code, took = promotion_under_load(url, work, env, v2, before_s=5, after_s=20)
+            bad = [a for a in answers if not (isinstance(a[2], int) and 200 <= a[2] < 300)]
+            print(
+                f"promotion under load (4 clients, 32 new tokens): `trainpipe promote {v2}` exit {code} "
+                f"after {took:.1f} s; {len(answers)} answers, {len(bad)} non-2xx (goal 0: "
+                f"{'met' if not bad else 'NOT met'}); latency p50 {statistics.median(a[1] for a in answers) * 1000:.0f} ms, "
+                f"max {max(a[1] for a in answers) * 1000:.0f} ms"
+            )
+            named = {}
+            for t, _, _, v in answers:
+                named.setdefault(v, []).append(t)
+            for v, times in sorted(named.items(), key=lambda kv: min(kv[1])):
+                print(
+                    f"  model_version {v}: {len(times)} answers, {min(times):+.1f} s to {max(times):+.1f} s "
+                    "from the promote's return"
+                )
+            if v2 in named:
+                print(
+                    f"  first answer from v{v2} {max(0.0, min(named[v2])):.1f} s after the promote returned (goal: 15 s)"
+                )
+            else:
+                print(f"  v{v2} never answered within 20 s: the endpoint did not follow @champion")
+    finally:
+        if server is not None:
+            stop(server)
+        os.chdir(REPO)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
