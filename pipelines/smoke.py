@@ -41,6 +41,14 @@ def _completions(model, frame, params: dict) -> list[str]:
     return completions
 
 
+def _new_tokens(model, wanted: int) -> int:
+    schema = model.metadata.get_params_schema()
+    for param in schema.params if schema else []:
+        if param.name == "max_new_tokens" and param.default:
+            return max(1, min(wanted, int(param.default)))
+    return wanted
+
+
 def check_answers(model, model_dir: str | Path, deadline_s: float = DEFAULT_TIMEOUT_S) -> None:
     """Raise SmokeFailure unless the loaded pyfunc model answers fit to serve, in time."""
     import pandas as pd
@@ -52,11 +60,13 @@ def check_answers(model, model_dir: str | Path, deadline_s: float = DEFAULT_TIME
     if example is None:
         raise SmokeFailure("the version has no logged input example")
     example_params = meta.load_input_example_params(str(model_dir)) or {}
+    # a model of a short context allows fewer new tokens: no more than its signature's default
+    fixed_params = {**FIXED_PARAMS, "max_new_tokens": _new_tokens(model, FIXED_PARAMS["max_new_tokens"])}
     try:
         _completions(model, example, example_params)
         fixed = pd.DataFrame({"prompt": list(FIXED_PROMPTS)})
-        first = _completions(model, fixed, FIXED_PARAMS)
-        second = _completions(model, fixed, FIXED_PARAMS)
+        first = _completions(model, fixed, fixed_params)
+        second = _completions(model, fixed, fixed_params)
     except SmokeFailure:
         raise
     except Exception as exc:  # any error of the model's own code is a failed test, not a crash
