@@ -356,7 +356,10 @@ def _log_model(client: MlflowClient, params: Params, run_id: str, model_dir: Pat
         model_config={MODEL_VERSION_KEY: None},  # a loader names the version it loads
         pip_requirements=serving_requirements(),
         signature=model_signature(limits),
-        input_example=(pd.DataFrame({"prompt": [EXAMPLE_PROMPT]}), {"max_new_tokens": 8}),
+        input_example=(
+            pd.DataFrame({"prompt": [EXAMPLE_PROMPT]}),
+            {"max_new_tokens": min(8, limits["max_new_tokens_limit"])},  # a block_size of 8 allows 7
+        ),
     )
 
 

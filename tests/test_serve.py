@@ -305,3 +305,27 @@ def test_logged_model_runs_no_pickle_and_carries_only_inference_code(mlflow_env,
     modules = answers["1"]["modules"]
     assert sorted(modules) == ["pipelines", "pipelines.model"]
     assert all("/code/pipelines/" in path for path in modules.values()), modules
+
+
+def test_a_model_with_the_smallest_context_publishes_and_answers(mlflow_env, tmp_path):
+    """block_size 8 (the schema's least) leaves 7 new tokens: the limits, the signature's default
+    and the input example checked at logging all follow."""
+    import mlflow
+
+    make_model_dir(tmp_path / "models", block_size=8)
+    write_metrics(tmp_path / "reports", 2.0)
+    uri = publish_model(Params())["model_uri"]
+    model = mlflow.pyfunc.load_model(uri)
+    assert model.metadata.get_params_schema().to_dict()[0]["default"] == 7
+    # the logged input example is a request the model answers (a smoke test sends it)
+    local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(tmp_path / "logged"))
+    example, example_params = (
+        model.metadata.load_input_example(local),
+        model.metadata.load_input_example_params(local),
+    )
+    assert example_params == {"max_new_tokens": 7}
+    assert isinstance(model.predict(example, params=example_params)["completion"][0], str)
+    out = model.predict(pd.DataFrame({"prompt": ["def fibonacci(n):"]}))  # a prompt longer than 8 tokens
+    assert isinstance(out["completion"][0], str)
+    with pytest.raises(MlflowException, match="between 1 and 7"):
+        model.predict(pd.DataFrame({"prompt": ["x"]}), params={"max_new_tokens": 8})
