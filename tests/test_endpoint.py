@@ -244,3 +244,17 @@ def test_a_stopped_endpoint_clears_its_record_and_the_flow_says_how_to_start_one
         and "no endpoint serves" in waited["reason"]
         and "trainpipe serve" in waited["reason"]
     )
+
+
+def test_the_endpoint_loads_a_version_with_the_code_it_carries(registry, monkeypatch):
+    """This process has imported the checkout's pipelines.model (as `trainpipe serve` has); a
+    version loaded beside it still runs the model code logged with it, and the process keeps its own."""
+    import pipelines.model
+    from pipelines.endpoint import load_version
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", registry["env"]["MLFLOW_TRACKING_URI"])
+    served = load_version(NAME, "2", deadline_s=120)
+    gpt = type(served.model.unwrap_python_model().model)
+    assert "/code/pipelines/model.py" in gpt.forward.__code__.co_filename
+    assert gpt.forward.__code__.co_filename != pipelines.model.__file__
+    assert sys.modules["pipelines.model"] is pipelines.model
