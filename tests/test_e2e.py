@@ -352,7 +352,19 @@ def test_a_better_run_reaches_the_running_endpoint_without_a_restart(scratch):
         assert server.poll() is None  # the same process: no restart
         status = trainpipe(proj, env, "status")
         assert f"endpoint:   {url} serves v{new}" in status.stdout and "(the champion)" in status.stdout
+        # and back: the module's other tests expect the first champion (scratch restores its state)
+        back = trainpipe(proj, env, "rollback")
+        assert back.returncode == 0 and champion(env) == old, back.stderr[-2000:]
+        deadline = time.time() + 15
+        while time.time() < deadline:
+            answer = requests.post(f"{url}/invocations", json=body, timeout=30)
+            if answer.json()["predictions"][0]["model_version"] == old:
+                break
+            time.sleep(0.5)
+        assert answer.json()["predictions"][0]["model_version"] == old
     finally:
+        if champion(env) != old:
+            trainpipe(proj, env, "rollback")
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
 
