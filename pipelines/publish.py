@@ -136,12 +136,7 @@ def read_trained_model(params: Params) -> tuple[Path, dict]:
             f"no trained model at {model_dir}/ (missing {', '.join(missing)}): run `trainpipe train` first"
         )
     metrics_path = Path(params.evaluate.reports_dir) / METRICS_FILE
-    try:
-        metrics = read_json(metrics_path)
-    except FileNotFoundError:
-        raise ConfigError(f"no metrics at {metrics_path}: run `trainpipe evaluate` first") from None
-    except json.JSONDecodeError:
-        raise ConfigError(f"{metrics_path} is not valid JSON: run `trainpipe evaluate` again") from None
+    metrics = _read_report(metrics_path, f"no metrics at {metrics_path}: run `trainpipe evaluate` first")
     for key in REQUIRED_METRICS:
         if key not in metrics:
             raise ConfigError(f"{metrics_path} has no {key!r}: run `trainpipe evaluate` again")
@@ -161,16 +156,21 @@ def read_trained_model(params: Params) -> tuple[Path, dict]:
     return model_dir, metrics
 
 
+def _read_report(path: Path, missing: str):
+    """An evaluate report, or a one-line ConfigError: `missing` when it is not there."""
+    try:
+        return read_json(path)
+    except FileNotFoundError:
+        raise ConfigError(missing) from None
+    except json.JSONDecodeError:
+        raise ConfigError(f"{path} is not valid JSON: run `trainpipe evaluate` again") from None
+
+
 def read_document_scores(params: Params, metrics: dict) -> list[dict]:
     """reports/per_document.json, which must be the per-document form of the score in metrics:
     the same weights, score key and documents. One record per document: path, sha256, bits, bytes."""
     path = Path(params.evaluate.reports_dir) / PER_DOCUMENT_FILE
-    try:
-        scores = read_json(path)
-    except FileNotFoundError:
-        raise ConfigError(f"no per-document scores at {path}: run `trainpipe evaluate` again") from None
-    except json.JSONDecodeError:
-        raise ConfigError(f"{path} is not valid JSON: run `trainpipe evaluate` again") from None
+    scores = _read_report(path, f"no per-document scores at {path}: run `trainpipe evaluate` again")
     documents = scores.get("documents") if isinstance(scores, dict) else None
     if (
         not isinstance(documents, list)

@@ -25,13 +25,7 @@ MAX_REASON_CHARS = 500
 
 
 def get_champion(client: MlflowClient, name: str) -> ModelVersion | None:
-    try:
-        return client.get_model_version_by_alias(name, CHAMPION)
-    except MlflowException as exc:
-        # An unknown model is RESOURCE_DOES_NOT_EXIST; an unknown alias, INVALID_PARAMETER_VALUE.
-        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
-            return None
-        raise
+    return get_alias(client, name, CHAMPION)
 
 
 def get_alias(client: MlflowClient, name: str, alias: str) -> ModelVersion | None:
@@ -39,6 +33,7 @@ def get_alias(client: MlflowClient, name: str, alias: str) -> ModelVersion | Non
     try:
         return client.get_model_version_by_alias(name, alias)
     except MlflowException as exc:
+        # An unknown model is RESOURCE_DOES_NOT_EXIST; an unknown alias, INVALID_PARAMETER_VALUE.
         if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
             return None
         raise
@@ -118,12 +113,10 @@ def get_version(client: MlflowClient, name: str, version: int | str) -> ModelVer
     """A registered version; ConfigError naming it when there is no such version."""
     from pipelines.errors import ConfigError
 
-    try:
-        return client.get_model_version(name, str(version))
-    except MlflowException as exc:
-        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
-            raise ConfigError(f"model {name} has no version {version}") from None
-        raise
+    found = find_version(client, name, str(version))
+    if found is None:
+        raise ConfigError(f"model {name} has no version {version}")
+    return found
 
 
 def run_artifact_bytes(client: MlflowClient, run_id: str, path: str) -> bytes | None:
