@@ -180,17 +180,24 @@ def push(env: dict[str, str] | None = None) -> str:
     """Push the cached outputs to the default DVC remote (a local folder unless configured).
     A failure is one line naming the remote. (No -q: it hides DVC's own error line.)"""
     try:
-        return dvc(["push"], env=env, quiet=True)
+        return dvc(["push", *remote_args()], env=env, quiet=True)
     except StageFailed as exc:
         reason = str(exc).removeprefix("ERROR: ")
         raise StageFailed(f"dvc push to {default_remote()} failed ({reason})", exc.exit_code) from None
 
 
+def remote_args() -> list[str]:
+    """`-r NAME` when TRAINPIPE_DVC_REMOTE names a remote (the team stack's `stack`), so a
+    shell's environment picks the remote as it picks the MLflow and Prefect servers."""
+    name = os.environ.get("TRAINPIPE_DVC_REMOTE", "").strip()
+    return ["-r", name] if name else []
+
+
 def default_remote() -> str:
-    """'remote NAME (URL)' of the default DVC remote. (Not `dvc remote list`: rich wraps its
-    lines at 80 columns when they go to a pipe.)"""
+    """'remote NAME (URL)' of the remote push and fetch use. (Not `dvc remote list`: rich wraps
+    its lines at 80 columns when they go to a pipe.)"""
     try:
-        name = dvc(["remote", "default"], quiet=True).strip()
+        name = os.environ.get("TRAINPIPE_DVC_REMOTE", "").strip() or dvc(["remote", "default"], quiet=True).strip()
         if not name or name == "No default remote set":
             return "the default DVC remote (none is set: `dvc remote add -d NAME URL`)"
         url = dvc(["config", f"remote.{name}.url"], quiet=True).strip()

