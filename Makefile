@@ -4,7 +4,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install run test lint bench clean
+STACK_STAMP := $(VENV)/.stack-stamp
+
+.PHONY: install run test lint bench clean stack stack-down stack-status test-stack
 
 $(STAMP): pyproject.toml requirements.lock
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,6 +20,24 @@ run: install  ## the whole flow on the built-in defaults, offline
 
 test: install  ## the test suite (pytest exit 5, "no tests ran", is a failure)
 	$(BIN)/pytest
+
+$(STACK_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c requirements.lock -e '.[dev,stack]'
+	@touch $(STACK_STAMP)
+
+stack: $(STACK_STAMP)  ## the team stack on 127.0.0.1: PostgreSQL, S3, MLflow, Prefect, a worker (state in .stack/)
+	$(BIN)/trainpipe stack up
+
+stack-down:  ## stop every server of the stack (by pid); data and secrets stay in .stack/
+	$(BIN)/python -m infra.stack down
+
+stack-status:
+	$(BIN)/python -m infra.stack status
+
+test-stack: $(STACK_STAMP)  ## the stack tier: a stack of its own from nothing, a scheduled run, the UIs in Chromium
+	@test -x /usr/bin/chromium || { test "$$(id -u)" = 0 && apt-get install -y -qq chromium >/dev/null; } \
+		|| { echo "test-stack needs Debian's chromium: sudo apt-get install chromium" >&2; exit 1; }
+	$(BIN)/pytest -m stack tests/stack
 
 lint: install
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

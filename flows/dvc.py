@@ -197,7 +197,10 @@ def default_remote() -> str:
     """'remote NAME (URL)' of the remote push and fetch use. (Not `dvc remote list`: rich wraps
     its lines at 80 columns when they go to a pipe.)"""
     try:
-        name = os.environ.get("TRAINPIPE_DVC_REMOTE", "").strip() or dvc(["remote", "default"], quiet=True).strip()
+        name = (
+            os.environ.get("TRAINPIPE_DVC_REMOTE", "").strip()
+            or dvc(["remote", "default"], quiet=True).strip()
+        )
         if not name or name == "No default remote set":
             return "the default DVC remote (none is set: `dvc remote add -d NAME URL`)"
         url = dvc(["config", f"remote.{name}.url"], quiet=True).strip()

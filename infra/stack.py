@@ -113,7 +113,9 @@ class Stack:
 
     def s3(self):
         s = self.secrets()
-        return servers.s3_client(self.s3_endpoint(), s["s3_access_key"], s["s3_secret_key"], self.config["s3"]["region"])
+        return servers.s3_client(
+            self.s3_endpoint(), s["s3_access_key"], s["s3_secret_key"], self.config["s3"]["region"]
+        )
 
     def postgres_uri(self, user: str, database: str, driver: str = "postgresql+psycopg2") -> str:
         password = self.secrets()["mlflow_db" if user == "mlflow" else f"{user}_db"]
@@ -150,7 +152,7 @@ class Stack:
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # its own process group: the stop reaches its children
-            user=user,
+            **servers.run_as(user),
             cwd=cwd or self.state,
         )
         started = psutil.Process(proc.pid).create_time()
@@ -209,7 +211,9 @@ class Stack:
         s3_config.touch(mode=0o600)
         s3_config.write_text(json.dumps({"identities": [identity]}))
         if self.process("seaweedfs") is None:
-            self.spawn("seaweedfs", *servers.seaweedfs_command(self.state / "seaweedfs", self.ports, s3_config))
+            self.spawn(
+                "seaweedfs", *servers.seaweedfs_command(self.state / "seaweedfs", self.ports, s3_config)
+            )
         client = self.s3()
         self.wait_until("seaweedfs", lambda: servers.s3_ready(client), 90)
         servers.create_buckets(client, list(self.config["s3"]["buckets"].values()))
@@ -222,11 +226,17 @@ class Stack:
         )
         if self.process("mlflow") is None:
             cmd, env, user = servers.mlflow_command(
-                self.ports["mlflow"], self.postgres_uri("mlflow", "mlflow"), cfg["artifacts"], auth_config, self.s3_env()
+                self.ports["mlflow"],
+                self.postgres_uri("mlflow", "mlflow"),
+                cfg["artifacts"],
+                auth_config,
+                self.s3_env(),
             )
             env["MLFLOW_FLASK_SERVER_SECRET_KEY"] = s["mlflow_flask_key"]
             self.spawn("mlflow", cmd, env, user)
-        self.wait_until("mlflow", lambda: servers.http_ready(f"http://127.0.0.1:{self.ports['mlflow']}/health"), 180)
+        self.wait_until(
+            "mlflow", lambda: servers.http_ready(f"http://127.0.0.1:{self.ports['mlflow']}/health"), 180
+        )
 
     def start_prefect(self) -> None:
         s, cfg = self.secrets(), self.config["prefect"]
@@ -252,7 +262,11 @@ class Stack:
     def prefect_cli(self, args: list[str], check: bool = True) -> subprocess.CompletedProcess:
         env = {**os.environ, **self.client_env(), "PREFECT_HOME": str(self.state / "prefect-client")}
         proc = subprocess.run(
-            [str(servers.BIN / "prefect"), "--no-prompt", *args], cwd=self.checkout, env=env, capture_output=True, text=True
+            [str(servers.BIN / "prefect"), "--no-prompt", *args],
+            cwd=self.checkout,
+            env=env,
+            capture_output=True,
+            text=True,
         )
         if check and proc.returncode != 0:
             last = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
@@ -302,7 +316,9 @@ class Stack:
                 continue
             message = f"its process ({pid}) stopped with the worker; started again as a new run"
             state = {"type": "CRASHED", "name": "Crashed", "message": message}
-            self.prefect_api("POST", f"/flow_runs/{run['id']}/set_state", json={"state": state, "force": True})
+            self.prefect_api(
+                "POST", f"/flow_runs/{run['id']}/set_state", json={"state": state, "force": True}
+            )
             new = self.prefect_api(
                 "POST",
                 f"/deployments/{run['deployment_id']}/create_flow_run",
@@ -339,7 +355,9 @@ class Stack:
             was_running = self.process(name) is not None
             t0 = time.monotonic()
             getattr(self, f"start_{name}")()
-            log(f"{name:10s} {'already running' if was_running else 'started'} ({time.monotonic() - t0:.1f} s)")
+            log(
+                f"{name:10s} {'already running' if was_running else 'started'} ({time.monotonic() - t0:.1f} s)"
+            )
         log(f"environment: source {self.write_env_file()}")
 
     def down(self, log=print) -> None:
@@ -353,7 +371,14 @@ class Stack:
         for name in SERVICES:
             proc = self.process(name)
             port = {"seaweedfs": self.ports["s3"], "worker": None}.get(name, self.ports.get(name))
-            rows.append({"name": name, "pid": proc.pid if proc else None, "port": port, "log": str(self.log_file(name))})
+            rows.append(
+                {
+                    "name": name,
+                    "pid": proc.pid if proc else None,
+                    "port": port,
+                    "log": str(self.log_file(name)),
+                }
+            )
         return rows
 
 
@@ -373,14 +398,18 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         run_action(args.action, Stack(Path(args.state), args.port_offset))
-    except (StackError, subprocess.CalledProcessError) as exc:
+    except (StackError, RuntimeError, subprocess.CalledProcessError) as exc:
         print(f"stack {args.action}: {exc}", file=sys.stderr)
         sys.exit(1)
 
 
 def add_stack_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--state", default=str(ROOT / ".stack"), help="folder for data, logs and secrets (default .stack)")
-    parser.add_argument("--port-offset", type=int, default=0, help="add to every port of infra/stack.toml (default 0)")
+    parser.add_argument(
+        "--state", default=str(ROOT / ".stack"), help="folder for data, logs and secrets (default .stack)"
+    )
+    parser.add_argument(
+        "--port-offset", type=int, default=0, help="add to every port of infra/stack.toml (default 0)"
+    )
 
 
 def run_action(action: str, stack: Stack) -> None:

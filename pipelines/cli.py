@@ -218,8 +218,11 @@ def start_prefect_server(port: int) -> subprocess.Popen:
         "--port",
         str(port),
     ]
+    # The UI finds the API at PREFECT_UI_API_URL (default 127.0.0.1:4200), not at the port it was
+    # served from: without this, a server on another port shows "Can't connect to Server API".
+    env = {**os.environ, "PREFECT_UI_API_URL": f"http://127.0.0.1:{port}/api"}
     server = subprocess.Popen(
-        cmd, stdout=log_path.open("ab"), stderr=subprocess.STDOUT, start_new_session=True
+        cmd, stdout=log_path.open("ab"), stderr=subprocess.STDOUT, start_new_session=True, env=env
     )
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
@@ -251,6 +254,18 @@ def cmd_schedule(args) -> None:
         if server is not None:
             os.killpg(server.pid, signal.SIGTERM)
             server.wait(timeout=30)
+
+
+def cmd_stack(args) -> None:
+    """The team stack on this machine (infra/stack.py): the same as `make stack` and friends."""
+    try:
+        from infra.stack import Stack, StackError, run_action
+    except ImportError as exc:
+        raise TrainpipeError(f"the team stack is not installed ({exc}): `make stack` installs it") from None
+    try:
+        run_action(args.action, Stack(Path(args.state), args.port_offset))
+    except (StackError, RuntimeError) as exc:
+        raise TrainpipeError(str(exc)) from None
 
 
 def cmd_generate(args) -> None:
@@ -351,6 +366,16 @@ def build_parser() -> argparse.ArgumentParser:
         default=4200,
         help="port of the local Prefect server started when PREFECT_API_URL is not set",
     )
+    p = sub.add_parser(
+        "stack",
+        help="the team stack on 127.0.0.1: PostgreSQL, S3, MLflow and Prefect servers, a worker",
+        description="up starts what is not running, down stops it all, status lists it, env prints "
+        "the variables that point trainpipe at it (secrets masked; source .stack/stack.env for them)",
+    )
+    p.add_argument("action", choices=["up", "down", "status", "env"])
+    p.add_argument("--state", default=".stack", help="folder for its data, logs and secrets (default .stack)")
+    p.add_argument("--port-offset", type=int, default=0, help="added to every port of infra/stack.toml")
+    p.set_defaults(func=cmd_stack)
     p = add("generate", cmd_generate, "complete a prompt with the model in models/")
     p.add_argument("prompt", help="Python source to complete")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")

@@ -22,7 +22,9 @@ COMMANDS = [
     "generate",
     "status",
     "history",
+    "stack",
 ]
+PARAMS_FREE = {"stack"}  # starts and stops servers: no params.yaml key changes what it does
 
 
 def test_every_command_the_design_names_exists_with_help_and_overrides():
@@ -31,7 +33,8 @@ def test_every_command_the_design_names_exists_with_help_and_overrides():
     assert set(sub.choices) == set(COMMANDS)
     for name, cmd in sub.choices.items():
         assert cmd.description, name
-        assert any("-S" in a.option_strings for a in cmd._actions), name
+        if name not in PARAMS_FREE:
+            assert any("-S" in a.option_strings for a in cmd._actions), name
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -39,7 +42,7 @@ def test_help_exits_zero(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([command, "--help"])
     assert exit_info.value.code == 0
-    assert "-S KEY=VALUE" in capsys.readouterr().out
+    assert command in PARAMS_FREE or "-S KEY=VALUE" in capsys.readouterr().out
 
 
 def run_cli(*args, cwd):
@@ -86,3 +89,29 @@ def test_flow_retries_transient_stage_failures_only():
     for permanent in (2, 3, 4):  # bad config, failed gate, diverged loss
         assert retry_transient_only(None, None, failed(permanent)) is False
     assert retry_transient_only(None, None, Failed(data=OSError("disk"))) is True
+
+
+@pytest.mark.slow
+def test_a_scheduling_server_on_another_port_gives_its_ui_that_port(tmp_path, monkeypatch):
+    """The UI finds its API through /ui-settings; with Prefect's default it would call port 4200
+    and show "Can't connect to Server API" for a server started with --prefect-port."""
+    import os
+    import signal
+    import socket
+
+    import requests
+
+    from pipelines.cli import start_prefect_server
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path))
+    monkeypatch.delenv("PREFECT_UI_API_URL", raising=False)
+    server = start_prefect_server(port)
+    try:
+        settings = requests.get(f"http://127.0.0.1:{port}/ui-settings", timeout=10).json()
+        assert settings["api_url"] == f"http://127.0.0.1:{port}/api"
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)

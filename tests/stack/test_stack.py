@@ -1,0 +1,387 @@
+"""The stack tier (`make test-stack`): the team stack started from nothing on its own ports, a
+cron deployment whose schedule fires, runs through a real worker, the data on S3, and both UIs
+in Chromium. The tests run in file order and build on each other, as a team's day would."""
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import psutil
+import psycopg2
+import pytest
+import requests
+
+from infra.stack import Stack
+
+pytestmark = [pytest.mark.stack, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+MODEL = "stack-model"
+PORT_OFFSET = 300  # beside a `make stack` on the default ports
+ARTIFACTS = REPO / "test-artifacts" / "stack"  # screenshots (git-ignored)
+TINY = [
+    "data.max_documents=120",
+    "curate.gate.min_documents=20",
+    "curate.gate.min_bytes=100000",
+    "tokenize.vocab_size=400",
+    "tokenize.val_fraction=0.1",
+    "train.max_steps=40",
+    "train.batch_size=8",
+    "train.block_size=64",
+    "train.n_layer=2",
+    "train.n_head=2",
+    "train.n_embd=64",
+    "train.checkpoint_every=10",
+    "train.warmup_steps=5",
+    "evaluate.max_tokens=10000",
+    "evaluate.sample_tokens=16",
+    f"publish.model_name={MODEL}",
+]
+FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+
+
+def make_checkout(root: Path) -> Path:
+    """A clone-like copy of the project's tracked files with tiny params, committed."""
+    proj = root / "proj"
+    files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    for name in files.split():
+        if not name.startswith("tests/"):
+            (proj / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, proj / name)
+    from pipelines.params import save_overrides
+
+    save_overrides(proj / "params.yaml", TINY)
+    for args in (
+        ["init", "-q"],
+        ["add", "-A"],
+        ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"],
+    ):
+        subprocess.run(["git", *args], cwd=proj, check=True)
+    return proj
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stack")
+    mp = pytest.MonkeyPatch()
+    # Quicker loops than a team needs, so the tier fits in minutes: the scheduler looks for due
+    # schedules every 5 s, a worker polls every 2 s, a queued run asks for its slot every 5 s.
+    mp.setenv("PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS", "5")
+    mp.setenv("PREFECT_WORKER_QUERY_SECONDS", "2")
+    mp.setenv("PREFECT_DEPLOYMENT_CONCURRENCY_SLOT_WAIT_SECONDS", "5")
+    s = Stack(root / "state", PORT_OFFSET, make_checkout(root))
+    t0 = time.monotonic()
+    try:
+        s.up(log=lambda line: print(f"stack up: {line}"))
+        print(f"stack up from nothing in {time.monotonic() - t0:.0f} s")
+        yield s
+    finally:
+        pids = [p.pid for p in map(s.process, ["postgres", "seaweedfs", "mlflow", "prefect", "worker"]) if p]
+        s.down()
+        mp.undo()
+        assert not [pid for pid in pids if psutil.pid_exists(pid)], "a stack server outlived stack down"
+        assert not listening(s.ports.values()), (
+            f"ports still bound after stack down: {listening(s.ports.values())}"
+        )
+
+
+def listening(ports) -> list[int]:
+    bound = []
+    for port in ports:
+        for extra in (0, 10000):  # SeaweedFS's gRPC ports too
+            with socket.socket() as sock:
+                if sock.connect_ex(("127.0.0.1", port + extra)) == 0:
+                    bound.append(port + extra)
+    return bound
+
+
+def wait_for_run(stack: Stack, run_id: str, timeout_s: float = 600) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        run = stack.prefect_api("GET", f"/flow_runs/{run_id}").json()
+        if run["state"]["type"] in FINAL:
+            return run
+        time.sleep(2)
+    raise AssertionError(
+        f"flow run {run_id} did not finish within {timeout_s:.0f} s; see {stack.log_file('worker')}"
+    )
+
+
+def state_names(stack: Stack, run_id: str) -> list[str]:
+    states = stack.prefect_api("GET", "/flow_run_states/", params={"flow_run_id": run_id}).json()
+    return [s["name"] for s in sorted(states, key=lambda s: s["timestamp"])]
+
+
+def deployment(stack: Stack) -> dict:
+    cfg = stack.config["prefect"]
+    return stack.prefect_api("GET", f"/deployments/name/{cfg['flow']}/{cfg['deployment']}").json()
+
+
+def champion(stack: Stack) -> dict | None:
+    try:
+        return stack.mlflow_api(
+            "GET", "/registered-models/alias", params={"name": MODEL, "alias": "champion"}
+        ).json()["model_version"]
+    except requests.HTTPError:
+        return None
+
+
+def sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def client_env(stack: Stack, checkout: Path, home: Path) -> dict:
+    env = {**os.environ, **stack.client_env()}
+    env.update(PATH=f"{BIN}{os.pathsep}{env['PATH']}", PYTHONPATH=str(checkout), PREFECT_HOME=str(home))
+    return env
+
+
+def test_every_server_is_on_loopback_and_refuses_a_request_without_credentials(stack):
+    for name in ("postgres", "seaweedfs", "mlflow", "prefect"):
+        proc = stack.process(name)
+        addresses = {
+            c.laddr.ip for p in [proc, *proc.children(recursive=True)] for c in p.net_connections("inet")
+        }
+        addresses = {a for a in addresses if a}  # outgoing sockets have a local address too
+        assert addresses <= {"127.0.0.1"}, f"{name} listens on {addresses}"
+    mlflow_url = f"http://127.0.0.1:{stack.ports['mlflow']}/api/2.0/mlflow/experiments/search?max_results=1"
+    assert requests.get(mlflow_url, timeout=10).status_code == 401
+    assert requests.get(mlflow_url, auth=("admin", "wrong"), timeout=10).status_code == 401
+    prefect_url = f"http://127.0.0.1:{stack.ports['prefect']}/api/flows/filter"
+    assert requests.post(prefect_url, json={}, timeout=10).status_code == 401
+    assert stack.prefect_api("POST", "/flows/filter", json={}).ok
+    assert stack.mlflow_api("GET", "/experiments/search", params={"max_results": 1}).ok
+    # The UI calls the API on the server's own port, not Prefect's default 4200.
+    ui = requests.get(f"http://127.0.0.1:{stack.ports['prefect']}/ui-settings", timeout=10).json()
+    assert ui["api_url"] == f"http://127.0.0.1:{stack.ports['prefect']}/api"
+
+
+@pytest.fixture(scope="module")
+def scheduled_run(stack) -> dict:
+    """The deployment's own schedule fires (an interval schedule anchored a few seconds ahead,
+    beside the nightly cron), the worker picks the run up, the flow runs on tiny data."""
+    dep = deployment(stack)
+    assert [s["schedule"].get("cron") for s in dep["schedules"]] == ["0 3 * * *"]
+    anchor = datetime.now(UTC) + timedelta(seconds=10)
+    schedule = {"schedule": {"interval": 3600, "anchor_date": anchor.isoformat()}, "active": True}
+    stack.prefect_api("POST", f"/deployments/{dep['id']}/schedules", json=[schedule])
+    query = {"deployments": {"id": {"any_": [dep["id"]]}}, "flow_runs": {"start_time": {"is_null_": False}}}
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        started = stack.prefect_api("POST", "/flow_runs/filter", json=query).json()
+        if started:
+            break
+        time.sleep(2)
+    assert started, "the schedule did not fire, or no worker picked the run up, within 120 s"
+    return wait_for_run(stack, started[0]["id"])
+
+
+def test_the_schedule_fires_and_the_worker_runs_the_flow_to_completion(stack, scheduled_run):
+    run = scheduled_run
+    assert run["state"]["type"] == "COMPLETED", run["state"]
+    assert run["auto_scheduled"], "the run was not created by the deployment's schedule"
+    names = state_names(stack, run["id"])
+    assert (
+        names[0] == "Scheduled" and "Pending" in names and "Running" in names and names[-1] == "Completed"
+    ), names
+    assert run["infrastructure_pid"], "no worker process ran it"
+    assert run["work_pool_name"] == stack.config["prefect"]["work_pool"]
+
+
+def test_the_run_its_metrics_and_version_are_rows_in_postgres_and_objects_in_s3(stack, scheduled_run):
+    version = champion(stack)
+    assert version and version["version"] == "1"
+    run = stack.mlflow_api("GET", "/runs/get", params={"run_id": version["run_id"]}).json()["run"]
+    metrics = {m["key"]: m["value"] for m in run["data"]["metrics"]}
+    assert "val_bits_per_byte" in metrics and run["info"]["status"] == "FINISHED"
+
+    db = psycopg2.connect(stack.postgres_uri("mlflow", "mlflow").replace("+psycopg2", ""))
+    with db, db.cursor() as cur:
+        cur.execute("SELECT version, run_id FROM model_versions WHERE name = %s", (MODEL,))
+        assert cur.fetchall() == [(1, version["run_id"])]
+        cur.execute(
+            "SELECT value FROM latest_metrics WHERE run_uuid = %s AND key = 'val_bits_per_byte'",
+            (run["info"]["run_id"],),
+        )
+        assert cur.fetchone()[0] == pytest.approx(metrics["val_bits_per_byte"])
+    db.close()
+
+    s3 = stack.s3()
+    keys = [
+        o["Key"]
+        for o in s3.list_objects_v2(Bucket="trainpipe-mlflow", Prefix="artifacts/").get("Contents", [])
+    ]
+    model_id = version["source"].removeprefix("models:/")
+    weights = [k for k in keys if model_id in k and k.endswith("model.safetensors")]
+    assert weights, f"the registered model's weights are not in s3://trainpipe-mlflow ({len(keys)} objects)"
+
+    # dvc push went to the stack's bucket: every pushed output of dvc.lock is an object there.
+    import yaml
+
+    lock = yaml.safe_load((stack.checkout / "dvc.lock").read_text())
+    dvc_keys = {o["Key"] for o in s3.list_objects_v2(Bucket="trainpipe-dvc").get("Contents", [])}
+    models_out = next(o for o in lock["stages"]["train"]["outs"] if o["path"] == "models")
+    md5 = models_out["md5"]
+    assert f"trainpipe/files/md5/{md5[:2]}/{md5[2:]}" in dvc_keys, (
+        "the model's DVC object is not in the bucket"
+    )
+
+
+def test_a_fresh_clone_restores_the_champion_from_s3_to_identical_weights(stack, scheduled_run, tmp_path):
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(stack.checkout), str(clone)], check=True)
+    env = client_env(stack, clone, tmp_path / "prefect")
+    restart = subprocess.run(
+        [str(BIN / "trainpipe"), "restart"], cwd=clone, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert restart.returncode == 0, restart.stderr[-2000:]
+    champion_weights = stack.checkout / "models" / "model.safetensors"
+    assert sha256(clone / "models" / "model.safetensors") == sha256(champion_weights)
+    # And plain `dvc pull` from the stack's remote, into an empty cache, gives the same bytes.
+    shutil.rmtree(clone / ".dvc" / "cache")
+    shutil.rmtree(clone / "models")
+    pull = subprocess.run(
+        [str(BIN / "dvc"), "pull", "-r", "stack", "--allow-missing", "train"],
+        cwd=clone,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert pull.returncode == 0, pull.stderr[-2000:]
+    assert sha256(clone / "models" / "model.safetensors") == sha256(champion_weights)
+
+
+def test_two_runs_started_at_once_run_one_after_the_other(stack, scheduled_run):
+    dep = deployment(stack)
+    runs = [
+        stack.prefect_api("POST", f"/deployments/{dep['id']}/create_flow_run", json={}).json()
+        for _ in range(2)
+    ]
+    done = [wait_for_run(stack, r["id"]) for r in runs]
+    assert [r["state"]["type"] for r in done] == ["COMPLETED", "COMPLETED"], [r["state"] for r in done]
+    first, second = sorted(done, key=lambda r: r["start_time"])
+    assert first["end_time"] <= second["start_time"], "the two runs overlapped"
+    assert "AwaitingConcurrencySlot" in state_names(stack, second["id"]), (
+        "the second run did not wait its turn"
+    )
+
+
+def test_trainpipe_run_works_against_the_stack_through_the_environment_alone(stack, scheduled_run, tmp_path):
+    env = client_env(stack, stack.checkout, tmp_path / "prefect")
+    run = subprocess.run(
+        [str(BIN / "trainpipe"), "run"],
+        cwd=stack.checkout,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert f"127.0.0.1:{stack.ports['mlflow']}" in run.stdout, run.stdout[-1500:]
+    # The flow run is on the stack's Prefect server (not a temporary one), outside any deployment.
+    query = {"flow_runs": {"deployment_id": {"is_null_": True}}}
+    runs = stack.prefect_api("POST", "/flow_runs/filter", json=query).json()
+    assert [r["state"]["type"] for r in runs] == ["COMPLETED"]
+
+
+def test_a_worker_stopped_mid_training_loses_nothing(stack, scheduled_run):
+    from pipelines.params import save_overrides
+
+    before = champion(stack)
+    save_overrides(stack.checkout / "params.yaml", ["train.max_steps=1500", "train.checkpoint_every=10"])
+    run = stack.prefect_api("POST", f"/deployments/{deployment(stack)['id']}/create_flow_run", json={}).json()
+    deadline = time.monotonic() + 300
+    while not list((stack.checkout / "checkpoints").glob("*/ckpt-*.pt")) and time.monotonic() < deadline:
+        time.sleep(1)
+    checkpoints = list((stack.checkout / "checkpoints").glob("*/ckpt-*.pt"))
+    assert checkpoints, "training wrote no checkpoint within 300 s"
+
+    assert stack.stop("worker")  # the flow run's process goes with it, mid-training
+    orphan = stack.prefect_api("GET", f"/flow_runs/{run['id']}").json()
+    assert orphan["state"]["type"] == "RUNNING", "Prefect should still believe the run is running"
+    assert champion(stack)["version"] == before["version"], "the champion moved while the run was killed"
+
+    stack.start_worker()  # finds the orphan, marks it CRASHED, starts the deployment again
+    crashed = stack.prefect_api("GET", f"/flow_runs/{run['id']}").json()
+    assert crashed["state"]["type"] == "CRASHED", crashed["state"]
+    query = {"flow_runs": {"tags": {"all_": [f"restarts:{run['id']}"]}}}
+    (again,) = stack.prefect_api("POST", "/flow_runs/filter", json=query).json()
+    finished = wait_for_run(stack, again["id"])
+    assert finished["state"]["type"] == "COMPLETED", finished["state"]
+
+    import json
+
+    summary = json.loads((stack.checkout / "models" / "train.json").read_text())
+    assert summary["resumed_from_step"] >= 10, "training started over instead of resuming from its checkpoint"
+    after = champion(stack)
+    versions = stack.mlflow_api("POST", "/model-versions/search", json={"filter": f"name='{MODEL}'"}).json()
+    for v in versions["model_versions"]:
+        tags = {t["key"]: t["value"] for t in v.get("tags", [])}
+        assert tags.get("prefect_flow_run_id") != run["id"], "the killed run registered a version"
+    if after["version"] != before["version"]:
+        tags = {t["key"]: t["value"] for t in after.get("tags", [])}
+        assert tags["prefect_flow_run_id"] == again["id"]
+        assert tags["weights_sha256"] == sha256(stack.checkout / "models" / "model.safetensors")
+
+
+def test_the_uis_show_the_deployment_its_schedule_the_runs_and_the_version(stack, scheduled_run):
+    from playwright.sync_api import sync_playwright
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    env = stack.client_env()
+    prefect = f"http://127.0.0.1:{stack.ports['prefect']}"
+    dep = deployment(stack)
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(
+            executable_path="/usr/bin/chromium",
+            args=["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run"]
+            + ["--disable-background-networking", "--disable-component-update", "--disable-sync"],
+        )
+        try:
+            page = browser.new_page()
+            page.goto(prefect + "/", wait_until="networkidle")
+            page.get_by_placeholder("admin:pass").fill(env["PREFECT_API_AUTH_STRING"])
+            page.get_by_role("button", name="Login").click()
+            page.wait_for_load_state("networkidle")
+
+            page.goto(f"{prefect}/deployments/deployment/{dep['id']}", wait_until="networkidle")
+            page.get_by_text("nightly").first.wait_for(timeout=30000)
+            page.get_by_text("Every hour").first.wait_for(timeout=30000)
+            page.screenshot(path=str(ARTIFACTS / "prefect-deployment.png"), full_page=True)
+            body = page.inner_text("body")
+            assert "03:00" in body or "0 3 * * *" in body, "the nightly cron schedule is not on the page"
+
+            page.goto(f"{prefect}/runs/flow-run/{scheduled_run['id']}", wait_until="networkidle")
+            page.get_by_text(scheduled_run["name"]).first.wait_for(timeout=30000)
+            page.get_by_text("Completed").first.wait_for(timeout=30000)
+            page.screenshot(path=str(ARTIFACTS / "prefect-flow-run.png"), full_page=True)
+            body = page.inner_text("body")
+            assert "Can't connect" not in body and "Authentication failed" not in body, body[:500]
+
+            credentials = {
+                "username": env["MLFLOW_TRACKING_USERNAME"],
+                "password": env["MLFLOW_TRACKING_PASSWORD"],
+            }
+            mlflow_page = browser.new_context(http_credentials=credentials).new_page()
+            version = champion(stack)
+            run = stack.mlflow_api("GET", "/runs/get", params={"run_id": version["run_id"]}).json()["run"]
+            experiment, run_name = run["info"]["experiment_id"], run["info"]["run_name"]
+            mlflow_page.goto(
+                f"{env['MLFLOW_TRACKING_URI']}/#/experiments/{experiment}/runs/{version['run_id']}"
+            )
+            mlflow_page.get_by_text(run_name).first.wait_for(timeout=30000)
+            mlflow_page.screenshot(path=str(ARTIFACTS / "mlflow-run.png"), full_page=True)
+            mlflow_page.goto(f"{env['MLFLOW_TRACKING_URI']}/#/models/{MODEL}")
+            mlflow_page.get_by_text(f"Version {version['version']}").first.wait_for(timeout=30000)
+            mlflow_page.get_by_text("@champion").first.wait_for(timeout=30000)
+            mlflow_page.screenshot(path=str(ARTIFACTS / "mlflow-model.png"), full_page=True)
+        finally:
+            browser.close()
