@@ -7,6 +7,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -75,7 +76,10 @@ def stack(tmp_path_factory):
     mp.setenv("PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS", "5")
     mp.setenv("PREFECT_WORKER_QUERY_SECONDS", "2")
     mp.setenv("PREFECT_DEPLOYMENT_CONCURRENCY_SLOT_WAIT_SECONDS", "5")
-    s = Stack(root / "state", PORT_OFFSET, make_checkout(root))
+    # The state lives outside pytest's folder: a later pytest session sets /tmp/pytest-of-USER
+    # back to 0700, and PostgreSQL (its own login when we are root) would lose its data folder.
+    state = Path(tempfile.mkdtemp(prefix="trainpipe-stack-"))
+    s = Stack(state, PORT_OFFSET, make_checkout(root))
     t0 = time.monotonic()
     try:
         s.up(log=lambda line: print(f"stack up: {line}"))
@@ -85,6 +89,7 @@ def stack(tmp_path_factory):
         pids = [p.pid for p in map(s.process, ["postgres", "seaweedfs", "mlflow", "prefect", "worker"]) if p]
         s.down()
         mp.undo()
+        shutil.rmtree(state, ignore_errors=True)
         assert not [pid for pid in pids if psutil.pid_exists(pid)], "a stack server outlived stack down"
         assert not listening(s.ports.values()), (
             f"ports still bound after stack down: {listening(s.ports.values())}"
