@@ -301,7 +301,7 @@ def test_a_worker_stopped_mid_training_loses_nothing(stack, scheduled_run):
     from pipelines.params import save_overrides
 
     before = champion(stack)
-    save_overrides(stack.checkout / "params.yaml", ["train.max_steps=1500", "train.checkpoint_every=10"])
+    save_overrides(stack.checkout / "params.yaml", ["train.max_steps=160", "train.checkpoint_every=10"])
     run = stack.prefect_api("POST", f"/deployments/{deployment(stack)['id']}/create_flow_run", json={}).json()
     deadline = time.monotonic() + 300
     while not list((stack.checkout / "checkpoints").glob("*/ckpt-*.pt")) and time.monotonic() < deadline:
@@ -327,7 +327,7 @@ def test_a_worker_stopped_mid_training_loses_nothing(stack, scheduled_run):
     summary = json.loads((stack.checkout / "models" / "train.json").read_text())
     assert summary["resumed_from_step"] >= 10, "training started over instead of resuming from its checkpoint"
     after = champion(stack)
-    versions = stack.mlflow_api("POST", "/model-versions/search", json={"filter": f"name='{MODEL}'"}).json()
+    versions = stack.mlflow_api("GET", "/model-versions/search", params={"filter": f"name='{MODEL}'"}).json()
     for v in versions["model_versions"]:
         tags = {t["key"]: t["value"] for t in v.get("tags", [])}
         assert tags.get("prefect_flow_run_id") != run["id"], "the killed run registered a version"
