@@ -48,12 +48,13 @@ def threads_per_rank(nproc: int) -> int:
     return max(1, cores // nproc)
 
 
-def launch_ranks(params: Params, stage: str = "train") -> None:
-    """Run `python -m pipelines.STAGE` again under torchrun, train.nproc_per_node processes on this
+def launch_ranks(params: Params) -> None:
+    """Run `python -m pipelines.train` again under torchrun, train.nproc_per_node processes on this
     machine, on the params validated here (written to a temporary file, so -S overrides reach
-    every rank). Their output streams through. A failure raises RankFailed with the failed rank's
-    own one-line reason and exit code (torchrun itself exits 1): a diverged run stays exit 4,
-    which a flow does not retry."""
+    every rank). Their output streams through. torchrun, and so its ranks, die with this process,
+    as one training process would. A failure raises RankFailed with the failed rank's own one-line
+    reason and exit code (torchrun itself exits 1): a diverged run stays exit 4, which a flow does
+    not retry."""
     nproc = params.train.nproc_per_node
     env = dict(os.environ)
     # torchrun would give each rank 1 thread; a user's OMP_NUM_THREADS wins over ours
@@ -63,9 +64,10 @@ def launch_ranks(params: Params, stage: str = "train") -> None:
         params_file.write_text(yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False))
         cmd = [
             *(sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"),
-            *("-m", f"pipelines.{stage}", "--params", str(params_file)),
+            *("-m", "pipelines.train", "--params", str(params_file)),
         ]
-        proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE)
+        sys.stdout.flush()
+        proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, preexec_fn=die_with_parent)
         decoder, tail = codecs.getincrementaldecoder("utf-8")(errors="replace"), ""
         while chunk := os.read(proc.stderr.fileno(), 65536):  # as it comes: progress stays live
             text = decoder.decode(chunk)
@@ -74,14 +76,14 @@ def launch_ranks(params: Params, stage: str = "train") -> None:
             tail = (tail + text)[-STDERR_TAIL_BYTES:]
         code = proc.wait()
     if code:
-        raise RankFailed(*rank_failure(tail, code, stage))
+        raise RankFailed(*rank_failure(tail, code))
 
 
-def rank_failure(stderr: str, code: int, stage: str = "train") -> tuple[str, int]:
-    """(reason, exit code) of a failed torchrun from its stderr: the rank's own `trainpipe STAGE:`
+def rank_failure(stderr: str, code: int) -> tuple[str, int]:
+    """(reason, exit code) of a failed torchrun from its stderr: the rank's own `trainpipe train:`
     line, and the exit code torchrun reports for the root cause; a rank ended by a signal, or a
     report that cannot be read, is 1 (unexpected: a flow may retry it)."""
-    prefix = f"trainpipe {stage}: "
+    prefix = "trainpipe train: "
     ours = [ln.removeprefix(prefix) for ln in re.split(r"[\r\n]", stderr) if ln.startswith(prefix)]
     root = re.search(r"Root Cause.*?exitcode\s*:\s*(-?\d+)", stderr, re.S)
     rank_code = int(root.group(1)) if root else 1
@@ -89,10 +91,11 @@ def rank_failure(stderr: str, code: int, stage: str = "train") -> tuple[str, int
     return reason, rank_code if rank_code > 0 else 1
 
 
-def die_with_launcher() -> None:
-    """Have the kernel SIGKILL this rank when torchrun, its parent, dies. torchrun starts each rank
-    in its own session, so a SIGKILL of the launcher's process group would otherwise leave the
-    ranks training, and rank 0 writing checkpoints, beside the run that resumes them. Linux only."""
+def die_with_parent() -> None:
+    """Have the kernel SIGKILL this process when its parent dies, even by SIGKILL: torchrun when
+    the launcher dies, a rank when torchrun does. torchrun starts each rank in its own session, so
+    a kill of the launcher or of its process group would otherwise leave the ranks training, and
+    rank 0 writing checkpoints, beside the run that resumes them. Linux only."""
     if sys.platform.startswith("linux"):
         import ctypes
 
@@ -116,7 +119,7 @@ def join_ranks(cfg: TrainParams, device: torch.device) -> tuple[int, int, torch.
         raise ConfigError(f"train.nproc_per_node > 1 trains on cpu or cuda, not {device.type}")
     import torch.distributed as dist
 
-    die_with_launcher()
+    die_with_parent()
     local_rank = int(os.environ["LOCAL_RANK"])
     if device.type == "cuda":
         if local_rank >= torch.cuda.device_count():
