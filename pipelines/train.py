@@ -211,9 +211,8 @@ def train_model(params: Params, log=print) -> dict:
     )
     if world > 1:
         state = from_rank0(state)  # every rank resumes from what rank 0 read
-        log(
-            f"train: {world} processes ({'nccl' if device.type == 'cuda' else 'gloo'}), {torch.get_num_threads()} threads each"
-        )
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        log(f"train: {world} processes ({backend}), {torch.get_num_threads()} threads each")
     for note in notes:
         log(f"train: {note}")
     start_step, history = 0, []  # history: [step, train loss, lr] every log_every steps

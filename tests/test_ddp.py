@@ -22,7 +22,7 @@ from pipelines import tokenize, train
 from pipelines.checkpoint import PAUSE_ENV
 from pipelines.data import load_tokens, read_json
 from pipelines.model import GPT, GPTConfig
-from pipelines.ranks import rank_failure
+from pipelines.ranks import rank_failure, threads_per_rank
 
 MAX_STEPS, EVERY = 40, 10
 # fp32: with bf16 autocast, rounding to 8-bit mantissas turns the same tiny differences into ~5e-3
@@ -111,7 +111,7 @@ def test_two_processes_see_the_same_tokens_and_end_at_the_same_loss(tiny, one_pr
     root, params, _ = tiny
     one, two = one_process, two_processes
     assert (one["processes"], two["processes"]) == (1, 2)
-    assert "train: 2 processes (gloo), 1 threads each" in two["stdout"]  # 2 cores, 2 ranks
+    assert f"train: 2 processes (gloo), {threads_per_rank(2)} threads each" in two["stdout"]
     assert two["tokens_seen"] == one["tokens_seen"] == MAX_STEPS * 4 * 32
     steps = [s for s, _, _ in one["history"]]
     assert steps == [s for s, _, _ in two["history"]] == list(range(1, MAX_STEPS + 1))
