@@ -14,7 +14,8 @@ from pipelines.params import PARAMS_FILE, load_params
 
 
 def stage_main(stage: str, run, describe, argv: list[str] | None = None) -> None:
-    """`python -m pipelines.STAGE`, as dvc.yaml runs it: load params, run, print one line.
+    """`python -m pipelines.STAGE`, as dvc.yaml runs it: load params, run, print one line (none
+    when run returns None: a process of a multi-process run that leaves the summary to another).
     A failure prints `trainpipe STAGE: reason` and exits with the error's code, which the flow
     reads back from DVC to decide whether a retry can help."""
     module = sys.modules[run.__module__]
@@ -38,7 +39,8 @@ def stage_main(stage: str, run, describe, argv: list[str] | None = None) -> None
     except (TrainpipeError, FileNotFoundError) as exc:
         print(f"trainpipe {stage}: {exc}", file=sys.stderr)
         sys.exit(getattr(exc, "exit_code", 2))
-    print(describe(result, params))
+    if result is not None:
+        print(describe(result, params))
 
 
 def setup_environment() -> None:

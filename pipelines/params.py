@@ -166,6 +166,13 @@ class TrainParams(Section):
     warmup_steps: int = Field(50, ge=0, description="linear warm-up steps")
     weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay on matrices")
     grad_clip: float = Field(1.0, ge=0, description="max gradient norm; 0 disables clipping")
+    nproc_per_node: int = Field(
+        1,
+        ge=1,
+        description="processes training together under torchrun (DistributedDataParallel: gloo on "
+        "CPU, nccl on CUDA), each on a slice of every step's batch; it changes the order of float "
+        "sums, so it is part of the checkpoint key",
+    )
     checkpoint_every: int = Field(100, ge=1, description="steps between full checkpoints")
     log_every: int = Field(10, ge=1, description="steps between metric logs")
     checkpoint_dir: str = Field("checkpoints", description="resume state, kept across failed runs")
@@ -179,6 +186,11 @@ class TrainParams(Section):
             )
         if self.min_lr > self.lr:
             raise ValueError("train.min_lr must not exceed train.lr")
+        if self.batch_size % self.nproc_per_node:
+            raise ValueError(
+                f"train.batch_size ({self.batch_size}) must be divisible by train.nproc_per_node "
+                f"({self.nproc_per_node}): each process takes an equal slice of every step's batch"
+            )
         return self
 
 

@@ -2,6 +2,7 @@
 
     python -m pipelines.train             # what `dvc repro train` runs
     trainpipe train -S train.max_steps=200
+    trainpipe train -S train.nproc_per_node=2   # 2 processes under torchrun (pipelines/ranks.py)
 
 Device chosen at run time (cuda, then mps, then cpu) with bf16 autocast where the device
 supports it. Every train.checkpoint_every steps a full checkpoint (weights, optimizer, torch RNG
@@ -12,6 +13,9 @@ when the newest is truncated. Once the model is written the run's checkpoint fol
 finished run's checkpoints never stand in for a later run. The batch of step i is a function of
 (seed, i) alone, so a resumed run sees the same data as an uninterrupted one. A non-finite loss or
 gradient stops the run before anything of that step is saved.
+With train.nproc_per_node above 1 the stage re-runs itself under torchrun: each rank trains a
+DistributedDataParallel copy on its slice of step i's batch (the global batch, and so the tokens
+seen, are those of one process); rank 0 alone reads and writes checkpoints, the model and MLflow.
 Writes models/: model.safetensors, config.json, tokenizer.json, train.json.
 """
 
@@ -26,15 +30,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
 import pipelines.checkpoint
 import pipelines.data
 import pipelines.model
+import pipelines.ranks
 from pipelines.checkpoint import CODE, load_checkpoint, remove_run, run_dir, save_checkpoint
 from pipelines.data import TOKENIZER_FILE, load_tokens, read_json, sha256_file, write_json
 from pipelines.errors import DivergenceError, TrainpipeError
 from pipelines.model import GPT, GPTConfig
 from pipelines.params import Params, TrainParams
+from pipelines.ranks import from_rank0, in_torchrun, join_ranks, launch_ranks, leave_ranks, mean_over_ranks
 
 # Fields that do not change the weights a run ends with: a checkpoint stays valid across them.
 NON_MODEL_FIELDS = {"device", "checkpoint_every", "log_every", "checkpoint_dir", "model_dir"}
@@ -44,6 +51,7 @@ WEIGHT_MODULE_FILES = (
     pipelines.model.__file__,
     pipelines.checkpoint.__file__,
     pipelines.data.__file__,
+    pipelines.ranks.__file__,
 )
 
 
@@ -67,10 +75,21 @@ def use_bf16(setting: str, device: torch.device) -> bool:
     return device.type == "cpu"  # bf16 matmul is ~4x fp32 on current x86 CPUs (STACK-NOTES)
 
 
-def get_batch(data: np.ndarray, step: int, seed: int, B: int, T: int, device: torch.device):
-    """Random windows for one step; depends on (seed, step) only, never on process history."""
+def get_batch(
+    data: np.ndarray,
+    step: int,
+    seed: int,
+    B: int,
+    T: int,
+    device: torch.device,
+    rank: int = 0,
+    world: int = 1,
+):
+    """Random windows for one step; depends on (seed, step) only, never on process history.
+    Across `world` processes, rank r takes the r-th of `world` equal slices of the same B windows."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + step)
     ix = torch.randint(len(data) - T - 1, (B,), generator=g).tolist()
+    ix = ix[rank * B // world : (rank + 1) * B // world]
     x = torch.from_numpy(np.stack([data[i : i + T].astype(np.int64) for i in ix]))
     y = torch.from_numpy(np.stack([data[i + 1 : i + 1 + T].astype(np.int64) for i in ix]))
     return x.to(device), y.to(device)
@@ -162,7 +181,8 @@ def start_tracking(params: Params):
 
 
 def train_model(params: Params, log=print) -> dict:
-    import mlflow
+    """Train to train.max_steps, resuming from a checkpoint of the same code, config and data;
+    in a rank of a torchrun run (pipelines/ranks.py), train the rank's slice of each step."""
     from tqdm import tqdm
 
     cfg = params.train
@@ -171,18 +191,28 @@ def train_model(params: Params, log=print) -> dict:
     data = load_tokens(tokens_dir / "train.bin")
     if len(data) <= cfg.block_size + 1:
         raise TrainpipeError(f"{tokens_dir}/train.bin holds {len(data)} tokens; need more than block_size")
-    device = pick_device(cfg.device)
+    rank, world, device = join_ranks(cfg, pick_device(cfg.device))
+    main_process = rank == 0  # it alone reads and writes checkpoints, the model and MLflow
+    log = log if main_process else lambda *_: None
+    if main_process:
+        import mlflow  # seconds of imports, spared the other ranks
     bf16 = use_bf16(cfg.bf16, device)
     model_cfg = GPTConfig(
         meta["vocab_size"], cfg.block_size, cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.dropout
     )
     fingerprint, version = run_fingerprint(cfg, model_cfg), data_version(tokens_dir)
 
-    torch.manual_seed(cfg.seed)  # seed once: the initial weights
+    torch.manual_seed(cfg.seed)  # seed once: the initial weights, the same on every rank
     model = GPT(model_cfg).to(device)
     optimizer = make_optimizer(model, cfg)
     ckpt_dir = run_dir(cfg.checkpoint_dir, fingerprint, version)
-    state, ckpt_path, notes = load_checkpoint(ckpt_dir, fingerprint, version)
+    state, ckpt_path, notes = (
+        load_checkpoint(ckpt_dir, fingerprint, version) if main_process else (None, None, [])
+    )
+    if world > 1:
+        state = from_rank0(state)  # every rank resumes from what rank 0 read
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        log(f"train: {world} processes ({backend}), {torch.get_num_threads()} threads each")
     for note in notes:
         log(f"train: {note}")
     start_step, history = 0, []  # history: [step, train loss, lr] every log_every steps
@@ -191,11 +221,20 @@ def train_model(params: Params, log=print) -> dict:
         optimizer.load_state_dict(state["optimizer"])
         start_step, history = state["step"], state["history"]
         torch.set_rng_state(state["rng"]["torch"])
+    # the module that steps: DDP averages the ranks' gradients in backward; `model` is what is saved
+    net = (
+        DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+        if world > 1
+        else model
+    )
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
     tokens_per_step = cfg.batch_size * cfg.block_size
 
-    with start_tracking(params):
-        mlflow.log_params({f"train.{k}": v for k, v in cfg.model_dump().items()} | {"data_version": version})
+    with start_tracking(params) if main_process else nullcontext():
+        if main_process:
+            mlflow.log_params(
+                {f"train.{k}": v for k, v in cfg.model_dump().items()} | {"data_version": version}
+            )
         model.train()
         t0, timed_tokens, loss_value = time.perf_counter(), 0, float("nan")
         bar = tqdm(
@@ -204,25 +243,26 @@ def train_model(params: Params, log=print) -> dict:
             total=cfg.max_steps,
             desc="train",
             unit="step",
-            disable=None,
+            disable=None if main_process else True,
             file=sys.stderr,
         )
         for step in bar:
             lr = lr_at(step, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            torch.manual_seed(cfg.seed + step)  # dropout noise depends on the step, not the history
-            x, y = get_batch(data, step, cfg.seed, cfg.batch_size, cfg.block_size, device)
+            # dropout noise depends on the step (and the rank), not the history
+            torch.manual_seed((cfg.seed + step) * world + rank)
+            x, y = get_batch(data, step, cfg.seed, cfg.batch_size, cfg.block_size, device, rank, world)
             with autocast:
-                _, loss = model(x, y)
-            loss_value = loss.item()  # sync point
+                _, loss = net(x, y)
+            loss_value = mean_over_ranks(loss, world)  # sync point
             if not math.isfinite(loss_value):
                 raise DivergenceError(
                     f"loss became {loss_value} at step {step}: training stopped, no model written "
                     f"(try a lower train.lr than {cfg.lr})"
                 )
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            loss.backward()  # sync point across ranks: DDP's all-reduce of the gradients
             check_gradients(model, cfg, step)
             optimizer.step()
             timed_tokens += tokens_per_step
@@ -235,10 +275,13 @@ def train_model(params: Params, log=print) -> dict:
                         f"train: step {done}/{cfg.max_steps} loss {loss_value:.3f} lr {lr:.2e} {tok_s:,.0f} tokens/s"
                     )
                 bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
-                mlflow.log_metrics(
-                    {"train_loss": loss_value, "lr": lr, "tokens_per_s": tok_s}, step=done, synchronous=False
-                )
-            if done % cfg.checkpoint_every == 0 or done == cfg.max_steps:
+                if main_process:
+                    mlflow.log_metrics(
+                        {"train_loss": loss_value, "lr": lr, "tokens_per_s": tok_s},
+                        step=done,
+                        synchronous=False,
+                    )
+            if main_process and (done % cfg.checkpoint_every == 0 or done == cfg.max_steps):
                 state = checkpoint_state(model, optimizer, done, fingerprint, version, history)
                 ckpt_path = save_checkpoint(ckpt_dir, state, keep=ckpt_path)  # the previous one stays
         bar.close()
@@ -251,6 +294,7 @@ def train_model(params: Params, log=print) -> dict:
             "tokens_per_s": timed_tokens / elapsed if timed_tokens else None,
             "train_seconds": elapsed,
             "device": device.type,
+            "processes": world,
             "bf16": bf16,
             "num_params": model.num_params(),
             "flops_per_token": model.flops_per_token(),
@@ -258,21 +302,32 @@ def train_model(params: Params, log=print) -> dict:
             "vocab_size": meta["vocab_size"],
             "history": history,
         }
-        mlflow.log_metrics({"train_seconds": elapsed, "num_params": summary["num_params"]})
-    write_model(model_dir, model, tokens_dir, summary)
-    remove_run(ckpt_dir)  # the model is the result now; a later run must not resume this one
+        if main_process:
+            mlflow.log_metrics({"train_seconds": elapsed, "num_params": summary["num_params"]})
+    if main_process:
+        write_model(model_dir, model, tokens_dir, summary)
+        remove_run(ckpt_dir)  # the model is the result now; a later run must not resume this one
     return summary
 
 
-def run(params: Params) -> dict:
-    return train_model(params)
+def run(params: Params) -> dict | None:
+    """Train in this process, or, with train.nproc_per_node above 1 outside torchrun, under
+    torchrun. The summary comes back from the process that prints it: one process, or rank 0."""
+    if params.train.nproc_per_node > 1 and not in_torchrun():
+        return launch_ranks(params)  # rank 0 printed the summary
+    try:
+        summary = train_model(params)
+    finally:
+        leave_ranks()
+    return summary if int(os.environ.get("RANK", "0")) == 0 else None
 
 
 def describe(s: dict, params: Params) -> str:
     speed = f"{s['tokens_per_s']:,.0f} tokens/s" if s["tokens_per_s"] else "nothing left to train"
     loss = f"{s['final_train_loss']:.3f}" if s["final_train_loss"] is not None else "n/a"
+    processes = f" in {s['processes']} processes" if s.get("processes", 1) > 1 else ""
     return (
-        f"train: {s['steps']} steps on {s['device']}{' (bf16)' if s['bf16'] else ''}, "
+        f"train: {s['steps']} steps on {s['device']}{' (bf16)' if s['bf16'] else ''}{processes}, "
         f"final loss {loss}, {speed}, {s['train_seconds']:.0f} s"
     )
 

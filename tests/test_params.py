@@ -84,6 +84,13 @@ def test_cross_field_rules():
         load_params("params.yaml", ["train.n_embd=30", "train.n_head=4"])
     with pytest.raises(ConfigError, match="min_chars"):
         load_params("params.yaml", ["curate.min_chars=10", "curate.max_chars=5"])
+    with pytest.raises(
+        ConfigError, match=r"train.batch_size \(6\) must be divisible by train.nproc_per_node \(4\)"
+    ):
+        load_params("params.yaml", ["train.batch_size=6", "train.nproc_per_node=4"])
+    assert (
+        load_params("params.yaml", ["train.batch_size=6", "train.nproc_per_node=3"]).train.nproc_per_node == 3
+    )
 
 
 def test_unknown_key_in_file_is_an_error(tmp_path):
