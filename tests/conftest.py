@@ -2,11 +2,34 @@
 
 import shutil
 import sqlite3
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from pipelines.data import EOT, TOKENIZER_FILE, write_json
+
+
+def tracked_copy(proj: Path, overrides: list[str]) -> Path:
+    """This project's git-tracked files (tests aside) as a fresh git repository with one commit
+    and `overrides` written into params.yaml: what a clone of the project would be."""
+    repo = Path(__file__).resolve().parents[1]
+    files = subprocess.run(["git", "ls-files"], cwd=repo, capture_output=True, text=True, check=True).stdout
+    for name in files.split():
+        if not name.startswith("tests/"):
+            (proj / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(repo / name, proj / name)
+    from pipelines.params import save_overrides
+
+    save_overrides(proj / "params.yaml", overrides)
+    for args in (
+        ["init", "-q"],
+        ["add", "-A"],
+        ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"],
+    ):
+        subprocess.run(["git", *args], cwd=proj, check=True)
+    return proj
+
 
 SNIPPETS = [
     "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)\n",

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import requests
 import yaml
-from conftest import copy_mlflow_db
+from conftest import copy_mlflow_db, tracked_copy
 from mlflow import MlflowClient
 
 pytestmark = pytest.mark.slow
@@ -46,22 +46,7 @@ SMALL = [
 
 def make_project(root: Path, template_db: Path) -> tuple[Path, dict]:
     """A fresh clone-like copy of the project (tracked files only) with small params."""
-    proj = root / "proj"
-    files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout
-    for name in files.split():
-        if name.startswith("tests/"):
-            continue
-        (proj / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(REPO / name, proj / name)
-    from pipelines.params import save_overrides
-
-    save_overrides(proj / "params.yaml", SMALL)
-    for args in (
-        ["init", "-q"],
-        ["add", "-A"],
-        ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"],
-    ):
-        subprocess.run(["git", *args], cwd=proj, check=True)
+    proj = tracked_copy(root / "proj", SMALL)
     env = dict(os.environ)
     env.update(
         MLFLOW_TRACKING_URI=copy_mlflow_db(template_db, root),

@@ -17,6 +17,7 @@ import psutil
 import psycopg2
 import pytest
 import requests
+from conftest import tracked_copy
 
 from infra.stack import Stack
 
@@ -48,26 +49,6 @@ TINY = [
 FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 
 
-def make_checkout(root: Path) -> Path:
-    """A clone-like copy of the project's tracked files with tiny params, committed."""
-    proj = root / "proj"
-    files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout
-    for name in files.split():
-        if not name.startswith("tests/"):
-            (proj / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / name, proj / name)
-    from pipelines.params import save_overrides
-
-    save_overrides(proj / "params.yaml", TINY)
-    for args in (
-        ["init", "-q"],
-        ["add", "-A"],
-        ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"],
-    ):
-        subprocess.run(["git", *args], cwd=proj, check=True)
-    return proj
-
-
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     root = tmp_path_factory.mktemp("stack")
@@ -80,7 +61,7 @@ def stack(tmp_path_factory):
     # The state lives outside pytest's folder: a later pytest session sets /tmp/pytest-of-USER
     # back to 0700, and PostgreSQL (its own login when we are root) would lose its data folder.
     state = Path(tempfile.mkdtemp(prefix="trainpipe-stack-"))
-    s = Stack(state, PORT_OFFSET, make_checkout(root))
+    s = Stack(state, PORT_OFFSET, tracked_copy(root / "proj", TINY))
     t0 = time.monotonic()
     try:
         s.up(log=lambda line: print(f"stack up: {line}"))
