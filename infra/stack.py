@@ -401,6 +401,12 @@ def main(argv: list[str] | None = None) -> None:
     except (StackError, RuntimeError, subprocess.CalledProcessError) as exc:
         print(f"stack {args.action}: {exc}", file=sys.stderr)
         sys.exit(1)
+    except (FileNotFoundError, ImportError) as exc:  # a server or client of the stack extra is missing
+        print(
+            f"stack {args.action}: {exc}: `make stack` installs the stack's servers and clients",
+            file=sys.stderr,
+        )
+        sys.exit(1)
 
 
 def add_stack_options(parser: argparse.ArgumentParser) -> None:

@@ -266,6 +266,8 @@ def cmd_stack(args) -> None:
         run_action(args.action, Stack(Path(args.state), args.port_offset))
     except (StackError, RuntimeError) as exc:
         raise TrainpipeError(str(exc)) from None
+    except (FileNotFoundError, ImportError) as exc:  # a server or client of the stack extra is missing
+        raise TrainpipeError(f"{exc}: `make stack` installs the stack's servers and clients") from None
 
 
 def cmd_generate(args) -> None:

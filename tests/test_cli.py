@@ -115,3 +115,19 @@ def test_a_scheduling_server_on_another_port_gives_its_ui_that_port(tmp_path, mo
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
+
+
+def test_stack_without_its_servers_installed_says_how_in_one_line(tmp_path):
+    # In a process of its own: the reason is printed by main's exit handler, as a user sees it.
+    code = (
+        "from infra import servers\n"
+        "def not_installed(name): raise FileNotFoundError('PostgreSQL is not installed')\n"
+        "servers.postgres_bin = not_installed\n"
+        "from pipelines.cli import main\n"
+        f"main(['stack', 'up', '--state', {str(tmp_path / 'state')!r}, '--port-offset', '500'])\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "trainpipe stack: PostgreSQL is not installed: `make stack` installs the stack's servers and clients"
+    )
