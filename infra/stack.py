@@ -398,15 +398,21 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         run_action(args.action, Stack(Path(args.state), args.port_offset))
-    except (StackError, RuntimeError, subprocess.CalledProcessError) as exc:
-        print(f"stack {args.action}: {exc}", file=sys.stderr)
+    except Exception as exc:
+        reason = failure_reason(exc)
+        if reason is None:
+            raise
+        print(f"stack {args.action}: {reason}", file=sys.stderr)
         sys.exit(1)
-    except (FileNotFoundError, ImportError) as exc:  # a server or client of the stack extra is missing
-        print(
-            f"stack {args.action}: {exc}: `make stack` installs the stack's servers and clients",
-            file=sys.stderr,
-        )
-        sys.exit(1)
+
+
+def failure_reason(exc: Exception) -> str | None:
+    """One line for a failure a user can act on; None for a bug (let its traceback show)."""
+    if isinstance(exc, StackError | RuntimeError | subprocess.CalledProcessError):
+        return str(exc)
+    if isinstance(exc, FileNotFoundError | ImportError):  # a server or client of the stack extra is missing
+        return f"{exc}: `make stack` installs the stack's servers and clients"
+    return None
 
 
 def add_stack_options(parser: argparse.ArgumentParser) -> None:

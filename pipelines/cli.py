@@ -258,16 +258,15 @@ def cmd_schedule(args) -> None:
 
 def cmd_stack(args) -> None:
     """The team stack on this machine (infra/stack.py): the same as `make stack` and friends."""
-    try:
-        from infra.stack import Stack, StackError, run_action
-    except ImportError as exc:
-        raise TrainpipeError(f"the team stack is not installed ({exc}): `make stack` installs it") from None
+    from infra.stack import Stack, failure_reason, run_action
+
     try:
         run_action(args.action, Stack(Path(args.state), args.port_offset))
-    except (StackError, RuntimeError) as exc:
-        raise TrainpipeError(str(exc)) from None
-    except (FileNotFoundError, ImportError) as exc:  # a server or client of the stack extra is missing
-        raise TrainpipeError(f"{exc}: `make stack` installs the stack's servers and clients") from None
+    except Exception as exc:
+        reason = failure_reason(exc)
+        if reason is None:
+            raise
+        raise TrainpipeError(reason) from None
 
 
 def cmd_generate(args) -> None:
