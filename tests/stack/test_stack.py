@@ -14,7 +14,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import psutil
-import psycopg2
 import pytest
 import requests
 from conftest import tracked_copy
@@ -189,6 +188,9 @@ def test_the_run_its_metrics_and_version_are_rows_in_postgres_and_objects_in_s3(
     run = stack.mlflow_api("GET", "/runs/get", params={"run_id": version["run_id"]}).json()["run"]
     metrics = {m["key"]: m["value"] for m in run["data"]["metrics"]}
     assert "val_bits_per_byte" in metrics and run["info"]["status"] == "FINISHED"
+
+    # Imported here, not at the top: plain `make test` collects this file without the stack extra.
+    import psycopg2
 
     db = psycopg2.connect(stack.postgres_uri("mlflow", "mlflow").replace("+psycopg2", ""))
     with db, db.cursor() as cur:
