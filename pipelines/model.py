@@ -24,9 +24,37 @@ class GPTConfig:
     n_head: int = 4
     n_embd: int = 192
     dropout: float = 0.0
+    # The defaults below are the first architecture's (GPT-2's), so that a config.json written
+    # before these fields existed loads as the model it was. params.yaml picks today's recipe.
+    positions: str = "learned"  # "learned" (an embedding per position) or "rope" (rotary, in q and k)
+    norm: str = "layernorm"  # "layernorm" or "rmsnorm" (no mean, no bias)
+    mlp: str = "gelu"  # "gelu" or "relu2" (squared ReLU, as in the nanoGPT speedrun)
+    mlp_ratio: int = 4  # hidden width of the MLP, in multiples of n_embd
+    tie_head: bool = True  # the output head shares the token embedding's weights
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def make_norm(config: GPTConfig) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(config.n_embd)
+    return nn.LayerNorm(config.n_embd)
+
+
+def rotary_tables(config: GPTConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin (block_size, head_size / 2) of RoPE's angles, position p, pair i: p / 10000^(2i/hs)."""
+    hs = config.n_embd // config.n_head
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, hs, 2, dtype=torch.float32) / hs))
+    angles = torch.outer(torch.arange(config.block_size, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE on x (B, nh, T, hs) with cos, sin (T, hs / 2): each half-pair turned by its angle."""
+    x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
 
 
 class KVCache:
@@ -62,11 +90,15 @@ class CausalSelfAttention(nn.Module):
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0, rope: tuple | None = None
+    ) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)
         # (B, nh, T, hs)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if rope is not None:  # cos, sin of this call's positions: rotated before k enters the cache
+            q, k = rotate(q, *rope), rotate(k, *rope)
         causal = True
         if cache is not None:
             # k, v: (B, nh, pos + T, hs). The prefill (pos 0) is causal like training; a step
@@ -83,24 +115,29 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
-        self.proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
+        self.fc = nn.Linear(config.n_embd, config.mlp_ratio * config.n_embd, bias=False)
+        self.proj = nn.Linear(config.mlp_ratio * config.n_embd, config.n_embd, bias=False)
         self.dropout = nn.Dropout(config.dropout)
+        self.relu2 = config.mlp == "relu2"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.proj(F.gelu(self.fc(x))))
+        h = self.fc(x)
+        h = F.relu(h).square() if self.relu2 else F.gelu(h)
+        return self.dropout(self.proj(h))
 
 
 class Block(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd)
+        self.ln_1 = make_norm(config)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = nn.LayerNorm(config.n_embd)
+        self.ln_2 = make_norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), cache, layer)
+    def forward(
+        self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0, rope: tuple | None = None
+    ) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache, layer, rope)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -108,13 +145,23 @@ class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
+        if config.positions not in ("learned", "rope") or config.norm not in ("layernorm", "rmsnorm"):
+            raise ValueError(f"unknown positions {config.positions!r} or norm {config.norm!r}")
+        if config.mlp not in ("gelu", "relu2"):
+            raise ValueError(f"unknown mlp {config.mlp!r}")
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
-        self.wpe = nn.Embedding(config.block_size, config.n_embd)
+        # RoPE's tables are buffers, not weights: not saved (persistent=False), rebuilt from the config
+        self.wpe = nn.Embedding(config.block_size, config.n_embd) if config.positions == "learned" else None
+        if config.positions == "rope":
+            cos, sin = rotary_tables(config)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
-        self.ln_f = nn.LayerNorm(config.n_embd)
+        self.ln_f = make_norm(config)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.lm_head.weight = self.wte.weight  # weight tying
+        if config.tie_head:
+            self.lm_head.weight = self.wte.weight
         self.apply(self._init_weights)
         # GPT-2's scaled init of the residual projections
         for name, p in self.named_parameters():
@@ -130,7 +177,7 @@ class GPT(nn.Module):
 
     def num_params(self, non_embedding: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())
-        return n - self.wpe.weight.numel() if non_embedding else n
+        return n - self.wpe.weight.numel() if non_embedding and self.wpe is not None else n
 
     def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """The final layer's normalized states (B, T, C) of idx, which follows the cache's positions."""
@@ -140,10 +187,15 @@ class GPT(nn.Module):
             raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.config.block_size}")
         if start and T != 1:
             raise ValueError(f"after the prefill, a KV cache takes one token at a time, got {T}")
-        pos = torch.arange(start, start + T, device=idx.device)
-        x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C)
+        x = self.wte(idx)  # (B, T, C)
+        rope = None
+        if self.wpe is not None:
+            x = x + self.wpe(torch.arange(start, start + T, device=idx.device))
+        else:
+            rope = (self.rope_cos[start : start + T], self.rope_sin[start : start + T])
+        x = self.drop(x)
         for layer, block in enumerate(self.blocks):
-            x = block(x, cache, layer)
+            x = block(x, cache, layer, rope)
         if cache is not None:
             cache.pos += T
         return self.ln_f(x)

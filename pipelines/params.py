@@ -154,6 +154,9 @@ class TrainParams(Section):
     bf16: Literal["auto", "on", "off"] = Field(
         "auto", description="bf16 autocast where the device supports it"
     )
+    compile: Literal["auto", "on", "off"] = Field(
+        "auto", description="torch.compile the model; auto: on CUDA only (on CPU it cost more than it saved)"
+    )
     max_steps: int = Field(800, ge=1, description="optimizer steps")
     batch_size: int = Field(16, ge=1, description="sequences per step")
     block_size: int = Field(256, ge=8, description="context length in tokens")
@@ -161,6 +164,17 @@ class TrainParams(Section):
     n_head: int = Field(4, ge=1, description="attention heads")
     n_embd: int = Field(192, ge=8, description="embedding width")
     dropout: float = Field(0.0, ge=0, lt=1, description="dropout probability")
+    positions: Literal["learned", "rope"] = Field(
+        "learned", description="learned embeddings or rotary (RoPE)"
+    )
+    norm: Literal["layernorm", "rmsnorm"] = Field("layernorm", description="normalization layers")
+    mlp: Literal["gelu", "relu2"] = Field("gelu", description="MLP activation (relu2: squared ReLU)")
+    mlp_ratio: int = Field(4, ge=1, description="MLP hidden width in multiples of n_embd")
+    tie_head: bool = Field(True, description="output head shares the token embedding's weights")
+    optimizer: Literal["adamw", "muon"] = Field(
+        "adamw", description="muon: Muon on the blocks' matrices, AdamW on embeddings, head and norms"
+    )
+    muon_lr: float = Field(0.02, gt=0, description="Muon's peak learning rate (same schedule as lr)")
     lr: float = Field(3e-3, gt=0, description="peak learning rate")
     min_lr: float = Field(3e-4, ge=0, description="learning rate at the end of the cosine decay")
     warmup_steps: int = Field(50, ge=0, description="linear warm-up steps")

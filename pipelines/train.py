@@ -75,6 +75,14 @@ def use_bf16(setting: str, device: torch.device) -> bool:
     return device.type == "cpu"  # bf16 matmul is ~4x fp32 on current x86 CPUs (STACK-NOTES)
 
 
+def use_compile(setting: str, device: torch.device) -> bool:
+    """torch.compile where it pays: on CUDA. On this project's CPU (benchmarks/train_bench.py) its
+    minutes of compiling on 2 cores bought a few percent per step: never back within a run."""
+    if setting != "auto":
+        return setting == "on"
+    return device.type == "cuda"
+
+
 def get_batch(
     data: np.ndarray,
     step: int,
@@ -103,11 +111,78 @@ def lr_at(step: int, cfg: TrainParams) -> float:
     return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * min(1.0, progress))) * (cfg.lr - cfg.min_lr)
 
 
-def make_optimizer(model: GPT, cfg: TrainParams) -> torch.optim.AdamW:
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))
+def model_config(cfg: TrainParams, vocab_size: int) -> GPTConfig:
+    """The model a train config builds."""
+    return GPTConfig(
+        vocab_size,
+        cfg.block_size,
+        cfg.n_layer,
+        cfg.n_head,
+        cfg.n_embd,
+        cfg.dropout,
+        positions=cfg.positions,
+        norm=cfg.norm,
+        mlp=cfg.mlp,
+        mlp_ratio=cfg.mlp_ratio,
+        tie_head=cfg.tie_head,
+    )
+
+
+class Optimizers:
+    """One or two torch optimizers stepped as one: Muon on the blocks' matrices beside AdamW on
+    the rest, or AdamW alone. Each group keeps its own peak learning rate ("peak_lr") and
+    set_lr_scale moves them all along the schedule."""
+
+    def __init__(self, optimizers: list[torch.optim.Optimizer]):
+        self.optimizers = optimizers
+        for group in self.param_groups:
+            group["peak_lr"] = group["lr"]
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [g for opt in self.optimizers for g in opt.param_groups]
+
+    def set_lr_scale(self, scale: float) -> None:
+        for group in self.param_groups:
+            group["lr"] = group["peak_lr"] * scale
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=set_to_none)
+
+    def step(self) -> None:
+        for opt in self.optimizers:
+            opt.step()
+
+    def state_dict(self) -> dict:
+        return {"optimizers": [opt.state_dict() for opt in self.optimizers]}
+
+    def load_state_dict(self, state: dict) -> None:
+        for opt, opt_state in zip(self.optimizers, state["optimizers"], strict=True):
+            opt.load_state_dict(opt_state)
+
+
+def make_optimizer(model: GPT, cfg: TrainParams) -> Optimizers:
+    """AdamW (the fused CPU/GPU kernel: one pass over each tensor instead of a dozen foreach
+    ops) with weight decay on matrices only; with optimizer "muon", the blocks' matrices go to
+    torch's Muon instead (Moonshot's lr adjustment, so that its updates have AdamW's scale)."""
+    muon = cfg.optimizer == "muon"
+    in_blocks = {id(p) for p in model.blocks.parameters()}
+    matrices = [p for p in model.parameters() if p.dim() >= 2 and not (muon and id(p) in in_blocks)]
+    vectors = [p for p in model.parameters() if p.dim() < 2]
+    groups = [
+        {"params": matrices, "weight_decay": cfg.weight_decay},
+        {"params": vectors, "weight_decay": 0.0},
+    ]
+    optimizers = [torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=True)]
+    if muon:
+        hidden = [p for p in model.blocks.parameters() if p.dim() >= 2]
+        optimizers.append(
+            torch.optim.Muon(
+                hidden, lr=cfg.muon_lr, weight_decay=cfg.weight_decay, adjust_lr_fn="match_rms_adamw"
+            )
+        )
+    return Optimizers(optimizers)
 
 
 def data_version(tokens_dir: Path) -> str:
@@ -197,9 +272,7 @@ def train_model(params: Params, log=print) -> dict:
     if main_process:
         import mlflow  # seconds of imports, spared the other ranks
     bf16 = use_bf16(cfg.bf16, device)
-    model_cfg = GPTConfig(
-        meta["vocab_size"], cfg.block_size, cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.dropout
-    )
+    model_cfg = model_config(cfg, meta["vocab_size"])
     fingerprint, version = run_fingerprint(cfg, model_cfg), data_version(tokens_dir)
 
     torch.manual_seed(cfg.seed)  # seed once: the initial weights, the same on every rank
@@ -227,6 +300,8 @@ def train_model(params: Params, log=print) -> dict:
         if world > 1
         else model
     )
+    if use_compile(cfg.compile, device):
+        net = torch.compile(net)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
     tokens_per_step = cfg.batch_size * cfg.block_size
 
@@ -248,8 +323,7 @@ def train_model(params: Params, log=print) -> dict:
         )
         for step in bar:
             lr = lr_at(step, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            optimizer.set_lr_scale(lr / cfg.lr)
             # dropout noise depends on the step (and the rank), not the history
             torch.manual_seed((cfg.seed + step) * world + rank)
             x, y = get_batch(data, step, cfg.seed, cfg.batch_size, cfg.block_size, device, rank, world)
@@ -296,6 +370,7 @@ def train_model(params: Params, log=print) -> dict:
             "device": device.type,
             "processes": world,
             "bf16": bf16,
+            "compiled": use_compile(cfg.compile, device),
             "num_params": model.num_params(),
             "flops_per_token": model.flops_per_token(),
             "data_version": version,

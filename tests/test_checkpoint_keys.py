@@ -178,3 +178,18 @@ def test_a_non_finite_gradient_stops_training_before_its_checkpoint(base, tmp_pa
     for _, path in kept:
         assert all(torch.isfinite(t).all() for t in read_checkpoint(path)["model"].values())
     assert not (tmp_path / "models").exists()
+
+
+def test_dvc_yaml_lists_every_train_setting_that_changes_the_weights():
+    # dvc.yaml's train params are DVC's cache key: a setting missing there lets `dvc repro` reuse
+    # a model trained with another value of it
+    import yaml
+
+    from pipelines.params import TrainParams
+    from pipelines.train import NON_MODEL_FIELDS
+
+    listed = set(yaml.safe_load(Path("dvc.yaml").read_text())["stages"]["train"]["params"])
+    expected = {f"train.{name}" for name in TrainParams.model_fields} - {
+        f"train.{n}" for n in NON_MODEL_FIELDS
+    }
+    assert listed == expected

@@ -1,3 +1,5 @@
+import dataclasses
+import io
 import math
 
 import pytest
@@ -6,6 +8,9 @@ import torch
 from pipelines.model import GPT, GPTConfig, KVCache
 
 TINY = GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32)
+# every architecture option away from GPT-2's at once
+MODERN = dataclasses.replace(TINY, positions="rope", norm="rmsnorm", mlp="relu2", tie_head=False)
+ARCHS = pytest.mark.parametrize("config", [TINY, MODERN], ids=["gpt2", "modern"])
 
 
 def test_forward_shapes_and_initial_loss_near_uniform():
@@ -17,12 +22,13 @@ def test_forward_shapes_and_initial_loss_near_uniform():
     assert abs(loss.item() - math.log(TINY.vocab_size)) < 0.5
 
 
-def test_attention_is_causal():
+@ARCHS
+def test_attention_is_causal(config):
     torch.manual_seed(0)
-    model = GPT(TINY).eval()
-    a = torch.randint(0, TINY.vocab_size, (1, 10))
+    model = GPT(config).eval()
+    a = torch.randint(0, config.vocab_size, (1, 10))
     b = a.clone()
-    b[0, 7:] = (b[0, 7:] + 1) % TINY.vocab_size  # change only the future
+    b[0, 7:] = (b[0, 7:] + 1) % config.vocab_size  # change only the future
     la, _ = model(a)
     lb, _ = model(b)
     assert torch.allclose(la[0, :7], lb[0, :7], atol=1e-5)
@@ -66,40 +72,43 @@ PROMPTS = [[1], [5, 9, 2, 7], list(range(3, 13))]
 
 @pytest.mark.parametrize("prompt", PROMPTS)
 @pytest.mark.parametrize(("temperature", "top_k"), [(0.0, None), (1.0, None), (0.8, 10)])
-def test_kv_cache_matches_no_cache_token_for_token(prompt, temperature, top_k):
+@ARCHS
+def test_kv_cache_matches_no_cache_token_for_token(prompt, temperature, top_k, config):
     torch.manual_seed(0)
-    model = GPT(TINY).eval()
+    model = GPT(config).eval()
     idx = torch.tensor([prompt])
-    new_tokens = TINY.block_size - len(prompt)  # the cache fills to block_size exactly
+    new_tokens = config.block_size - len(prompt)  # the cache fills to block_size exactly
     outs = []
     for use_cache in (True, False):
         g = torch.Generator().manual_seed(11)
         outs.append(model.generate(idx, new_tokens, temperature, top_k, g, use_cache=use_cache))
     cached, reference = outs
-    assert cached.shape == (1, TINY.block_size)
+    assert cached.shape == (1, config.block_size)
     assert cached.tolist() == reference.tolist()
 
 
-def test_kv_cache_past_block_size_continues_as_the_reference():
+@ARCHS
+def test_kv_cache_past_block_size_continues_as_the_reference(config):
     torch.manual_seed(0)
-    model = GPT(TINY).eval()
+    model = GPT(config).eval()
     idx = torch.tensor([[1, 2, 3], [4, 5, 6]])  # a batch of two
     outs = [
-        model.generate(idx, TINY.block_size + 5, 1.0, None, torch.Generator().manual_seed(3), use_cache=c)
+        model.generate(idx, config.block_size + 5, 1.0, None, torch.Generator().manual_seed(3), use_cache=c)
         for c in (True, False)
     ]
-    assert outs[0].shape == (2, 3 + TINY.block_size + 5)
+    assert outs[0].shape == (2, 3 + config.block_size + 5)
     assert outs[0].tolist() == outs[1].tolist()
 
 
-def test_cached_logits_equal_the_full_forward():
+@ARCHS
+def test_cached_logits_equal_the_full_forward(config):
     torch.manual_seed(0)
-    model = GPT(TINY).eval()
-    idx = torch.randint(0, TINY.vocab_size, (2, TINY.block_size))
+    model = GPT(config).eval()
+    idx = torch.randint(0, config.vocab_size, (2, config.block_size))
     full, _ = model(idx)
-    cache = KVCache(TINY)
+    cache = KVCache(config)
     steps = [model.lm_head(model.hidden_states(idx[:, :5], cache))]
-    for t in range(5, TINY.block_size):
+    for t in range(5, config.block_size):
         steps.append(model.lm_head(model.hidden_states(idx[:, t : t + 1], cache)))
     assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-5)
     with pytest.raises(ValueError, match="block_size"):
@@ -121,3 +130,64 @@ def test_generate_rejects_a_temperature_that_overflows_the_logits():
     model = GPT(TINY).eval()
     with pytest.raises(ValueError, match="temperature"):
         model.generate(torch.tensor([[1, 2]]), 4, temperature=1e-45)
+
+
+def test_a_config_written_before_the_architecture_options_loads_as_gpt2():
+    # config.json of a model trained before positions/norm/mlp/tie_head existed
+    old = {"vocab_size": 64, "block_size": 16, "n_layer": 2, "n_head": 2, "n_embd": 32, "dropout": 0.0}
+    model = GPT(GPTConfig(**old))
+    assert model.wpe is not None and isinstance(model.ln_f, torch.nn.LayerNorm)
+    assert model.lm_head.weight is model.wte.weight
+    assert set(model.state_dict()) == set(GPT(TINY).state_dict())
+
+
+def test_rope_tables_are_not_weights_and_an_untied_head_is_its_own():
+    model = GPT(MODERN)
+    assert "rope_cos" not in model.state_dict() and model.wpe is None
+    assert model.lm_head.weight is not model.wte.weight
+    assert model.num_params() == sum(p.numel() for p in model.parameters())
+
+
+def test_unknown_architecture_option_is_refused():
+    with pytest.raises(ValueError, match="norm"):
+        GPT(dataclasses.replace(TINY, norm="batchnorm"))
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_optimizer_state_round_trip_continues_bit_identically(optimizer):
+    # what a checkpoint keeps of the optimizers is all a resumed run needs: 3 + 3 steps through a
+    # save and load equal 6 straight steps, bit for bit
+    from pipelines.params import TrainParams
+    from pipelines.train import make_optimizer
+
+    cfg = TrainParams(optimizer=optimizer, n_layer=2, n_head=2, n_embd=32, block_size=16)
+    idx = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(0))
+
+    def fresh():
+        torch.manual_seed(0)
+        model = GPT(dataclasses.replace(MODERN))
+        return model, make_optimizer(model, cfg)
+
+    def steps(model, opt, n):
+        for _ in range(n):
+            opt.set_lr_scale(0.5)
+            _, loss = model(idx, idx)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+    straight, opt = fresh()
+    steps(straight, opt, 6)
+    first, opt = fresh()
+    steps(first, opt, 3)
+    buf = io.BytesIO()
+    torch.save({"model": first.state_dict(), "optimizer": opt.state_dict()}, buf)
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=True)
+    resumed, opt = fresh()
+    resumed.load_state_dict(saved["model"])
+    opt.load_state_dict(saved["optimizer"])
+    steps(resumed, opt, 3)
+    for a, b in zip(straight.state_dict().values(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    assert len(opt.optimizers) == (2 if optimizer == "muon" else 1)
