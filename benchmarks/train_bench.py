@@ -1,64 +1,173 @@
-"""Training throughput of the default model on this machine: fp32 against bf16 autocast.
+"""Training throughput against this machine's own matmul peak, measured in one run.
 
-    .venv/bin/python benchmarks/train_bench.py [--steps 20] [--repeats 3]
+    .venv/bin/python benchmarks/train_bench.py [--steps 10] [--repeats 3] [--compile] [--profile]
 
-Times optimizer steps of the default config (params.yaml) on random tokens, after warm-up,
-side by side in one run, and prints the median tokens/s and model FLOP/s of each setting.
-FLOPs per token follow nanoGPT's estimate (6N + 12·L·H·Q·T).
+1. The peak: the best of several large square matmuls, bf16 and fp32, on this device now.
+2. Optimizer steps of the default config (params.yaml) on random tokens, one row per setting,
+   the settings interleaved repeat by repeat so that a noisy neighbour slows them alike. Each row:
+   median tokens/s, model FLOP/s (nanoGPT's 6N + 12·L·H·Q·T per token) and its share of the
+   measured bf16 peak. "default" is exactly what the train stage runs (pipelines.train).
+3. --profile: where a default step's time goes (torch.profiler), by kind of work.
+
+--compile adds a torch.compile row (minutes of compiling on 2 cores before it is timed).
 """
 
 import argparse
 import statistics
 import time
+from collections import defaultdict
 
 import torch
+from torch.profiler import ProfilerActivity, profile, record_function
 
-from pipelines.model import GPT, GPTConfig
+from pipelines.model import GPT
 from pipelines.params import load_params
-from pipelines.train import make_optimizer, pick_device
+from pipelines.train import make_optimizer, model_config, pick_device, use_bf16
+
+PEAK_SIZES = (2048, 3072, 4096)
+VOCAB = 4096
 
 
-def time_steps(model, optimizer, x, y, steps: int, bf16: bool, device) -> float:
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
-    start = time.perf_counter()
-    for _ in range(steps):
-        with autocast:
-            _, loss = model(x, y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-    loss.item()  # sync point
-    return time.perf_counter() - start
+def matmul_peak(dtype: torch.dtype, device: torch.device, repeats: int = 5, sizes=PEAK_SIZES) -> float:
+    """The best GFLOP/s of an n x n by n x n matmul over a few large n."""
+    best = 0.0
+    for n in sizes:
+        a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+        a @ b  # warm-up
+        for _ in range(repeats):
+            start = time.perf_counter()
+            (a @ b).sum().item()  # .item(): wait for the device
+            best = max(best, 2 * n**3 / (time.perf_counter() - start) / 1e9)
+    return best
+
+
+class Setting:
+    """A model and optimizer under one setting, stepping exactly as the train stage does:
+    autocast forward, zero_grad, backward, clip the gradient norm, optimizer step."""
+
+    def __init__(
+        self,
+        name: str,
+        cfg,
+        device,
+        bf16: bool,
+        foreach_adamw: bool = False,
+        compile: bool = False,
+        vocab=VOCAB,
+    ):
+        self.name, self.bf16, self.grad_clip = name, bf16, cfg.grad_clip
+        torch.manual_seed(0)
+        self.model = GPT(model_config(cfg, vocab)).to(device)
+        if foreach_adamw:  # the optimizer before issue 11: torch's default (foreach) AdamW
+            params = [p for p in self.model.parameters()]
+            self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95))
+        else:
+            self.optimizer = make_optimizer(self.model, cfg)
+        self.net = torch.compile(self.model) if compile else self.model
+        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+
+    def step(self, x, y) -> None:
+        with record_function("forward"), self.autocast:
+            _, loss = self.net(x, y)
+        loss.item()  # the train stage's divergence check syncs here too
+        self.optimizer.zero_grad(set_to_none=True)
+        with record_function("backward"):
+            loss.backward()
+        with record_function("optimizer"):
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip).item()
+            self.optimizer.step()
+
+    def time(self, x, y, steps: int) -> float:
+        start = time.perf_counter()
+        for _ in range(steps):
+            self.step(x, y)
+        return (time.perf_counter() - start) / steps
+
+
+KINDS = (
+    ("matmul", ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")),
+    ("attention", ("scaled_dot_product", "flash_attention")),
+    ("cross-entropy", ("log_softmax", "nll_loss", "cross_entropy")),
+    ("casts", ("aten::copy_", "aten::_to_copy", "aten::to")),
+)
+
+
+def kind_of(event) -> str:
+    node = event
+    while node is not None:  # work inside the optimizer range is the optimizer's, whatever the op
+        if node.name == "optimizer":
+            return "optimizer (clip + step)"
+        node = node.cpu_parent
+    for kind, names in KINDS:
+        if any(n in event.name for n in names):
+            return kind
+    return "element-wise and other"
+
+
+def profile_step(setting: Setting, x, y, steps: int = 3) -> None:
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            setting.step(x, y)
+    by_kind: dict[str, float] = defaultdict(float)
+    for event in prof.events():
+        if event.name not in ("forward", "backward", "optimizer"):
+            by_kind[kind_of(event)] += event.self_cpu_time_total / 1e3 / steps  # ms per step
+    total = sum(by_kind.values())
+    print(f"\nwhere a step of '{setting.name}' goes (torch.profiler, {steps} steps, CPU self time):")
+    print(f"{'kind':<26} {'ms/step':>8} {'share':>6}")
+    for kind, ms in sorted(by_kind.items(), key=lambda kv: -kv[1]):
+        print(f"{kind:<26} {ms:>8.1f} {ms / total:>6.0%}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=20, help="timed steps per repeat")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per repeat")
     parser.add_argument("--repeats", type=int, default=3, help="repeats per setting (median reported)")
+    parser.add_argument("--compile", action="store_true", help="add a torch.compile row")
+    parser.add_argument("--profile", action="store_true", help="profile the default setting by kind of work")
+    parser.add_argument("-S", "--set", action="append", default=[], help="a params override, as trainpipe -S")
     args = parser.parse_args()
-    cfg = load_params().train
+    cfg = load_params(overrides=args.set).train
     device = pick_device(cfg.device)
-    model_cfg = GPTConfig(4096, cfg.block_size, cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.dropout)
-    torch.manual_seed(0)
-    model = GPT(model_cfg).to(device)
-    optimizer = make_optimizer(model, cfg)
-    x = torch.randint(0, model_cfg.vocab_size, (cfg.batch_size, cfg.block_size), device=device)
+    bf16 = use_bf16(cfg.bf16, device)
+    peak = {"bf16": matmul_peak(torch.bfloat16, device), "fp32": matmul_peak(torch.float32, device)}
+    settings = [
+        Setting("fp32, foreach AdamW", cfg, device, bf16=False, foreach_adamw=True),
+        Setting("bf16, foreach AdamW", cfg, device, bf16=True, foreach_adamw=True),
+        Setting("default", cfg, device, bf16=bf16),
+    ]
+    if args.compile:
+        settings.append(Setting("default + torch.compile", cfg, device, bf16=bf16, compile=True))
+    x = torch.randint(0, VOCAB, (cfg.batch_size, cfg.block_size), device=device)
     y = torch.roll(x, -1, dims=1)
-    tokens = cfg.batch_size * cfg.block_size * args.steps
+    for s in settings:
+        start = time.perf_counter()
+        s.time(x, y, 2)  # warm-up (and compiling)
+        s.warmup_s = time.perf_counter() - start
+    times: dict[str, list[float]] = {s.name: [] for s in settings}
+    for _ in range(args.repeats):
+        for s in settings:
+            times[s.name].append(s.time(x, y, args.steps))
+    flops = settings[-1].model.flops_per_token()
+    tokens = cfg.batch_size * cfg.block_size
     print(
-        f"device {device.type}, {torch.get_num_threads()} threads, {model.num_params() / 1e6:.2f} M params, "
-        f"batch {cfg.batch_size}x{cfg.block_size}, {args.steps} steps x {args.repeats} repeats"
+        f"device {device.type}, {torch.get_num_threads()} threads; {settings[0].model.num_params() / 1e6:.2f} M "
+        f"params, {cfg.n_layer} layers x {cfg.n_embd}, batch {cfg.batch_size} x {cfg.block_size}, "
+        f"{flops / 1e6:.1f} MFLOP/token; {args.steps} steps x {args.repeats} repeats, medians"
     )
-    print(f"{'setting':<8} {'tokens/s':>10} {'GFLOP/s':>9} {'s/step':>8}")
-    for bf16 in (False, True):
-        time_steps(model, optimizer, x, y, 3, bf16, device)  # warm-up
-        times = [time_steps(model, optimizer, x, y, args.steps, bf16, device) for _ in range(args.repeats)]
-        med = statistics.median(times)
-        tok_s = tokens / med
+    print(f"matmul peak: bf16 {peak['bf16']:.0f} GFLOP/s, fp32 {peak['fp32']:.0f} GFLOP/s")
+    print(
+        f"{'setting':<26} {'s/step':>7} {'tokens/s':>9} {'GFLOP/s':>8} {'of bf16 peak':>13} {'warm-up s':>10}"
+    )
+    for s in settings:
+        med = statistics.median(times[s.name])
+        gflops = tokens / med * flops / 1e9
         print(
-            f"{'bf16' if bf16 else 'fp32':<8} {tok_s:>10,.0f} {tok_s * model.flops_per_token() / 1e9:>9.1f} "
-            f"{med / args.steps:>8.3f}"
+            f"{s.name:<26} {med:>7.3f} {tokens / med:>9,.0f} {gflops:>8.1f} {gflops / peak['bf16']:>13.0%} "
+            f"{s.warmup_s:>10.1f}"
         )
+    if args.profile:
+        profile_step(settings[2], x, y)
 
 
 if __name__ == "__main__":

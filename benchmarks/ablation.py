@@ -1,0 +1,136 @@
+"""The training recipe's ablation: each row trains on this workspace's data/tokens with the train
+stage's own code and scores the held-out split as the evaluate stage does.
+
+    .venv/bin/python benchmarks/ablation.py                       # the rows below, in order
+    .venv/bin/python benchmarks/ablation.py --rows baseline,rope  # some of them
+    .venv/bin/python benchmarks/ablation.py --seeds 1337,7 --rows final
+
+Needs data/tokens and data/curated (`dvc repro tokenize`). A row's overrides apply on top of
+params.yaml's *old* recipe (BASELINE below) and of the rows before it, so each row adds one
+change. Prints held-out bits per byte and training seconds; results also go to --out as JSON.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+# The recipe before issue 11: GPT-2's architecture, AdamW, 800 steps of 16 x 256 tokens.
+BASELINE = [
+    "train.positions=learned",
+    "train.norm=layernorm",
+    "train.mlp=gelu",
+    "train.mlp_ratio=4",
+    "train.tie_head=true",
+    "train.optimizer=adamw",
+    "train.lr=0.003",
+    "train.min_lr=0.0003",
+    "train.warmup_steps=50",
+    "train.max_steps=800",
+    "train.batch_size=16",
+    "train.block_size=256",
+    "train.n_layer=4",
+    "train.n_head=4",
+    "train.n_embd=192",
+]
+# name -> the overrides it adds to the rows before it
+ROWS = {
+    "baseline": [],
+    "rope": ["train.positions=rope"],
+    "rmsnorm": ["train.norm=rmsnorm"],
+    "muon": ["train.optimizer=muon"],
+    "relu2": ["train.mlp=relu2"],
+    "untied": ["train.tie_head=false"],
+}
+
+
+@contextmanager
+def tracking_in() -> Iterator[Path]:
+    """A temporary folder whose own MLflow database takes the runs' logs, not the project's."""
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID")}
+    with tempfile.TemporaryDirectory() as tmp:
+        os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp}/mlflow.db"
+        os.environ.pop("MLFLOW_RUN_ID", None)
+        try:
+            yield Path(tmp)
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+
+
+def train_and_score(overrides: list[str], work: Path) -> dict:
+    from pipelines.evaluate import score_model_dir, validation_texts
+    from pipelines.params import load_params
+    from pipelines.train import train_model, use_bf16
+
+    params = load_params(
+        overrides=overrides + [f"train.model_dir={work}/models", f"train.checkpoint_dir={work}/ckpt"]
+    )
+    summary = train_model(params, log=lambda *_: None)
+    bf16 = use_bf16(params.train.bf16, torch.device("cpu"))
+    start = time.perf_counter()
+    bpb = score_model_dir(work / "models", validation_texts(params), bf16=bf16)
+    return {
+        "val_bits_per_byte": bpb,
+        "train_seconds": summary["train_seconds"],
+        "score_seconds": time.perf_counter() - start,
+        "tokens_per_s": summary["tokens_per_s"],
+        "num_params": summary["num_params"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", default=",".join(ROWS), help="comma-separated row names, in order")
+    parser.add_argument("--seeds", default="1337", help="comma-separated seeds; each row runs once per seed")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        help="an override for every row (a quick proxy: --set train.max_steps=200)",
+    )
+    parser.add_argument("--out", default="reports/ablation.json", help="results as JSON")
+    args = parser.parse_args()
+    names = args.rows.split(",")
+    unknown = [n for n in names if n not in ROWS]
+    if unknown:
+        parser.error(f"unknown rows {unknown}; known: {', '.join(ROWS)}")
+    results = []
+    with tracking_in() as tmp:
+        overrides = list(BASELINE)
+        print(f"{'row':<10} {'seed':>5} {'bpb':>7} {'train s':>8} {'tokens/s':>9} {'params':>8}", flush=True)
+        for name in ROWS:  # rows build on each other in ROWS order
+            overrides += ROWS[name]
+            if name not in names:
+                continue
+            for seed in map(int, args.seeds.split(",")):
+                work = tmp / f"{name}-{seed}"
+                r = train_and_score(overrides + args.set + [f"train.seed={seed}"], work)
+                results.append({"row": name, "seed": seed, "overrides": list(overrides), **r})
+                print(
+                    f"{name:<10} {seed:>5} {r['val_bits_per_byte']:>7.4f} {r['train_seconds']:>8.1f} "
+                    f"{r['tokens_per_s']:>9,.0f} {r['num_params'] / 1e6:>7.2f}M",
+                    flush=True,
+                )
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    by_row = {}
+    for r in results:
+        by_row.setdefault(r["row"], []).append(r["val_bits_per_byte"])
+    if any(len(v) > 1 for v in by_row.values()):
+        for row, values in by_row.items():
+            print(f"{row}: median {statistics.median(values):.4f} over {len(values)} seeds")
+
+
+if __name__ == "__main__":
+    main()
