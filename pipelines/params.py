@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipelines.errors import ConfigError
 
@@ -191,6 +191,12 @@ class TrainParams(Section):
     log_every: int = Field(10, ge=1, description="steps between metric logs")
     checkpoint_dir: str = Field("checkpoints", description="resume state, kept across failed runs")
     model_dir: str = Field("models", description="train output: weights, config, tokenizer")
+
+    @field_validator("bf16", "compile", mode="before")
+    @classmethod
+    def _yaml_switch(cls, value):
+        # YAML 1.1 (PyYAML, and so -S and `dvc exp run -S`) reads on/off as true/false
+        return ("on" if value else "off") if isinstance(value, bool) else value
 
     @model_validator(mode="after")
     def _consistent(self):

@@ -119,3 +119,10 @@ def test_save_overrides_leaves_equal_values_as_written(tmp_path):
     assert path.read_text() == text
     save_overrides(path, ["curate.min_chars=100"])
     assert path.read_text() == text.replace("min_chars: 200", "min_chars: 100")
+
+
+@pytest.mark.parametrize(("value", "expected"), [("off", "off"), ("on", "on"), ("auto", "auto")])
+def test_on_off_switches_survive_yaml_reading_them_as_booleans(value, expected):
+    # -S train.bf16=off reaches the schema as False (YAML 1.1, as dvc exp run -S reads it)
+    params = load_params("params.yaml", [f"train.bf16={value}", f"train.compile={value}"])
+    assert (params.train.bf16, params.train.compile) == (expected, expected)
