@@ -35,6 +35,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
@@ -57,7 +58,7 @@ from pipelines.inputs import CHAMPION_FILE, SOURCE_FILE
 from pipelines.ledger import ledger_markdown, ledger_metrics, run_ledger
 from pipelines.params import PARAMS_FILE, Params, flatten, load_params, save_overrides
 from pipelines.runlock import flow_lock_wait_s, workspace_lock
-from pipelines.usage import USAGE_DIR_ENV, read_usage
+from pipelines.usage import USAGE_DIR_ENV, note_unreported_attempt, read_usage
 
 
 class _OneLineForOurErrors(logging.Filter):
@@ -95,7 +96,13 @@ def run_stage(
     # Stages that log (train) attach to the flow's MLflow run through MLFLOW_RUN_ID; each stage
     # process reports what it spent into usage_dir (the cost ledger).
     env = {"MLFLOW_RUN_ID": mlflow_run_id, USAGE_DIR_ENV: usage_dir}
-    outcome = repro_stage(stage, env=env, changed=changed)
+    started_ns, started = time.time_ns(), time.monotonic()
+    try:
+        outcome = repro_stage(stage, env=env, changed=changed)
+    except BaseException:  # a stage killed outright wrote no report: its seconds still count
+        if usage_dir:
+            note_unreported_attempt(usage_dir, stage, started_ns, time.monotonic() - started)
+        raise
     if stage == "train" and outcome.ran:  # train says in its summary where it started
         step = read_json(Path(model_dir) / "train.json").get("resumed_from_step") or 0
         if step:

@@ -169,7 +169,7 @@ def ledger_markdown(ledger: dict) -> list[str]:
     ]
     for c in ledger["stages"]:
         if not c["ran"]:
-            lines.append(f"| {c['stage']} | skipped | 0 | | | $0 |")
+            lines.append(f"| {c['stage']} | not run | 0 | | | $0 |")
             continue
         cuda = f"{c['cuda_peak_mb']:,.0f}" if c["cuda_peak_mb"] is not None else ""
         rss = f"{c['peak_rss_mb']:,.0f}" if c["peak_rss_mb"] is not None else ""

@@ -92,6 +92,33 @@ def write_usage(stage: str, exit_status: str) -> Path | None:
     return path
 
 
+def note_unreported_attempt(folder: str | Path, stage: str, since_ns: int, seconds: float) -> Path | None:
+    """For an attempt at stage that failed: when none of its main processes reported since
+    since_ns (killed outright, by SIGKILL, SIGTERM or the OOM killer, or DVC failed around it),
+    the flow's own wall time around `dvc repro` stands in for it, priced as CPU (no process is
+    left to say which device it held). Its seconds are not lost from the ledger."""
+    folder = Path(folder)
+    for path in folder.glob(f"{stage}-*.json"):
+        try:
+            if path.stat().st_mtime_ns >= since_ns and json.loads(path.read_text()).get("rank") is None:
+                return None
+        except (OSError, json.JSONDecodeError):
+            continue
+    record = {
+        "stage": stage,
+        "pid": os.getpid(),
+        "rank": None,
+        "device": "cpu",
+        "seconds": seconds,
+        "peak_rss_bytes": None,
+        "cuda_peak_bytes": None,
+        "exit": "no report from the stage (killed?): the flow's wall time around dvc repro",
+    }
+    path = folder / f"{stage}-flow-{since_ns}.json"
+    path.write_text(json.dumps(record) + "\n")
+    return path
+
+
 def read_usage(folder: str | Path) -> list[dict]:
     """Every report in folder, in the order the processes ended."""
     paths = sorted(Path(folder).glob("*.json"), key=lambda p: p.stat().st_mtime_ns)
