@@ -117,7 +117,11 @@ def measure_throughput(model) -> dict | None:
     started = time.perf_counter()
     completions = _completions(model, frame, params)
     seconds = time.perf_counter() - started
-    tokens = sum(len(tokenizer.encode(text, add_special_tokens=False).ids) for text in completions)
+    # Decoded bytes may re-encode to a few more tokens than were sampled: never more than asked.
+    tokens = sum(
+        min(len(tokenizer.encode(text, add_special_tokens=False).ids), params["max_new_tokens"])
+        for text in completions
+    )
     return {
         "tokens_per_s": tokens / seconds,
         "new_tokens": tokens,
