@@ -228,7 +228,7 @@ def summary_markdown(
         lines += ["## Serving", "", serving["reason"], ""]
         lines += [f"- {ep['url']} serves v{ep['version']}" for ep in serving["endpoints"]] + [""]
     if ledger:
-        lines += ledger_markdown(ledger)
+        lines += ledger_markdown(ledger, {o.stage: o.tag for o in outcomes})
     return "\n".join(lines)
 
 

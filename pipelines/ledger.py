@@ -147,20 +147,21 @@ def format_usd(value: float) -> str:
 def ledger_summary(ledger: dict) -> str:
     """One line for `trainpipe run`: what this run cost and what training spent."""
     ran = [c for c in ledger["stages"] if c["ran"]]
-    devices = "GPU" if ledger["gpu_s"] else "CPU"
+    on_gpu = f" ({ledger['gpu_s']:,.1f} GPU-seconds)" if ledger["gpu_s"] else ""
     work = (
         f"; training {ledger['train_tokens']:,} tokens, {ledger['train_flops']:.3g} FLOPs"
         if ledger["train_tokens"]
         else ""
     )
     return (
-        f"{format_usd(ledger['usd'])} for {ledger['device_s']:,.1f} {devices} device-seconds over "
+        f"{format_usd(ledger['usd'])} for {ledger['device_s']:,.1f} device-seconds{on_gpu} over "
         f"{len(ran)} stage{'s' if len(ran) != 1 else ''} that ran{work}"
     )
 
 
-def ledger_markdown(ledger: dict) -> list[str]:
-    """The ledger as a markdown section for the flow's Prefect artifact."""
+def ledger_markdown(ledger: dict, outcomes: dict[str, str] | None = None) -> list[str]:
+    """The ledger as a markdown section for the flow's Prefect artifact; outcomes (stage: what
+    the flow recorded, e.g. "skipped") say why a stage that ran no process spent nothing."""
     lines = [
         "## Cost",
         "",
@@ -169,7 +170,8 @@ def ledger_markdown(ledger: dict) -> list[str]:
     ]
     for c in ledger["stages"]:
         if not c["ran"]:
-            lines.append(f"| {c['stage']} | not run | 0 | | | $0 |")
+            why = (outcomes or {}).get(c["stage"], "not reached")
+            lines.append(f"| {c['stage']} | {why} | 0 | | | $0 |")
             continue
         cuda = f"{c['cuda_peak_mb']:,.0f}" if c["cuda_peak_mb"] is not None else ""
         rss = f"{c['peak_rss_mb']:,.0f}" if c["peak_rss_mb"] is not None else ""

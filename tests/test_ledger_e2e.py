@@ -60,8 +60,12 @@ def test_every_run_logs_its_cost_and_the_version_counts_the_failed_one(tmp_path,
             json.loads(d)
             for (d,) in db.execute("SELECT data FROM artifact WHERE key = 'trainpipe-run' ORDER BY created")
         ]
-    assert "## Cost" in artifacts[0] and "| tokenize | not run | 0 |" in artifacts[0]
-    assert "| train | cpu |" in artifacts[1] and f"training: {60 * 8 * 64:,} tokens" in artifacts[1]
+    assert "## Cost" in artifacts[0] and "| tokenize | not reached | 0 |" in artifacts[0]
+    assert (
+        "| ingest | skipped | 0 |" in artifacts[1]
+        and "| train | cpu |" in artifacts[1]
+        and f"training: {60 * 8 * 64:,} tokens" in artifacts[1]
+    )
 
     status = trainpipe(proj, env, "status", "--json")
     assert status.returncode == 0, status.stderr[-2000:]
