@@ -18,6 +18,10 @@ Steps, in order:
   5. serving: every running endpoint (`trainpipe serve` follows @champion) must serve the
      champion within serve.wait_s, else the run fails; none running is said, not a failure
   6. leave a Prefect artifact summarising the run
+Throughout, the cost ledger (pipelines/ledger.py): each stage process reports its seconds, peak
+memory and device into a folder of this run's (pipelines/usage.py); after the stages, passed or
+failed, they are priced and logged as metrics cost.* of the MLflow run (publish sums them over
+the runs since the champion) and shown in the Prefect artifact.
 
 It holds the workspace lock throughout. A flow run that no `trainpipe` command started (a
 schedule, a deployment) waits for the lock: at most TRAINPIPE_LOCK_WAIT_S seconds (default 3600).
@@ -28,19 +32,33 @@ schedule, a deployment) waits for the lock: at most TRAINPIPE_LOCK_WAIT_S second
 import json
 import logging
 import os
+import shutil
 import subprocess
+import tempfile
+import time
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 
-from flows.dvc import STAGES, StageFailed, StageOutcome, check_inputs, push, repro_stage, stage_changes
+from flows.dvc import (
+    INPUTS_CHECK,
+    STAGES,
+    StageFailed,
+    StageOutcome,
+    check_inputs,
+    push,
+    repro_stage,
+    stage_changes,
+)
 from pipelines.data import read_json, sha256_hex
 from pipelines.errors import PERMANENT_EXIT_CODES, TrainpipeError
 from pipelines.inputs import CHAMPION_FILE, SOURCE_FILE
+from pipelines.ledger import ledger_markdown, ledger_metrics, run_ledger
 from pipelines.params import PARAMS_FILE, Params, flatten, load_params, save_overrides
 from pipelines.runlock import flow_lock_wait_s, workspace_lock
+from pipelines.usage import USAGE_DIR_ENV, note_unreported_attempt, read_usage
 
 
 class _OneLineForOurErrors(logging.Filter):
@@ -72,9 +90,19 @@ def retry_transient_only(task, task_run, state) -> bool:
 @task(
     retries=2, retry_delay_seconds=[10, 60], retry_condition_fn=retry_transient_only, task_run_name="{stage}"
 )
-def run_stage(stage: str, mlflow_run_id: str, changed: str = "", model_dir: str = "models") -> StageOutcome:
-    # Stages that log (train) attach to the flow's MLflow run through MLFLOW_RUN_ID.
-    outcome = repro_stage(stage, env={"MLFLOW_RUN_ID": mlflow_run_id}, changed=changed)
+def run_stage(
+    stage: str, mlflow_run_id: str, changed: str = "", model_dir: str = "models", usage_dir: str = ""
+) -> StageOutcome:
+    # Stages that log (train) attach to the flow's MLflow run through MLFLOW_RUN_ID; each stage
+    # process reports what it spent into usage_dir (the cost ledger).
+    env = {"MLFLOW_RUN_ID": mlflow_run_id, USAGE_DIR_ENV: usage_dir}
+    started_ns, started = time.time_ns(), time.monotonic()
+    try:
+        outcome = repro_stage(stage, env=env, changed=changed)
+    except BaseException:  # a stage killed outright wrote no report: its seconds still count
+        if usage_dir:
+            note_unreported_attempt(usage_dir, stage, started_ns, time.monotonic() - started)
+        raise
     if stage == "train" and outcome.ran:  # train says in its summary where it started
         step = read_json(Path(model_dir) / "train.json").get("resumed_from_step") or 0
         if step:
@@ -171,6 +199,7 @@ def summary_markdown(
     metrics: dict,
     published: dict | None,
     serving: dict | None = None,
+    ledger: dict | None = None,
 ) -> str:
     rows = "\n".join(f"| {o.stage} | {o.tag} | {o.reason} |" for o in outcomes)
     lines = ["# trainpipe run", "", "| stage | outcome | why |", "|---|---|---|", rows, ""]
@@ -197,7 +226,9 @@ def summary_markdown(
         ]
     if serving:
         lines += ["## Serving", "", serving["reason"], ""]
-        lines += [f"- {ep['url']} serves v{ep['version']}" for ep in serving["endpoints"]]
+        lines += [f"- {ep['url']} serves v{ep['version']}" for ep in serving["endpoints"]] + [""]
+    if ledger:
+        lines += ledger_markdown(ledger, {o.stage: o.tag for o in outcomes})
     return "\n".join(lines)
 
 
@@ -300,10 +331,10 @@ def training_flow(params: Params | None = None) -> dict:
 
 
 @task(retries=2, retry_delay_seconds=[10, 60], retry_condition_fn=retry_transient_only)
-def record_inputs(params: Params) -> dict:
+def record_inputs(params: Params, usage_dir: str = "") -> dict:
     """The inputs check; what it recorded, for the flow run's MLflow tags (input.source_sha256,
     input.champion) and the printed summary (a warning when the registry could not be read)."""
-    for line in check_inputs():
+    for line in check_inputs(env={USAGE_DIR_ENV: usage_dir}):
         get_run_logger().info(line)
     inputs_dir = Path(params.data.inputs_dir)
     champion = read_json(inputs_dir / CHAMPION_FILE)
@@ -314,7 +345,7 @@ def record_inputs(params: Params) -> dict:
     }
 
 
-def run_stages(params: Params, run_id: str, outcomes: list[StageOutcome]) -> None:
+def run_stages(params: Params, run_id: str, outcomes: list[StageOutcome], usage_dir: str) -> None:
     """Each stage through DVC, appending what happened to outcomes (a failed one included)."""
     logger = get_run_logger()
     changes = stage_changes(list(STAGES))  # one `dvc status` for all: on an unchanged run, the only one
@@ -322,7 +353,9 @@ def run_stages(params: Params, run_id: str, outcomes: list[StageOutcome]) -> Non
         if any(o.ran for o in outcomes):  # an earlier stage's new outputs may change this one
             changes = stage_changes([stage])
         try:
-            outcomes.append(run_stage(stage, run_id, changes.get(stage, ""), params.train.model_dir))
+            outcomes.append(
+                run_stage(stage, run_id, changes.get(stage, ""), params.train.model_dir, usage_dir)
+            )
         except Exception as exc:
             outcomes.append(StageOutcome(stage, True, f"failed: {exc}", "failed", str(exc)))
             raise
@@ -338,25 +371,43 @@ def record_stages(outcomes: list[StageOutcome]) -> None:
     mlflow.log_dict([o.__dict__ for o in outcomes], "stages.json")
 
 
+def record_costs(params: Params, outcomes: list[StageOutcome], usage_dir: str) -> dict:
+    """Price what the stage processes reported (a failed stage and every retry included) and log
+    it to the flow's MLflow run: metrics cost.*, and cost.json with each stage's figures."""
+    import mlflow
+
+    train = next((o for o in outcomes if o.stage == "train"), None)
+    summary_path = Path(params.train.model_dir) / "train.json"
+    # train.json tells this run's work only when train ran to its end here (else: skipped, or restored by DVC)
+    trained_here = train is not None and train.ran and train.status != "failed" and summary_path.exists()
+    summary = read_json(summary_path) if trained_here else None
+    ledger = run_ledger([INPUTS_CHECK, *STAGES], read_usage(usage_dir), params.cost, summary)
+    mlflow.log_metrics(ledger_metrics(ledger))
+    mlflow.log_dict(ledger, "cost.json")
+    return ledger
+
+
 def _training_flow(params: Params | None) -> dict:
     import mlflow
 
     params = apply_params(params)
     mlflow.set_experiment(params.publish.experiment)
     outcomes: list[StageOutcome] = []
-    curation, metrics, published, inputs, serving = {}, {}, None, {}, None
+    curation, metrics, published, inputs, serving, ledger = {}, {}, None, {}, None, None
+    usage_dir = tempfile.mkdtemp(prefix="trainpipe-usage-")  # the stage processes' reports
     try:
         with mlflow.start_run(run_name=f"flow-{flow_run.get_name() or 'local'}") as run:
             run_id = run.info.run_id
             mlflow.log_params({k: str(v)[:500] for k, v in flatten(params).items()})
             mlflow.set_tag("prefect_flow_run_id", str(flow_run.get_id() or ""))
             try:
-                inputs = record_inputs(params)
+                inputs = record_inputs(params, usage_dir)
                 mlflow.set_tags({f"input.{k}": v for k, v in inputs.items() if k != "warning"})
-                run_stages(params, run_id, outcomes)
+                run_stages(params, run_id, outcomes, usage_dir)
             finally:
                 curation = report_curation(params)
                 record_stages(outcomes)
+                ledger = record_costs(params, outcomes, usage_dir)  # before publish, which sums it
             metrics = read_json(Path(params.evaluate.reports_dir) / "metrics.json")
             mlflow.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
             # Pushed before publish moves an alias: a champion's data and model are never only here.
@@ -364,8 +415,9 @@ def _training_flow(params: Params | None) -> dict:
             published = publish(params, lineage(params), run_id)
             serving = reach_endpoints(params, published)
     finally:  # a failed run leaves its record too: which stages ran, were skipped or failed
+        shutil.rmtree(usage_dir, ignore_errors=True)
         create_markdown_artifact(
-            summary_markdown(outcomes, curation, metrics, published, serving),
+            summary_markdown(outcomes, curation, metrics, published, serving, ledger),
             key="trainpipe-run",
             description="stages, curation, metrics and the alias decision of this run",
         )
@@ -375,6 +427,7 @@ def _training_flow(params: Params | None) -> dict:
         "metrics": metrics,
         "published": published,
         "serving": serving,
+        "cost": ledger,
     }
 
 

@@ -71,6 +71,10 @@ def cmd_run(args) -> None:
         f"held-out: {m['val_bits_per_byte']:.3f} bits/byte (gzip -9 {m['gzip_bits_per_byte']:.3f}, "
         f"xz -9 {m['xz_bits_per_byte']:.3f}); metrics in {params.evaluate.reports_dir}/metrics.json"
     )
+    if result.get("cost"):
+        from pipelines.ledger import ledger_summary
+
+        print(f"cost: {ledger_summary(result['cost'])}; `trainpipe status` prices the champion")
     serving = result.get("serving") or {}
     print(f"serving: {serving.get('reason', 'not checked')}")
     print("dvc.lock records this run's data and model versions: `git add dvc.lock params.yaml` to keep it")

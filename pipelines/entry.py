@@ -11,6 +11,7 @@ from pathlib import Path
 
 from pipelines.errors import TrainpipeError
 from pipelines.params import PARAMS_FILE, load_params
+from pipelines.usage import write_usage
 
 
 def stage_main(stage: str, run, describe, argv: list[str] | None = None) -> None:
@@ -33,12 +34,16 @@ def stage_main(stage: str, run, describe, argv: list[str] | None = None) -> None
     )
     args = parser.parse_args(argv)
     setup_environment()
+    exit_status = "failed"  # until run returns; an unexpected exception keeps it
     try:
         params = load_params(args.params, args.set)
         result = run(params)
+        exit_status = "ok"
     except (TrainpipeError, FileNotFoundError) as exc:
         print(f"trainpipe {stage}: {exc}", file=sys.stderr)
         sys.exit(getattr(exc, "exit_code", 2))
+    finally:  # what the process spent, for the flow's cost ledger, passed or failed
+        write_usage(stage, exit_status)
     if result is not None:
         print(describe(result, params))
 

@@ -261,6 +261,27 @@ class ServeParams(Section):
     )
 
 
+class CostParams(Section):
+    """Prices of device time for the cost ledger (pipelines/ledger.py). A stage that held a GPU
+    (cuda) pays gpu_hour_usd per GPU for its seconds; any other stage pays cpu_hour_usd for the
+    machine (mps included: no rental price applies to a laptop's GPU)."""
+
+    cpu_hour_usd: float = Field(
+        0.10264,
+        gt=0,
+        allow_inf_nan=False,
+        description="price of one hour of the CPU machine, in USD (default: AWS c7a.large, 2 vCPU "
+        "AMD EPYC Zen 4, Linux on-demand, us-east-1)",
+    )
+    gpu_hour_usd: float = Field(
+        5.58,
+        gt=0,
+        allow_inf_nan=False,
+        description="price of one GPU hour, in USD (default: an H200 141 GB, RunPod Serverless flex "
+        "worker, $0.00155 per second)",
+    )
+
+
 class Params(Section):
     data: DataParams = Field(default_factory=DataParams)
     curate: CurateParams = Field(default_factory=CurateParams)
@@ -269,6 +290,7 @@ class Params(Section):
     evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
     publish: PublishParams = Field(default_factory=PublishParams)
     serve: ServeParams = Field(default_factory=ServeParams)
+    cost: CostParams = Field(default_factory=CostParams)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

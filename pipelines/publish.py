@@ -62,6 +62,7 @@ from pipelines.evaluate import (
     validation_documents,
 )
 from pipelines.gate import PROFILE_ARTIFACT
+from pipelines.ledger import RUN_CPU_S, RUN_GPU_S, RUN_USD
 from pipelines.params import Params
 from pipelines.registry import (
     CHALLENGER,
@@ -76,11 +77,14 @@ from pipelines.registry import (
     finish_run,
     get_champion,
     get_version,
+    ledger_runs,
     log_missing_metrics,
     log_run_artifact,
     record_move,
     register_version,
     resolve_run,
+    run_experiment_id,
+    run_metrics,
     set_alias,
     set_version_tags,
 )
@@ -269,10 +273,16 @@ def smoke_test(client: MlflowClient, name: str, version: str, timeout_s: float) 
     if tags.get("smoke_test", "").startswith("passed") and tags.get("smoke_test_key") == key:
         return tags["smoke_test"]
     print(f"smoke test of {name} v{version}: loading it in a fresh process", flush=True)
-    passed, result = run_smoke_test(f"models:/{name}/{version}", version, timeout_s)
-    set_version_tags(
-        client, name, version, {"smoke_test": result, "smoke_test_key": key, "smoke_tested_at": _now()}
-    )
+    passed, result, throughput = run_smoke_test(f"models:/{name}/{version}", version, timeout_s)
+    tags = {"smoke_test": result, "smoke_test_key": key, "smoke_tested_at": _now()}
+    if throughput:  # the version's inference speed, which status prices (pipelines/ledger.py)
+        tags |= {
+            "inference_tokens_per_s": repr(float(throughput["tokens_per_s"])),
+            "inference_device": str(throughput["device"]),
+            "inference_measured": f"smoke test: {throughput['new_tokens']} new tokens in "
+            f"{throughput['seconds']:.2f} s, 3 prompts one after another, warm",
+        }
+    set_version_tags(client, name, version, tags)
     if not passed:
         why = result.removeprefix("failed: ")
         raise SmokeTestError(
@@ -600,6 +610,7 @@ def _register(client, params: Params, model_dir: Path, metrics: dict, lineage, r
             **{PER_DOCUMENT_TAG: scores_path},
         )
         tags.update({field: _tag_value(metrics[field]) for field in SCORE_KEY_FIELDS})
+        tags.update(cost_tags(client, params.publish.model_name, run_id))
         version = register_version(info.model_uri, params.publish.model_name, tags)
         _test_pause("registered")
     except BaseException:
@@ -609,6 +620,27 @@ def _register(client, params: Params, model_dir: Path, metrics: dict, lineage, r
     if own_run:
         finish_run(client, run_id, "FINISHED")
     return version, run_id
+
+
+def cost_tags(client: MlflowClient, name: str, run_id: str) -> dict[str, str]:
+    """The cost ledger of a version about to be registered from run_id: its own run's device time
+    and money (absent when the run logged no ledger: a `trainpipe publish` outside a flow), and
+    their sums over every run started since the champion was registered, failed runs included:
+    what arriving at this model cost. Seconds are kept by kind, so status can price them."""
+    champion = get_champion(client, name)
+    since_ms = champion.creation_timestamp if champion else 0
+    runs = ledger_runs(client, run_experiment_id(client, run_id), since_ms, RUN_USD)
+    own = run_metrics(client, run_id)
+    tags = {
+        "cost_since": f"v{champion.version}" if champion else "the first run",
+        "cost_cumulative_runs": str(len(runs)),
+        "cost_cumulative_failed_runs": str(sum(run["status"] == "FAILED" for run in runs)),
+    }
+    for key, metric in (("cpu_s", RUN_CPU_S), ("gpu_s", RUN_GPU_S), ("usd", RUN_USD)):
+        tags[f"cost_cumulative_{key}"] = repr(sum(run["metrics"].get(metric, 0.0) for run in runs))
+        if metric in own:
+            tags[f"cost_run_{key}"] = repr(own[metric])
+    return tags
 
 
 def _log_document_scores(client: MlflowClient, params: Params, run_id: str, weights_sha: str) -> str:

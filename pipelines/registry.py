@@ -109,6 +109,40 @@ def last_flow_run(client: MlflowClient, experiment: str) -> dict | None:
     }
 
 
+def run_metrics(client: MlflowClient, run_id: str) -> dict[str, float]:
+    return dict(client.get_run(run_id).data.metrics)
+
+
+def run_experiment_id(client: MlflowClient, run_id: str) -> str:
+    return client.get_run(run_id).info.experiment_id
+
+
+def ledger_runs(client: MlflowClient, experiment_id: str, started_after_ms: int, metric: str) -> list[dict]:
+    """Every run of the experiment started after started_after_ms that logged the ledger's metric
+    (flow runs: finished, failed or killed alike), oldest first: {run_id, status, start_time, metrics}."""
+    found, token = [], None
+    while True:
+        page = client.search_runs(
+            [experiment_id],
+            filter_string=f"attributes.start_time > {int(started_after_ms)} and metrics.`{metric}` >= 0",
+            order_by=["attributes.start_time ASC"],
+            max_results=1000,
+            page_token=token,
+        )
+        found += [
+            {
+                "run_id": run.info.run_id,
+                "status": run.info.status,
+                "start_time": run.info.start_time,
+                "metrics": dict(run.data.metrics),
+            }
+            for run in page
+        ]
+        token = page.token
+        if not token:
+            return found
+
+
 def get_version(client: MlflowClient, name: str, version: int | str) -> ModelVersion:
     """A registered version; ConfigError naming it when there is no such version."""
     from pipelines.errors import ConfigError

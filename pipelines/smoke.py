@@ -6,6 +6,13 @@ fixed prompts within a time limit, with non-empty text, and the same seed must g
 output twice. Publish, promote and rollback run it before @champion moves; the endpoint runs the
 same checks (check_answers) in its own process before a new version takes traffic.
 
+A version that passes is then timed (measure_throughput): one more request of the fixed prompts
+at the endpoint's default of 64 new tokens, warm, through the same pyfunc predict the endpoint
+runs, one prompt after another as the endpoint answers them. Its tokens per second give the
+version's inference cost (pipelines/ledger.py). Here rather than in the endpoint: every champion
+passes this test on the machine that trained it, with no traffic to wait for and no other
+requests to share the device with, so each version gets one comparable figure.
+
 This file runs as a script (`python -P pipelines/smoke.py URI VERSION`), not as
 `-m pipelines.smoke`: importing this checkout's `pipelines` package first would shadow the code
 the version carries, so it imports nothing of trainpipe. (-P keeps pipelines/ off sys.path, where
@@ -21,6 +28,7 @@ from pathlib import Path
 
 FIXED_PROMPTS = ("def add(a, b):", "import os\n\n\ndef ", "class Stack:\n    def push(self, item):")
 FIXED_PARAMS = {"max_new_tokens": 16, "temperature": 0.8, "top_k": 50, "seed": 1234}
+THROUGHPUT_NEW_TOKENS = 64  # the endpoint's default max_new_tokens (pipelines/completion.py)
 DEFAULT_TIMEOUT_S = 120.0
 
 
@@ -94,6 +102,34 @@ def load_and_check(model_uri: str, version: str, work_dir: str | Path, deadline_
     return model
 
 
+def measure_throughput(model) -> dict | None:
+    """Generated tokens per second of one warm request of the fixed prompts, counted with the
+    version's own tokenizer (a completion stops early at end-of-text, so the count is what was
+    generated, not what was asked). None when the model has no tokenizer to count with."""
+    import pandas as pd
+
+    python_model = model.unwrap_python_model()
+    tokenizer = getattr(python_model, "tokenizer", None)
+    if tokenizer is None:
+        return None
+    params = {**FIXED_PARAMS, "max_new_tokens": _new_tokens(model, THROUGHPUT_NEW_TOKENS)}
+    frame = pd.DataFrame({"prompt": list(FIXED_PROMPTS)})
+    started = time.perf_counter()
+    completions = _completions(model, frame, params)
+    seconds = time.perf_counter() - started
+    # Decoded bytes may re-encode to a few more tokens than were sampled: never more than asked.
+    tokens = sum(
+        min(len(tokenizer.encode(text, add_special_tokens=False).ids), params["max_new_tokens"])
+        for text in completions
+    )
+    return {
+        "tokens_per_s": tokens / seconds,
+        "new_tokens": tokens,
+        "seconds": seconds,
+        "device": str(getattr(python_model, "device", "cpu")),
+    }
+
+
 SERVING_PACKAGES = ("mlflow", "torch", "tokenizers", "safetensors", "pandas", "numpy")
 
 
@@ -109,8 +145,11 @@ def smoke_test_key() -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
-def run_smoke_test(model_uri: str, version: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[bool, str]:
-    """(passed, one-line result) of the smoke test in a fresh process, bounded by timeout_s."""
+def run_smoke_test(
+    model_uri: str, version: str, timeout_s: float = DEFAULT_TIMEOUT_S
+) -> tuple[bool, str, dict | None]:
+    """(passed, one-line result, throughput) of the smoke test in a fresh process, bounded by
+    timeout_s; throughput is measure_throughput's figures for a version that passed, else None."""
     import mlflow
 
     env = dict(os.environ)
@@ -122,17 +161,18 @@ def run_smoke_test(model_uri: str, version: str, timeout_s: float = DEFAULT_TIME
     try:
         done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        return False, f"failed: no answers within {timeout_s:.0f} s"
+        return False, f"failed: no answers within {timeout_s:.0f} s", None
     took = time.monotonic() - started
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     try:
         result = json.loads(lines[-1])
     except (IndexError, json.JSONDecodeError):
         tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        return False, f"failed: the test process exited {done.returncode}: {tail[:300]}"
+        return False, f"failed: the test process exited {done.returncode}: {tail[:300]}", None
     if result.get("passed"):
-        return True, f"passed in {took:.1f} s ({len(FIXED_PROMPTS) * 2 + 1} requests, fresh process)"
-    return False, f"failed: {result.get('reason')}"
+        passed = f"passed in {took:.1f} s ({len(FIXED_PROMPTS) * 2 + 1} requests, fresh process)"
+        return True, passed, result.get("throughput")
+    return False, f"failed: {result.get('reason')}", None
 
 
 def _main(argv: list[str]) -> int:
@@ -141,11 +181,16 @@ def _main(argv: list[str]) -> int:
     model_uri, version, timeout_s = argv[0], argv[1], float(argv[2])
     with tempfile.TemporaryDirectory(prefix="trainpipe-smoke-") as tmp:
         try:
-            load_and_check(model_uri, version, tmp, timeout_s)
+            model = load_and_check(model_uri, version, tmp, timeout_s)
         except SmokeFailure as exc:
             print(json.dumps({"passed": False, "reason": str(exc)}), flush=True)
             return 0
-    print(json.dumps({"passed": True}), flush=True)
+        try:
+            throughput = measure_throughput(model)
+        except Exception as exc:  # a timing that fails says so; the version passed its test
+            print(f"smoke: throughput not measured ({type(exc).__name__}: {exc})", file=sys.stderr)
+            throughput = None
+    print(json.dumps({"passed": True, "throughput": throughput}), flush=True)
     return 0
 
 

@@ -5,6 +5,11 @@
 The registry says which version is @champion and @challenger and with what scores; each running
 endpoint records on the registered model what it serves (pipelines.endpoint). The endpoint itself
 is then asked: a one-token request names the version that answered (`model_version`).
+
+The champion's cost (pipelines/ledger.py): what its own training run cost and what all runs
+since the champion before it cost, failed ones included (its cost_* tags, priced at cost.* in
+params.yaml), what a million generated tokens cost at the speed its smoke test measured, and how
+many million tokens served cost as much as its training run.
 """
 
 import time
@@ -12,7 +17,8 @@ import time
 import requests
 from mlflow import MlflowClient
 
-from pipelines.params import Params
+from pipelines.ledger import format_usd, payback_million_tokens, price, usd_per_million_tokens
+from pipelines.params import CostParams, Params
 from pipelines.registry import CHALLENGER, CHAMPION, endpoint_records, get_alias, last_flow_run
 
 ASK_TIMEOUT_S = 10.0
@@ -48,6 +54,44 @@ def _version_summary(version) -> dict | None:
     }
 
 
+def _float(tags: dict, key: str) -> float | None:
+    try:
+        return float(tags[key])
+    except (KeyError, ValueError):
+        return None
+
+
+def version_cost(version, rates: CostParams) -> dict | None:
+    """A version's training and inference cost from its tags, priced at rates; None without a
+    version. A figure its tags lack (published before the ledger, or outside a flow) is None."""
+    if version is None:
+        return None
+    tags = version.tags
+
+    def priced(kind: str) -> float | None:
+        cpu_s, gpu_s = _float(tags, f"cost_{kind}_cpu_s"), _float(tags, f"cost_{kind}_gpu_s")
+        return None if cpu_s is None or gpu_s is None else price(cpu_s, gpu_s, rates)
+
+    run_usd, tokens_per_s = priced("run"), _float(tags, "inference_tokens_per_s")
+    device = tags.get("inference_device", "cpu")
+    per_mtok = usd_per_million_tokens(tokens_per_s, device, rates) if tokens_per_s else None
+    payback = payback_million_tokens(run_usd, per_mtok) if run_usd is not None and per_mtok else None
+    return {
+        "version": str(version.version),
+        "training_run_usd": run_usd,
+        "training_cumulative_usd": priced("cumulative"),
+        "cumulative_runs": int(tags["cost_cumulative_runs"]) if "cost_cumulative_runs" in tags else None,
+        "cumulative_failed_runs": int(tags.get("cost_cumulative_failed_runs", 0)),
+        "cumulative_since": tags.get("cost_since"),
+        "inference_tokens_per_s": tokens_per_s,
+        "inference_device": device if tokens_per_s else None,
+        "inference_usd_per_million_tokens": per_mtok,
+        "payback_million_tokens": payback,
+        "cpu_hour_usd": rates.cpu_hour_usd,
+        "gpu_hour_usd": rates.gpu_hour_usd,
+    }
+
+
 def endpoints(client: MlflowClient, name: str, champion: str | None) -> list[dict]:
     """Every endpoint recorded for the model, asked what it serves now."""
     found = []
@@ -76,6 +120,7 @@ def read_status(params: Params) -> dict:
         "challenger": _version_summary(challenger),
         "endpoints": endpoints(client, name, champion_version),
         "last_flow_run": last_flow_run(client, params.publish.experiment),
+        "cost": version_cost(champion, params.cost),
     }
 
 
@@ -124,6 +169,7 @@ def format_status(status: dict) -> list[str]:
             lines.append(
                 f"            refused v{failure['version']} at {failure['time']}: {failure['reason']}"
             )
+    lines += format_cost(status.get("cost"))
     run = status["last_flow_run"]
     if run:
         outcome = {"FINISHED": "succeeded", "FAILED": "failed", "RUNNING": "running"}.get(
@@ -135,6 +181,44 @@ def format_status(status: dict) -> list[str]:
         )
     else:
         lines.append("last run:   no flow run recorded yet")
+    return lines
+
+
+def format_cost(cost: dict | None) -> list[str]:
+    """The champion's training cost, inference cost per million tokens and the payback, or why
+    a figure is missing."""
+    if cost is None:
+        return []
+    version = f"v{cost['version']}"
+    if cost["training_run_usd"] is None and cost["training_cumulative_usd"] is None:
+        training = f"{version} has no cost ledger (published before it, or outside a flow run)"
+    else:
+        own = (
+            f"{format_usd(cost['training_run_usd'])} its own run"
+            if cost["training_run_usd"] is not None
+            else "its own run not recorded"
+        )
+        failed = f", {cost['cumulative_failed_runs']} failed" if cost["cumulative_failed_runs"] else ""
+        runs = cost["cumulative_runs"]
+        training = (
+            f"{version}: {own}; {format_usd(cost['training_cumulative_usd'])} to arrive at it "
+            f"({runs} run{'s' if runs != 1 else ''} since {cost['cumulative_since']}{failed})"
+        )
+    rates = f"${cost['cpu_hour_usd']:g} a CPU hour, ${cost['gpu_hour_usd']:g} a GPU hour"
+    lines = [f"training:   {training}, at {rates}"]
+    if cost["inference_usd_per_million_tokens"] is None:
+        lines.append(f"inference:  {version} has no measured speed (smoke-tested before the ledger)")
+    else:
+        lines.append(
+            f"inference:  {format_usd(cost['inference_usd_per_million_tokens'])} per million tokens "
+            f"({cost['inference_tokens_per_s']:,.0f} tokens/s on {cost['inference_device']}, "
+            f"measured in its smoke test)"
+        )
+    if cost["payback_million_tokens"] is not None:
+        lines.append(
+            f"payback:    {cost['payback_million_tokens']:,.3g} million tokens served cost as much "
+            f"as its training run"
+        )
     return lines
 
 

@@ -70,6 +70,8 @@ def test_override_sets_typed_value(override, value):
         ("train.device=tpu", "train.device"),
         ("train.lr.x=1", "train.lr.x"),
         ("curate.gate.min_bytes=-5", "curate.gate.min_bytes"),
+        ("cost.cpu_hour_usd=0", "cost.cpu_hour_usd"),
+        ("cost.tpu_hour_usd=1", "cost.tpu_hour_usd"),
     ],
 )
 def test_bad_override_names_the_key(override, named):

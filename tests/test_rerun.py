@@ -112,6 +112,10 @@ def test_run_killed_in_train_reruns_from_train_and_resumes(tmp_path, mlflow_temp
     assert "changed" in stages[3]["reason"]  # what DVC saw changed (train had never completed)
     summary = latest_prefect_artifact(env)
     assert f"| train | resumed@{killed_at} |" in summary and "| ingest | skipped |" in summary
+    # the ledger counts what this run trained: the steps after the checkpoint, 8 x 64 tokens each
+    cost = client.get_run(version.run_id).data.metrics
+    assert cost["cost.train_tokens"] == (60 - killed_at) * 8 * 64
+    assert cost["cost.ingest.device_s"] == 0 and cost["cost.train.device_s"] > 0
 
     # Prefect's own retry: only the training process is killed; the task fails as transient
     # (a stage killed by a signal, or its shell's exit 137) and its retry resumes from the checkpoint.
@@ -142,6 +146,13 @@ def test_run_killed_in_train_reruns_from_train_and_resumes(tmp_path, mlflow_temp
     assert "resuming from checkpoint at step" in out and "Running stage 'tokenize'" not in out
     retried = client.get_model_version(MODEL, "2")
     assert client.get_run(retried.run_id).data.tags["stage.train"].startswith("resumed@")
+    # the killed attempt wrote no report: the flow's wall time around it counts, then the retry's
+    resumed_at = int(client.get_run(retried.run_id).data.tags["stage.train"].split("@")[1])
+    (train_cost,) = [
+        s for s in mlflow_dict(client, retried.run_id, "cost.json")["stages"] if s["stage"] == "train"
+    ]
+    assert train_cost["attempts"] == 2 and train_cost["device_s"] > 0
+    assert client.get_run(retried.run_id).data.metrics["cost.train_tokens"] == (80 - resumed_at) * 8 * 64
 
     # A diverged loss stops the run: not retried, nothing published, the failure recorded.
     versions = sorted(str(v.version) for v in client.search_model_versions(f"name = '{MODEL}'"))
@@ -160,3 +171,13 @@ def test_run_killed_in_train_reruns_from_train_and_resumes(tmp_path, mlflow_temp
     assert sorted(str(v.version) for v in client.search_model_versions(f"name = '{MODEL}'")) == versions
     assert client.get_model_version_by_alias(MODEL, "champion").version == champion
     assert "| train | failed | loss became" in latest_prefect_artifact(env)
+    # the diverged run still logged what it spent (train ran, then failed): no tokens counted
+    (diverged,) = client.search_runs(
+        [client.get_experiment_by_name("trainpipe").experiment_id],
+        "attributes.status = 'FAILED'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    assert (
+        diverged.data.metrics["cost.train.device_s"] > 0 and diverged.data.metrics["cost.train_tokens"] == 0
+    )
