@@ -1,7 +1,8 @@
-"""The DVC runner's parsing of what dvc prints, on real pipes."""
+"""The DVC runner's parsing of what dvc prints, on real pipes; Prefect's temporary server."""
 
 import io
 import os
+import urllib.request
 
 import pytest
 
@@ -108,3 +109,19 @@ def test_curation_table_lists_counts_failures_warnings_and_each_drift_check_once
         ("gate", "13 expectations", "", "FAILED"),
     ]
     assert list(curation_table(curation)[0]) == ["item", "figure", "reference", "verdict"]
+
+
+@pytest.mark.slow
+def test_the_temporary_prefect_server_answers_then_stops(tmp_path, monkeypatch):
+    from flows.server import TemporaryApi
+
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect"))
+    api = TemporaryApi()
+    try:
+        api.wait_ready(timeout_s=180)  # a new database: every migration, on a busy machine
+        with urllib.request.urlopen(f"{api.url}/health", timeout=5) as response:
+            assert response.status == 200
+    finally:
+        api.stop()
+    assert api.process.returncode is not None  # stopped, not left running
+    assert (tmp_path / "prefect" / "prefect.db").is_file()  # its state in PREFECT_HOME
