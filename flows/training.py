@@ -35,7 +35,16 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 
-from flows.dvc import STAGES, StageFailed, StageOutcome, check_inputs, push, repro_stage, stage_changes
+from flows.dvc import (
+    STAGES,
+    StageFailed,
+    StageOutcome,
+    check_inputs,
+    push,
+    repro_stage,
+    stage_changes,
+    unchanged_stage,
+)
 from pipelines.data import read_json, sha256_hex
 from pipelines.errors import PERMANENT_EXIT_CODES, TrainpipeError
 from pipelines.inputs import CHAMPION_FILE, SOURCE_FILE
@@ -72,7 +81,11 @@ def retry_transient_only(task, task_run, state) -> bool:
 @task(
     retries=2, retry_delay_seconds=[10, 60], retry_condition_fn=retry_transient_only, task_run_name="{stage}"
 )
-def run_stage(stage: str, mlflow_run_id: str, changed: str = "", model_dir: str = "models") -> StageOutcome:
+def run_stage(
+    stage: str, mlflow_run_id: str, changed: str | None = "", model_dir: str = "models"
+) -> StageOutcome:
+    if changed is None:  # `dvc status` found it unchanged: a `dvc repro` would only say so
+        return unchanged_stage(stage)
     # Stages that log (train) attach to the flow's MLflow run through MLFLOW_RUN_ID.
     outcome = repro_stage(stage, env={"MLFLOW_RUN_ID": mlflow_run_id}, changed=changed)
     if stage == "train" and outcome.ran:  # train says in its summary where it started
@@ -303,7 +316,7 @@ def training_flow(params: Params | None = None) -> dict:
 def record_inputs(params: Params) -> dict:
     """The inputs check; what it recorded, for the flow run's MLflow tags (input.source_sha256,
     input.champion) and the printed summary (a warning when the registry could not be read)."""
-    for line in check_inputs():
+    for line in check_inputs(params):
         get_run_logger().info(line)
     inputs_dir = Path(params.data.inputs_dir)
     champion = read_json(inputs_dir / CHAMPION_FILE)
@@ -321,8 +334,8 @@ def run_stages(params: Params, run_id: str, outcomes: list[StageOutcome]) -> Non
     for stage in STAGES:
         if any(o.ran for o in outcomes):  # an earlier stage's new outputs may change this one
             changes = stage_changes([stage])
-        try:
-            outcomes.append(run_stage(stage, run_id, changes.get(stage, ""), params.train.model_dir))
+        try:  # an unchanged stage (absent from changes) is recorded as skipped without a dvc process
+            outcomes.append(run_stage(stage, run_id, changes.get(stage), params.train.model_dir))
         except Exception as exc:
             outcomes.append(StageOutcome(stage, True, f"failed: {exc}", "failed", str(exc)))
             raise

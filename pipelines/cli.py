@@ -54,8 +54,9 @@ def cmd_run(args) -> None:
     from flows.server import start_temporary_api
 
     # Prefect's temporary server starts in its own process first; the imports the flow needs
-    # anyway (Prefect's client, MLflow, torch for publish) run here meanwhile, on the other core.
+    # anyway (Prefect's client, MLflow, DVC, torch for publish) run here meanwhile, on the other core.
     api = start_temporary_api()
+    import dvc.repo  # noqa: F401
     import mlflow  # noqa: F401
 
     import pipelines.publish  # noqa: F401
