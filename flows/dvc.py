@@ -1,10 +1,12 @@
 """Run DVC stages as subprocesses, streaming their output and reporting whether each ran.
 
 `dvc repro` decides from content hashes whether a stage re-runs, so a flow run and a plain
-`dvc repro` do the same work and share one cache.
+`dvc repro` do the same work and share one cache. What only reads or records (`dvc status`,
+`dvc commit`, `dvc push`) goes through DVC's Python API in this process instead: each `dvc`
+process pays about a second to start and import DVC, and an unchanged run would pay it eight
+times over for answers that take DVC a fraction of that.
 """
 
-import json
 import os
 import re
 import subprocess
@@ -14,12 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipelines.errors import TrainpipeError
+from pipelines.params import Params
 
 STAGES = ("ingest", "curate", "tokenize", "train", "evaluate")
 # The always-changed stage that records what DVC cannot hash (pipelines/inputs.py): a check
 # that runs first on every repro, not a step whose running means anything changed.
 INPUTS_CHECK = "inputs"
-DVC_CHATTER = ("Running stage ", "> ", "Updating lock file", "Generating lock file", "Stage '")
 
 
 class StageFailed(TrainpipeError):
@@ -146,11 +148,36 @@ def describe_changes(entries: list) -> str:
     return "; ".join(parts)
 
 
+def in_process(what: str, call):
+    """call(repo) on a DVC Repo of the working directory; a failure is a StageFailed naming what
+    failed, in DVC's own words (as its CLI would put them)."""
+    from dvc.exceptions import DvcException
+    from dvc.repo import Repo
+
+    try:
+        with Repo() as repo:
+            return call(repo)
+    except DvcException as exc:
+        raise StageFailed(f"{what} - {exc}", 1) from None
+    except Exception as exc:  # noqa: BLE001 -- an OSError from a remote, say: one line, as the CLI's
+        raise StageFailed(f"unexpected error - {exc}", 1) from None
+
+
 def stage_changes(stages: list[str] | None = None) -> dict[str, str]:
-    """What DVC sees changed, per stage that would run (`dvc status --json`); unchanged ones are absent."""
-    out = dvc(["status", "--json", *(stages or [])], quiet=True)
-    entries = json.loads(out.strip() or "{}")
-    return {stage.split(":")[-1]: describe_changes(e) for stage, e in entries.items() if isinstance(e, list)}
+    """What DVC sees changed, per stage that would run (`dvc status`); unchanged ones are absent.
+    All stages in one call: DVC collects the whole graph anyway, faster than per target."""
+    entries = in_process("dvc status failed", lambda repo: repo.status())
+    changes = {name.split(":")[-1]: describe_changes(e) for name, e in entries.items() if isinstance(e, list)}
+    return {stage: why for stage, why in changes.items() if stages is None or stage in stages}
+
+
+UNCHANGED_REASON = "deps, params and outs unchanged (DVC: didn't change, skipping)"
+
+
+def unchanged_stage(stage: str) -> StageOutcome:
+    """What `dvc repro --single-item STAGE` reports for a stage that `dvc status` has just found
+    unchanged ("Stage 'STAGE' didn't change, skipping"), without a DVC process to say so."""
+    return StageOutcome(stage, False, f"skipped: {UNCHANGED_REASON}", "skipped", UNCHANGED_REASON)
 
 
 def repro_stage(
@@ -162,28 +189,36 @@ def repro_stage(
     if f"Running stage '{stage}'" in stdout:
         reason = changed or "DVC found it changed"
         return StageOutcome(stage, True, f"ran ({reason})", "ran", reason)
-    if f"Stage '{stage}' is cached" in stdout:
-        reason = "same inputs as an earlier run: outputs restored from the DVC run cache"
-    else:
-        reason = "deps, params and outs unchanged (DVC: didn't change, skipping)"
+    if f"Stage '{stage}' is cached" not in stdout:
+        return unchanged_stage(stage)
+    reason = "same inputs as an earlier run: outputs restored from the DVC run cache"
     return StageOutcome(stage, False, f"skipped: {reason}", "skipped", reason)
 
 
-def check_inputs(env: dict[str, str] | None = None) -> list[str]:
-    """Run the inputs check (`dvc repro --single-item inputs`); its own lines, without DVC's.
-    DVC's "Running stage 'inputs'" would say on every run that something ran: it always does."""
-    stdout = dvc(["repro", "--single-item", INPUTS_CHECK], env=env, quiet=True)
-    return [ln for ln in stdout.splitlines() if ln.strip() and not ln.startswith(DVC_CHATTER)]
+def check_inputs(params: Params) -> list[str]:
+    """The inputs check, as `dvc repro --single-item inputs` does it: the stage's own run() (here,
+    in this process, where MLflow is loaded already for the flow's run; its command would start
+    Python and import MLflow again only to read the champion), then `dvc commit` of the stage,
+    which records its outputs in the cache and dvc.lock exactly as repro does after a command
+    (the stage is always_changed: DVC keeps no run-cache entry for it either way). Its summary line."""
+    from pipelines import inputs
 
-
-def push(env: dict[str, str] | None = None) -> str:
-    """Push the cached outputs to the default DVC remote (a local folder unless configured).
-    A failure is one line naming the remote. (No -q: it hides DVC's own error line.)"""
     try:
-        return dvc(["push", *remote_args()], env=env, quiet=True)
+        summary = inputs.run(params)
+    except (TrainpipeError, FileNotFoundError) as exc:  # as the stage's command would exit
+        raise StageFailed(str(exc), getattr(exc, "exit_code", 2)) from None
+    in_process(f"dvc commit {INPUTS_CHECK} failed", lambda repo: repo.commit(INPUTS_CHECK, force=True))
+    return [inputs.describe(summary, params)]
+
+
+def push() -> int:
+    """Push the cached outputs to the default DVC remote (a local folder unless configured), as
+    `dvc push` does; how many files went. A failure is one line naming the remote."""
+    name = os.environ.get("TRAINPIPE_DVC_REMOTE", "").strip() or None
+    try:
+        return in_process("failed to push data to the cloud", lambda repo: repo.push(remote=name))
     except StageFailed as exc:
-        reason = str(exc).removeprefix("ERROR: ")
-        raise StageFailed(f"dvc push to {default_remote()} failed ({reason})", exc.exit_code) from None
+        raise StageFailed(f"dvc push to {default_remote()} failed ({exc})", exc.exit_code) from None
 
 
 def remote_args() -> list[str]:

@@ -51,6 +51,7 @@ from flows.dvc import (
     push,
     repro_stage,
     stage_changes,
+    unchanged_stage,
 )
 from pipelines.data import read_json, sha256_hex
 from pipelines.errors import PERMANENT_EXIT_CODES, TrainpipeError
@@ -58,7 +59,7 @@ from pipelines.inputs import CHAMPION_FILE, SOURCE_FILE
 from pipelines.ledger import ledger_markdown, ledger_metrics, run_ledger
 from pipelines.params import PARAMS_FILE, Params, flatten, load_params, save_overrides
 from pipelines.runlock import flow_lock_wait_s, workspace_lock
-from pipelines.usage import USAGE_DIR_ENV, note_unreported_attempt, read_usage
+from pipelines.usage import USAGE_DIR_ENV, note_unreported_attempt, read_usage, record_flow_seconds
 
 
 class _OneLineForOurErrors(logging.Filter):
@@ -91,8 +92,10 @@ def retry_transient_only(task, task_run, state) -> bool:
     retries=2, retry_delay_seconds=[10, 60], retry_condition_fn=retry_transient_only, task_run_name="{stage}"
 )
 def run_stage(
-    stage: str, mlflow_run_id: str, changed: str = "", model_dir: str = "models", usage_dir: str = ""
+    stage: str, mlflow_run_id: str, changed: str | None = "", model_dir: str = "models", usage_dir: str = ""
 ) -> StageOutcome:
+    if changed is None:  # `dvc status` found it unchanged: a `dvc repro` would only say so
+        return unchanged_stage(stage)
     # Stages that log (train) attach to the flow's MLflow run through MLFLOW_RUN_ID; each stage
     # process reports what it spent into usage_dir (the cost ledger).
     env = {"MLFLOW_RUN_ID": mlflow_run_id, USAGE_DIR_ENV: usage_dir}
@@ -334,8 +337,13 @@ def training_flow(params: Params | None = None) -> dict:
 def record_inputs(params: Params, usage_dir: str = "") -> dict:
     """The inputs check; what it recorded, for the flow run's MLflow tags (input.source_sha256,
     input.champion) and the printed summary (a warning when the registry could not be read)."""
-    for line in check_inputs(env={USAGE_DIR_ENV: usage_dir}):
+    started_ns, started = time.time_ns(), time.monotonic()
+    for line in check_inputs(params):
         get_run_logger().info(line)
+    if usage_dir:  # the check runs in this process now: its wall time is its cost
+        record_flow_seconds(
+            usage_dir, INPUTS_CHECK, started_ns, time.monotonic() - started, "in the flow's process"
+        )
     inputs_dir = Path(params.data.inputs_dir)
     champion = read_json(inputs_dir / CHAMPION_FILE)
     return {
@@ -352,10 +360,8 @@ def run_stages(params: Params, run_id: str, outcomes: list[StageOutcome], usage_
     for stage in STAGES:
         if any(o.ran for o in outcomes):  # an earlier stage's new outputs may change this one
             changes = stage_changes([stage])
-        try:
-            outcomes.append(
-                run_stage(stage, run_id, changes.get(stage, ""), params.train.model_dir, usage_dir)
-            )
+        try:  # an unchanged stage (absent from changes) is recorded as skipped without a dvc process
+            outcomes.append(run_stage(stage, run_id, changes.get(stage), params.train.model_dir, usage_dir))
         except Exception as exc:
             outcomes.append(StageOutcome(stage, True, f"failed: {exc}", "failed", str(exc)))
             raise

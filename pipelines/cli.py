@@ -51,8 +51,19 @@ def tracking_uri_text() -> str:
 def cmd_run(args) -> None:
     require_project()
     params = save_overrides(PARAMS_FILE, args.set)
+    from flows.server import start_temporary_api
+
+    # Prefect's temporary server starts in its own process first; the imports the flow needs
+    # anyway (Prefect's client, MLflow, DVC, torch for publish) run here meanwhile, on the other core.
+    api = start_temporary_api()
+    import dvc.repo  # noqa: F401
+    import mlflow  # noqa: F401
+
+    import pipelines.publish  # noqa: F401
     from flows.training import training_flow
 
+    if api is not None:
+        api.wait_ready()
     result = training_flow()
     pub, m = result["published"], result["metrics"]
     name = params.publish.model_name

@@ -65,17 +65,53 @@ def split_documents(docs: list[dict], val_fraction: float) -> tuple[list[dict], 
     return train, val
 
 
-def write_documents(records: list[dict], out_dir: str | Path) -> Path:
-    """Write records as Parquet through Hugging Face datasets."""
-    from datasets import Dataset
-    from datasets.utils.logging import disable_progress_bar
+# Dataset.to_parquet's layout (datasets 5.2: io/parquet.py and config.py), kept so that the bytes,
+# and so DVC's hashes, are datasets' own: tests/test_stages.py compares the two writers' files.
+PARQUET_CDC = {"min_chunk_size": 256 * 1024, "max_chunk_size": 1024 * 1024, "norm_level": 0}
+PARQUET_ROW_GROUP_BYTES = 100 * 10**6
+VALUE_DTYPES = {"string": "string", "binary": "binary", "int64": "int64", "double": "float64", "bool": "bool"}
 
-    disable_progress_bar()  # one table write: a progress bar here is noise
+
+def write_documents(records: list[dict], out_dir: str | Path) -> Path:
+    """Write records as Parquet, byte for byte as Hugging Face datasets writes them
+    (`Dataset.from_list(records).to_parquet(path)`: its features in the schema metadata, row
+    groups of at most 100 MB, content-defined chunking, snappy, dictionaries), with pyarrow alone:
+    importing datasets costs a stage about a second, more than the write."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     out_path = out_dir / DOCUMENTS_FILE
     tmp = out_dir / (DOCUMENTS_FILE + ".tmp")
-    Dataset.from_list(records).to_parquet(str(tmp))
+    table = pa.Table.from_pylist(records)
+    dtypes = [VALUE_DTYPES.get(str(f.type)) for f in table.schema]
+    if not records or None in dtypes:  # a nested or unusual column: datasets itself
+        from datasets import Dataset
+        from datasets.utils.logging import disable_progress_bar
+
+        disable_progress_bar()  # one table write: a progress bar here is noise
+        Dataset.from_list(records).to_parquet(str(tmp))
+        os.replace(tmp, out_path)
+        return out_path
+    features = {
+        f.name: {"dtype": dtype, "_type": "Value"} for f, dtype in zip(table.schema, dtypes, strict=True)
+    }
+    table = table.replace_schema_metadata({"huggingface": json.dumps({"info": {"features": features}})})
+    rows_per_group = max(1, table.num_rows * PARQUET_ROW_GROUP_BYTES // table.nbytes) if table.nbytes else 1
+    columns = table.schema.names
+    with pq.ParquetWriter(
+        tmp,
+        schema=table.schema,
+        use_content_defined_chunking=PARQUET_CDC,
+        write_page_index=True,
+        compression=dict.fromkeys(columns, "snappy"),
+        use_dictionary=columns,
+        column_encoding={},
+    ) as writer:
+        for start in range(0, table.num_rows, rows_per_group):
+            writer.write_table(table.slice(start, rows_per_group))
+        writer.add_key_value_metadata({"content_defined_chunking": json.dumps(PARQUET_CDC)})
     os.replace(tmp, out_path)
     return out_path
 
@@ -87,7 +123,8 @@ def read_documents(in_dir: str | Path) -> list[dict]:
     path = Path(in_dir) / DOCUMENTS_FILE
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist: run the stage that writes it first")
-    return pq.read_table(path).to_pylist()
+    # ParquetFile, not read_table: the same rows without importing pyarrow.dataset (and pandas)
+    return pq.ParquetFile(path).read().to_pylist()
 
 
 def write_tokens(ids: np.ndarray, path: str | Path) -> None:

@@ -7,6 +7,7 @@ no stage imports the CLI.
 import argparse
 import os
 import sys
+import time
 from pathlib import Path
 
 from pipelines.errors import TrainpipeError
@@ -16,7 +17,9 @@ from pipelines.usage import write_usage
 
 def stage_main(stage: str, run, describe, argv: list[str] | None = None) -> None:
     """`python -m pipelines.STAGE`, as dvc.yaml runs it: load params, run, print one line (none
-    when run returns None: a process of a multi-process run that leaves the summary to another).
+    when run returns None: a process of a multi-process run that leaves the summary to another)
+    and how long run() took: the stage's work, without Python's start and the imports before it
+    (benchmarks/run_overhead.py takes everything else in a flow run as overhead).
     A failure prints `trainpipe STAGE: reason` and exits with the error's code, which the flow
     reads back from DVC to decide whether a retry can help."""
     module = sys.modules[run.__module__]
@@ -37,6 +40,7 @@ def stage_main(stage: str, run, describe, argv: list[str] | None = None) -> None
     exit_status = "failed"  # until run returns; an unexpected exception keeps it
     try:
         params = load_params(args.params, args.set)
+        started = time.perf_counter()
         result = run(params)
         exit_status = "ok"
     except (TrainpipeError, FileNotFoundError) as exc:
@@ -46,6 +50,7 @@ def stage_main(stage: str, run, describe, argv: list[str] | None = None) -> None
         write_usage(stage, exit_status)
     if result is not None:
         print(describe(result, params))
+        print(f"{stage}: {time.perf_counter() - started:.2f} s of work")
 
 
 def setup_environment() -> None:

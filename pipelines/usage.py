@@ -104,6 +104,18 @@ def note_unreported_attempt(folder: str | Path, stage: str, since_ns: int, secon
                 return None
         except (OSError, json.JSONDecodeError):
             continue
+    return record_flow_seconds(
+        folder,
+        stage,
+        since_ns,
+        seconds,
+        "no report from the stage (killed?): the flow's wall time around dvc repro",
+    )
+
+
+def record_flow_seconds(folder: str | Path, stage: str, since_ns: int, seconds: float, note: str) -> Path:
+    """A record of seconds the flow's own process spent for stage (on CPU, no peak memory of its
+    own: the flow process holds more than the stage)."""
     record = {
         "stage": stage,
         "pid": os.getpid(),
@@ -112,9 +124,9 @@ def note_unreported_attempt(folder: str | Path, stage: str, since_ns: int, secon
         "seconds": seconds,
         "peak_rss_bytes": None,
         "cuda_peak_bytes": None,
-        "exit": "no report from the stage (killed?): the flow's wall time around dvc repro",
+        "exit": note,
     }
-    path = folder / f"{stage}-flow-{since_ns}.json"
+    path = Path(folder) / f"{stage}-flow-{since_ns}.json"
     path.write_text(json.dumps(record) + "\n")
     return path
 

@@ -225,6 +225,21 @@ def test_unchanged_rerun_executes_nothing_and_registers_nothing(published):
     assert {k: v for k, v in latest.data.tags.items() if k.startswith("stage.")} == {
         f"stage.{s}": "skipped" for s in ("ingest", "curate", "tokenize", "train", "evaluate")
     }
+    # still a Prefect flow run, in the project's Prefect database, with a task run per step
+    import sqlite3
+
+    with sqlite3.connect(Path(env["PREFECT_HOME"]) / "prefect.db") as db:
+        flow_run_id, state = db.execute(
+            "SELECT id, state_type FROM flow_run ORDER BY created DESC LIMIT 1"
+        ).fetchone()
+        tasks = dict(
+            db.execute("SELECT name, state_type FROM task_run WHERE flow_run_id = ?", (flow_run_id,))
+        )
+    assert state == "COMPLETED" and latest.data.tags["prefect_flow_run_id"] == flow_run_id
+    assert {t: tasks.get(t) for t in REAL_STAGES} == dict.fromkeys(REAL_STAGES, "COMPLETED"), tasks
+    assert {t.rsplit("-", 1)[0] for t in tasks} >= {"record_inputs", "push_outputs", "publish"}
+    assert "Starting temporary server" not in run.stderr + run.stdout  # trainpipe started its own, first
+    assert "up to date" in dvc_status(proj, env)  # the inputs check left the stages up to date
 
 
 def test_worse_challenger_does_not_replace_champion(published, worse_challenger):

@@ -1,11 +1,20 @@
-"""The DVC runner's parsing of what dvc prints, on real pipes."""
+"""The DVC runner: its parsing of what dvc prints, on real pipes; the inputs check and `dvc status`
+in the flow's own process, against the `dvc` command on a real project; Prefect's temporary server."""
 
 import io
+import json
 import os
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
 
 import pytest
+import yaml
+from conftest import tracked_copy
+from test_catalogue import good_corpus, module
 
-from flows.dvc import _pump, failure_reason, stage_exit_code
+from flows.dvc import _pump, describe_changes, failure_reason, stage_exit_code
 
 
 class Sink:
@@ -108,3 +117,67 @@ def test_curation_table_lists_counts_failures_warnings_and_each_drift_check_once
         ("gate", "13 expectations", "", "FAILED"),
     ]
     assert list(curation_table(curation)[0]) == ["item", "figure", "reference", "verdict"]
+
+
+def _dvc(proj: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    return subprocess.run(
+        [str(Path(sys.executable).parent / "dvc"), *args], cwd=proj, env=env, capture_output=True, text=True
+    )
+
+
+def _inputs_lock(proj: Path) -> dict:
+    return yaml.safe_load((proj / "dvc.lock").read_text())["stages"]["inputs"]
+
+
+@pytest.mark.slow
+def test_the_flows_inputs_check_records_what_dvc_repro_records(tmp_path, monkeypatch):
+    """The flow runs the inputs stage in its own process and `dvc commit`s it; `dvc repro` runs its
+    command. For the same inputs both leave the same dvc.lock entry and cached outputs, and the
+    flow's in-process `dvc status` says what `dvc status --json` says."""
+    from flows.dvc import check_inputs, stage_changes
+    from pipelines.params import load_params
+
+    source = tmp_path / "corpus"
+    good_corpus(source, n=3)
+    proj = tracked_copy(tmp_path / "proj", [f"data.source={source}"])
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/no-registry.db")  # no file: none read
+    monkeypatch.chdir(proj)
+
+    (line,) = check_inputs(load_params("params.yaml"))
+    assert line.startswith(f"inputs: source {source}: 3 files")
+    in_flow = _inputs_lock(proj)
+    repro = _dvc(proj, "repro", "--single-item", "inputs")
+    assert repro.returncode == 0, repro.stderr
+    assert _inputs_lock(proj) == in_flow and "Updating lock file" not in repro.stdout
+
+    (source / "mod_003.py").write_text(module(3))  # the source changed: both record it alike
+    repro = _dvc(proj, "repro", "--single-item", "inputs")
+    assert repro.returncode == 0, repro.stderr
+    by_repro = _inputs_lock(proj)
+    check_inputs(load_params("params.yaml"))
+    assert _inputs_lock(proj) == by_repro != in_flow
+    for out in ("source.json", "champion.json"):
+        (proj / "data/inputs" / out).unlink()
+    assert _dvc(proj, "checkout", "inputs").returncode == 0  # both outputs are in the DVC cache
+    assert json.loads((proj / "data/inputs/source.json").read_text())["files"][3]["path"] == "mod_003.py"
+
+    status = json.loads(_dvc(proj, "status", "--json").stdout)
+    assert stage_changes() == {name: describe_changes(entries) for name, entries in status.items()}
+    assert stage_changes(["ingest", "train"]).keys() == {"ingest", "train"}  # never ran: both changed
+
+
+@pytest.mark.slow
+def test_the_temporary_prefect_server_answers_then_stops(tmp_path, monkeypatch):
+    from flows.server import TemporaryApi
+
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect"))
+    api = TemporaryApi()
+    try:
+        api.wait_ready(timeout_s=180)  # a new database: every migration, on a busy machine
+        with urllib.request.urlopen(f"{api.url}/health", timeout=5) as response:
+            assert response.status == 200
+    finally:
+        api.stop()
+    assert api.process.returncode is not None  # stopped, not left running
+    assert (tmp_path / "prefect" / "prefect.db").is_file()  # its state in PREFECT_HOME

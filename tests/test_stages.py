@@ -130,6 +130,42 @@ def test_ingest_bad_sources_are_one_line_errors(tmp_path, make_source, message):
 # ---- tokenize -----------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("row_group_bytes", [None, 20_000])  # one row group; several
+def test_document_tables_are_written_byte_for_byte_as_datasets_writes_them(
+    tmp_path, monkeypatch, row_group_bytes
+):
+    """write_documents skips importing datasets but must write its exact file: DVC hashes the bytes,
+    so any difference would re-run every stage after ingest and curate."""
+    import datasets.config
+    from datasets import Dataset
+
+    from pipelines import data
+
+    stdlib = ingest.collect_documents("python-stdlib", max_documents=300)  # MBs: content-defined chunks
+    tables = {
+        "raw": stdlib,
+        "curated": [
+            {
+                "path": r["path"],
+                "text": r["content"].decode("latin-1"),
+                "sha256": sha256_hex(r["content"]),
+                "n_bytes": len(r["content"]),
+            }
+            for r in stdlib
+        ],
+        "other values": [{"path": f"p{i}", "score": i / 7, "kept": i % 2 == 0, "n": -i} for i in range(50)],
+    }
+    if row_group_bytes:
+        monkeypatch.setattr(data, "PARQUET_ROW_GROUP_BYTES", row_group_bytes)
+        monkeypatch.setattr(datasets.config, "MAX_ROW_GROUP_SIZE", row_group_bytes)
+    for name, records in tables.items():
+        ours = write_documents(records, tmp_path / name / "ours").read_bytes()
+        theirs = tmp_path / name / "datasets.parquet"
+        Dataset.from_list(records).to_parquet(str(theirs))
+        assert ours == theirs.read_bytes(), name
+        assert read_documents(tmp_path / name / "ours") == records
+
+
 def test_split_depends_on_path_only():
     docs = [{"path": f"pkg/mod{i}.py"} for i in range(400)]
     _, val = split_documents(docs, 0.1)
