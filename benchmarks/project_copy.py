@@ -28,10 +28,14 @@ def copy_project(dest: Path, rev: str | None, overrides: list[str]) -> Path:
         with tarfile.open(fileobj=BytesIO(archive)) as tar:
             tar.extractall(dest, filter="data")
         shutil.rmtree(dest / "tests", ignore_errors=True)
-    sys.path.insert(0, str(REPO))
-    from pipelines.params import save_overrides
-
-    save_overrides(dest / "params.yaml", overrides)
+    if overrides:  # validated by the copy's own schema: a baseline's params may differ from ours
+        save = "import sys; from pipelines.params import save_overrides; save_overrides('params.yaml', sys.argv[1:])"
+        subprocess.run(
+            [sys.executable, "-c", save, *overrides],
+            cwd=dest,
+            env={**os.environ, "PYTHONPATH": str(dest)},
+            check=True,
+        )
     for args in (
         ["init", "-q"],
         ["add", "-A"],
