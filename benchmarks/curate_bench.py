@@ -1,6 +1,7 @@
 """Throughput of each curate step, and of the whole stage, on the default corpus and on ten times it.
 
     .venv/bin/python benchmarks/curate_bench.py [--repeats 3] [--repeats-10x 1] [--skip-10x] [--steps-only]
+    .venv/bin/python benchmarks/curate_bench.py --as-users-run-it [--repeats 3] [--baseline REV]
 
 Corpus (a) is the Python standard library as ingest collects it; corpus (b) is (a) plus nine
 edited copies of each document (path prefix copyK/, one identifier that occurs once renamed, one number
@@ -8,6 +9,11 @@ changed, one comment line inserted): near-duplicates, not exact ones, so near de
 Each step runs single-process over the whole corpus; MB/s is raw input bytes over the step's
 median time. End to end is `curate.run` (parquet in, gate, parquet out) in a temp folder,
 in-process with imports warm, with curate.workers=2 and =1, and no registry to consult.
+
+--as-users-run-it: the data gate as a user runs it, `dvc repro -f -s curate` in a copy of the
+project (Python's start, the imports and DVC included; no registry, so no drift check), against
+`xz -1 -T1` over the same raw bytes, the two taking turns --repeats times (and a copy of commit
+REV's project with --baseline); medians and the ratio.
 """
 
 import argparse
@@ -17,12 +23,16 @@ import os
 import platform
 import random
 import re
+import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from collections import Counter
 from pathlib import Path
+
+from project_copy import BIN, copy_project, project_env
 
 from pipelines import curate, gate, inputs
 from pipelines.data import write_documents, write_json
@@ -151,15 +161,73 @@ def time_end_to_end(records: list[dict], repeats: int, tmp: Path) -> tuple[dict,
     return times, timings
 
 
+def time_as_users_run_it(repeats: int, baseline: str | None) -> None:
+    """`dvc repro -f -s curate` in project copies against `xz -1 -T1` over the raw bytes, in turns."""
+    import pyarrow.parquet as pq
+
+    tmp = Path(tempfile.mkdtemp(prefix="curate-bench-dvc-"))
+    try:
+        variants = {"this tree": None} | ({f"baseline {baseline}": baseline} if baseline else {})
+        projects = {}
+        for name, rev in variants.items():
+            proj = copy_project(tmp / name.replace(" ", "-"), rev, [])
+            env = project_env(proj)
+            for cmd in (["repro", "ingest"], ["repro", "-f", "-s", "curate"]):  # inputs, ingest; a warm-up
+                subprocess.run([str(BIN / "dvc"), *cmd], cwd=proj, env=env, check=True, capture_output=True)
+            projects[name] = (proj, env)
+        raw = tmp / "raw.bin"  # the documents' bytes, as curate reads them
+        with raw.open("wb") as out:
+            for content in pq.read_table(proj / "data/raw/documents.parquet").column("content").to_pylist():
+                out.write(content)
+        commands = {"xz -1 -T1": (["xz", "-1", "-T1", "-c", str(raw)], tmp, None)}
+        for name, (proj, env) in projects.items():
+            commands[f"dvc repro -f -s curate, {name}"] = (
+                [str(BIN / "dvc"), "repro", "-f", "-s", "curate"],
+                proj,
+                env,
+            )
+        times = {name: [] for name in commands}
+        for i in range(repeats):
+            for name, (cmd, cwd, env) in commands.items():
+                start = time.perf_counter()
+                subprocess.run(
+                    cmd, cwd=cwd, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+                )
+                times[name].append(time.perf_counter() - start)
+            print(
+                f"round {i + 1}: " + ", ".join(f"{n} {t[-1]:.2f} s" for n, t in times.items()),
+                file=sys.stderr,
+            )
+        xz = statistics.median(times["xz -1 -T1"])
+        print(f"\nThe data gate as users run it, against xz over the same {raw.stat().st_size / 1e6:.1f} MB")
+        print(f"(median of {repeats}, taking turns; load average {os.getloadavg()[0]:.1f} at the end):\n")
+        print("| command | median s | runs (s) | / xz |\n|---|---|---|---|")
+        for name, runs in times.items():
+            median = statistics.median(runs)
+            print(f"| {name} | {median:.2f} | {', '.join(f'{t:.2f}' for t in runs)} | {median / xz:.1f}x |")
+        ratio = statistics.median(times["dvc repro -f -s curate, this tree"]) / xz
+        print(
+            f"\ntarget: dvc repro -f -s curate <= 10x xz -1 -T1: {ratio:.1f}x {'PASS' if ratio <= 10 else 'FAIL'}"
+        )
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3, help="repeats on the default corpus (median)")
     parser.add_argument("--repeats-10x", type=int, default=1, help="repeats on the ten-times corpus")
     parser.add_argument("--skip-10x", action="store_true", help="only the default corpus")
     parser.add_argument("--steps-only", action="store_true", help="skip the end-to-end curate.run")
+    parser.add_argument(
+        "--as-users-run-it", action="store_true", help="only `dvc repro -f -s curate` against xz, in turns"
+    )
+    parser.add_argument("--baseline", metavar="REV", help="with --as-users-run-it: also commit REV's project")
     args = parser.parse_args()
     rules = load_params(PARAMS_PATH).curate
     print(f"{os.cpu_count()} CPUs, Python {platform.python_version()}, {platform.platform()}")
+    if args.as_users_run_it:
+        return time_as_users_run_it(args.repeats, args.baseline)
     import great_expectations  # noqa: F401 -- its import is not the GE suite's time
 
     base = collect_documents("python-stdlib")

@@ -91,8 +91,9 @@ def _profile_slice(bounds: tuple[int, int]) -> dict:
     return gates.text_profile(_WORK["texts"][start:stop])
 
 
-def _parallel_map(fn, items: list, workers: int, **work) -> list:
-    """fn over items in `workers` forked processes (inputs shared by fork, not pickled), in order."""
+def _parallel_map(fn, items: list, workers: int, meanwhile=None, **work) -> list:
+    """fn over items in `workers` forked processes (inputs shared by fork, not pickled), in order.
+    meanwhile(), if given, runs in this process while the workers work."""
     _WORK.update(work)
     # The per-document work allocates millions of small objects (shingles, parse nodes) and makes
     # no reference cycles: with the collector on, each full collection also walks the whole
@@ -102,10 +103,15 @@ def _parallel_map(fn, items: list, workers: int, **work) -> list:
     gc.disable()
     try:
         if workers <= 1 or len(items) < 2:
+            if meanwhile:
+                meanwhile()
             return [fn(item) for item in items]
         ctx = multiprocessing.get_context("fork")
         with ctx.Pool(min(workers, len(items))) as pool:
-            return pool.map(fn, items, chunksize=max(1, len(items) // (workers * 8)))
+            pending = pool.map_async(fn, items, chunksize=max(1, len(items) // (workers * 8)))
+            if meanwhile:
+                meanwhile()
+            return pending.get()
     finally:
         _WORK.clear()
         gc.unfreeze()
@@ -143,12 +149,13 @@ class CurationResult:
         return counts
 
 
-def curate_documents(records: list[dict], rules: CurateParams) -> CurationResult:
-    """Records in any order -> kept and dropped, deterministically (path order decides who stays)."""
+def curate_documents(records: list[dict], rules: CurateParams, meanwhile=None) -> CurationResult:
+    """Records in any order -> kept and dropped, deterministically (path order decides who stays).
+    meanwhile(), if given, runs in this process while the workers analyse the documents."""
     records = sorted(records, key=lambda r: r["path"])
     started = time.perf_counter()
     docs = _parallel_map(
-        _analyse_index, list(range(len(records))), rules.workers, records=records, rules=rules
+        _analyse_index, list(range(len(records))), rules.workers, meanwhile, records=records, rules=rules
     )
     analysed = time.perf_counter()
 
@@ -306,7 +313,9 @@ def run(params: Params) -> dict:
     except FileNotFoundError as exc:
         raise SourceError(str(exc)) from None
     _check_unique_paths(records, params.data.raw_dir)
-    result = curate_documents(records, rules)
+    # Importing the gate's Great Expectations takes seconds of one core: done here while the
+    # workers analyse, not after them (they are forked first: no fork while an import is half done).
+    result = curate_documents(records, rules, meanwhile=gates.import_suite)
     write_quarantine(
         result.dropped,
         {r["path"]: r["content"] for r in records},

@@ -65,6 +65,17 @@ class GateResult:
 # The Great Expectations suite
 
 
+def import_suite() -> None:
+    """Import what the gate's suite needs (Great Expectations, and pandas with it): seconds of
+    imports, which the curate stage spends while its workers analyse the documents. A failure
+    here is left to show again where the suite imports them, and be reported as the gate's."""
+    try:
+        import great_expectations  # noqa: F401
+        import pandas  # noqa: F401
+    except Exception:  # noqa: BLE001,S110 -- see above
+        pass
+
+
 def gate_frame(kept: list[dict]):
     """The curated set as the DataFrame the gate checks, with what the suite needs derived per row."""
     import pandas as pd
