@@ -42,7 +42,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 
-from flows.dvc import (
+from flows.dvc_repo import (
     INPUTS_CHECK,
     STAGES,
     StageFailed,

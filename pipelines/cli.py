@@ -94,7 +94,7 @@ def cmd_run(args) -> None:
 def cmd_stage(args) -> None:
     require_project()
     save_overrides(PARAMS_FILE, args.set)
-    from flows.dvc import repro_stage
+    from flows.dvc_repo import repro_stage
 
     outcome = repro_stage(args.command, single=False)  # with its upstream stages, as `dvc repro STAGE`
     print(f"{args.command}: {outcome.detail}")
@@ -114,7 +114,7 @@ def cmd_publish(args) -> None:
     params = load_params(PARAMS_FILE, args.set)
     if Path("dvc.yaml").exists() and Path(".dvc").is_dir():
         # In a DVC project the outputs go to the remote before any alias moves, as in the flow.
-        from flows.dvc import StageFailed, push
+        from flows.dvc_repo import StageFailed, push
 
         try:
             push()

@@ -117,7 +117,7 @@ def put_back(saved: dict[str, bytes | None]) -> None:
 def _fetch_missing(lock: dict, cache_dir: Path) -> list[str]:
     """`dvc fetch` (it writes only the cache) when objects are missing; what is still missing.
     It reads the dvc.lock in the workspace, so the recorded one must be in place."""
-    from flows.dvc import StageFailed, dvc, remote_args
+    from flows.dvc_repo import StageFailed, dvc, remote_args
 
     if not missing_outputs(lock, cache_dir):
         return []
@@ -132,7 +132,7 @@ def restore_version(params, version: str | None = None) -> dict:
     import yaml
     from mlflow import MlflowClient
 
-    from flows.dvc import dvc
+    from flows.dvc_repo import dvc
     from pipelines.registry import get_champion, get_version, run_artifact_bytes
 
     client = MlflowClient()

@@ -79,7 +79,7 @@ def test_generate_without_a_model_says_what_to_run(tmp_path):
 def test_flow_retries_transient_stage_failures_only():
     from prefect.states import Failed
 
-    from flows.dvc import StageFailed
+    from flows.dvc_repo import StageFailed
     from flows.training import retry_transient_only
 
     def failed(code):

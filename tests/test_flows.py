@@ -14,7 +14,7 @@ import yaml
 from conftest import tracked_copy
 from test_catalogue import good_corpus, module
 
-from flows.dvc import _pump, describe_changes, failure_reason, stage_exit_code
+from flows.dvc_repo import _pump, describe_changes, failure_reason, stage_exit_code
 
 
 class Sink:
@@ -135,7 +135,7 @@ def test_the_flows_inputs_check_records_what_dvc_repro_records(tmp_path, monkeyp
     """The flow runs the inputs stage in its own process and `dvc commit`s it; `dvc repro` runs its
     command. For the same inputs both leave the same dvc.lock entry and cached outputs, and the
     flow's in-process `dvc status` says what `dvc status --json` says."""
-    from flows.dvc import check_inputs, stage_changes
+    from flows.dvc_repo import check_inputs, stage_changes
     from pipelines.params import load_params
 
     source = tmp_path / "corpus"

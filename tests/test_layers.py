@@ -76,3 +76,18 @@ def test_no_import_circle_in_pipelines_or_flows():
     graph = import_graph()
     assert {name.split(".")[0] for name in graph} == set(PACKAGES)
     assert circles(graph) == []
+
+
+def test_no_module_of_flows_hides_a_package_when_prefect_loads_the_flow_file():
+    """A worker loads `flows/training.py` by path, and Prefect puts flows/ first on sys.path
+    (prefect.utilities.importtools.load_script_as_module): a flows/dvc.py then answered every
+    `import dvc` in the flow run, and each scheduled run failed with "'dvc' is not a package"."""
+    import importlib.util
+    import sys
+
+    hidden = []
+    for path in (ROOT / "flows").glob("*.py"):
+        name = path.stem
+        if name in sys.stdlib_module_names or (name != "__init__" and importlib.util.find_spec(name)):
+            hidden.append(name)
+    assert not hidden, f"flows/ modules named like importable packages: {hidden}"

@@ -99,6 +99,12 @@ def wait_for_run(stack: Stack, run_id: str, timeout_s: float = 600) -> dict:
     )
 
 
+def worker_log_tail(stack: Stack, chars: int = 4000) -> str:
+    """The end of the worker's log, where a failed flow run's traceback is: CI shows only this."""
+    log = stack.log_file("worker")
+    return log.read_text(errors="replace")[-chars:] if log.exists() else f"no {log}"
+
+
 def state_names(stack: Stack, run_id: str) -> list[str]:
     states = stack.prefect_api("GET", "/flow_run_states/", params={"flow_run_id": run_id}).json()
     return [s["name"] for s in sorted(states, key=lambda s: s["timestamp"])]
@@ -172,7 +178,7 @@ def scheduled_run(stack) -> dict:
 
 def test_the_schedule_fires_and_the_worker_runs_the_flow_to_completion(stack, scheduled_run):
     run = scheduled_run
-    assert run["state"]["type"] == "COMPLETED", run["state"]
+    assert run["state"]["type"] == "COMPLETED", (run["state"], worker_log_tail(stack))
     assert run["auto_scheduled"], "the run was not created by the deployment's schedule"
     names = state_names(stack, run["id"])
     assert (
