@@ -20,8 +20,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import torch
-
 # The recipe before issue 11: GPT-2's architecture, AdamW, 800 steps of 16 x 256 tokens.
 BASELINE = [
     "train.positions=learned",
@@ -68,18 +66,22 @@ def tracking_in() -> Iterator[Path]:
                     os.environ[key] = value
 
 
-def train_and_score(overrides: list[str], work: Path) -> dict:
-    from pipelines.evaluate import score_model_dir, validation_texts
+def train_and_score(overrides: list[str], work: Path, track: bool = True) -> dict:
+    """Train with the train stage's code into work/, then score the held-out split on the
+    device it trained on (the evaluate stage's code; its score, on its device's precision)."""
+    from pipelines.evaluate import load_model_dir, score_texts, validation_texts
     from pipelines.params import load_params
-    from pipelines.train import train_model, use_bf16
+    from pipelines.train import pick_device, train_model, use_bf16
 
     params = load_params(
         overrides=overrides + [f"train.model_dir={work}/models", f"train.checkpoint_dir={work}/ckpt"]
     )
-    summary = train_model(params, log=lambda *_: None)
-    bf16 = use_bf16(params.train.bf16, torch.device("cpu"))
+    summary = train_model(params, log=lambda *_: None, track=track)
+    device = pick_device(params.train.device)
     start = time.perf_counter()
-    bpb = score_model_dir(work / "models", validation_texts(params), bf16=bf16)
+    model, tokenizer = load_model_dir(work / "models", device)
+    scored = score_texts(model, tokenizer, validation_texts(params), bf16=use_bf16(params.train.bf16, device))
+    bpb = scored["nll_bits"] / scored["bytes"]
     return {
         "val_bits_per_byte": bpb,
         "train_seconds": summary["train_seconds"],

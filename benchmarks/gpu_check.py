@@ -48,6 +48,19 @@ CPU_FALLBACK = [
 ]
 
 
+def flash_attention_runs(model, x, y) -> bool:
+    """Whether the model's attention runs on the flash SDPA kernel alone (bf16, this head size):
+    with only that backend allowed, PyTorch raises instead of falling back to another."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    try:
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION), torch.autocast("cuda", dtype=torch.bfloat16):
+            model(x, y)
+        return True
+    except RuntimeError:
+        return False
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -88,14 +101,18 @@ def main() -> None:
     tokens_per_s = cfg.batch_size * cfg.block_size / step_s
     mfu = tokens_per_s * setting.model.flops_per_token() / 1e9 / peak
     steps = max(1, int(budget / step_s))
+    flash = flash_attention_runs(setting.model, x, y) if gpu else None
 
     with tracking_in() as work:
-        result = train_and_score(overrides + [f"train.max_steps={steps}"], work)
+        # no MLflow: a GPU machine need not carry it for a benchmark
+        result = train_and_score(overrides + [f"train.max_steps={steps}"], work, track=False)
     print(f"{'bf16 matmul peak':<28} {peak:>10,.0f} GFLOP/s")
     print(f"{'model':<28} {setting.model.num_params() / 1e6:>10.1f} M params, {cfg.n_layer} x {cfg.n_embd}")
     print(f"{'warm-up (and compile)':<28} {warmup_s:>10.1f} s")
     print(f"{'training':<28} {tokens_per_s:>10,.0f} tokens/s")
     print(f"{'MFU (of the measured peak)':<28} {mfu:>10.1%}")
+    if flash is not None:
+        print(f"{'flash SDPA':<28} {'runs' if flash else 'refused: another SDPA kernel ran':>10}")
     print(f"{'budget':<28} {budget:>10.0f} s = {steps} steps of {cfg.batch_size} x {cfg.block_size}")
     print(f"{'trained in':<28} {result['train_seconds']:>10.1f} s ({result['tokens_per_s']:,.0f} tokens/s)")
     print(f"{'held-out bits per byte':<28} {result['val_bits_per_byte']:>10.4f}")

@@ -255,9 +255,10 @@ def start_tracking(params: Params):
     return mlflow.start_run(run_name="train")
 
 
-def train_model(params: Params, log=print) -> dict:
+def train_model(params: Params, log=print, track: bool = True) -> dict:
     """Train to train.max_steps, resuming from a checkpoint of the same code, config and data;
-    in a rank of a torchrun run (pipelines/ranks.py), train the rank's slice of each step."""
+    in a rank of a torchrun run (pipelines/ranks.py), train the rank's slice of each step.
+    track=False logs nothing to MLflow: for benchmarks on a machine that has no MLflow."""
     from tqdm import tqdm
 
     cfg = params.train
@@ -268,8 +269,9 @@ def train_model(params: Params, log=print) -> dict:
         raise TrainpipeError(f"{tokens_dir}/train.bin holds {len(data)} tokens; need more than block_size")
     rank, world, device = join_ranks(cfg, pick_device(cfg.device))
     main_process = rank == 0  # it alone reads and writes checkpoints, the model and MLflow
+    tracking = main_process and track
     log = log if main_process else lambda *_: None
-    if main_process:
+    if tracking:
         import mlflow  # seconds of imports, spared the other ranks
     bf16 = use_bf16(cfg.bf16, device)
     model_cfg = model_config(cfg, meta["vocab_size"])
@@ -305,8 +307,8 @@ def train_model(params: Params, log=print) -> dict:
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
     tokens_per_step = cfg.batch_size * cfg.block_size
 
-    with start_tracking(params) if main_process else nullcontext():
-        if main_process:
+    with start_tracking(params) if tracking else nullcontext():
+        if tracking:
             mlflow.log_params(
                 {f"train.{k}": v for k, v in cfg.model_dump().items()} | {"data_version": version}
             )
@@ -349,7 +351,7 @@ def train_model(params: Params, log=print) -> dict:
                         f"train: step {done}/{cfg.max_steps} loss {loss_value:.3f} lr {lr:.2e} {tok_s:,.0f} tokens/s"
                     )
                 bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
-                if main_process:
+                if tracking:
                     mlflow.log_metrics(
                         {"train_loss": loss_value, "lr": lr, "tokens_per_s": tok_s},
                         step=done,
@@ -377,7 +379,7 @@ def train_model(params: Params, log=print) -> dict:
             "vocab_size": meta["vocab_size"],
             "history": history,
         }
-        if main_process:
+        if tracking:
             mlflow.log_metrics({"train_seconds": elapsed, "num_params": summary["num_params"]})
     if main_process:
         write_model(model_dir, model, tokens_dir, summary)
