@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from pipelines.entry import setup_environment
+from pipelines.entry import exit_without_teardown_gc, setup_environment
 from pipelines.errors import ConfigError, TrainpipeError
 from pipelines.params import PARAMS_FILE, load_params, save_overrides
 from pipelines.runlock import LOCK_FILE, workspace_lock
@@ -85,6 +85,7 @@ def cmd_run(args) -> None:
     serving = result.get("serving") or {}
     print(f"serving: {serving.get('reason', 'not checked')}")
     print("dvc.lock records this run's data and model versions: `git add dvc.lock params.yaml` to keep it")
+    exit_without_teardown_gc()  # the run is over: only the process's exit is left
 
 
 def cmd_stage(args) -> None:
