@@ -116,7 +116,7 @@ def machine() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=5, help="unchanged runs per project (median)")
+    parser.add_argument("--repeats", type=int, default=5, help="unchanged runs per project (median); 0: none")
     parser.add_argument(
         "--baseline", metavar="REV", help="also a project with this commit's code, side by side"
     )
@@ -139,7 +139,8 @@ def main() -> None:
             create_databases(proj, env)
             print(f"{name}: a run that trains ...", file=sys.stderr, flush=True)
             first[name] = timed_run(proj, env, args.echo)
-            timed_run(proj, env, args.echo)  # settles curate against the new champion
+            if args.repeats:
+                timed_run(proj, env, args.echo)  # settles curate against the new champion
             projects[name] = (proj, env)
         unchanged = {name: [] for name in variants}
         for i in range(args.repeats):
@@ -180,6 +181,8 @@ def print_report(first: dict, unchanged: dict) -> None:
         else:
             print(f"{n}: total {wall:.1f} s (its stages report no work time)")
 
+    if not unchanged[names[0]]:
+        return
     print(f"\nAn unchanged run (median of {len(unchanged[names[0]])}; seconds of wall time):\n")
     print("| step | " + " | ".join(names) + " |")
     print("|---" * (1 + len(names)) + "|")

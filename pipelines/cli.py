@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from pipelines.entry import setup_environment
+from pipelines.entry import exit_without_teardown_gc, setup_environment
 from pipelines.errors import ConfigError, TrainpipeError
 from pipelines.params import PARAMS_FILE, load_params, save_overrides
 from pipelines.runlock import LOCK_FILE, workspace_lock
@@ -54,15 +54,19 @@ def cmd_run(args) -> None:
     from flows.server import start_temporary_api
 
     # Prefect's temporary server starts in its own process first; the imports the flow needs
-    # anyway (Prefect's client, MLflow, DVC, torch for publish) run here meanwhile, on the other core.
+    # anyway (MLflow, DVC, torch for publish, then Prefect's client) run here meanwhile, on the
+    # other core. It serves only if Prefect has no server configured: known before Prefect is
+    # imported here.
     api = start_temporary_api()
     import dvc.repo  # noqa: F401
     import mlflow  # noqa: F401
 
     import pipelines.publish  # noqa: F401
+
+    serves = api is not None and api.serves()
     from flows.training import training_flow
 
-    if api is not None:
+    if serves:
         api.wait_ready()
     result = training_flow()
     pub, m = result["published"], result["metrics"]
@@ -89,6 +93,7 @@ def cmd_run(args) -> None:
     serving = result.get("serving") or {}
     print(f"serving: {serving.get('reason', 'not checked')}")
     print("dvc.lock records this run's data and model versions: `git add dvc.lock params.yaml` to keep it")
+    exit_without_teardown_gc()  # the run is over: only the process's exit is left
 
 
 def cmd_stage(args) -> None:

@@ -5,6 +5,7 @@ no stage imports the CLI.
 """
 
 import argparse
+import gc
 import os
 import sys
 import time
@@ -51,6 +52,15 @@ def stage_main(stage: str, run, describe, argv: list[str] | None = None) -> None
     if result is not None:
         print(describe(result, params))
         print(f"{stage}: {time.perf_counter() - started:.2f} s of work")
+    if run.__module__ == "__main__":  # this process was started for the stage (not a test calling main)
+        exit_without_teardown_gc()
+
+
+def exit_without_teardown_gc() -> None:
+    """Spare the exiting process Python's last garbage collections: with torch, Great Expectations
+    or MLflow loaded they walk millions of objects, 0.4-1.5 s of a stage's or a run's exit on this
+    machine, to free memory the OS frees anyway. (Exit handlers still run; files are closed.)"""
+    gc.freeze()
 
 
 def setup_environment() -> None:

@@ -167,13 +167,22 @@ def test_the_flows_inputs_check_records_what_dvc_repro_records(tmp_path, monkeyp
     assert stage_changes(["ingest", "train"]).keys() == {"ingest", "train"}  # never ran: both changed
 
 
+def _without_prefect_urls(monkeypatch) -> None:
+    """No API URL in the environment; whatever a test sets there is undone after it."""
+    for name in ("PREFECT_API_URL", "PREFECT_UI_URL"):
+        monkeypatch.setenv(name, "")  # records the value to restore
+        monkeypatch.delenv(name)
+
+
 @pytest.mark.slow
 def test_the_temporary_prefect_server_answers_then_stops(tmp_path, monkeypatch):
     from flows.server import TemporaryApi
 
     monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect"))
+    _without_prefect_urls(monkeypatch)
     api = TemporaryApi()
     try:
+        assert api.serves() and os.environ["PREFECT_API_URL"] == api.url
         api.wait_ready(timeout_s=180)  # a new database: every migration, on a busy machine
         with urllib.request.urlopen(f"{api.url}/health", timeout=5) as response:
             assert response.status == 200
@@ -181,3 +190,21 @@ def test_the_temporary_prefect_server_answers_then_stops(tmp_path, monkeypatch):
         api.stop()
     assert api.process.returncode is not None  # stopped, not left running
     assert (tmp_path / "prefect" / "prefect.db").is_file()  # its state in PREFECT_HOME
+
+
+@pytest.mark.slow
+def test_no_temporary_server_when_a_prefect_profile_names_one(tmp_path, monkeypatch):
+    """PREFECT_API_URL set with `prefect config set` lives in a profile, not the environment:
+    trainpipe run must still use that server, as Prefect would."""
+    from flows.server import TemporaryApi
+
+    home = tmp_path / "prefect"
+    home.mkdir()
+    (home / "profiles.toml").write_text(
+        'active = "team"\n\n[profiles.team]\nPREFECT_API_URL = "http://127.0.0.1:9/api"\n'
+    )
+    monkeypatch.setenv("PREFECT_HOME", str(home))
+    _without_prefect_urls(monkeypatch)
+    api = TemporaryApi()
+    assert not api.serves() and "PREFECT_API_URL" not in os.environ
+    assert api.process.wait(timeout=60) == 0 and not (home / "prefect.db").exists()
