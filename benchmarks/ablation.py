@@ -3,7 +3,7 @@ stage's own code and scores the held-out split as the evaluate stage does.
 
     .venv/bin/python benchmarks/ablation.py                       # the rows below, in order
     .venv/bin/python benchmarks/ablation.py --rows baseline,rope  # some of them
-    .venv/bin/python benchmarks/ablation.py --seeds 1337,7 --rows final
+    .venv/bin/python benchmarks/ablation.py --seeds 1337,7 --rows untied   # every change, two seeds
 
 Needs data/tokens and data/curated (`dvc repro tokenize`). A row's overrides apply on top of
 params.yaml's *old* recipe (BASELINE below) and of the rows before it, so each row adds one
