@@ -12,13 +12,14 @@ change. Prints held-out bits per byte and training seconds; results also go to -
 
 import argparse
 import json
-import os
 import statistics
 import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from pipelines.environ import environ_set
 
 # The recipe before issue 11: GPT-2's architecture, AdamW, 800 steps of 16 x 256 tokens.
 BASELINE = [
@@ -52,18 +53,9 @@ ROWS = {
 @contextmanager
 def tracking_in() -> Iterator[Path]:
     """A temporary folder whose own MLflow database takes the runs' logs, not the project's."""
-    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID")}
     with tempfile.TemporaryDirectory() as tmp:
-        os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp}/mlflow.db"
-        os.environ.pop("MLFLOW_RUN_ID", None)
-        try:
+        with environ_set({"MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/mlflow.db", "MLFLOW_RUN_ID": None}):
             yield Path(tmp)
-        finally:
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
 
 
 def train_and_score(overrides: list[str], work: Path, track: bool = True) -> dict:

@@ -440,27 +440,18 @@ def _read_champion_profile(model_name: str) -> dict:
     return {**source, "status": "champion", "profile_sha256": digest, "profile": json.loads(data)}
 
 
-@contextmanager
 def _short_http_retries():
     """MLflow retries a failed HTTP request 7 times with growing back-off, for minutes; a drift
     reference that cannot be read is reported as such, so a few seconds of trying is enough."""
-    import os
+    from pipelines.environ import environ_set
 
-    short = {
-        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
-        "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-        "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
-    }
-    saved = {key: os.environ.get(key) for key in short}
-    os.environ.update(short)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    return environ_set(
+        {
+            "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+            "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+            "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+        }
+    )
 
 
 def _without_credentials(uri: str) -> str:
