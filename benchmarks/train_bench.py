@@ -7,7 +7,11 @@
    the settings interleaved repeat by repeat so that a noisy neighbour slows them alike. Each row:
    median tokens/s, model FLOP/s (nanoGPT's 6N + 12·L·H·Q·T per token) and its share of the
    measured bf16 peak. "default" is exactly what the train stage runs (pipelines.train).
-3. --profile: where a default step's time goes (torch.profiler), by kind of work.
+3. The ceiling: the step's own linear-layer matmuls alone (forward, and backward's two per
+   layer), at the model's shapes (batch x block rows), bf16, timed one by one. Even with every
+   other op free of cost, a step could not beat their FLOP/s; against the peak it says how far
+   the model's width lets it go on this CPU.
+4. --profile: where a default step's time goes (torch.profiler), by kind of work.
 
 --compile adds a torch.compile row (minutes of compiling on 2 cores before it is timed).
 """
@@ -39,6 +43,35 @@ def matmul_peak(dtype: torch.dtype, device: torch.device, repeats: int = 5, size
             (a @ b).sum().item()  # .item(): wait for the device
             best = max(best, 2 * n**3 / (time.perf_counter() - start) / 1e9)
     return best
+
+
+def linear_shapes(model: torch.nn.Module, rows: int) -> list[tuple[int, int, int]]:
+    """(m, k, n) of every matmul a training step runs in the model's linear layers: the forward
+    x @ W.T, and backward's grad_x = grad_y @ W and grad_W = grad_y.T @ x. Attention's own
+    batched matmuls (inside SDPA) are left out."""
+    shapes = []
+    for layer in model.modules():
+        if isinstance(layer, torch.nn.Linear):
+            n_out, n_in = layer.weight.shape
+            shapes += [(rows, n_in, n_out), (rows, n_out, n_in), (n_out, rows, n_in)]
+    return shapes
+
+
+def matmul_ceiling(shapes, device: torch.device, repeats: int = 5) -> float:
+    """GFLOP/s of the given matmuls run one after another in bf16: total FLOPs over the sum of
+    each shape's best time."""
+    flops, seconds = 0.0, 0.0
+    for m, k, n in shapes:
+        a = torch.randn(m, k, device=device, dtype=torch.bfloat16)
+        b = torch.randn(k, n, device=device, dtype=torch.bfloat16)
+        (a @ b).sum().item()  # warm-up
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            (a @ b).sum().item()
+            best = min(best, time.perf_counter() - start)
+        flops, seconds = flops + 2 * m * k * n, seconds + best
+    return flops / seconds / 1e9
 
 
 class Setting:
@@ -150,12 +183,17 @@ def main() -> None:
             times[s.name].append(s.time(x, y, args.steps))
     flops = settings[-1].model.flops_per_token()
     tokens = cfg.batch_size * cfg.block_size
+    ceiling = matmul_ceiling(linear_shapes(settings[-1].model, tokens), device)
     print(
         f"device {device.type}, {torch.get_num_threads()} threads; {settings[0].model.num_params() / 1e6:.2f} M "
         f"params, {cfg.n_layer} layers x {cfg.n_embd}, batch {cfg.batch_size} x {cfg.block_size}, "
         f"{flops / 1e6:.1f} MFLOP/token; {args.steps} steps x {args.repeats} repeats, medians"
     )
     print(f"matmul peak: bf16 {peak['bf16']:.0f} GFLOP/s, fp32 {peak['fp32']:.0f} GFLOP/s")
+    print(
+        f"ceiling: the step's linear-layer matmuls alone, bf16 at the model's shapes: {ceiling:.0f} GFLOP/s, "
+        f"{ceiling / peak['bf16']:.0%} of the bf16 peak"
+    )
     print(
         f"{'setting':<26} {'s/step':>7} {'tokens/s':>9} {'GFLOP/s':>8} {'of bf16 peak':>13} {'warm-up s':>10}"
     )
