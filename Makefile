@@ -18,8 +18,12 @@ install: $(STAMP)  ## create .venv and install the pinned dependencies
 run: install  ## the whole flow on the built-in defaults, offline
 	$(BIN)/trainpipe run
 
-test: install  ## the test suite (pytest exit 5, "no tests ran", is a failure)
-	$(BIN)/pytest
+# One worker per core, each test file whole on one worker (the end-to-end modules share a trained
+# project between their tests); TEST_WORKERS=0 runs everything in this process.
+TEST_WORKERS ?= auto
+
+test: install  ## the test suite on every core (pytest exit 5, "no tests ran", is a failure)
+	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile
 
 $(STACK_STAMP): $(STAMP)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c requirements.lock -e '.[dev,stack]'
