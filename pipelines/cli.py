@@ -209,6 +209,18 @@ def cmd_status(args) -> None:
     print("\n".join(format_status(status)))
 
 
+def cmd_compare(args) -> None:
+    import json
+
+    from pipelines.compare import compare, format_comparison
+
+    found = compare(load_params(PARAMS_FILE, args.set), args.a, args.b, ui_url=args.ui_url)
+    if args.json:
+        print(json.dumps(found, indent=2, default=str))
+        return
+    print("\n".join(format_comparison(found)))
+
+
 def cmd_restart(args) -> None:
     require_project()
     from pipelines.restart import restore_version
@@ -360,6 +372,35 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true", help="the same as one JSON object")
     p = add(
+        "compare",
+        cmd_compare,
+        "two registered versions (or MLflow runs) side by side, from what MLflow and DVC recorded: "
+        "params that differ, metrics with the promotion gate's interval, data versions, code commits, "
+        "cost; and the MLflow UI's compare page for the two runs. Nothing is re-run",
+    )
+    ref_help = "a version (3, v3), an alias (@champion, champion) or an MLflow run id"
+    p.add_argument(
+        "a",
+        nargs="?",
+        metavar="A",
+        help=f"{ref_help}; default @champion. One argument alone is B, against @champion",
+    )
+    p.add_argument(
+        "b",
+        nargs="?",
+        metavar="B",
+        help=f"{ref_help}; default @challenger, or the newest version that is not the champion when "
+        "@challenger is the champion itself (a promoted challenger keeps both aliases)",
+    )
+    p.add_argument(
+        "--ui-url",
+        default=None,
+        metavar="URL",
+        help="address of the MLflow UI for the compare link (default: the tracking server's own, "
+        "or http://127.0.0.1:5000 where `mlflow ui` serves a local store)",
+    )
+    p.add_argument("--json", action="store_true", help="the same as one JSON object, hashes whole")
+    p = add(
         "serve",
         cmd_serve,
         "serve @champion on 127.0.0.1 with MLflow's scoring server and follow it: a promotion or "
@@ -432,11 +473,11 @@ def main(argv: list[str] | None = None) -> None:
             raise
         import mlflow
 
+        from pipelines.compare import public_uri
         from pipelines.publish import mlflow_failure
 
-        reason.append(
-            f"trainpipe {args.command}: MLflow at {mlflow.get_tracking_uri()} failed ({mlflow_failure(exc)})"
-        )
+        uri = public_uri(mlflow.get_tracking_uri())  # without the user and password it may carry
+        reason.append(f"trainpipe {args.command}: MLflow at {uri} failed ({mlflow_failure(exc)})")
         sys.exit(1)
 
 

@@ -185,6 +185,32 @@ def find_version(client: MlflowClient, name: str, version: str) -> ModelVersion 
         raise
 
 
+def model_versions(client: MlflowClient, name: str, run_id: str | None = None) -> list[ModelVersion]:
+    """Every version of the model (of run_id's only, when given), newest first; [] for an unknown model."""
+    query = f"name = '{name}'" + (f" and run_id = '{run_id}'" if run_id else "")
+    return sorted(client.search_model_versions(query), key=lambda v: int(v.version), reverse=True)
+
+
+def model_aliases(client: MlflowClient, name: str) -> dict[str, str] | None:
+    """{alias: version} of the model, or None when there is no such registered model."""
+    try:
+        return {alias: str(v) for alias, v in client.get_registered_model(name).aliases.items()}
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
+
+
+def find_run(client: MlflowClient, run_id: str):
+    """An MLflow run (mlflow.entities.Run), or None when there is no run with that id."""
+    try:
+        return client.get_run(run_id)
+    except MlflowException as exc:
+        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            return None
+        raise
+
+
 def set_alias(client: MlflowClient, name: str, alias: str, version: str) -> None:
     client.set_registered_model_alias(name, alias, str(version))
 

@@ -22,6 +22,7 @@ COMMANDS = [
     "generate",
     "status",
     "history",
+    "compare",
     "stack",
 ]
 PARAMS_FREE = {"stack"}  # starts and stops servers: no params.yaml key changes what it does
