@@ -259,6 +259,45 @@ def test_worse_challenger_does_not_replace_champion(published, worse_challenger)
     assert stages["train"]["reason"] == "changed deps: train.max_steps modified"
 
 
+def test_compare_reads_champion_and_challenger_side_by_side(published, worse_challenger):
+    """`trainpipe compare` on two versions the flow published: the one param changed, the same
+    data and code, the gate's interval, both runs' cost and the MLflow UI's compare page."""
+    from urllib.parse import unquote
+
+    proj, env = published
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    v1, v2 = client.get_model_version(MODEL, "1"), worse_challenger["version"]
+    shown = trainpipe(proj, env, "compare", str(v2.version))  # one argument: against @champion
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    lines = shown.stdout.splitlines()
+    assert lines[0].startswith(f"model {MODEL}: A is v1 @champion, B is v{v2.version}")
+    assert all(len(line) <= 120 for line in lines[:-2]), lines  # the URL and the command: whole
+
+    def cells(label: str) -> list[str]:
+        (line,) = [line for line in lines if line[:40].rstrip() == label]
+        return [line[42:74].strip(), line[76:108].strip(), line[110:].strip()]
+
+    assert any(line.startswith("params that differ (1 of ") for line in lines), lines
+    assert cells("train.max_steps") == ["60", "3", ""]
+    assert cells("val_bits_per_byte")[:2] == [
+        f"{client.get_run(v.run_id).data.metrics['val_bits_per_byte']:.4f}" for v in (v1, v2)
+    ]
+    for data in ("source manifest", "data/raw", "data/curated", "data/tokens"):
+        assert cells(data)[2] == "same", data
+    assert cells("data/tokens")[0] == v1.tags["data_version"][:12]
+    assert cells("data")[0] == "the same data"
+    code = cells("code (git commit)")
+    assert code[0] == code[1] and code[0].startswith(v1.tags["git_commit"][:12]) and code[2] == "same"
+    interval = cells("bits per byte, B - A")[0]
+    assert f"from v{v2.version}'s gate against v1" in " ".join(lines), lines
+    assert interval.startswith(f"{float(v2.tags['bpb_delta']):+.4f} bpb [")
+    assert all(cost.startswith("$") for cost in cells("training run")[:2])
+    url = unquote(lines[-2])
+    assert url.startswith("http://127.0.0.1:5000/#/compare-runs?runs=")
+    experiment = client.get_run(v1.run_id).info.experiment_id
+    assert url.endswith(f'runs=["{v1.run_id}","{v2.run_id}"]&experiments=["{experiment}"]')
+
+
 def mlflow_dict(client: MlflowClient, run_id: str, path: str):
     import json
     import tempfile
