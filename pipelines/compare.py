@@ -156,6 +156,8 @@ def resolve(client: MlflowClient, name: str, ref: str) -> Side:
             have = ", ".join(f"@{a}" for a in sorted(aliases)) or "none"
             raise ConfigError(f"model {name} has no alias @{alias} (its aliases: {have})")
         version = find_version(client, name, aliases[alias])
+        if version is None:  # deleted between the two reads
+            raise ConfigError(f"model {name} has no version {aliases[alias]}, which @{alias} names")
     return _side(client, ref, version, aliases, None)
 
 
@@ -425,9 +427,12 @@ def _wide(label: str, text: str) -> list[str]:
 
 def _numbers(*values) -> list[str]:
     """A row's numbers in one format: whole numbers with thousands separators when all of them
-    are whole (counts, steps), else four decimals (bits per byte reads 2.0000 beside 2.5000)."""
-    known = [float(v) for v in values if v is not None]
-    whole = all(v.is_integer() and abs(v) < 1e12 for v in known)
+    are whole (counts, steps), else decimals by the row's largest value, four below 100 (bits per
+    byte reads 2.0000 beside 2.5000), two up to 100,000, none above; each fits its column."""
+    known = [abs(float(v)) for v in values if v is not None]
+    whole = all(v.is_integer() and v < 1e12 for v in known)
+    largest = max(known, default=0.0)
+    decimals = 4 if largest < 100 else 2 if largest < 1e5 else 0
 
     def one(value) -> str:
         if value is None:
@@ -435,9 +440,9 @@ def _numbers(*values) -> list[str]:
         value = float(value)
         if whole:
             return f"{int(value):,}"
-        if value and (abs(value) >= 1e6 or abs(value) < 1e-3):
+        if value and (abs(value) >= 1e9 or abs(value) < 1e-3):
             return f"{value:.4g}"
-        return f"{value:.4f}"
+        return f"{value:,.{decimals}f}"
 
     return [one(v) for v in values]
 

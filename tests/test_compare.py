@@ -172,13 +172,17 @@ def test_champion_against_challenger_side_by_side(two_versions, capsys):
     assert start == f"(start the UI first: mlflow ui --backend-store-uri {os.environ['MLFLOW_TRACKING_URI']})"
 
 
-def test_named_the_other_way_round_the_interval_is_read_as_b_minus_a(two_versions):
+def test_named_the_other_way_round_the_interval_is_read_as_b_minus_a(two_versions, capsys):
     found = compare(Params(), "v2", "@champion")
     assert (found["a"]["label"], found["b"]["label"]) == ("v2 @challenger", "v1 @champion")
     interval = found["gate"]["b_minus_a"]
     assert (interval["delta"], interval["low"], interval["high"]) == (-0.5, -0.5, -0.5)
     assert (interval["measured_by"], interval["against"]) == ("v2", "v1")
     assert [m["diff"] for m in found["metrics"] if m["key"] == "val_bits_per_byte"] == [-0.5]
+    main(["compare", "--json", "2", "1"])  # the same as JSON, with the hashes whole
+    record = json.loads(capsys.readouterr().out)
+    assert record["gate"]["b_minus_a"] == interval
+    assert {r["key"]: r["a"] for r in record["data"]["rows"]}["data/tokens"] == "5" * 32 + ".dir"
 
 
 def test_run_ids_name_their_versions_and_one_argument_is_compared_with_the_champion(two_versions):
