@@ -1,7 +1,7 @@
 """A folder as the data source (issue 12, part 4): the files data.include names and data.exclude
 does not, as documents; tables inside a folder read as text; binary files skipped and counted;
-the source manifest that decides when ingest re-runs taking the same files. Real files in
-tmp_path."""
+the source manifest that decides when ingest re-runs taking the same files; the drift block's
+way forward. Real files in tmp_path; the gate message from a real GateResult."""
 
 import json
 
@@ -9,6 +9,7 @@ import pytest
 
 from pipelines import ingest
 from pipelines.errors import ConfigError, SourceError
+from pipelines.gate import GateResult
 from pipelines.inputs import source_manifest
 from pipelines.params import load_params
 
@@ -143,3 +144,22 @@ def test_one_pattern_needs_no_list(tmp_path):
     # `*` opens a YAML alias, so `-S data.include=**/*.py` reaches the schema as a plain string
     assert load_params(tmp_path / "none.yaml", ["data.include=**/*.py"]).data.include == ["**/*.py"]
 
+
+def test_a_drift_block_ends_with_the_way_forward():
+    drift = GateResult(
+        passed=False,
+        failed=[{"check": "drift_documents", "observed": "120 vs champion 50, ratio 2.4", "need": "ratio"}],
+        report_path="reports/gate.json",
+        data_docs_path="reports/data_docs/index.html",
+    )
+    line = drift.message()
+    assert "\n" not in line and line.index("drift_documents") < line.index("reports/gate.json")
+    assert line.endswith(
+        "to train on this data on purpose, start a new model line "
+        "(`trainpipe run -S publish.model_name=NEW_NAME`) or turn the drift checks off for this run "
+        "(`trainpipe run -S curate.gate.drift.enabled=false`, saved in params.yaml: set it back to true after)"
+    )
+    other = GateResult(
+        passed=False, failed=[{"check": "expect_table_row_count", "observed": 3, "need": ">= 5"}]
+    )
+    assert "publish.model_name" not in other.message()  # only drift has this way out
