@@ -312,6 +312,25 @@ def resolve_run(client: MlflowClient, experiment: str, run_id: str | None) -> tu
     return run.info.run_id, True
 
 
+def last_logged_step(client: MlflowClient, run_id: str, key: str) -> int:
+    """The highest step at which the run logged metric key; 0 when it has none."""
+    return max((m.step for m in client.get_metric_history(run_id, key)), default=0)
+
+
+def log_step_metrics(client: MlflowClient, run_id: str, points: list[tuple[int, dict[str, float]]]) -> None:
+    """[(step, {key: value})] into the run, in batches of MLflow's limit of 1000 metrics a call."""
+    import time
+
+    from mlflow.entities import Metric
+
+    now_ms = int(time.time() * 1000)
+    metrics = [
+        Metric(key, float(value), now_ms, step) for step, values in points for key, value in values.items()
+    ]
+    for start in range(0, len(metrics), 1000):
+        client.log_batch(run_id, metrics=metrics[start : start + 1000])
+
+
 def finish_run(client: MlflowClient, run_id: str, status: str) -> None:
     client.set_terminated(run_id, status)
 

@@ -268,6 +268,22 @@ def start_tracking(params: Params):
     return mlflow.start_run(run_name="train", log_system_metrics=system_metrics)
 
 
+def log_curve_before(history: list) -> None:
+    """A resumed run's curve up to its checkpoint (train_loss and lr of the checkpoint's history),
+    for the steps the active MLflow run lacks: a run that resumes another's checkpoint shows its
+    whole curve, and a flow's retry (the same MLflow run) logs no step twice."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from pipelines.registry import last_logged_step, log_step_metrics
+
+    client, run_id = MlflowClient(), mlflow.active_run().info.run_id
+    last = last_logged_step(client, run_id, "train_loss")
+    log_step_metrics(
+        client, run_id, [(step, {"train_loss": loss, "lr": lr}) for step, loss, lr in history if step > last]
+    )
+
+
 def train_model(params: Params, log=print, track: bool = True) -> dict:
     """Train to train.max_steps, resuming from a checkpoint of the same code, config and data;
     in a rank of a torchrun run (pipelines/ranks.py), train the rank's slice of each step.
@@ -325,6 +341,8 @@ def train_model(params: Params, log=print, track: bool = True) -> dict:
             mlflow.log_params(
                 {f"train.{k}": v for k, v in cfg.model_dump().items()} | {"data_version": version}
             )
+            if start_step:
+                log_curve_before(history)
         model.train()
         t0, timed_tokens, loss_value = time.perf_counter(), 0, float("nan")
         bar = tqdm(
