@@ -16,7 +16,10 @@ gradient stops the run before anything of that step is saved.
 With train.nproc_per_node above 1 the stage re-runs itself under torchrun: each rank trains a
 DistributedDataParallel copy on its slice of step i's batch (the global batch, and so the tokens
 seen, are those of one process); rank 0 alone reads and writes checkpoints, the model and MLflow.
-Writes models/: model.safetensors, config.json, tokenizer.json, train.json.
+Writes models/: model.safetensors, config.json, tokenizer.json, train.json. train.json describes
+the weights and how they were made (steps, loss history, device, sizes), nothing about this one run:
+the step it resumed from, its seconds and speed go to its usage report (pipelines/usage.py), so
+byte-identical weights always make a byte-identical models/ and one DVC hash.
 """
 
 import json
@@ -42,6 +45,7 @@ from pipelines.errors import DivergenceError, TrainpipeError
 from pipelines.model import GPT, GPTConfig
 from pipelines.params import Params, TrainParams
 from pipelines.ranks import from_rank0, in_torchrun, join_ranks, launch_ranks, leave_ranks, mean_over_ranks
+from pipelines.usage import note_work
 
 # Fields that do not change the weights a run ends with: a checkpoint stays valid across them.
 NON_MODEL_FIELDS = {
@@ -242,6 +246,10 @@ def check_gradients(model: GPT, cfg: TrainParams, step: int) -> None:
         )
 
 
+# Summary keys that belong to this run, not to the weights: kept out of models/train.json.
+RUN_FACTS = ("resumed_from_step", "tokens_per_s", "train_seconds")
+
+
 def write_model(model_dir: Path, model: GPT, tokens_dir: Path, summary: dict) -> None:
     from safetensors.torch import save_model
 
@@ -249,7 +257,7 @@ def write_model(model_dir: Path, model: GPT, tokens_dir: Path, summary: dict) ->
     save_model(model, str(model_dir / "model.safetensors"))
     (model_dir / "config.json").write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")
     shutil.copyfile(tokens_dir / TOKENIZER_FILE, model_dir / TOKENIZER_FILE)
-    write_json(model_dir / "train.json", summary)
+    write_json(model_dir / "train.json", {k: v for k, v in summary.items() if k not in RUN_FACTS})
 
 
 def start_tracking(params: Params):
@@ -413,6 +421,8 @@ def train_model(params: Params, log=print, track: bool = True) -> dict:
         if tracking:
             mlflow.log_metrics({"train_seconds": elapsed, "num_params": summary["num_params"]})
     if main_process:
+        # for the cost ledger: what this run spent of the model's tokens, and how fast
+        note_work(**{k: summary[k] for k in ("steps", "tokens_seen", "flops_per_token", *RUN_FACTS)})
         write_model(model_dir, model, tokens_dir, summary)
         remove_run(ckpt_dir)  # the model is the result now; a later run must not resume this one
     return summary

@@ -24,6 +24,7 @@ from pipelines.checkpoint import (
     load_checkpoint,
     read_checkpoint,
 )
+from pipelines.usage import USAGE_DIR_ENV, read_usage, stage_work
 
 MAX_STEPS, EVERY = 60, 10
 
@@ -134,13 +135,19 @@ def test_sigkill_at_any_point_resumes_to_identical_weights(base, tmp_path, point
     step_at_kill = kill_when(params_file, env, KILL_POINTS[point])
     assert step_at_kill < MAX_STEPS
 
-    done = run_train(params_file, env)
+    usage = tmp_path / "usage"  # as the flow gives it: train's report of this run
+    usage.mkdir()
+    done = run_train(params_file, dict(env, **{USAGE_DIR_ENV: str(usage)}))
     assert done.returncode == 0, done.stderr
     if step_at_kill:
         assert f"resuming from checkpoint at step {step_at_kill}" in done.stdout
     else:
         assert "train: no checkpoint" in done.stdout
+    assert [w["resumed_from_step"] for w in stage_work(read_usage(usage), "train")] == [step_at_kill]
     assert (tmp_path / "run" / "models" / "model.safetensors").read_bytes() == full_weights
+    # where it resumed and how long it took are not in models/: the same weights, the same DVC hash
+    full = Path(params.data.tokens_dir).parent / "full" / "models"
+    assert (tmp_path / "run" / "models" / "train.json").read_bytes() == (full / "train.json").read_bytes()
     assert run_folder(tmp_path / "run" / "ckpt") is None  # the model is written: nothing to resume
 
 
