@@ -10,7 +10,8 @@ Steps, in order:
      checkpoint. Each stage is recorded as ran / skipped / resumed@STEP / failed with the
      reason (what `dvc status` saw changed, or DVC's reason to skip): MLflow tags stage.<name>
      and stages.json, and the Prefect artifact
-  2. log params, curation counts and metrics to the flow's MLflow run
+  2. log params, curation counts, metrics and the datasets used (curated, tokens, validation:
+     MLflow dataset inputs with DVC's hashes as digests) to the flow's MLflow run
   3. push DVC outputs to the DVC remote, so the run's data and model can be restored; a failed
      push fails the run here, before any alias moves
   4. publish: register the model, set @challenger, move @champion only if it is better and it
@@ -59,7 +60,13 @@ from pipelines.inputs import CHAMPION_FILE, SOURCE_FILE
 from pipelines.ledger import ledger_markdown, ledger_metrics, run_ledger
 from pipelines.params import PARAMS_FILE, Params, flatten, load_params, save_overrides
 from pipelines.runlock import flow_lock_wait_s, workspace_lock
-from pipelines.usage import USAGE_DIR_ENV, note_unreported_attempt, read_usage, record_flow_seconds
+from pipelines.usage import (
+    USAGE_DIR_ENV,
+    note_unreported_attempt,
+    read_usage,
+    record_flow_seconds,
+    stage_work,
+)
 
 
 class _OneLineForOurErrors(logging.Filter):
@@ -91,9 +98,7 @@ def retry_transient_only(task, task_run, state) -> bool:
 @task(
     retries=2, retry_delay_seconds=[10, 60], retry_condition_fn=retry_transient_only, task_run_name="{stage}"
 )
-def run_stage(
-    stage: str, mlflow_run_id: str, changed: str | None = "", model_dir: str = "models", usage_dir: str = ""
-) -> StageOutcome:
+def run_stage(stage: str, mlflow_run_id: str, changed: str | None = "", usage_dir: str = "") -> StageOutcome:
     if changed is None:  # `dvc status` found it unchanged: a `dvc repro` would only say so
         return unchanged_stage(stage)
     # Stages that log (train) attach to the flow's MLflow run through MLFLOW_RUN_ID; each stage
@@ -106,8 +111,9 @@ def run_stage(
         if usage_dir:
             note_unreported_attempt(usage_dir, stage, started_ns, time.monotonic() - started)
         raise
-    if stage == "train" and outcome.ran:  # train says in its summary where it started
-        step = read_json(Path(model_dir) / "train.json").get("resumed_from_step") or 0
+    if stage == "train" and outcome.ran and usage_dir:  # train's usage report says where it started
+        works = stage_work(read_usage(usage_dir, since_ns=started_ns), "train")
+        step = max((w.get("resumed_from_step") or 0 for w in works), default=0)
         if step:
             outcome.status, outcome.resumed_from_step = "resumed", step
             outcome.detail = f"resumed from its checkpoint at step {step} ({outcome.reason})"
@@ -361,7 +367,7 @@ def run_stages(params: Params, run_id: str, outcomes: list[StageOutcome], usage_
         if any(o.ran for o in outcomes):  # an earlier stage's new outputs may change this one
             changes = stage_changes([stage])
         try:  # an unchanged stage (absent from changes) is recorded as skipped without a dvc process
-            outcomes.append(run_stage(stage, run_id, changes.get(stage), params.train.model_dir, usage_dir))
+            outcomes.append(run_stage(stage, run_id, changes.get(stage), usage_dir))
         except Exception as exc:
             outcomes.append(StageOutcome(stage, True, f"failed: {exc}", "failed", str(exc)))
             raise
@@ -382,12 +388,7 @@ def record_costs(params: Params, outcomes: list[StageOutcome], usage_dir: str) -
     it to the flow's MLflow run: metrics cost.*, and cost.json with each stage's figures."""
     import mlflow
 
-    train = next((o for o in outcomes if o.stage == "train"), None)
-    summary_path = Path(params.train.model_dir) / "train.json"
-    # train.json tells this run's work only when train ran to its end here (else: skipped, or restored by DVC)
-    trained_here = train is not None and train.ran and train.status != "failed" and summary_path.exists()
-    summary = read_json(summary_path) if trained_here else None
-    ledger = run_ledger([INPUTS_CHECK, *STAGES], read_usage(usage_dir), params.cost, summary)
+    ledger = run_ledger([INPUTS_CHECK, *STAGES], read_usage(usage_dir), params.cost)
     mlflow.log_metrics(ledger_metrics(ledger))
     mlflow.log_dict(ledger, "cost.json")
     return ledger
@@ -396,8 +397,11 @@ def record_costs(params: Params, outcomes: list[StageOutcome], usage_dir: str) -
 def _training_flow(params: Params | None) -> dict:
     import mlflow
 
+    from pipelines.registry import set_training_experiment
+    from pipelines.run_datasets import log_run_datasets
+
     params = apply_params(params)
-    mlflow.set_experiment(params.publish.experiment)
+    set_training_experiment(params.publish.experiment)
     outcomes: list[StageOutcome] = []
     curation, metrics, published, inputs, serving, ledger = {}, {}, None, {}, None, None
     usage_dir = tempfile.mkdtemp(prefix="trainpipe-usage-")  # the stage processes' reports
@@ -410,6 +414,8 @@ def _training_flow(params: Params | None) -> dict:
                 inputs = record_inputs(params, usage_dir)
                 mlflow.set_tags({f"input.{k}": v for k, v in inputs.items() if k != "warning"})
                 run_stages(params, run_id, outcomes, usage_dir)
+                # after the stages, so that dvc.lock's hashes are those of the data this run used
+                log_run_datasets(params, git_commit())
             finally:
                 curation = report_curation(params)
                 record_stages(outcomes)

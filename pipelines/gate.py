@@ -31,6 +31,14 @@ GATE_COLUMNS = ["path", "text", "sha256", "n_bytes", "alnum_fraction", "source",
 # worth a look even though it passed the filters.
 TEXT_EXTENSIONS = CODE_SUFFIXES | {".txt", ".md", ".rst", ".jsonl", ".json", ".parquet", ".csv", ""}
 TOP_WORDS = 2000
+# Drift stops a corpus change the user may well have meant (their own code, another language):
+# the block ends with the two ways to go on on purpose. -S is saved in params.yaml (as with
+# `dvc exp run -S`), so drift stays off until it is set back.
+DRIFT_WAY_FORWARD = (
+    "to train on this data on purpose, start a new model line "
+    "(`trainpipe run -S publish.model_name=NEW_NAME`) or turn the drift checks off for this run "
+    "(`trainpipe run -S curate.gate.drift.enabled=false`, saved in params.yaml: set it back to true after)"
+)
 _WORD_RE = re.compile(r"\w+")
 
 
@@ -44,11 +52,14 @@ class GateResult:
     evaluated: int = 0
 
     def message(self) -> str:
-        """One line for the person whose run stopped."""
+        """One line for the person whose run stopped; a drift block ends with the way forward."""
         failures = "; ".join(
             f"{f['check']} (observed {f['observed']}, need {f['need']})" for f in self.failed
         )
-        return f"data gate failed: {failures}; full report: {self.report_path}, {self.data_docs_path}"
+        line = f"data gate failed: {failures}; full report: {self.report_path}, {self.data_docs_path}"
+        if any(f["check"].startswith("drift_") for f in self.failed):
+            line += f"; {DRIFT_WAY_FORWARD}"
+        return line
 
     def to_dict(self) -> dict:
         return {

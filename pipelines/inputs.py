@@ -5,7 +5,8 @@
 Writes two small files that later stages list as DVC dependencies:
     data/inputs/source.json     a manifest of data.source: the source string and every file's
                                 path, size and sha256 of its contents (python-stdlib: the
-                                interpreter's stdlib .py files). ingest depends on it, so an
+                                interpreter's stdlib .py files; a folder: the files that
+                                data.include / data.exclude take). ingest depends on it, so an
                                 added, removed or edited file re-runs ingest, and only a real
                                 change does (a touched mtime changes nothing here).
     data/inputs/champion.json   the data profile of models:/<publish.model_name>@champion with its
@@ -27,17 +28,20 @@ from pipelines import gate as gates
 from pipelines.data import read_json, sha256_file, write_json
 from pipelines.errors import ConfigError, SourceError
 from pipelines.ingest import resolve_source
-from pipelines.params import Params
+from pipelines.params import DEFAULT_EXCLUDE, DEFAULT_INCLUDE, Params
 
 SOURCE_FILE = "source.json"
 CHAMPION_FILE = "champion.json"
 
 
-def source_manifest(source: str) -> dict:
-    """Every file of the source, sorted, with size and content hash. A source that cannot be
-    listed is recorded as such (ingest stops on it with its own one-line reason)."""
+def source_manifest(
+    source: str, include: list[str] = DEFAULT_INCLUDE, exclude: list[str] = DEFAULT_EXCLUDE
+) -> dict:
+    """Every file of the source, sorted, with size and content hash: a folder's files as ingest
+    takes them (data.include / data.exclude), so a file they leave out changes nothing. A source
+    that cannot be listed is recorded as such (ingest stops on it with its own one-line reason)."""
     try:
-        root, files = resolve_source(source)
+        root, files, *_ = resolve_source(source, include, exclude)
     except SourceError as exc:
         return {"source": source, "error": str(exc), "files": []}
     entries = []
@@ -79,7 +83,7 @@ def read_champion_reference(params: Params) -> dict:
 
 def run(params: Params) -> dict:
     inputs_dir = Path(params.data.inputs_dir)
-    manifest = source_manifest(params.data.source)
+    manifest = source_manifest(params.data.source, params.data.include, params.data.exclude)
     reference, error = champion_reference(params)
     write_json(inputs_dir / SOURCE_FILE, manifest)
     write_json(inputs_dir / CHAMPION_FILE, reference)

@@ -20,6 +20,7 @@ import math
 from dataclasses import asdict, dataclass
 
 from pipelines.params import CostParams
+from pipelines.usage import stage_work
 
 SECONDS_PER_HOUR = 3600.0
 MB = 1_000_000
@@ -71,26 +72,28 @@ def price_stage(stage: str, records: list[dict], rates: CostParams) -> StageCost
     )
 
 
-def train_work(summary: dict | None) -> dict:
-    """The tokens and FLOPs this run's training spent, from train's summary (models/train.json):
-    a run resumed at step k spent only steps k to the end, (steps - k) / steps of the tokens the
-    model has seen. No summary (train skipped or failed before writing it): nothing counted."""
-    if not summary or not summary.get("steps"):
-        return {"tokens": 0, "flops": 0.0, "model_tokens_seen": None}
-    steps, start = int(summary["steps"]), int(summary.get("resumed_from_step") or 0)
-    tokens = int(summary["tokens_seen"]) * (steps - start) // steps
-    return {
-        "tokens": tokens,
-        "flops": float(summary["flops_per_token"]) * tokens,
-        "model_tokens_seen": int(summary["tokens_seen"]),
-    }
+def train_work(works: list[dict]) -> dict:
+    """The tokens and FLOPs this run's training spent, from what train noted in its usage reports
+    (pipelines/usage.stage_work): a train resumed at step k spent only steps k to the end,
+    (steps - k) / steps of the tokens the model has seen. None noted (train skipped, restored by
+    DVC, or failed before its end): nothing counted."""
+    tokens, flops, seen = 0, 0.0, None
+    for work in works:
+        steps, start = int(work["steps"]), int(work.get("resumed_from_step") or 0)
+        spent = int(work["tokens_seen"]) * (steps - start) // steps if steps else 0
+        tokens, flops, seen = (
+            tokens + spent,
+            flops + float(work["flops_per_token"]) * spent,
+            int(work["tokens_seen"]),
+        )
+    return {"tokens": tokens, "flops": flops, "model_tokens_seen": seen}
 
 
-def run_ledger(stages: list[str], records: list[dict], rates: CostParams, train_summary: dict | None) -> dict:
+def run_ledger(stages: list[str], records: list[dict], rates: CostParams) -> dict:
     """The whole run's ledger: each stage (every one listed, 0 for those that did not run), the
     totals, training's tokens and FLOPs, and the rates used."""
     costs = [price_stage(stage, records, rates) for stage in stages]
-    work = train_work(train_summary)
+    work = train_work(stage_work(records, "train"))
     return {
         "stages": [asdict(c) for c in costs],
         "device_s": sum(c.device_s for c in costs),

@@ -21,8 +21,60 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+# What a folder source takes by default: code and prose. Tables (.json, .csv, .parquet) are left
+# out: a folder is a tree of documents, and one stray .json must not stop ingest; a table is read
+# row by row only when data.source names it (a file or a glob).
+DEFAULT_INCLUDE = ["**/*.py", "**/*.pyi", "**/*.md", "**/*.rst", "**/*.txt"]
+# Never walked: version control, environments, caches, build output (`.*` covers .git, .venv,
+# .tox, .mypy_cache, .env files); and binaries, in case an include rule is wider than the default.
+DEFAULT_EXCLUDE = [
+    ".*",
+    "__pycache__/",
+    "node_modules/",
+    "venv/",
+    "site-packages/",
+    "build/",
+    "dist/",
+    "*.egg-info/",
+    "*.pyc",
+    "*.so",
+    "*.dll",
+    "*.exe",
+    "*.png",
+    "*.jpg",
+    "*.pdf",
+    "*.zip",
+    "*.gz",
+]
+
+
+def check_patterns(patterns: list[str]) -> list[str]:
+    """Each pattern must be a gitignore-style pattern that can match something (pathspec's rules:
+    the ones .gitignore and .dvcignore use)."""
+    import pathspec
+
+    for pattern in patterns:
+        try:
+            (compiled,) = pathspec.PathSpec.from_lines("gitignore", [pattern]).patterns or [None]
+        except Exception as exc:  # noqa: BLE001 -- pathspec's error types differ across versions
+            raise ValueError(f"pattern {pattern!r} is not a valid gitignore-style pattern ({exc})") from None
+        if compiled is None or compiled.include is None:
+            raise ValueError(f"pattern {pattern!r} matches nothing (blank, or a # comment)")
+    return patterns
+
+
 class DataParams(Section):
     source: str = Field("python-stdlib", description="'python-stdlib' or a local file, folder or glob")
+    include: list[str] = Field(
+        DEFAULT_INCLUDE,
+        min_length=1,
+        description="folder sources: the files taken as documents, gitignore-style patterns matched "
+        "against the path relative to the folder; a table file inside a folder is read as text",
+    )
+    exclude: list[str] = Field(
+        DEFAULT_EXCLUDE,
+        description="folder sources: files and folders left out (an excluded folder is not walked)",
+    )
     text_field: str = Field("text", description="column holding the text in jsonl/parquet/csv sources")
     max_documents: int | None = Field(None, ge=1, description="keep only the first N documents by path")
     raw_dir: str = Field("data/raw", description="ingest output: the raw snapshot")
@@ -32,6 +84,17 @@ class DataParams(Section):
     inputs_dir: str = Field(
         "data/inputs", description="inputs output: the source manifest and the champion's data profile"
     )
+
+    @field_validator("include", "exclude", mode="before")
+    @classmethod
+    def _one_pattern_is_a_list(cls, value):
+        # `-S data.include=**/*.py`: one pattern needs no YAML list around it
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("include", "exclude")
+    @classmethod
+    def _valid_patterns(cls, value: list[str]) -> list[str]:
+        return check_patterns(value)
 
 
 class DriftParams(Section):
@@ -189,6 +252,11 @@ class TrainParams(Section):
     )
     checkpoint_every: int = Field(100, ge=1, description="steps between full checkpoints")
     log_every: int = Field(10, ge=1, description="steps between metric logs")
+    system_metrics: bool = Field(
+        True,
+        description="MLflow logs CPU, memory, disk and network use (system/*) while training, every "
+        "10 s; not a DVC param: it does not change the weights",
+    )
     checkpoint_dir: str = Field("checkpoints", description="resume state, kept across failed runs")
     model_dir: str = Field("models", description="train output: weights, config, tokenizer")
 

@@ -16,7 +16,10 @@ gradient stops the run before anything of that step is saved.
 With train.nproc_per_node above 1 the stage re-runs itself under torchrun: each rank trains a
 DistributedDataParallel copy on its slice of step i's batch (the global batch, and so the tokens
 seen, are those of one process); rank 0 alone reads and writes checkpoints, the model and MLflow.
-Writes models/: model.safetensors, config.json, tokenizer.json, train.json.
+Writes models/: model.safetensors, config.json, tokenizer.json, train.json. train.json describes
+the weights and how they were made (steps, loss history, device, sizes), nothing about this one run:
+the step it resumed from, its seconds and speed go to its usage report (pipelines/usage.py), so
+byte-identical weights always make a byte-identical models/ and one DVC hash.
 """
 
 import json
@@ -42,9 +45,17 @@ from pipelines.errors import DivergenceError, TrainpipeError
 from pipelines.model import GPT, GPTConfig
 from pipelines.params import Params, TrainParams
 from pipelines.ranks import from_rank0, in_torchrun, join_ranks, launch_ranks, leave_ranks, mean_over_ranks
+from pipelines.usage import note_work
 
 # Fields that do not change the weights a run ends with: a checkpoint stays valid across them.
-NON_MODEL_FIELDS = {"device", "checkpoint_every", "log_every", "checkpoint_dir", "model_dir"}
+NON_MODEL_FIELDS = {
+    "device",
+    "checkpoint_every",
+    "log_every",
+    "checkpoint_dir",
+    "model_dir",
+    "system_metrics",
+}
 # The modules whose code decides the weights a run ends with (dvc.yaml lists them as train's deps).
 WEIGHT_MODULE_FILES = (
     __file__,
@@ -235,6 +246,10 @@ def check_gradients(model: GPT, cfg: TrainParams, step: int) -> None:
         )
 
 
+# Summary keys that belong to this run, not to the weights: kept out of models/train.json.
+RUN_FACTS = ("resumed_from_step", "tokens_per_s", "train_seconds")
+
+
 def write_model(model_dir: Path, model: GPT, tokens_dir: Path, summary: dict) -> None:
     from safetensors.torch import save_model
 
@@ -242,17 +257,39 @@ def write_model(model_dir: Path, model: GPT, tokens_dir: Path, summary: dict) ->
     save_model(model, str(model_dir / "model.safetensors"))
     (model_dir / "config.json").write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")
     shutil.copyfile(tokens_dir / TOKENIZER_FILE, model_dir / TOKENIZER_FILE)
-    write_json(model_dir / "train.json", summary)
+    write_json(model_dir / "train.json", {k: v for k, v in summary.items() if k not in RUN_FACTS})
 
 
 def start_tracking(params: Params):
-    """Log to the flow's MLflow run when MLFLOW_RUN_ID names one, else to a new run."""
+    """Log to the flow's MLflow run when MLFLOW_RUN_ID names one, else to a new run. With
+    train.system_metrics, MLflow samples CPU, memory, disk and network (and GPUs it can read)
+    every 10 s (MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL) in a thread of this process, from here to
+    the run's end: the metrics cover training, and a resumed run continues their steps."""
     import mlflow
 
-    if os.environ.get("MLFLOW_RUN_ID"):
-        return mlflow.start_run()  # MLflow resumes the run named by the environment
-    mlflow.set_experiment(params.publish.experiment)
-    return mlflow.start_run(run_name="train")
+    system_metrics = params.train.system_metrics
+    if os.environ.get("MLFLOW_RUN_ID"):  # MLflow resumes the run named by the environment
+        return mlflow.start_run(log_system_metrics=system_metrics)
+    from pipelines.registry import set_training_experiment
+
+    set_training_experiment(params.publish.experiment)
+    return mlflow.start_run(run_name="train", log_system_metrics=system_metrics)
+
+
+def log_curve_before(history: list) -> None:
+    """A resumed run's curve up to its checkpoint (train_loss and lr of the checkpoint's history),
+    for the steps the active MLflow run lacks: a run that resumes another's checkpoint shows its
+    whole curve, and a flow's retry (the same MLflow run) logs no step twice."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from pipelines.registry import last_logged_step, log_step_metrics
+
+    client, run_id = MlflowClient(), mlflow.active_run().info.run_id
+    last = last_logged_step(client, run_id, "train_loss")
+    log_step_metrics(
+        client, run_id, [(step, {"train_loss": loss, "lr": lr}) for step, loss, lr in history if step > last]
+    )
 
 
 def train_model(params: Params, log=print, track: bool = True) -> dict:
@@ -312,6 +349,8 @@ def train_model(params: Params, log=print, track: bool = True) -> dict:
             mlflow.log_params(
                 {f"train.{k}": v for k, v in cfg.model_dump().items()} | {"data_version": version}
             )
+            if start_step:
+                log_curve_before(history)
         model.train()
         t0, timed_tokens, loss_value = time.perf_counter(), 0, float("nan")
         bar = tqdm(
@@ -382,6 +421,8 @@ def train_model(params: Params, log=print, track: bool = True) -> dict:
         if tracking:
             mlflow.log_metrics({"train_seconds": elapsed, "num_params": summary["num_params"]})
     if main_process:
+        # for the cost ledger: what this run spent of the model's tokens, and how fast
+        note_work(**{k: summary[k] for k in ("steps", "tokens_seen", "flops_per_token", *RUN_FACTS)})
         write_model(model_dir, model, tokens_dir, summary)
         remove_run(ckpt_dir)  # the model is the result now; a later run must not resume this one
     return summary

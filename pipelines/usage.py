@@ -10,7 +10,12 @@ cache key or dvc.lock hash depends on a timing, and identical runs keep identica
 A stage that DVC skips runs no process and writes none: it spent nothing.
 
     {"stage": "train", "pid": 4242, "rank": null, "device": "cpu", "seconds": 231.4,
-     "peak_rss_bytes": 1203765248, "cuda_peak_bytes": null, "exit": "ok"}
+     "peak_rss_bytes": 1203765248, "cuda_peak_bytes": null, "exit": "ok",
+     "work": {"steps": 800, "resumed_from_step": 300, "train_seconds": 220.9, ...}}
+
+"work" holds what a stage noted about this run of it (note_work): facts of the run, not of its
+result, such as the step a resumed train started from and its seconds. In a DVC output they would
+give byte-identical weights a different hash, and a re-scoring where none is needed.
 """
 
 import json
@@ -21,6 +26,12 @@ import time
 from pathlib import Path
 
 USAGE_DIR_ENV = "TRAINPIPE_USAGE_DIR"
+_work: dict = {}  # this process's note_work facts
+
+
+def note_work(**facts) -> None:
+    """Facts about this run of the stage for its usage report (see the module's docstring)."""
+    _work.update(facts)
 
 
 def process_seconds() -> float:
@@ -73,7 +84,7 @@ def measure_process(stage: str, exit_status: str) -> dict:
         "peak_rss_bytes": peak_rss_bytes(),
         "cuda_peak_bytes": cuda,
         "exit": exit_status,
-    }
+    } | ({"work": dict(_work)} if _work else {})
 
 
 def write_usage(stage: str, exit_status: str) -> Path | None:
@@ -131,13 +142,20 @@ def record_flow_seconds(folder: str | Path, stage: str, since_ns: int, seconds: 
     return path
 
 
-def read_usage(folder: str | Path) -> list[dict]:
-    """Every report in folder, in the order the processes ended."""
+def read_usage(folder: str | Path, since_ns: int = 0) -> list[dict]:
+    """Every report in folder (written since since_ns), in the order the processes ended."""
     paths = sorted(Path(folder).glob("*.json"), key=lambda p: p.stat().st_mtime_ns)
     records = []
     for path in paths:
+        if path.stat().st_mtime_ns < since_ns:
+            continue
         try:
             records.append(json.loads(path.read_text()))
         except (OSError, json.JSONDecodeError):
             continue  # a process killed mid-write: its seconds are lost, the others count
     return records
+
+
+def stage_work(records: list[dict], stage: str) -> list[dict]:
+    """The work facts that stage's processes noted, one per process that finished its work."""
+    return [r["work"] for r in records if r["stage"] == stage and r.get("work") and r["exit"] == "ok"]

@@ -169,12 +169,19 @@ def test_binary_files_under_source_names(ws, tmp_path):
     folder.mkdir()
     for i in range(8):
         (folder / f"mod_{i}.py").write_bytes(random.Random(i).randbytes(4000))
+    # a folder source skips binary files and counts them: here nothing is left
     where, code, err = ws.run(folder)
+    assert (where, code) == ("ingest", 2)
+    assert one_line(err).endswith("yielded no documents (8 binary files skipped)")
+    # files named directly (a glob) reach curate, which quarantines them
+    where, code, err = ws.run(f"{folder}/*.py")
     assert (where, code) == ("curate", 3)
     line = one_line(err)
     assert "expect_table_row_count_to_be_between (observed 0, need >= 5)" in line and "gate.json" in line
     assert {row["reasons"][0] for row in ws.quarantine().values()} == {"undecodable"}
-    assert ws.quarantine()["mod_3.py"]["content"] == (folder / "mod_3.py").read_bytes()  # kept as ingested
+    assert (
+        ws.quarantine()[f"{folder}/mod_3.py"]["content"] == (folder / "mod_3.py").read_bytes()
+    )  # kept as ingested
 
 
 def test_one_file_copied_hundreds_of_times(ws, tmp_path):
@@ -386,7 +393,7 @@ def test_kept_files_that_are_neither_code_nor_text_are_a_warning(ws, tmp_path):
     folder = tmp_path / "mixed"
     good_corpus(folder)
     (folder / "page.html").write_text("<p>" + prose(1) + "</p>")
-    where, code, err = ws.run(folder, "curate.min_chars=100")
+    where, code, err = ws.run(folder, "curate.min_chars=100", "data.include=['*.py', '*.html']")
     assert (where, code) == ("passed", 0), err
     (warning,) = ws.report()["gate"]["warnings"]
     assert warning["check"] == "expect_column_values_to_be_in_set[extension]"

@@ -23,6 +23,7 @@ from pipelines.checkpoint import PAUSE_ENV
 from pipelines.data import load_tokens, read_json
 from pipelines.model import GPT, GPTConfig
 from pipelines.ranks import rank_failure, threads_per_rank
+from pipelines.usage import USAGE_DIR_ENV, read_usage, stage_work
 
 MAX_STEPS, EVERY = 40, 10
 # fp32: with bf16 autocast, rounding to 8-bit mantissas turns the same tiny differences into ~5e-3
@@ -158,10 +159,13 @@ def test_sigkill_of_the_whole_group_resumes_to_the_uninterrupted_weights(tiny, t
     assert [step for step, _ in committed(ckpt_root)] == [2 * EVERY, EVERY]
     assert not (tmp_path / "run" / "models").exists()
 
-    done = run_train(params_file, env)
+    usage = tmp_path / "usage"
+    usage.mkdir()
+    done = run_train(params_file, dict(env, **{USAGE_DIR_ENV: str(usage)}))
     assert done.returncode == 0, done.stderr
     assert f"resuming from checkpoint at step {2 * EVERY}" in done.stdout
-    assert read_json(tmp_path / "run" / "models" / "train.json")["resumed_from_step"] == 2 * EVERY
+    # rank 0 reports the work; the other rank and the launcher report only their seconds
+    assert [w["resumed_from_step"] for w in stage_work(read_usage(usage), "train")] == [2 * EVERY]
     weights = (tmp_path / "run" / "models" / "model.safetensors").read_bytes()
     assert weights == (root / "two" / "models" / "model.safetensors").read_bytes()
     assert run_folder(ckpt_root) is None  # the model is written: nothing to resume

@@ -88,7 +88,7 @@ def test_run_ledger_lists_every_stage_and_keeps_the_largest_memory():
         record("train", 20, rss_mb=300),
         record("train", 20, "cuda", 0),
     ]
-    ledger = run_ledger(STAGES, records, RATES, None)
+    ledger = run_ledger(STAGES, records, RATES)
     assert [c["stage"] for c in ledger["stages"]] == STAGES
     assert [c["ran"] for c in ledger["stages"]] == [False, False, True, False, True, False]
     assert ledger["device_s"] == 24 and ledger["cpu_s"] == 24 and ledger["gpu_s"] == 20
@@ -100,27 +100,34 @@ def test_run_ledger_lists_every_stage_and_keeps_the_largest_memory():
     assert metrics[RUN_USD] == pytest.approx(2.24)
 
 
+WORK = {"steps": 100, "tokens_seen": 409600, "flops_per_token": 1e6}
+
+
 @pytest.mark.parametrize(
-    ("summary", "tokens", "flops"),
+    ("works", "tokens", "flops"),
     [
-        (None, 0, 0.0),  # train skipped or failed before its summary
-        (
-            {"steps": 100, "resumed_from_step": 0, "tokens_seen": 409600, "flops_per_token": 1e6},
-            409600,
-            4.096e11,
-        ),
+        ([], 0, 0.0),  # train skipped, restored by DVC, or failed before its end
+        ([WORK | {"resumed_from_step": 0}], 409600, 4.096e11),
         # resumed at step 40: this run spent 60 of the 100 steps
-        (
-            {"steps": 100, "resumed_from_step": 40, "tokens_seen": 409600, "flops_per_token": 1e6},
-            245760,
-            2.4576e11,
-        ),
-        ({"steps": 100, "resumed_from_step": 100, "tokens_seen": 409600, "flops_per_token": 1e6}, 0, 0.0),
+        ([WORK | {"resumed_from_step": 40}], 245760, 2.4576e11),
+        ([WORK | {"resumed_from_step": 100}], 0, 0.0),
     ],
 )
-def test_train_work_counts_only_what_this_run_trained(summary, tokens, flops):
-    work = train_work(summary)
+def test_train_work_counts_only_what_this_run_trained(works, tokens, flops):
+    work = train_work(works)
     assert work["tokens"] == tokens and work["flops"] == pytest.approx(flops)
+
+
+def test_the_ledger_reads_train_work_from_finished_train_processes_only():
+    """train's usage report carries its work; a failed attempt's, a curate's or none count nothing."""
+    done = {"stage": "train", "rank": None, "device": "cpu", "seconds": 10.0, "exit": "ok"}
+    records = [
+        done | {"exit": "failed", "work": WORK | {"resumed_from_step": 0}},
+        done | {"work": WORK | {"resumed_from_step": 40}},
+        {"stage": "curate", "rank": None, "device": "cpu", "seconds": 1.0, "exit": "ok", "work": WORK},
+    ]
+    ledger = run_ledger(STAGES, records, RATES)
+    assert ledger["train_tokens"] == 245760 and ledger["model_tokens_seen"] == 409600
 
 
 def test_inference_cost_and_payback():
@@ -188,7 +195,7 @@ def log_flow_run(ledger_records: list[dict], status: str = "FINISHED") -> str:
     """An MLflow run holding a flow run's ledger, logged as the flow logs it: its id."""
     mlflow.set_experiment(Params().publish.experiment)
     run = mlflow.start_run(run_name="flow-test", tags={"prefect_flow_run_id": "test"})
-    mlflow.log_metrics(ledger_metrics(run_ledger(STAGES, ledger_records, RATES, None)))
+    mlflow.log_metrics(ledger_metrics(run_ledger(STAGES, ledger_records, RATES)))
     mlflow.end_run(status)
     time.sleep(0.01)  # runs started in one millisecond would not be ordered
     return run.info.run_id
