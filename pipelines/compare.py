@@ -482,7 +482,8 @@ def format_comparison(c: dict) -> list[str]:
         "",
         _row("", f"A: {a['label']}", f"B: {b['label']}"),
         _row("run", a["run_id"] or "-", b["run_id"] or "-"),
-        _row("run name, status", _run_text(a), _run_text(b)),
+        _row("run name", a["run_name"] or "-", b["run_name"] or "-"),
+        _row("run status", (a["run_status"] or "-").lower(), (b["run_status"] or "-").lower()),
         _row("started (UTC)", _when(a["started"]), _when(b["started"])),
         _row("registered (UTC)", _when(a["registered"]), _when(b["registered"])),
     ]
@@ -508,12 +509,6 @@ def format_comparison(c: dict) -> list[str]:
         # the URL and the command stay whole, however long: a terminal wraps them, copy-paste keeps them
         lines += [f"(start the UI first: {ui['start_with']})"] if ui["start_with"] else []
     return lines
-
-
-def _run_text(summary: dict) -> str:
-    if not summary["run_name"]:
-        return "-"
-    return f"{summary['run_name']}, {summary['run_status'].lower()}"
 
 
 def _params_lines(params: dict) -> list[str]:
