@@ -28,7 +28,7 @@ def test_publish_after_train_refuses_the_old_score_until_evaluate_runs(tmp_path,
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
     before = registry(client)
     assert set(before["versions"]) == {"1"}
-    metrics_path, weights = proj / "reports/metrics.json", proj / "models/model.safetensors"
+    metrics_path, weights = proj / "reports/evaluation.json", proj / "models/model.safetensors"
     old_metrics = json.loads(metrics_path.read_text())
     assert old_metrics["weights_sha256"] == sha256_file(weights)
 
@@ -42,7 +42,7 @@ def test_publish_after_train_refuses_the_old_score_until_evaluate_runs(tmp_path,
     assert refused.returncode == 2, refused.stdout + refused.stderr
     assert "Traceback" not in refused.stderr
     assert refused.stderr.strip().splitlines()[-1] == (
-        f"trainpipe publish: reports/metrics.json scored other weights "
+        f"trainpipe publish: reports/evaluation.json scored other weights "
         f"(sha256 {old_metrics['weights_sha256'][:12]}) than models/model.safetensors "
         f"(sha256 {new_sha[:12]}): run `trainpipe evaluate` first"
     )
