@@ -317,11 +317,13 @@ def parse_override(text: str):
     except HydraException as exc:
         reason = str(exc).strip().splitlines()[0]
         raise ConfigError(
-            f"override {text!r} is not key=value as dvc exp run -S reads it ({reason})"
+            f"override {text!r} is not key=value as dvc exp run -S reads it ({reason}); "
+            "quote a value holding signs such as ~ # =: key='...'"
         ) from None
     if override.is_sweep_override():
         raise ConfigError(
-            f"override {text!r} is a sweep of several values: queue them with `dvc exp run --queue -S {text}`"
+            f"override {text!r} is a sweep of several values: queue them with "
+            f"`dvc exp run --queue -S {text}` (a value with a comma in it is quoted: key='a,b')"
         )
     return override
 
