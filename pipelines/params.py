@@ -306,7 +306,7 @@ def parse_override(text: str):
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
-    where, colon, rest = text.partition("=")[0].partition(":")
+    where, colon, _ = text.partition("=")[0].partition(":")
     line = text
     if colon:  # DVC's PATH:key=value; trainpipe has one params file
         if Path(where).name != PARAMS_FILE:
@@ -338,6 +338,7 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     from hydra.core.override_parser.types import OverrideType
     from hydra.errors import HydraException
     from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
 
     for text in overrides:
         override = parse_override(text)
@@ -355,9 +356,9 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         OmegaConf.set_struct(config, True)
         try:
             ConfigLoaderImpl._apply_overrides_to_config([override], config)
-        except HydraException as exc:
+            raw = OmegaConf.to_object(config)  # resolves ${...} interpolations, as DVC's does
+        except (HydraException, OmegaConfBaseException) as exc:
             raise ConfigError(f"override {text!r}: {str(exc).strip().splitlines()[0]}") from None
-        raw = OmegaConf.to_object(config)
     return raw
 
 
