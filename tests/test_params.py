@@ -187,6 +187,8 @@ def test_trainpipe_reads_an_override_as_dvc_exp_run_writes_it(override, key, val
         ("other.yaml:train.lr=1", "trainpipe reads only params.yaml, not other.yaml"),
         ("train.lr=[1", "is not key=value as dvc exp run -S reads it"),
         ("+train.lr=1", "An item is already at 'train.lr'"),
+        ("data.source=${nope}", "Interpolation key 'nope' not found"),
+        ("data.source=~/src", "quote a value holding signs such as ~ # =: key='...'"),
     ],
 )
 def test_an_override_dvc_would_refuse_is_one_line(override, says):
