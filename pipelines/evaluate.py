@@ -266,7 +266,6 @@ def evaluate_model(params: Params) -> dict:
         "val_bits_per_byte": scored["nll_bits"] / scored["bytes"],
         "xz_bits_per_byte": compressors["xz_bits_per_byte"],
         "gzip_bits_per_byte": compressors["gzip_bits_per_byte"],
-        "train_tokens_per_s": train_summary.get("tokens_per_s"),
         "val_documents": scored["documents_scored"],
         "val_bytes": scored["bytes"],
     }

@@ -262,6 +262,9 @@ class TrainParams(Section):
     )
     checkpoint_dir: str = Field("checkpoints", description="resume state, kept across failed runs")
     model_dir: str = Field("models", description="train output: weights, config, tokenizer")
+    reports_dir: str = Field(
+        "reports", description="where training.json goes: this run's speed, a DVC metric"
+    )
 
     @field_validator("bf16", "compile", mode="before")
     @classmethod

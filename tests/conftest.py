@@ -111,7 +111,6 @@ def write_metrics(
             "val_bits_per_byte": val_bits_per_byte,
             "xz_bits_per_byte": 1.79,
             "gzip_bits_per_byte": 1.87,
-            "train_tokens_per_s": 5000.0,
             "val_documents": len(METRICS_DOC_BYTES),
             "val_bytes": sum(METRICS_DOC_BYTES),
         },

@@ -47,6 +47,7 @@ def tiny_params(root, *extra):
         f"data.tokens_dir={root}/tokens",
         f"train.checkpoint_dir={root}/ckpt",
         f"train.model_dir={root}/models",
+        f"train.reports_dir={root}/reports",
         f"evaluate.reports_dir={root}/reports",
         f"curate.reports_dir={root}/reports",
     ]
