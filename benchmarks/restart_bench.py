@@ -59,6 +59,7 @@ def one_round(overrides: list[str], work: Path, env: dict) -> dict:
         mine = params.model_copy(deep=True)
         mine.train.checkpoint_dir = str(work / name / "ckpt")
         mine.train.model_dir = str(work / name / "models")
+        mine.train.reports_dir = str(work / name / "reports")
         (work / name).mkdir(parents=True)
         files[name] = work / name / "params.yaml"
         files[name].write_text(yaml.safe_dump(mine.model_dump()))

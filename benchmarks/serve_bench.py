@@ -87,10 +87,16 @@ def make_model_dir(model_dir: Path) -> dict:
 
 
 def write_metrics(reports_dir: Path, model_dir: Path, bpb: float) -> None:
-    """A metrics.json as evaluate writes it for these weights (the score is made up: the gate
-    only has to order the versions)."""
+    """A metrics.json and evaluation.json as evaluate writes them for these weights (the score is
+    made up: the gate only has to order the versions)."""
     from pipelines.data import sha256_file, write_json
-    from pipelines.evaluate import PER_DOCUMENT_FILE, score_key, scoring_code_sha256
+    from pipelines.evaluate import (
+        EVALUATION_FILE,
+        METRICS_FILE,
+        PER_DOCUMENT_FILE,
+        score_key,
+        scoring_code_sha256,
+    )
 
     settings = {
         "val_set_sha256": "0" * 64,
@@ -99,21 +105,20 @@ def write_metrics(reports_dir: Path, model_dir: Path, bpb: float) -> None:
         "score_bf16": False,
         "scoring_code_sha256": scoring_code_sha256(),
     }
-    metrics = {
-        "val_bits_per_byte": bpb,
-        "val_documents": 1,
+    evaluation = {
         "weights_sha256": sha256_file(model_dir / "model.safetensors"),
         **settings,
         "score_key": score_key(settings),
     }
-    write_json(reports_dir / "metrics.json", metrics)
+    write_json(reports_dir / METRICS_FILE, {"val_bits_per_byte": bpb, "val_documents": 1})
+    write_json(reports_dir / EVALUATION_FILE, evaluation)
     # the promotion gate pairs per-document scores: one document, at the same rate
     document = {"path": "bench.py", "sha256": "0" * 64, "bits": bpb * 1000, "bytes": 1000}
     write_json(
         reports_dir / PER_DOCUMENT_FILE,
         {
-            "weights_sha256": metrics["weights_sha256"],
-            "score_key": metrics["score_key"],
+            "weights_sha256": evaluation["weights_sha256"],
+            "score_key": evaluation["score_key"],
             "documents": [document],
         },
     )

@@ -30,7 +30,6 @@ schedule, a deployment) waits for the lock: at most TRAINPIPE_LOCK_WAIT_S second
     trainpipe run                         # or: python -m flows.training
 """
 
-import json
 import logging
 import os
 import shutil
@@ -58,7 +57,7 @@ from pipelines.data import read_json, sha256_hex
 from pipelines.errors import PERMANENT_EXIT_CODES, TrainpipeError
 from pipelines.inputs import CHAMPION_FILE, SOURCE_FILE
 from pipelines.ledger import ledger_markdown, ledger_metrics, run_ledger
-from pipelines.params import PARAMS_FILE, Params, flatten, load_params, save_overrides
+from pipelines.params import PARAMS_FILE, Params, flatten, load_params, override_text, save_overrides
 from pipelines.runlock import flow_lock_wait_s, workspace_lock
 from pipelines.usage import (
     USAGE_DIR_ENV,
@@ -198,7 +197,7 @@ def apply_params(params: Params | None) -> Params:
     if params is None:
         return current
     old, new = flatten(current), flatten(params)
-    overrides = [f"{k}={json.dumps(v)}" for k, v in new.items() if old.get(k) != v]
+    overrides = [override_text(k, v) for k, v in new.items() if old.get(k) != v]
     return save_overrides(PARAMS_FILE, overrides)
 
 

@@ -8,7 +8,8 @@ Reads data/raw/documents.parquet (path, content bytes; never modified). Writes:
     data/quarantine/documents.parquet every dropped document, scrubbed as curate saw it, with all
                                       its reasons and the kinds of secret replaced (JSON)
     reports/curation.json             counts in and out, per reason, per scrubbed kind, duplicate
-                                      clusters, drift figures, gate verdict, step timings
+                                      clusters, drift figures, gate verdict, step timings, rules
+    reports/data_metrics.json         the DVC metrics: kept documents and bytes, dropped, scrubbed
     reports/data_profile.json         the curated set's profile (publish stores it with the model)
     reports/gate.json, data_docs/     the Great Expectations result and its Data Docs site
 
@@ -41,6 +42,8 @@ from pipelines.quality import FILTER_REASONS, decode_document, explain_reason, f
 from pipelines.scrub import KINDS, PLACEHOLDERS, scrub_text
 
 CURATION_REPORT = "curation.json"
+# A few numbers for `dvc exp show`; the full report, with text and timings, stays a plain output.
+DATA_METRICS_REPORT = "data_metrics.json"
 PROFILE_REPORT = gates.PROFILE_ARTIFACT  # publish stores it with the model
 REASONS = ("undecodable", *FILTER_REASONS, "duplicate", "near_duplicate")
 QUARANTINE_SCHEMA = pa.schema(
@@ -275,6 +278,16 @@ def summarize(result: CurationResult, rules: CurateParams, gate: dict, drift: di
     }
 
 
+def data_metrics(summary: dict) -> dict:
+    """The curation's DVC metrics, what changes the training data first."""
+    return {
+        "kept_documents": summary["kept"]["documents"],
+        "kept_bytes": summary["kept"]["bytes"],
+        "dropped_documents": summary["dropped_documents"],
+        "scrubbed_documents": summary["scrubbed_documents"],
+    }
+
+
 def check_drift(profile: dict, params: Params) -> tuple[dict, list[dict], list[dict]]:
     """(drift report, blocking failures, warnings) against the champion's profile, as the inputs
     stage recorded it in champion.json (a DVC dependency of this stage: never the registry itself,
@@ -344,6 +357,7 @@ def run(params: Params) -> dict:
     gate.passed = not gate.failed
     summary = summarize(result, rules, gate.to_dict(), drift)
     write_json(reports_dir / CURATION_REPORT, summary)
+    write_json(reports_dir / DATA_METRICS_REPORT, data_metrics(summary), sort_keys=False)
     if not gate.passed:
         raise GateError(gate.message())
     write_documents(

@@ -19,12 +19,14 @@ TOKEN_DTYPE = np.uint16  # vocab_size is capped at 65535 by the schema
 EOT = "<|endoftext|>"  # separates documents in the token stream
 
 
-def write_json(path: str | Path, obj) -> None:
-    """Write JSON atomically (write, then rename), so a crash never leaves half a report."""
+def write_json(path: str | Path, obj, sort_keys: bool = True) -> None:
+    """Write JSON atomically (write, then rename), so a crash never leaves half a report.
+
+    sort_keys=False keeps obj's order: DVC shows metrics in the order of their file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=sort_keys, default=str) + "\n")
     os.replace(tmp, path)
 
 

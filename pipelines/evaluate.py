@@ -5,13 +5,17 @@
 Scores the validation split (documents whose path hashes into it, see pipelines.data) in
 non-overlapping windows of block_size tokens. Bits per byte = total negative log2-likelihood
 of the tokens / UTF-8 bytes of the documents, so it compares across tokenizers and with
-compressors. Writes reports/metrics.json (DVC metrics), reports/per_document.json (each scored
-document's bits and bytes, which publish pairs with the champion's in a bootstrap),
-reports/loss_curve.csv (DVC plot of the training loss) and reports/samples.json (sampled
-completions).
+compressors. Writes:
+    reports/metrics.json       the DVC metrics: numbers only, the headline (bits per byte) first,
+                               the compressors beside it, then the training speed and split size
+    reports/evaluation.json    what was scored and how (below), and the whole-split compressor figures
+    reports/per_document.json  each scored document's bits and bytes: publish pairs them with the
+                               champion's in a bootstrap
+    reports/loss_curve.csv     the DVC plot of the training loss
+    reports/samples.json       sampled completions
 
-A score belongs to its weights and to how it was scored: metrics.json carries the sha256 of the
-weights it scored (publish refuses metrics of other weights) and a score key over everything
+A score belongs to its weights and to how it was scored: evaluation.json carries the sha256 of the
+weights it scored (publish refuses a score of other weights) and a score key over everything
 else that changes the number: the validation set, the token cap, the context length scored, the
 precision and the scoring code. Scores compare only under equal keys; publish re-scores the
 champion under the challenger's settings when its key differs.
@@ -44,6 +48,8 @@ from pipelines.params import Params
 from pipelines.train import use_bf16
 
 WEIGHTS_FILE = "model.safetensors"
+METRICS_FILE = "metrics.json"  # DVC metrics: `dvc exp show` and `dvc metrics diff` tabulate every key
+EVALUATION_FILE = "evaluation.json"  # the score's identity (hashes, settings): text, kept out of the tables
 PER_DOCUMENT_FILE = "per_document.json"  # each validation document's bits and bytes: the paired gate
 # What a score depends on besides the weights; two scores compare only when all are equal.
 SCORE_KEY_FIELDS = (
@@ -205,8 +211,8 @@ def compression_bits_per_byte(texts: list[str]) -> dict:
     n = sum(len(d) for d in docs)
     stream = b"".join(docs)
     return {
-        "gzip_bits_per_byte": 8 * sum(len(gzip.compress(d, compresslevel=9)) for d in docs) / n,
         "xz_bits_per_byte": 8 * sum(len(lzma.compress(d, preset=9)) for d in docs) / n,
+        "gzip_bits_per_byte": 8 * sum(len(gzip.compress(d, compresslevel=9)) for d in docs) / n,
         "gzip_stream_bits_per_byte": 8 * len(gzip.compress(stream, compresslevel=9)) / n,
         "xz_stream_bits_per_byte": 8 * len(lzma.compress(stream, preset=9)) / n,
     }
@@ -253,29 +259,35 @@ def evaluate_model(params: Params) -> dict:
         "score_bf16": bf16,
         "scoring_code_sha256": scoring_code_sha256(),
     }
+    compressors = compression_bits_per_byte(covered)
+    train_summary = read_json(Path(params.train.model_dir) / "train.json")
+    # Every key is a column of `dvc exp show`: numbers that matter, the headline first.
     metrics = {
-        "val_loss": scored["loss"],
         "val_bits_per_byte": scored["nll_bits"] / scored["bytes"],
-        "val_tokens": scored["tokens"],
-        "val_bytes": scored["bytes"],
+        "xz_bits_per_byte": compressors["xz_bits_per_byte"],
+        "gzip_bits_per_byte": compressors["gzip_bits_per_byte"],
         "val_documents": scored["documents_scored"],
+        "val_bytes": scored["bytes"],
+    }
+    evaluation = {
         "weights_sha256": weights_sha,
         **settings,
         "score_key": score_key(settings),
-        **compression_bits_per_byte(covered),
+        "val_loss": scored["loss"],  # nats per token: bits per byte is the figure that compares
+        "val_tokens": scored["tokens"],
+        **{k: v for k, v in compressors.items() if "_stream_" in k},
     }
     reports = Path(params.evaluate.reports_dir)
-    write_json(reports / "metrics.json", metrics)
-    # apart from metrics.json, so that `dvc metrics show` stays a table of numbers
+    write_json(reports / METRICS_FILE, metrics, sort_keys=False)
+    write_json(reports / EVALUATION_FILE, evaluation)
     write_json(
         reports / PER_DOCUMENT_FILE,
         {
             "weights_sha256": weights_sha,
-            "score_key": metrics["score_key"],
+            "score_key": evaluation["score_key"],
             "documents": document_scores(docs, scored),
         },
     )
-    train_summary = read_json(Path(params.train.model_dir) / "train.json")
     write_loss_curve(train_summary.get("history", []), reports / "loss_curve.csv")
     samples = sample_completions(
         model,
@@ -285,7 +297,7 @@ def evaluate_model(params: Params) -> dict:
         params.train.seed,
     )
     write_json(reports / "samples.json", samples)
-    return metrics
+    return {**metrics, **evaluation}
 
 
 def run(params: Params) -> dict:

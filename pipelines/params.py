@@ -3,9 +3,12 @@
     from pipelines.params import load_params
     params = load_params("params.yaml", overrides=["train.max_steps=50"])
 
-An unknown key or a value of the wrong type is a ConfigError that names the key.
+Overrides follow `dvc exp run -S`: the same grammar (Hydra's), the same params.yaml. An unknown
+key or a value of the wrong type is a ConfigError that names the key.
 """
 
+import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -259,6 +262,9 @@ class TrainParams(Section):
     )
     checkpoint_dir: str = Field("checkpoints", description="resume state, kept across failed runs")
     model_dir: str = Field("models", description="train output: weights, config, tokenizer")
+    reports_dir: str = Field(
+        "reports", description="where training.json goes: this run's speed, a DVC metric"
+    )
 
     @field_validator("bf16", "compile", mode="before")
     @classmethod
@@ -361,38 +367,101 @@ class Params(Section):
     cost: CostParams = Field(default_factory=CostParams)
 
 
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """'train.lr=3e-4' -> (['train', 'lr'], 0.0003). The value is read as YAML, like dvc exp run -S."""
-    key, sep, raw = text.partition("=")
-    if not sep or not key.strip():
-        raise ConfigError(f"override {text!r} is not key=value")
+def parse_override(text: str):
+    """One `-S` override, parsed as `dvc exp run -S` parses it: Hydra's override grammar
+    (hydra.cc/docs/advanced/override_grammar/basic), which DVC applies to params.yaml.
+
+    'train.lr=3e-4' -> 0.0003, 'x=null' -> None, 'x=[a, b]' -> a list, 'x=true' -> True, 'x=on' ->
+    'on'; '~key' deletes a key, '+key=v' adds one; 'params.yaml:key=v' names the file as DVC allows.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    where, colon, _ = text.partition("=")[0].partition(":")
+    line = text
+    if colon:  # DVC's PATH:key=value; trainpipe has one params file
+        if Path(where).name != PARAMS_FILE:
+            raise ConfigError(f"override {text!r}: trainpipe reads only {PARAMS_FILE}, not {where}")
+        line = text.partition(":")[2]
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
-    return key.strip().split("."), value
+        override = OverridesParser.create().parse_override(line)
+    except HydraException as exc:
+        reason = str(exc).strip().splitlines()[0]
+        raise ConfigError(
+            f"override {text!r} is not key=value as dvc exp run -S reads it ({reason}); "
+            "quote a value holding signs such as ~ # =: key='...'"
+        ) from None
+    if override.is_sweep_override():
+        raise ConfigError(
+            f"override {text!r} is a sweep of several values: queue them with "
+            f"`dvc exp run --queue -S {text}` (a value with a comma in it is quoted: key='a,b')"
+        )
+    return override
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    """Set each dotted key in a nested dict; a key the schema does not know is an error."""
+    """raw (params.yaml as read) with overrides applied exactly as `dvc exp run -S` applies them to
+    the file (Hydra's rules, through the loader DVC calls), after checking each key is a parameter.
+
+    One deliberate difference: a parameter the file leaves out (its default applies) can be set
+    without DVC's `+` prefix; in the shipped params.yaml, which lists every key, the two agree."""
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+    from hydra.core.override_parser.types import OverrideType
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
     for text in overrides:
-        keys, value = parse_override(text)
-        node, model = raw, Params
-        for i, key in enumerate(keys):
-            fields = model.model_fields if model else {}
-            if key not in fields:
-                raise ConfigError(f"unknown parameter {'.'.join(keys[: i + 1])!r} in override {text!r}")
-            annotation = fields[key].annotation
-            model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
-            if i == len(keys) - 1:
-                node[key] = value
-            else:
+        override = parse_override(text)
+        keys = override.key_or_group.split(".")
+        _check_known(keys, text)
+        if override.type is OverrideType.CHANGE:
+            node = raw
+            for key in keys[:-1]:
                 node = node.setdefault(key, {})
                 if not isinstance(node, dict):
-                    raise ConfigError(
-                        f"unknown parameter {'.'.join(keys)!r}: {'.'.join(keys[: i + 1])!r} is not a section"
-                    )
+                    break
+            else:
+                node.setdefault(keys[-1], None)
+        config = OmegaConf.create(raw, flags={"allow_objects": True})
+        OmegaConf.set_struct(config, True)
+        try:
+            ConfigLoaderImpl._apply_overrides_to_config([override], config)
+            raw = OmegaConf.to_object(config)  # resolves ${...} interpolations, as DVC's does
+        except (HydraException, OmegaConfBaseException) as exc:
+            raise ConfigError(f"override {text!r}: {str(exc).strip().splitlines()[0]}") from None
     return raw
+
+
+def _check_known(keys: list[str], text: str) -> None:
+    """A ConfigError naming the first part of keys that is not a parameter of the schema."""
+    model = Params
+    for i, key in enumerate(keys):
+        if model is None:
+            raise ConfigError(
+                f"unknown parameter {'.'.join(keys)!r}: {'.'.join(keys[:i])!r} is not a section"
+            )
+        if key not in model.model_fields:
+            raise ConfigError(f"unknown parameter {'.'.join(keys[: i + 1])!r} in override {text!r}")
+        annotation = model.model_fields[key].annotation
+        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+
+
+def override_text(key: str, value: Any) -> str:
+    """'key=value' that parse_override reads back as value: the way to pass a typed value as -S."""
+    return f"{key}={_override_literal(value)}"
+
+
+def _override_literal(value: Any) -> str:
+    if isinstance(value, str):
+        # Hydra's quoted string: a backslash is literal unless it precedes a quote or ends the string
+        escaped = re.sub(r'(\\*)"', lambda m: m.group(1) * 2 + '\\"', value)
+        return '"' + re.sub(r"(\\+)$", lambda m: m.group(1) * 2, escaped) + '"'
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_override_literal(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {_override_literal(v)}" for k, v in value.items()) + "}"
+    return json.dumps(value)  # numbers, booleans, null
 
 
 def validate_params(raw: dict, where: str = PARAMS_FILE) -> Params:
@@ -444,22 +513,26 @@ def save_overrides(path: str | Path, overrides: list[str]) -> Params:
     )
     path = Path(path)
     doc = rt.load(path.read_text()) if path.exists() else {}
-    for text in overrides:
-        keys, value = parse_override(text)
-        node = doc
-        for key in keys[:-1]:
-            if key not in node:
-                node[key] = {}
-            node = node[key]
-        # An equal value is left as written: re-assigning it would lose its flow style or its
-        # `null` spelling, and restart writes every recorded key back.
-        if keys[-1] not in node or node[keys[-1]] != value:
-            node[keys[-1]] = value
+    _update_document(doc, apply_overrides(read_params_file(path), overrides))
     tmp = path.with_suffix(".yaml.tmp")
     with tmp.open("w") as fh:
         rt.dump(doc, fh)
     tmp.replace(path)
     return params
+
+
+def _update_document(doc, new: dict) -> None:
+    """Make the round-trip YAML document doc hold new's values, touching only what differs.
+
+    An equal value is left as written: re-assigning it would lose its flow style or its `null`
+    spelling, and restart writes every recorded key back."""
+    for key in [k for k in doc if k not in new]:  # `~key` deleted it
+        del doc[key]
+    for key, value in new.items():
+        if isinstance(value, dict) and isinstance(doc.get(key), dict):
+            _update_document(doc[key], value)
+        elif key not in doc or doc[key] != value:
+            doc[key] = value
 
 
 def flatten(params: Params) -> dict[str, Any]:

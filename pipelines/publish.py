@@ -5,8 +5,9 @@
     trainpipe rollback               # move @champion back to the previous champion
 
 The flow runs publish after evaluate, outside DVC: registry side effects do not belong in a
-reproducible stage. Publish refuses reports/metrics.json unless it scored the weights in models/
-(its weights_sha256), and reports/per_document.json unless it is the same score per document.
+reproducible stage. Publish reads the score from reports/metrics.json and how it was made from
+reports/evaluation.json; it refuses them unless they scored the weights in models/ (the
+weights_sha256), and reports/per_document.json unless it is the same score per document.
 
 The promotion gate pairs the challenger's and the champion's bits on each validation document
 and bootstraps the difference in bits per byte (pipelines.bootstrap): the challenger is promoted
@@ -55,6 +56,8 @@ from pipelines.completion import (
 from pipelines.data import TOKENIZER_FILE, read_json, sha256_file, write_json
 from pipelines.errors import ConfigError, SmokeTestError, TrainpipeError
 from pipelines.evaluate import (
+    EVALUATION_FILE,
+    METRICS_FILE,
     PER_DOCUMENT_FILE,
     SCORE_KEY_FIELDS,
     score_saved_model,
@@ -92,7 +95,6 @@ from pipelines.tokenize import validation_set_hash
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
-METRICS_FILE = "metrics.json"
 SCORE_KEY_TAG = "score_key"
 PER_DOCUMENT_TAG = "per_document_scores"  # the artifact, in the version's run, of its per-document scores
 # what each score-key field is called in a reason
@@ -139,21 +141,26 @@ def read_trained_model(params: Params) -> tuple[Path, dict]:
         raise ConfigError(
             f"no trained model at {model_dir}/ (missing {', '.join(missing)}): run `trainpipe train` first"
         )
-    metrics_path = Path(params.evaluate.reports_dir) / METRICS_FILE
-    metrics = _read_report(metrics_path, f"no metrics at {metrics_path}: run `trainpipe evaluate` first")
+    reports = Path(params.evaluate.reports_dir)
+    metrics_path, evaluation_path = reports / METRICS_FILE, reports / EVALUATION_FILE
+    metrics = {
+        **_read_report(metrics_path, f"no metrics at {metrics_path}: run `trainpipe evaluate` first"),
+        **_read_report(evaluation_path, f"no {evaluation_path}: run `trainpipe evaluate` again"),
+    }
     for key in REQUIRED_METRICS:
         if key not in metrics:
-            raise ConfigError(f"{metrics_path} has no {key!r}: run `trainpipe evaluate` again")
+            where = metrics_path if key in ("val_bits_per_byte", "val_documents") else evaluation_path
+            raise ConfigError(f"{where} has no {key!r}: run `trainpipe evaluate` again")
     weights_sha = sha256_file(model_dir / WEIGHTS_FILE)
     if metrics["weights_sha256"] != weights_sha:
         raise ConfigError(
-            f"{metrics_path} scored other weights (sha256 {str(metrics['weights_sha256'])[:12]}) than "
+            f"{evaluation_path} scored other weights (sha256 {str(metrics['weights_sha256'])[:12]}) than "
             f"{model_dir / WEIGHTS_FILE} (sha256 {weights_sha[:12]}): run `trainpipe evaluate` first"
         )
     if metrics["scoring_code_sha256"] != scoring_code_sha256():
         # a champion re-scored by this code would not be scored as the challenger was
         raise ConfigError(
-            f"{metrics_path} was scored by other code than this checkout's score_texts and "
+            f"{evaluation_path} was scored by other code than this checkout's score_texts and "
             f"pipelines/model.py: run `trainpipe evaluate` first"
         )
     read_document_scores(params, metrics)
@@ -183,7 +190,7 @@ def read_document_scores(params: Params, metrics: dict) -> list[dict]:
         or len(documents) != int(metrics["val_documents"])
     ):
         raise ConfigError(
-            f"{path} is not the per-document score of {Path(params.evaluate.reports_dir) / METRICS_FILE}: "
+            f"{path} is not the per-document score of {Path(params.evaluate.reports_dir) / EVALUATION_FILE}: "
             f"run `trainpipe evaluate` again"
         )
     return documents
@@ -395,11 +402,11 @@ def _download_champion(champion: ModelVersion, work_dir: Path) -> Path:
 def _challenger_texts(params: Params, metrics: dict) -> list[str]:
     """The very documents evaluate scored the challenger on, or an error if they are gone: the
     token cap picked them with the challenger's tokenizer, so a re-score takes them, not the cap."""
-    metrics_path = Path(params.evaluate.reports_dir) / METRICS_FILE
+    evaluation_path = Path(params.evaluate.reports_dir) / EVALUATION_FILE
     docs = validation_documents(params)
     if validation_set_hash(docs) != metrics["val_set_sha256"]:
         raise ConfigError(
-            f"{metrics_path} was scored on another validation set than {params.data.curated_dir}/ "
+            f"{evaluation_path} was scored on another validation set than {params.data.curated_dir}/ "
             f"holds now: run `trainpipe evaluate` first"
         )
     return [d["text"] for d in docs[: int(metrics["val_documents"])]]

@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 from pipelines.errors import ConfigError
-from pipelines.params import PARAMS_FILE, save_overrides
+from pipelines.params import PARAMS_FILE, override_text, save_overrides
 
 LOCK_FILE = "dvc.lock"
 # Stages whose outputs are never pushed (dvc.yaml `push: false`): the raw snapshot holds the source
@@ -43,7 +43,7 @@ def lock_params(lock: dict) -> list[str]:
     for stage in lock.get("stages", {}).values():
         for key, value in stage.get("params", {}).get(PARAMS_FILE, {}).items():
             walk(key, value)
-    return [f"{k}={json.dumps(v)}" for k, v in sorted(out.items())]
+    return [override_text(k, v) for k, v in sorted(out.items())]
 
 
 def file_md5(path: Path) -> str | None:

@@ -55,6 +55,7 @@ NON_MODEL_FIELDS = {
     "checkpoint_dir",
     "model_dir",
     "system_metrics",
+    "reports_dir",
 }
 # The modules whose code decides the weights a run ends with (dvc.yaml lists them as train's deps).
 WEIGHT_MODULE_FILES = (
@@ -248,6 +249,7 @@ def check_gradients(model: GPT, cfg: TrainParams, step: int) -> None:
 
 # Summary keys that belong to this run, not to the weights: kept out of models/train.json.
 RUN_FACTS = ("resumed_from_step", "tokens_per_s", "train_seconds")
+TRAINING_REPORT = "training.json"
 
 
 def write_model(model_dir: Path, model: GPT, tokens_dir: Path, summary: dict) -> None:
@@ -258,6 +260,17 @@ def write_model(model_dir: Path, model: GPT, tokens_dir: Path, summary: dict) ->
     (model_dir / "config.json").write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")
     shutil.copyfile(tokens_dir / TOKENIZER_FILE, model_dir / TOKENIZER_FILE)
     write_json(model_dir / "train.json", {k: v for k, v in summary.items() if k not in RUN_FACTS})
+
+
+def write_training_report(reports_dir: Path, summary: dict) -> None:
+    """reports/training.json, a DVC metric: this run's speed. Nothing downstream reads it, so its
+    run-to-run noise changes no other stage's input (unlike a timing in models/)."""
+    report = {
+        "train_tokens_per_s": summary["tokens_per_s"],
+        "train_seconds": summary["train_seconds"],
+        "resumed_from_step": summary["resumed_from_step"],
+    }
+    write_json(reports_dir / TRAINING_REPORT, report, sort_keys=False)
 
 
 def start_tracking(params: Params):
@@ -437,7 +450,10 @@ def run(params: Params) -> dict | None:
         summary = train_model(params)
     finally:
         leave_ranks()
-    return summary if int(os.environ.get("RANK", "0")) == 0 else None
+    if int(os.environ.get("RANK", "0")) != 0:
+        return None
+    write_training_report(Path(params.train.reports_dir), summary)  # the stage's, not train_model's
+    return summary
 
 
 def describe(s: dict, params: Params) -> str:

@@ -80,13 +80,13 @@ def write_metrics(
     model_dir: str | Path | None = None,
     doc_bits_per_byte: list[float] | None = None,
 ) -> Path:
-    """A metrics.json as the evaluate stage writes it, for the weights in model_dir (default: the
-    models/ folder beside reports_dir), with the score key of an uncapped fp32 score; and its
+    """A metrics.json and evaluation.json as the evaluate stage writes them, for the weights in
+    model_dir (default: the models/ folder beside reports_dir), with the score key of an uncapped fp32 score; and its
     per_document.json. Each document scores val_bits_per_byte, or doc_bits_per_byte[i]; the
     total is then what these add up to. Two models written with flat scores differ by the same
     amount on every document: a bootstrap interval of zero width at the difference."""
     from pipelines.data import read_json, sha256_file
-    from pipelines.evaluate import PER_DOCUMENT_FILE, score_key, scoring_code_sha256
+    from pipelines.evaluate import EVALUATION_FILE, PER_DOCUMENT_FILE, score_key, scoring_code_sha256
 
     model_dir = Path(model_dir) if model_dir else Path(reports_dir).parent / "models"
     settings = {
@@ -109,15 +109,19 @@ def write_metrics(
         path,
         {
             "val_bits_per_byte": val_bits_per_byte,
-            "val_loss": val_bits_per_byte * 2.5,
-            "val_tokens": 1000,
-            "val_bytes": sum(METRICS_DOC_BYTES),
+            "xz_bits_per_byte": 1.79,
+            "gzip_bits_per_byte": 1.87,
             "val_documents": len(METRICS_DOC_BYTES),
+            "val_bytes": sum(METRICS_DOC_BYTES),
+        },
+    )
+    write_json(
+        Path(reports_dir) / EVALUATION_FILE,
+        {
             "weights_sha256": weights_sha,
             **settings,
             "score_key": score_key(settings),
-            "gzip_bits_per_byte": 1.87,
-            "xz_bits_per_byte": 1.79,
+            "val_loss": val_bits_per_byte * 2.5,
         },
     )
     write_json(

@@ -214,6 +214,14 @@ def test_run_writes_curated_table_and_reports(tmp_path):
         "undecodable": 1,
     }
     assert report["kept"]["bytes"] == sum(table.column("n_bytes").to_pylist())
+    # the DVC metrics: a few numbers, what the model trains on first (curation.json is a plain report)
+    data_metrics = json.loads((tmp_path / "reports" / "data_metrics.json").read_text())
+    assert data_metrics == {
+        "kept_documents": 30,
+        "kept_bytes": report["kept"]["bytes"],
+        "dropped_documents": 4,
+        "scrubbed_documents": report["scrubbed_documents"],
+    }
     assert report["gate"]["passed"] is True and report["gate"]["failed"] == []
     # these synthetic files are mostly punctuation: the warning tier says so, and lets them through
     assert [w["check"] for w in report["gate"]["warnings"]] == [

@@ -124,7 +124,84 @@ def test_save_overrides_leaves_equal_values_as_written(tmp_path):
 
 
 @pytest.mark.parametrize(("value", "expected"), [("off", "off"), ("on", "on"), ("auto", "auto")])
-def test_on_off_switches_survive_yaml_reading_them_as_booleans(value, expected):
-    # -S train.bf16=off reaches the schema as False (YAML 1.1, as dvc exp run -S reads it)
+def test_on_off_switches_survive_yaml_reading_them_as_booleans(value, expected, tmp_path):
+    # -S train.bf16=off reaches the schema as the string "off"; written to params.yaml unquoted (as
+    # dvc exp run -S writes it), YAML 1.1 reads it back as False: both must mean "off"
     params = load_params("params.yaml", [f"train.bf16={value}", f"train.compile={value}"])
     assert (params.train.bf16, params.train.compile) == (expected, expected)
+    path = tmp_path / "params.yaml"
+    path.write_text(Path("params.yaml").read_text())
+    save_overrides(path, [f"train.bf16={value}"])
+    assert load_params(path).train.bf16 == expected
+
+
+# What `dvc exp run -S` accepts, typed as Hydra's override grammar types it (not as YAML would:
+# 3e-4 and 1e3 are numbers, on/yes stay words, 0x10 is no number)
+DVC_OVERRIDES = [
+    ("train.max_steps=30", "train.max_steps", 30),
+    ("train.lr=3e-4", "train.lr", 3e-4),
+    ("train.max_steps=1e3", "train.max_steps", 1000),
+    ("train.tie_head=false", "train.tie_head", False),
+    ("train.bf16=off", "train.bf16", "off"),
+    ("data.max_documents=null", "data.max_documents", None),
+    ("data.source='my corpus/*.py'", "data.source", "my corpus/*.py"),
+    ("data.source=0x10", "data.source", "0x10"),
+    (
+        "curate.autogen_markers=[generated, 'do not edit']",
+        "curate.autogen_markers",
+        ["generated", "do not edit"],
+    ),
+    ("curate.prose_mean_word_length=[2, 12.5]", "curate.prose_mean_word_length", (2, 12.5)),
+    ("curate.near_dedupe.threshold=0.9", "curate.near_dedupe.threshold", 0.9),
+    ("curate.gate.drift.enabled=false", "curate.gate.drift.enabled", False),
+    ("params.yaml:train.seed=7", "train.seed", 7),
+    ("~evaluate.max_tokens", "evaluate.max_tokens", None),
+]
+
+
+@pytest.mark.parametrize(("override", "key", "value"), DVC_OVERRIDES)
+def test_trainpipe_reads_an_override_as_dvc_exp_run_writes_it(override, key, value, tmp_path):
+    from dvc.utils.cli_parse import to_path_overrides
+    from dvc.utils.hydra import apply_overrides
+
+    # what `dvc exp run -S override` does to params.yaml (dvc/repo/experiments/queue/base.py)
+    by_dvc = tmp_path / "params.yaml"
+    by_dvc.write_text(Path("params.yaml").read_text().replace("max_tokens: null", "max_tokens: 20000"))
+    (path, dvc_overrides), *_ = to_path_overrides([override]).items()
+    assert path == "params.yaml"
+    apply_overrides(by_dvc, dvc_overrides)
+    written_by_dvc = flatten(load_params(by_dvc))
+    assert written_by_dvc[key] == value
+    # trainpipe -S: validated in memory, then written to params.yaml; both equal DVC's, every key
+    by_trainpipe = tmp_path / "trainpipe.yaml"
+    by_trainpipe.write_text(Path("params.yaml").read_text().replace("max_tokens: null", "max_tokens: 20000"))
+    assert flatten(load_params(by_trainpipe, [override])) == written_by_dvc
+    save_overrides(by_trainpipe, [override])
+    assert flatten(load_params(by_trainpipe)) == written_by_dvc
+
+
+@pytest.mark.parametrize(
+    ("override", "says"),
+    [
+        ("train.lr=1e-3,3e-3", "is a sweep of several values: queue them with `dvc exp run --queue -S"),
+        ("other.yaml:train.lr=1", "trainpipe reads only params.yaml, not other.yaml"),
+        ("train.lr=[1", "is not key=value as dvc exp run -S reads it"),
+        ("+train.lr=1", "An item is already at 'train.lr'"),
+        ("data.source=${nope}", "Interpolation key 'nope' not found"),
+        ("data.source=~/src", "quote a value holding signs such as ~ # =: key='...'"),
+    ],
+)
+def test_an_override_dvc_would_refuse_is_one_line(override, says):
+    with pytest.raises(ConfigError) as err:
+        load_params("params.yaml", [override])
+    assert says in str(err.value) and override in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "value", [3e-4, 7, True, None, "a b", 'back\\slash "quoted" end\\', [1, "x y"], (3, 10.5)]
+)
+def test_override_text_reads_back_as_the_value(value):
+    from pipelines.params import override_text, parse_override
+
+    parsed = parse_override(override_text("data.source", value)).value()
+    assert parsed == (list(value) if isinstance(value, tuple) else value)

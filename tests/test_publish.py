@@ -316,26 +316,26 @@ def test_metrics_of_other_weights_are_refused_in_one_line(trained, tmp_path):
     with pytest.raises(ConfigError) as info:
         publish_model(trained)
     assert str(info.value) == (
-        f"reports/metrics.json scored other weights (sha256 {scored_sha[:12]}) than "
+        f"reports/evaluation.json scored other weights (sha256 {scored_sha[:12]}) than "
         f"models/model.safetensors (sha256 {new_sha[:12]}): run `trainpipe evaluate` first"
     )
     assert [str(v.version) for v in client.search_model_versions(f"name = '{NAME}'")] == ["1"]
     # metrics written before weights were named are refused too, not trusted
-    metrics = read_json(tmp_path / "reports/metrics.json")
-    del metrics["weights_sha256"]
-    write_json(tmp_path / "reports/metrics.json", metrics)
+    evaluation = read_json(tmp_path / "reports/evaluation.json")
+    del evaluation["weights_sha256"]
+    write_json(tmp_path / "reports/evaluation.json", evaluation)
     with pytest.raises(ConfigError, match=r"has no 'weights_sha256': run `trainpipe evaluate` again"):
         publish_model(trained)
 
 
 def test_metrics_of_other_scoring_code_are_refused(trained, tmp_path):
     write_metrics(tmp_path / "reports", 2.0)
-    metrics = read_json(tmp_path / "reports/metrics.json")
-    write_json(tmp_path / "reports/metrics.json", {**metrics, "scoring_code_sha256": "0" * 64})
+    evaluation = read_json(tmp_path / "reports/evaluation.json")
+    write_json(tmp_path / "reports/evaluation.json", {**evaluation, "scoring_code_sha256": "0" * 64})
     with pytest.raises(ConfigError) as info:
         publish_model(trained)
     assert str(info.value) == (
-        "reports/metrics.json was scored by other code than this checkout's score_texts and "
+        "reports/evaluation.json was scored by other code than this checkout's score_texts and "
         "pipelines/model.py: run `trainpipe evaluate` first"
     )
 
@@ -378,7 +378,8 @@ def evaluate_new_model(
             doc["bits"] *= tag_bpb / metrics["val_bits_per_byte"]
         write_json(path, scores)
         metrics["val_bits_per_byte"] = tag_bpb
-        write_json(Path(params.evaluate.reports_dir) / "metrics.json", metrics)
+        metrics_path = Path(params.evaluate.reports_dir) / evaluate.METRICS_FILE
+        write_json(metrics_path, {**read_json(metrics_path), "val_bits_per_byte": tag_bpb})
     return metrics, shutil.copytree(params.train.model_dir, tmp_path / f"kept-{next(_seeds)}")
 
 
@@ -576,7 +577,7 @@ def test_a_rescore_needs_the_documents_the_challenger_was_scored_on(corpus, tmp_
     with pytest.raises(ConfigError) as info:
         publish_model(corpus)
     assert str(info.value) == (
-        "reports/metrics.json was scored on another validation set than data/curated/ holds now: "
+        "reports/evaluation.json was scored on another validation set than data/curated/ holds now: "
         "run `trainpipe evaluate` first"
     )
     # refused before anything was registered

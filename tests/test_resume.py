@@ -24,6 +24,7 @@ from pipelines.checkpoint import (
     load_checkpoint,
     read_checkpoint,
 )
+from pipelines.data import read_json
 from pipelines.usage import USAGE_DIR_ENV, read_usage, stage_work
 
 MAX_STEPS, EVERY = 60, 10
@@ -73,6 +74,7 @@ def write_params(params, where: Path, ckpt_dir: Path | None = None) -> Path:
     mine = params.model_copy(deep=True)
     mine.train.checkpoint_dir = str(ckpt_dir or where / "ckpt")
     mine.train.model_dir = str(where / "models")
+    mine.train.reports_dir = str(where / "reports")
     where.mkdir(parents=True)
     (where / "params.yaml").write_text(yaml.safe_dump(mine.model_dump()))
     return where / "params.yaml"
@@ -144,6 +146,8 @@ def test_sigkill_at_any_point_resumes_to_identical_weights(base, tmp_path, point
     else:
         assert "train: no checkpoint" in done.stdout
     assert [w["resumed_from_step"] for w in stage_work(read_usage(usage), "train")] == [step_at_kill]
+    training = read_json(tmp_path / "run" / "reports" / "training.json")  # the DVC metric of this run
+    assert training["resumed_from_step"] == step_at_kill and training["train_seconds"] > 0
     assert (tmp_path / "run" / "models" / "model.safetensors").read_bytes() == full_weights
     # where it resumed and how long it took are not in models/: the same weights, the same DVC hash
     full = Path(params.data.tokens_dir).parent / "full" / "models"

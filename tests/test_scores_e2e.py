@@ -28,21 +28,30 @@ def test_publish_after_train_refuses_the_old_score_until_evaluate_runs(tmp_path,
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
     before = registry(client)
     assert set(before["versions"]) == {"1"}
-    metrics_path, weights = proj / "reports/metrics.json", proj / "models/model.safetensors"
-    old_metrics = json.loads(metrics_path.read_text())
+    weights = proj / "models/model.safetensors"
+
+    def scored() -> dict:
+        """evaluate's score: the numbers (metrics.json) and what they scored (evaluation.json)."""
+        reports = proj / "reports"
+        return {
+            **json.loads((reports / "metrics.json").read_text()),
+            **json.loads((reports / "evaluation.json").read_text()),
+        }
+
+    old_metrics = scored()
     assert old_metrics["weights_sha256"] == sha256_file(weights)
 
     trained = trainpipe(proj, env, "train", "-S", "train.max_steps=30")
     assert trained.returncode == 0, trained.stderr[-3000:]
     new_sha = sha256_file(weights)
     assert new_sha != old_metrics["weights_sha256"]
-    assert json.loads(metrics_path.read_text()) == old_metrics  # train ran no evaluate
+    assert scored() == old_metrics  # train ran no evaluate
 
     refused = trainpipe(proj, env, "publish")
     assert refused.returncode == 2, refused.stdout + refused.stderr
     assert "Traceback" not in refused.stderr
     assert refused.stderr.strip().splitlines()[-1] == (
-        f"trainpipe publish: reports/metrics.json scored other weights "
+        f"trainpipe publish: reports/evaluation.json scored other weights "
         f"(sha256 {old_metrics['weights_sha256'][:12]}) than models/model.safetensors "
         f"(sha256 {new_sha[:12]}): run `trainpipe evaluate` first"
     )
@@ -50,7 +59,7 @@ def test_publish_after_train_refuses_the_old_score_until_evaluate_runs(tmp_path,
 
     evaluated = trainpipe(proj, env, "evaluate")
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
-    metrics = json.loads(metrics_path.read_text())
+    metrics = scored()
     assert metrics["weights_sha256"] == new_sha
     published = trainpipe(proj, env, "publish")
     assert published.returncode == 0, published.stderr[-3000:]
