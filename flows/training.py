@@ -10,7 +10,8 @@ Steps, in order:
      checkpoint. Each stage is recorded as ran / skipped / resumed@STEP / failed with the
      reason (what `dvc status` saw changed, or DVC's reason to skip): MLflow tags stage.<name>
      and stages.json, and the Prefect artifact
-  2. log params, curation counts and metrics to the flow's MLflow run
+  2. log params, curation counts, metrics and the datasets used (curated, tokens, validation:
+     MLflow dataset inputs with DVC's hashes as digests) to the flow's MLflow run
   3. push DVC outputs to the DVC remote, so the run's data and model can be restored; a failed
      push fails the run here, before any alias moves
   4. publish: register the model, set @challenger, move @champion only if it is better and it
@@ -396,8 +397,11 @@ def record_costs(params: Params, outcomes: list[StageOutcome], usage_dir: str) -
 def _training_flow(params: Params | None) -> dict:
     import mlflow
 
+    from pipelines.registry import set_training_experiment
+    from pipelines.run_datasets import log_run_datasets
+
     params = apply_params(params)
-    mlflow.set_experiment(params.publish.experiment)
+    set_training_experiment(params.publish.experiment)
     outcomes: list[StageOutcome] = []
     curation, metrics, published, inputs, serving, ledger = {}, {}, None, {}, None, None
     usage_dir = tempfile.mkdtemp(prefix="trainpipe-usage-")  # the stage processes' reports
@@ -410,6 +414,8 @@ def _training_flow(params: Params | None) -> dict:
                 inputs = record_inputs(params, usage_dir)
                 mlflow.set_tags({f"input.{k}": v for k, v in inputs.items() if k != "warning"})
                 run_stages(params, run_id, outcomes, usage_dir)
+                # after the stages, so that dvc.lock's hashes are those of the data this run used
+                log_run_datasets(params, git_commit())
             finally:
                 curation = report_curation(params)
                 record_stages(outcomes)

@@ -189,6 +189,11 @@ class TrainParams(Section):
     )
     checkpoint_every: int = Field(100, ge=1, description="steps between full checkpoints")
     log_every: int = Field(10, ge=1, description="steps between metric logs")
+    system_metrics: bool = Field(
+        True,
+        description="MLflow logs CPU, memory, disk and network use (system/*) while training, every "
+        "10 s; not a DVC param: it does not change the weights",
+    )
     checkpoint_dir: str = Field("checkpoints", description="resume state, kept across failed runs")
     model_dir: str = Field("models", description="train output: weights, config, tokenizer")
 

@@ -84,6 +84,39 @@ def endpoint_records(client: MlflowClient, name: str) -> list[dict]:
     return records
 
 
+# MLflow 3 marks an experiment's kind with this tag: GenAI ("genai_development") or model training
+# ("custom_model_development", the UI's "Machine learning"). Untagged, the UI asks or shows GenAI.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+TRAINING_KIND = "custom_model_development"
+
+
+def training_experiment(client: MlflowClient, name: str) -> str:
+    """The id of experiment `name`, created as a model-training experiment if there is none. One
+    that exists without a kind gets it, so that older projects' UIs switch too; a kind somebody
+    chose stays."""
+    found = client.get_experiment_by_name(name)
+    if found is None:
+        try:
+            return client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: TRAINING_KIND})
+        except MlflowException as exc:  # another process created it first
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+            found = client.get_experiment_by_name(name)
+    if EXPERIMENT_KIND_TAG not in found.tags:
+        client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, TRAINING_KIND)
+    return found.experiment_id
+
+
+def set_training_experiment(name: str) -> str:
+    """Make `name` (a model-training experiment, see training_experiment) the experiment of the
+    fluent mlflow calls that follow: its id."""
+    import mlflow
+
+    experiment_id = training_experiment(MlflowClient(), name)
+    mlflow.set_experiment(experiment_id=experiment_id)
+    return experiment_id
+
+
 def last_flow_run(client: MlflowClient, experiment: str) -> dict | None:
     """The latest MLflow run of the training flow in the experiment (one per flow run)."""
     found = client.get_experiment_by_name(experiment)
@@ -273,10 +306,29 @@ def resolve_run(client: MlflowClient, experiment: str, run_id: str | None) -> tu
     active = mlflow.active_run()
     if active is not None:
         return active.info.run_id, False
-    found = client.get_experiment_by_name(experiment)
-    experiment_id = found.experiment_id if found else client.create_experiment(experiment)
-    run = client.create_run(experiment_id, run_name="publish", tags={"trainpipe.stage": "publish"})
+    run = client.create_run(
+        training_experiment(client, experiment), run_name="publish", tags={"trainpipe.stage": "publish"}
+    )
     return run.info.run_id, True
+
+
+def last_logged_step(client: MlflowClient, run_id: str, key: str) -> int:
+    """The highest step at which the run logged metric key; 0 when it has none."""
+    return max((m.step for m in client.get_metric_history(run_id, key)), default=0)
+
+
+def log_step_metrics(client: MlflowClient, run_id: str, points: list[tuple[int, dict[str, float]]]) -> None:
+    """[(step, {key: value})] into the run, in batches of MLflow's limit of 1000 metrics a call."""
+    import time
+
+    from mlflow.entities import Metric
+
+    now_ms = int(time.time() * 1000)
+    metrics = [
+        Metric(key, float(value), now_ms, step) for step, values in points for key, value in values.items()
+    ]
+    for start in range(0, len(metrics), 1000):
+        client.log_batch(run_id, metrics=metrics[start : start + 1000])
 
 
 def finish_run(client: MlflowClient, run_id: str, status: str) -> None:

@@ -44,7 +44,14 @@ from pipelines.params import Params, TrainParams
 from pipelines.ranks import from_rank0, in_torchrun, join_ranks, launch_ranks, leave_ranks, mean_over_ranks
 
 # Fields that do not change the weights a run ends with: a checkpoint stays valid across them.
-NON_MODEL_FIELDS = {"device", "checkpoint_every", "log_every", "checkpoint_dir", "model_dir"}
+NON_MODEL_FIELDS = {
+    "device",
+    "checkpoint_every",
+    "log_every",
+    "checkpoint_dir",
+    "model_dir",
+    "system_metrics",
+}
 # The modules whose code decides the weights a run ends with (dvc.yaml lists them as train's deps).
 WEIGHT_MODULE_FILES = (
     __file__,
@@ -246,13 +253,35 @@ def write_model(model_dir: Path, model: GPT, tokens_dir: Path, summary: dict) ->
 
 
 def start_tracking(params: Params):
-    """Log to the flow's MLflow run when MLFLOW_RUN_ID names one, else to a new run."""
+    """Log to the flow's MLflow run when MLFLOW_RUN_ID names one, else to a new run. With
+    train.system_metrics, MLflow samples CPU, memory, disk and network (and GPUs it can read)
+    every 10 s (MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL) in a thread of this process, from here to
+    the run's end: the metrics cover training, and a resumed run continues their steps."""
     import mlflow
 
-    if os.environ.get("MLFLOW_RUN_ID"):
-        return mlflow.start_run()  # MLflow resumes the run named by the environment
-    mlflow.set_experiment(params.publish.experiment)
-    return mlflow.start_run(run_name="train")
+    system_metrics = params.train.system_metrics
+    if os.environ.get("MLFLOW_RUN_ID"):  # MLflow resumes the run named by the environment
+        return mlflow.start_run(log_system_metrics=system_metrics)
+    from pipelines.registry import set_training_experiment
+
+    set_training_experiment(params.publish.experiment)
+    return mlflow.start_run(run_name="train", log_system_metrics=system_metrics)
+
+
+def log_curve_before(history: list) -> None:
+    """A resumed run's curve up to its checkpoint (train_loss and lr of the checkpoint's history),
+    for the steps the active MLflow run lacks: a run that resumes another's checkpoint shows its
+    whole curve, and a flow's retry (the same MLflow run) logs no step twice."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from pipelines.registry import last_logged_step, log_step_metrics
+
+    client, run_id = MlflowClient(), mlflow.active_run().info.run_id
+    last = last_logged_step(client, run_id, "train_loss")
+    log_step_metrics(
+        client, run_id, [(step, {"train_loss": loss, "lr": lr}) for step, loss, lr in history if step > last]
+    )
 
 
 def train_model(params: Params, log=print, track: bool = True) -> dict:
@@ -312,6 +341,8 @@ def train_model(params: Params, log=print, track: bool = True) -> dict:
             mlflow.log_params(
                 {f"train.{k}": v for k, v in cfg.model_dump().items()} | {"data_version": version}
             )
+            if start_step:
+                log_curve_before(history)
         model.train()
         t0, timed_tokens, loss_value = time.perf_counter(), 0, float("nan")
         bar = tqdm(

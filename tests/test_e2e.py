@@ -53,6 +53,7 @@ def make_project(root: Path, template_db: Path) -> tuple[Path, dict]:
         PREFECT_HOME=str(root / "prefect"),
         PATH=f"{BIN}{os.pathsep}{env['PATH']}",
         PYTHONPATH=str(proj),  # the copy's code, as a clone's editable install would give
+        MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL="1",  # the tiny training lasts seconds, not 10 s
     )
     env.pop("MLFLOW_RUN_ID", None)
     return proj, env
@@ -192,6 +193,22 @@ def test_flow_run_executes_every_stage_and_publishes_champion(project, first_run
     history = client.get_metric_history(version.run_id, "train_loss")
     assert sorted(m.step for m in history) == [s for s in range(1, 61) if s % every == 0 or s == 60]
     assert all(0 < m.value < 20 for m in history)
+    # MLflow's view: a model-training experiment; the data the run used, by DVC's hashes; the
+    # machine's CPU and memory while it trained
+    experiment = client.get_experiment_by_name("trainpipe")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    lock = yaml.safe_load((proj / "dvc.lock").read_text())["stages"]
+    inputs = {i.dataset.name: i for i in client.get_run(version.run_id).inputs.dataset_inputs}
+    assert set(inputs) == {"curated", "tokens", "validation"}
+    for name, stage in (("curated", "curate"), ("tokens", "tokenize")):
+        (out,) = [o for o in lock[stage]["outs"] if o["path"] == f"data/{name}"]
+        assert inputs[name].dataset.digest == out["md5"]
+        source = json.loads(inputs[name].dataset.source)
+        assert source == {"uri": f"data/{name}", "dvc_stage": stage, "git_commit": version.tags["git_commit"]}
+    assert {t.key: t.value for t in inputs["validation"].tags} == {"mlflow.data.context": "evaluation"}
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(
+        run_data.metrics
+    )
     # the curated data's profile is stored with the model, for the data gate of later runs
     artifacts = {a.path for a in client.list_artifacts(version.run_id)}
     assert {"data_profile.json", "curation"} <= artifacts

@@ -189,3 +189,43 @@ def test_checkpoint_of_other_data_or_config_is_not_resumed(base_ckpt):
     ]
     other = {**fingerprint, "train": {**fingerprint["train"], "seed": 1}}
     assert load_checkpoint(ckpt_dir, other, version)[2][-1].endswith("has another config; starting fresh")
+
+
+def curve(client, run_id: str, key: str) -> list[tuple[int, float]]:
+    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+
+
+@pytest.mark.parametrize("same_run", [False, True])
+def test_a_resumed_run_logs_the_whole_curve_under_the_same_names_each_step_once(
+    base, base_ckpt, tmp_path, same_run
+):
+    """Resumed in a new MLflow run (a later flow run), the run shows the curve from step 0 as an
+    uninterrupted run does; resumed in the run that logged the first steps (a flow's retry of
+    train, through MLFLOW_RUN_ID), no step is logged twice."""
+    from mlflow import MlflowClient
+
+    params, env, _ = base
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    experiment = client.get_experiment_by_name(params.publish.experiment).experiment_id
+    (full,) = client.search_runs([experiment], order_by=["attributes.start_time ASC"], max_results=1)
+    params_file = write_params(params, tmp_path / "run")
+    shutil.copytree(base_ckpt, tmp_path / "run" / "ckpt" / base_ckpt.name)
+    env = dict(env)
+    if same_run:  # the killed attempt had logged up to its checkpoint at step 2 * EVERY
+        run_id = client.create_run(experiment).info.run_id
+        for step, loss, lr in read_checkpoint(list_checkpoints(base_ckpt)[0][1])["history"]:
+            client.log_metric(run_id, "train_loss", loss, step=step)
+            client.log_metric(run_id, "lr", lr, step=step)
+        env["MLFLOW_RUN_ID"] = run_id
+
+    done = run_train(params_file, env)
+    assert done.returncode == 0, done.stderr
+    assert f"resuming from checkpoint at step {2 * EVERY}" in done.stdout
+    if not same_run:
+        (latest,) = client.search_runs([experiment], order_by=["attributes.start_time DESC"], max_results=1)
+        run_id = latest.info.run_id
+    for key in ("train_loss", "lr"):  # exact resume: the very values of the uninterrupted run
+        assert curve(client, run_id, key) == curve(client, full.info.run_id, key)
+    steps = [step for step, _ in curve(client, run_id, "tokens_per_s")]  # timed by this process only
+    every = params.train.log_every
+    assert steps == list(range(2 * EVERY + every, MAX_STEPS + 1, every))
