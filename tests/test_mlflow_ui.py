@@ -21,12 +21,6 @@ from mlflow import MlflowClient
 from test_e2e import BIN, MODEL, REPO, free_port, make_project, sh, trainpipe
 
 pytestmark = pytest.mark.slow
-# The dataset input and the system metrics come with branch mlflowview (issue 12, part 2). Until it
-# is merged the flow run has neither and these checks fail on their first assertion, as expected;
-# strict, so that once they pass the suite fails until this marker goes.
-NEEDS_MLFLOWVIEW = pytest.mark.xfail(
-    raises=AssertionError, strict=True, reason="needs branch mlflowview: mlflow.log_input, system metrics"
-)
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = REPO / "test-artifacts" / "mlflow-ui"
@@ -183,7 +177,15 @@ def test_the_experiment_lists_the_training_runs(registry, mlflow_ui, page):
     assert re.search(rf"#/experiments/{experiment}/runs\b", page.url), page.url
 
 
-@NEEDS_MLFLOWVIEW
+def test_the_readme_link_opens_the_training_runs(registry, mlflow_ui, page):
+    """The README's link to the training view works in a browser that never chose a view."""
+    client = registry["client"]
+    experiment, champion_run, _ = run_ids(registry)
+    open_ui(page, mlflow_ui, f"experiments/{experiment}/runs?workflowType=machine_learning")
+    page.get_by_role("link", name=client.get_run(champion_run).info.run_name, exact=True).wait_for()
+    assert re.search(rf"#/experiments/{experiment}/runs\b", page.url), page.url
+
+
 def test_the_run_page_shows_its_dataset_input(registry, mlflow_ui, page):
     client = registry["client"]
     experiment, run_id, _ = run_ids(registry)
@@ -191,17 +193,20 @@ def test_the_run_page_shows_its_dataset_input(registry, mlflow_ui, page):
     assert inputs, "the flow run logged no dataset input (mlflow.log_input of the curated data)"
     open_ui(page, mlflow_ui, f"experiments/{experiment}/runs/{run_id}")
     page.get_by_role("heading", name="Datasets", exact=True).wait_for()
-    # the overview lists each input as "name (digest)"; its drawer shows the digest again
+    # the overview shows one input as "name (digest)" and "+N" for the others; its drawer lists all
     labels = [f"{i.dataset.name} ({i.dataset.digest})" for i in inputs]
+    shown = page.get_by_text(re.compile("^(" + "|".join(map(re.escape, labels)) + ")$")).first
     try:
-        for label in labels:
-            page.get_by_text(label, exact=True).wait_for()
+        shown.wait_for()
     finally:
         shoot(page, "run-dataset.png")
-    page.get_by_text(labels[0], exact=True).click()
-    page.get_by_text("Data details for").wait_for()
+    label = shown.inner_text().strip()
+    shown.click()
+    page.get_by_text(f"{len(inputs)} datasets used").wait_for()
     try:
-        digest = inputs[0].dataset.digest
+        for other in labels:
+            page.get_by_text(other, exact=True).first.wait_for()
+        digest = inputs[labels.index(label)].dataset.digest
         page.locator("code", has_text=re.compile(rf"^{re.escape(digest)}$")).wait_for()
     finally:
         shoot(page, "run-dataset-details.png")
@@ -226,7 +231,6 @@ def test_the_run_page_charts_the_training_loss_step_by_step(registry, mlflow_ui,
         shoot(page, "run-loss-chart.png")
 
 
-@NEEDS_MLFLOWVIEW
 def test_the_run_page_charts_cpu_and_memory(registry, mlflow_ui, page):
     client = registry["client"]
     experiment, run_id, _ = run_ids(registry)
