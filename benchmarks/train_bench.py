@@ -6,9 +6,10 @@
 2. Optimizer steps of the default config (params.yaml) on random tokens, one row per setting,
    the settings interleaved repeat by repeat so that a noisy neighbour slows them alike. Each row:
    median tokens/s, model FLOP/s (nanoGPT's 6N + 12·L·H·Q·T per token) and its share of the
-   measured bf16 peak. "default" is exactly what the train stage runs (pipelines.train).
+   measured peak of the default's precision (bf16, or fp32 on a CPU without bf16 instructions,
+   where the bf16 rows are left out). "default" is exactly what the train stage runs (pipelines.train).
 3. The ceiling: the step's own linear-layer matmuls alone (forward, and backward's two per
-   layer), at the model's shapes (batch x block rows), bf16, timed one by one. Even with every
+   layer), at the model's shapes (batch x block rows), in the default's precision, timed one by one. Even with every
    other op free of cost, a step could not beat their FLOP/s; against the peak it says how far
    the model's width lets it go on this CPU.
 4. --profile: where a default step's time goes (torch.profiler), by kind of work.
@@ -57,13 +58,13 @@ def linear_shapes(model: torch.nn.Module, rows: int) -> list[tuple[int, int, int
     return shapes
 
 
-def matmul_ceiling(shapes, device: torch.device, repeats: int = 5) -> float:
-    """GFLOP/s of the given matmuls run one after another in bf16: total FLOPs over the sum of
+def matmul_ceiling(shapes, device: torch.device, dtype: torch.dtype, repeats: int = 5) -> float:
+    """GFLOP/s of the given matmuls run one after another in dtype: total FLOPs over the sum of
     each shape's best time."""
     flops, seconds = 0.0, 0.0
     for m, k, n in shapes:
-        a = torch.randn(m, k, device=device, dtype=torch.bfloat16)
-        b = torch.randn(k, n, device=device, dtype=torch.bfloat16)
+        a = torch.randn(m, k, device=device, dtype=dtype)
+        b = torch.randn(k, n, device=device, dtype=dtype)
         (a @ b).sum().item()  # warm-up
         best = float("inf")
         for _ in range(repeats):
@@ -163,12 +164,19 @@ def main() -> None:
     cfg = load_params(overrides=args.set).train
     device = pick_device(cfg.device)
     bf16 = use_bf16(cfg.bf16, device)
-    peak = {"bf16": matmul_peak(torch.bfloat16, device), "fp32": matmul_peak(torch.float32, device)}
-    settings = [
-        Setting("fp32, foreach AdamW", cfg, device, bf16=False, foreach_adamw=True),
-        Setting("bf16, foreach AdamW", cfg, device, bf16=True, foreach_adamw=True),
-        Setting("default", cfg, device, bf16=bf16),
-    ]
+    # The default's own precision is the peak it is held to: bf16 where the device multiplies
+    # bf16 (train.bf16 auto), fp32 on a CPU without bf16 instructions (there bf16 is ~140x slower).
+    precision = "bf16" if bf16 else "fp32"
+    # without bf16 instructions one 4,096 square in bf16 takes minutes: a 512 square tells the speed
+    bf16_sizes = PEAK_SIZES if bf16 or device.type != "cpu" else (512,)
+    peak = {
+        "bf16": matmul_peak(torch.bfloat16, device, sizes=bf16_sizes),
+        "fp32": matmul_peak(torch.float32, device),
+    }
+    settings = [Setting("fp32, foreach AdamW", cfg, device, bf16=False, foreach_adamw=True)]
+    if bf16:
+        settings.append(Setting("bf16, foreach AdamW", cfg, device, bf16=True, foreach_adamw=True))
+    settings.append(default := Setting("default", cfg, device, bf16=bf16))
     if args.compile:
         settings.append(Setting("default + torch.compile", cfg, device, bf16=bf16, compile=True))
     x = torch.randint(0, VOCAB, (cfg.batch_size, cfg.block_size), device=device)
@@ -183,29 +191,36 @@ def main() -> None:
             times[s.name].append(s.time(x, y, args.steps))
     flops = settings[-1].model.flops_per_token()
     tokens = cfg.batch_size * cfg.block_size
-    ceiling = matmul_ceiling(linear_shapes(settings[-1].model, tokens), device)
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    ceiling = matmul_ceiling(linear_shapes(settings[-1].model, tokens), device, dtype)
     print(
         f"device {device.type}, {torch.get_num_threads()} threads; {settings[0].model.num_params() / 1e6:.2f} M "
         f"params, {cfg.n_layer} layers x {cfg.n_embd}, batch {cfg.batch_size} x {cfg.block_size}, "
         f"{flops / 1e6:.1f} MFLOP/token; {args.steps} steps x {args.repeats} repeats, medians"
     )
-    print(f"matmul peak: bf16 {peak['bf16']:.0f} GFLOP/s, fp32 {peak['fp32']:.0f} GFLOP/s")
     print(
-        f"ceiling: the step's linear-layer matmuls alone, bf16 at the model's shapes: {ceiling:.0f} GFLOP/s, "
-        f"{ceiling / peak['bf16']:.0%} of the bf16 peak"
+        f"matmul peak: bf16 {peak['bf16']:.0f} GFLOP/s, fp32 {peak['fp32']:.0f} GFLOP/s; the default runs {precision}"
+    )
+    if not bf16 and device.type == "cpu":
+        print(
+            "bf16 rows left out: this CPU has no bf16 instructions (AVX512-BF16 or AMX), so train.bf16 auto is fp32"
+        )
+    print(
+        f"ceiling: the step's linear-layer matmuls alone, {precision} at the model's shapes: {ceiling:.0f} GFLOP/s, "
+        f"{ceiling / peak[precision]:.0%} of the {precision} peak"
     )
     print(
-        f"{'setting':<26} {'s/step':>7} {'tokens/s':>9} {'GFLOP/s':>8} {'of bf16 peak':>13} {'warm-up s':>10}"
+        f"{'setting':<26} {'s/step':>7} {'tokens/s':>9} {'GFLOP/s':>8} {f'of {precision} peak':>13} {'warm-up s':>10}"
     )
     for s in settings:
         med = statistics.median(times[s.name])
         gflops = tokens / med * flops / 1e9
         print(
-            f"{s.name:<26} {med:>7.3f} {tokens / med:>9,.0f} {gflops:>8.1f} {gflops / peak['bf16']:>13.0%} "
+            f"{s.name:<26} {med:>7.3f} {tokens / med:>9,.0f} {gflops:>8.1f} {gflops / peak[precision]:>13.0%} "
             f"{s.warmup_s:>10.1f}"
         )
     if args.profile:
-        profile_step(settings[2], x, y)
+        profile_step(default, x, y)
 
 
 if __name__ == "__main__":

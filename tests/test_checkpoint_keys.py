@@ -99,7 +99,13 @@ def test_another_torch_is_other_code_but_the_same_folder(base, tmp_path):  # noq
         f"(torch {torch.__version__} -> 2.0.0); starting fresh"
     ]
     other_steps = {**fingerprint, "train": {**fingerprint["train"], "max_steps": 50}}
-    assert len({run_key(fingerprint, version), run_key(other_steps, version), run_key(fingerprint, "x")}) == 3
+    # train.bf16 "auto" is bf16 on one CPU and fp32 on another: the precision it resolved to keys the folder
+    assert fingerprint["precision"] in ("bf16", "fp32")
+    other_precision = {**fingerprint, "precision": {"bf16": "fp32", "fp32": "bf16"}[fingerprint["precision"]]}
+    keys = {run_key(k, version) for k in (fingerprint, other_steps, other_precision)} | {
+        run_key(fingerprint, "x")
+    }
+    assert len(keys) == 4
     described = read_json(folder / "run.json")  # what a person reads to tell the folders apart
     assert described == {"fingerprint": fingerprint, "data_version": version}
     assert described["fingerprint"]["train"]["max_steps"] == MAX_STEPS

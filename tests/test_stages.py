@@ -396,3 +396,21 @@ def test_score_key_changes_with_each_setting_that_changes_a_score():
     keys = {evaluate.score_key(base)} | {evaluate.score_key({**base, f: v}) for f, v in changed}
     assert len(keys) == len(changed) + 1
     assert evaluate.score_key({**base, "val_loss": 1.0}) == evaluate.score_key(base)  # only the key's fields
+
+
+def test_auto_precision_on_cpu_is_bf16_only_where_the_cpu_multiplies_bf16():
+    """On a CPU without bf16 instructions (AVX2 alone) torch's bf16 matmul is ~140x slower than
+    fp32: "auto" must pick fp32 there. The CPU's own flags say which kind this machine is."""
+    flags = set()
+    with open("/proc/cpuinfo") as cpuinfo:
+        for line in cpuinfo:
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    if not flags:
+        pytest.skip("no /proc/cpuinfo flags on this platform")
+    native = bool(flags & {"avx512_bf16", "amx_bf16"})
+    cpu = torch.device("cpu")
+    assert train.cpu_multiplies_bf16() is native
+    assert train.use_bf16("auto", cpu) is native
+    assert (train.use_bf16("on", cpu), train.use_bf16("off", cpu)) == (True, False)
