@@ -223,18 +223,16 @@ class TrainParams(Section):
     compile: Literal["auto", "on", "off"] = Field(
         "auto", description="torch.compile the model; auto: on CUDA only (on CPU it cost more than it saved)"
     )
-    max_steps: int = Field(800, ge=1, description="optimizer steps")
+    max_steps: int = Field(720, ge=1, description="optimizer steps")
     batch_size: int = Field(16, ge=1, description="sequences per step")
     block_size: int = Field(256, ge=8, description="context length in tokens")
     n_layer: int = Field(4, ge=1, description="transformer blocks")
     n_head: int = Field(4, ge=1, description="attention heads")
     n_embd: int = Field(192, ge=8, description="embedding width")
     dropout: float = Field(0.0, ge=0, lt=1, description="dropout probability")
-    positions: Literal["learned", "rope"] = Field(
-        "learned", description="learned embeddings or rotary (RoPE)"
-    )
-    norm: Literal["layernorm", "rmsnorm"] = Field("layernorm", description="normalization layers")
-    mlp: Literal["gelu", "relu2"] = Field("gelu", description="MLP activation (relu2: squared ReLU)")
+    positions: Literal["learned", "rope"] = Field("rope", description="rotary (RoPE) or learned embeddings")
+    norm: Literal["layernorm", "rmsnorm"] = Field("rmsnorm", description="normalization layers")
+    mlp: Literal["gelu", "relu2"] = Field("relu2", description="MLP activation (relu2: squared ReLU)")
     mlp_ratio: int = Field(4, ge=1, description="MLP hidden width in multiples of n_embd")
     tie_head: bool = Field(True, description="output head shares the token embedding's weights")
     optimizer: Literal["adamw", "muon"] = Field(
