@@ -38,12 +38,16 @@ FP32 = [
 # same initial weights on the same tokens: only the order of the mean's sum differs (one mean of 128
 # token losses against the mean of two means of 64), a few fp32 ulps (6e-8 each); measured 8e-8.
 FIRST_STEP_TOL = 1e-6
-# Later steps: every gradient is summed in another order too (each rank's matrix products over its
-# half of the batch, then gloo's sum of the two halves), so the weights differ in their last bits
-# after each step, and training amplifies that: measured up to 2.8e-5 over 40 steps on this machine.
-# 1e-3 leaves room for that on other CPUs' kernels, and is still far below what another batch does
-# to the loss (asserted below: rank 0's half-batch alone is off by 1.8e-2 or more).
-REL_TOL = 1e-3
+# The next steps: every gradient is summed in another order too (each rank's matrix products over
+# its half of the batch, then gloo's sum of the two halves), so the weights differ in their last
+# bits; measured equal to 6 decimals through step 12. A rank's half of a batch alone is off by
+# 2e-2 or more (asserted below).
+EARLY_TOL = 1e-5
+# From there training amplifies those bits, about 3x a step with the rope + rmsnorm + relu2 recipe
+# (2e-6 at step 13, 1.5e-3 at step 19, at most 6.5e-3 over 40 steps on the AVX2 machine; GPT-2's
+# recipe stayed under 2.8e-5): the later steps show that both runs trained alike, the early ones
+# that they saw the same tokens.
+LATE_TOL = 3e-2
 
 
 @pytest.fixture(scope="module")
@@ -118,9 +122,10 @@ def test_two_processes_see_the_same_tokens_and_end_at_the_same_loss(tiny, one_pr
     assert steps == [s for s, _, _ in two["history"]] == list(range(1, MAX_STEPS + 1))
     for (step, loss_1, lr_1), (_, loss_2, lr_2) in zip(one["history"], two["history"], strict=True):
         assert lr_1 == lr_2
-        assert loss_2 == pytest.approx(loss_1, rel=FIRST_STEP_TOL if step == 1 else REL_TOL), f"step {step}"
+        tol = FIRST_STEP_TOL if step == 1 else EARLY_TOL if step <= EVERY else LATE_TOL
+        assert loss_2 == pytest.approx(loss_1, rel=tol), f"step {step}"
 
-    # The tolerances tell batches apart: rank 0's half of a batch alone (what a rank that took its
+    # The early tolerance tells batches apart: rank 0's half of a batch alone (what a rank that took its
     # slice for the whole batch would report) is off by far more, at the initial weights (where
     # step 1's loss is that of step 0's batch) and at the trained ones.
     torch.manual_seed(params.train.seed)
@@ -131,7 +136,7 @@ def test_two_processes_see_the_same_tokens_and_end_at_the_same_loss(tiny, one_pr
     load_model(model, str(root / "two" / "models" / "model.safetensors"))
     for step in range(5):
         whole, half = batch_loss(model, params, step), batch_loss(model, params, step, 0, 2)
-        assert abs(half - whole) / whole > 10 * REL_TOL  # measured: 1.8e-2 or more
+        assert abs(half - whole) / whole > 100 * EARLY_TOL  # measured: 2.1e-2 or more
 
 
 @pytest.mark.slow
