@@ -169,8 +169,9 @@ def test_a_checkpoint_that_would_run_code_is_refused_and_training_starts_fresh(b
 def test_a_non_finite_gradient_stops_training_before_its_checkpoint(base, tmp_path, mlflow_env, grad_clip):  # noqa: F811
     params, _, _ = base
     bad = params.model_copy(deep=True)
-    # fp32 on these tiny data: after one step at this lr the backward overflows while the loss is finite
-    bad.train.lr, bad.train.warmup_steps, bad.train.bf16 = 1e5, 0, "off"
+    # fp32 on these tiny data: after one step at this lr the backward overflows while the loss is
+    # finite. GELU's MLP, not relu2's: squaring blown-up activations makes the loss itself nan first
+    bad.train.lr, bad.train.warmup_steps, bad.train.bf16, bad.train.mlp = 1e5, 0, "off", "gelu"
     bad.train.grad_clip, bad.train.checkpoint_every = grad_clip, 1
     bad.train.checkpoint_dir, bad.train.model_dir = str(tmp_path / "ckpt"), str(tmp_path / "models")
     with pytest.raises(DivergenceError) as failed:
