@@ -28,6 +28,7 @@ BASELINE = [
     "train.mlp=gelu",
     "train.mlp_ratio=4",
     "train.tie_head=true",
+    "train.qk_norm=false",
     "train.optimizer=adamw",
     "train.lr=0.003",
     "train.min_lr=0.0003",

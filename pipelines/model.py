@@ -31,6 +31,7 @@ class GPTConfig:
     mlp: str = "gelu"  # "gelu" or "relu2" (squared ReLU, as in the nanoGPT speedrun)
     mlp_ratio: int = 4  # hidden width of the MLP, in multiples of n_embd
     tie_head: bool = True  # the output head shares the token embedding's weights
+    qk_norm: bool = False  # RMS-normalize each head's q and k before attention (bounds its logits)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -85,6 +86,7 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.n_head = config.n_head
+        self.qk_norm = config.qk_norm
         self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=False)
         self.proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
         self.dropout = config.dropout
@@ -97,6 +99,8 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self.qkv(x).split(C, dim=2)
         # (B, nh, T, hs)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if self.qk_norm:  # no weights: q . k / sqrt(hs) stays within +-sqrt(hs) whatever the step size
+            q, k = F.rms_norm(q, (q.size(-1),)), F.rms_norm(k, (k.size(-1),))
         if rope is not None:  # cos, sin of this call's positions: rotated before k enters the cache
             q, k = rotate(q, *rope), rotate(k, *rope)
         causal = True

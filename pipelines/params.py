@@ -235,6 +235,7 @@ class TrainParams(Section):
     mlp: Literal["gelu", "relu2"] = Field("relu2", description="MLP activation (relu2: squared ReLU)")
     mlp_ratio: int = Field(4, ge=1, description="MLP hidden width in multiples of n_embd")
     tie_head: bool = Field(True, description="output head shares the token embedding's weights")
+    qk_norm: bool = Field(False, description="RMS-normalize each attention head's q and k")
     optimizer: Literal["adamw", "muon"] = Field(
         "adamw", description="muon: Muon on the blocks' matrices, AdamW on embeddings, head and norms"
     )

@@ -145,6 +145,7 @@ def model_config(cfg: TrainParams, vocab_size: int) -> GPTConfig:
         mlp=cfg.mlp,
         mlp_ratio=cfg.mlp_ratio,
         tie_head=cfg.tie_head,
+        qk_norm=cfg.qk_norm,
     )
 
 

@@ -9,7 +9,9 @@ from pipelines.model import GPT, GPTConfig, KVCache
 
 TINY = GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32)
 # every architecture option away from GPT-2's at once
-MODERN = dataclasses.replace(TINY, positions="rope", norm="rmsnorm", mlp="relu2", tie_head=False)
+MODERN = dataclasses.replace(
+    TINY, positions="rope", norm="rmsnorm", mlp="relu2", tie_head=False, qk_norm=True
+)
 ARCHS = pytest.mark.parametrize("config", [TINY, MODERN], ids=["gpt2", "modern"])
 
 
@@ -146,6 +148,20 @@ def test_rope_tables_are_not_weights_and_an_untied_head_is_its_own():
     assert "rope_cos" not in model.state_dict() and model.wpe is None
     assert model.lm_head.weight is not model.wte.weight
     assert model.num_params() == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_qk_norm_makes_attention_blind_to_the_scale_of_q_and_k(qk_norm):
+    torch.manual_seed(0)
+    config = dataclasses.replace(MODERN, qk_norm=qk_norm)
+    model = GPT(config).eval()
+    idx = torch.randint(0, config.vocab_size, (2, config.block_size))
+    before, _ = model(idx)
+    with torch.no_grad():
+        for block in model.blocks:  # q's and k's rows of the fused projection, 10x
+            block.attn.qkv.weight[: 2 * config.n_embd] *= 10
+    after, _ = model(idx)
+    assert torch.allclose(before, after, atol=1e-4) == qk_norm
 
 
 def test_unknown_architecture_option_is_refused():
