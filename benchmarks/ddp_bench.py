@@ -41,7 +41,7 @@ def worker(args) -> None:
     data = np.random.default_rng(0).integers(0, 4096, 1_000_000, dtype=np.uint16)
     torch.manual_seed(cfg.seed)
     model = GPT(GPTConfig(4096, cfg.block_size, cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.dropout)).to(device)
-    optimizer = make_optimizer(model, cfg)
+    optimizer = make_optimizer(model, cfg, bf16)
     net = DistributedDataParallel(model) if world > 1 else model
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
 

@@ -96,7 +96,7 @@ class Setting:
             params = [p for p in self.model.parameters()]
             self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95))
         else:
-            self.optimizer = make_optimizer(self.model, cfg)
+            self.optimizer = make_optimizer(self.model, cfg, bf16)
         self.net = torch.compile(self.model) if compile else self.model
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 

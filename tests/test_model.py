@@ -169,6 +169,46 @@ def test_unknown_architecture_option_is_refused():
         GPT(dataclasses.replace(TINY, norm="batchnorm"))
 
 
+def muon_step(make, grads: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Two steps of a Muon that make() builds on fresh 24 x 96 and 96 x 24 weights."""
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(24, 96)), torch.nn.Parameter(torch.randn(96, 24))]
+    opt = make(params)
+    for g in grads:
+        for p in params:
+            p.grad = g if p.shape == g.shape else g.T.contiguous()
+        opt.step()
+    return [p.detach().clone() for p in params]
+
+
+def test_muon_orthogonalizes_in_fp32_for_an_fp32_model_and_is_torchs_own_in_bf16():
+    import torch.optim._muon as torch_muon
+
+    from pipelines.train import Muon
+
+    grads = [torch.randn(24, 96, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    kwargs = {"lr": 0.02, "weight_decay": 0.1, "adjust_lr_fn": "match_rms_adamw"}
+    torchs = muon_step(lambda ps: torch.optim.Muon(ps, **kwargs), grads)
+    bf16 = muon_step(lambda ps: Muon(ps, bf16=True, **kwargs), grads)
+    fp32 = muon_step(lambda ps: Muon(ps, bf16=False, **kwargs), grads)
+    assert all(torch.equal(a, b) for a, b in zip(torchs, bf16, strict=True))
+    # fp32's orthogonalization is torch's iteration without bf16's rounding: close, not equal
+    for a, b in zip(torchs, fp32, strict=True):
+        assert not torch.equal(a, b) and torch.allclose(a, b, atol=2e-3)
+    # fp32's result is an (approximately) orthogonal update: singular values within Newton-Schulz's band
+    sv = torch.linalg.svdvals(pipelines_orthogonalize(grads[0]))
+    assert sv.min() > 0.5 and sv.max() < 1.3
+    assert torch_muon._zeropower_via_newtonschulz.__module__ == "torch.optim._muon"  # swap undone
+
+
+def pipelines_orthogonalize(g: torch.Tensor) -> torch.Tensor:
+    from torch.optim._muon import DEFAULT_A, DEFAULT_B, DEFAULT_C, DEFAULT_NS_STEPS
+
+    from pipelines.train import orthogonalize_fp32
+
+    return orthogonalize_fp32(g, (DEFAULT_A, DEFAULT_B, DEFAULT_C), DEFAULT_NS_STEPS, 1e-7)
+
+
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])
 def test_optimizer_state_round_trip_continues_bit_identically(optimizer):
     # what a checkpoint keeps of the optimizers is all a resumed run needs: 3 + 3 steps through a
@@ -182,7 +222,7 @@ def test_optimizer_state_round_trip_continues_bit_identically(optimizer):
     def fresh():
         torch.manual_seed(0)
         model = GPT(dataclasses.replace(MODERN))
-        return model, make_optimizer(model, cfg)
+        return model, make_optimizer(model, cfg, bf16=False)
 
     def steps(model, opt, n):
         for _ in range(n):
