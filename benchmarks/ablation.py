@@ -30,6 +30,7 @@ BASELINE = [
     "train.tie_head=true",
     "train.qk_norm=false",
     "train.optimizer=adamw",
+    "train.muon_lr=0.02",  # what the "muon" row trained with before the default became 0.003
     "train.lr=0.003",
     "train.min_lr=0.0003",
     "train.warmup_steps=50",

@@ -223,7 +223,7 @@ class TrainParams(Section):
     compile: Literal["auto", "on", "off"] = Field(
         "auto", description="torch.compile the model; auto: on CUDA only (on CPU it cost more than it saved)"
     )
-    max_steps: int = Field(720, ge=1, description="optimizer steps")
+    max_steps: int = Field(665, ge=1, description="optimizer steps")
     batch_size: int = Field(16, ge=1, description="sequences per step")
     block_size: int = Field(256, ge=8, description="context length in tokens")
     n_layer: int = Field(4, ge=1, description="transformer blocks")
@@ -237,9 +237,9 @@ class TrainParams(Section):
     tie_head: bool = Field(True, description="output head shares the token embedding's weights")
     qk_norm: bool = Field(False, description="RMS-normalize each attention head's q and k")
     optimizer: Literal["adamw", "muon"] = Field(
-        "adamw", description="muon: Muon on the blocks' matrices, AdamW on embeddings, head and norms"
+        "muon", description="muon: Muon on the blocks' matrices, AdamW on embeddings, head and norms"
     )
-    muon_lr: float = Field(0.02, gt=0, description="Muon's peak learning rate (same schedule as lr)")
+    muon_lr: float = Field(0.003, gt=0, description="Muon's peak learning rate (same schedule as lr)")
     lr: float = Field(3e-3, gt=0, description="peak learning rate")
     min_lr: float = Field(3e-4, ge=0, description="learning rate at the end of the cosine decay")
     warmup_steps: int = Field(50, ge=0, description="linear warm-up steps")
