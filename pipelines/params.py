@@ -223,7 +223,7 @@ class TrainParams(Section):
     compile: Literal["auto", "on", "off"] = Field(
         "auto", description="torch.compile the model; auto: on CUDA only (on CPU it cost more than it saved)"
     )
-    max_steps: int = Field(665, ge=1, description="optimizer steps")
+    max_steps: int = Field(645, ge=1, description="optimizer steps")
     batch_size: int = Field(16, ge=1, description="sequences per step")
     block_size: int = Field(256, ge=8, description="context length in tokens")
     n_layer: int = Field(4, ge=1, description="transformer blocks")
