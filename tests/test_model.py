@@ -170,7 +170,7 @@ def test_unknown_architecture_option_is_refused():
 
 
 def muon_step(make, grads: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Two steps of a Muon that make() builds on fresh 24 x 96 and 96 x 24 weights."""
+    """One step per gradient of a Muon that make() builds on fresh 24 x 96 and 96 x 24 weights."""
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(24, 96)), torch.nn.Parameter(torch.randn(96, 24))]
     opt = make(params)
@@ -196,12 +196,12 @@ def test_muon_orthogonalizes_in_fp32_for_an_fp32_model_and_is_torchs_own_in_bf16
     for a, b in zip(torchs, fp32, strict=True):
         assert not torch.equal(a, b) and torch.allclose(a, b, atol=2e-3)
     # fp32's result is an (approximately) orthogonal update: singular values within Newton-Schulz's band
-    sv = torch.linalg.svdvals(pipelines_orthogonalize(grads[0]))
+    sv = torch.linalg.svdvals(orthogonalized(grads[0]))
     assert sv.min() > 0.5 and sv.max() < 1.3
     assert torch_muon._zeropower_via_newtonschulz.__module__ == "torch.optim._muon"  # swap undone
 
 
-def pipelines_orthogonalize(g: torch.Tensor) -> torch.Tensor:
+def orthogonalized(g: torch.Tensor) -> torch.Tensor:
     from torch.optim._muon import DEFAULT_A, DEFAULT_B, DEFAULT_C, DEFAULT_NS_STEPS
 
     from pipelines.train import orthogonalize_fp32
