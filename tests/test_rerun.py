@@ -158,7 +158,10 @@ def test_run_killed_in_train_reruns_from_train_and_resumes(tmp_path, mlflow_temp
     versions = sorted(str(v.version) for v in client.search_model_versions(f"name = '{MODEL}'"))
     champion = client.get_model_version_by_alias(MODEL, "champion").version
     nan = subprocess.run(
-        [trainpipe, "run", "-S", "train.lr=1e12", "-S", "train.warmup_steps=0", "-S", "train.grad_clip=0"],
+        # AdamW alone: with Muon's default the embeddings' first 1e12 update overflows the next
+        # backward, and the gradient check stops training before the loss check this case is about
+        [trainpipe, "run", "-S", "train.lr=1e12", "-S", "train.warmup_steps=0", "-S", "train.grad_clip=0"]
+        + ["-S", "train.optimizer=adamw"],
         cwd=proj,
         env=env,
         capture_output=True,
