@@ -7,7 +7,9 @@
    the settings interleaved repeat by repeat so that a noisy neighbour slows them alike. Each row:
    median tokens/s, model FLOP/s (nanoGPT's 6N + 12·L·H·Q·T per token) and its share of the
    measured peak of the default's precision (bf16, or fp32 on a CPU without bf16 instructions,
-   where the bf16 rows are left out). "default" is exactly what the train stage runs (pipelines.train).
+   where the bf16 rows are left out). "default" is exactly what the train stage runs (pipelines.train);
+   with the Muon default, "default with AdamW only" beside it shows what Muon's orthogonalization
+   costs a step (work the model-FLOPs count leaves out).
 3. The ceiling: the step's own linear-layer matmuls alone (forward, and backward's two per
    layer), at the model's shapes (batch x block rows), in the default's precision, timed one by one. Even with every
    other op free of cost, a step could not beat their FLOP/s; against the peak it says how far
@@ -176,6 +178,12 @@ def main() -> None:
     settings = [Setting("fp32, foreach AdamW", cfg, device, bf16=False, foreach_adamw=True)]
     if bf16:
         settings.append(Setting("bf16, foreach AdamW", cfg, device, bf16=True, foreach_adamw=True))
+    if (
+        cfg.optimizer == "muon"
+    ):  # what Muon's orthogonalization (FLOPs the model count leaves out) costs a step
+        settings.append(
+            Setting("default with AdamW only", cfg.model_copy(update={"optimizer": "adamw"}), device, bf16)
+        )
     settings.append(default := Setting("default", cfg, device, bf16=bf16))
     if args.compile:
         settings.append(Setting("default + torch.compile", cfg, device, bf16=bf16, compile=True))
