@@ -29,7 +29,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 from pipelines.model import GPT
 from pipelines.params import load_params
-from pipelines.train import make_optimizer, model_config, pick_device, use_bf16
+from pipelines.train import deterministic_kernels, make_optimizer, model_config, pick_device, use_bf16
 
 PEAK_SIZES = (1024, 1536, 2048, 3072, 4096)  # 2048 alone measured 91 GFLOP/s on a day 1024 gave 189
 VOCAB = 4096
@@ -100,6 +100,7 @@ class Setting:
         else:
             self.optimizer = make_optimizer(self.model, cfg, bf16)
         self.net = torch.compile(self.model) if compile else self.model
+        self.deterministic = compile and device.type == "cpu"  # as the train stage compiles for a CPU
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
     def step(self, x, y) -> None:
@@ -114,10 +115,11 @@ class Setting:
             self.optimizer.step()
 
     def time(self, x, y, steps: int) -> float:
-        start = time.perf_counter()
-        for _ in range(steps):
-            self.step(x, y)
-        return (time.perf_counter() - start) / steps
+        with deterministic_kernels(self.deterministic):
+            start = time.perf_counter()
+            for _ in range(steps):
+                self.step(x, y)
+            return (time.perf_counter() - start) / steps
 
 
 KINDS = (

@@ -28,7 +28,8 @@ import os
 import shutil
 import sys
 import time
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -96,11 +97,27 @@ def cpu_multiplies_bf16() -> bool:
 
 
 def use_compile(setting: str, device: torch.device) -> bool:
-    """torch.compile where it pays: on CUDA. On this project's CPU (benchmarks/train_bench.py) its
-    minutes of compiling on 2 cores bought a few percent per step: never back within a run."""
+    """auto: torch.compile on CUDA only. On a CPU it is train.compile=on: on the AVX2 CPU a
+    compiled step was 13% faster (benchmarks/train_bench.py), but whether a whole run in
+    deterministic mode (deterministic_kernels) pays back its compiling is not measured yet."""
     if setting != "auto":
         return setting == "on"
     return device.type == "cuda"
+
+
+@contextmanager
+def deterministic_kernels(enabled: bool) -> Iterator[None]:
+    """torch's deterministic algorithms, for as long as the block runs. Compiled for a CPU,
+    inductor's kernels otherwise split some work across threads differently from run to run: two
+    compiled runs of the same steps ended in different weights (README, the bench), so a resumed
+    run would not be the run that was not stopped. Eager CPU training needs none of it."""
+    before = torch.are_deterministic_algorithms_enabled()
+    if enabled:
+        torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before)
 
 
 def get_batch(
@@ -406,12 +423,16 @@ def train_model(params: Params, log=print, track: bool = True) -> dict:
         if world > 1
         else model
     )
-    if use_compile(cfg.compile, device):
+    compiled = use_compile(cfg.compile, device)
+    if compiled:
         net = torch.compile(net)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
     tokens_per_step = cfg.batch_size * cfg.block_size
 
-    with start_tracking(params) if tracking else nullcontext():
+    with (
+        start_tracking(params) if tracking else nullcontext(),
+        deterministic_kernels(compiled and device.type == "cpu"),
+    ):
         if tracking:
             mlflow.log_params(
                 {f"train.{k}": v for k, v in cfg.model_dump().items()} | {"data_version": version}
@@ -478,7 +499,7 @@ def train_model(params: Params, log=print, track: bool = True) -> dict:
             "device": device.type,
             "processes": world,
             "bf16": bf16,
-            "compiled": use_compile(cfg.compile, device),
+            "compiled": compiled,
             "num_params": model.num_params(),
             "flops_per_token": model.flops_per_token(),
             "data_version": version,

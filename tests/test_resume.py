@@ -99,7 +99,7 @@ def wait_for(predicate, proc, timeout=60.0) -> None:
         time.sleep(0.002)
 
 
-def kill_when(params_file: Path, env: dict, point, cwd: Path | None = None) -> int:
+def kill_when(params_file: Path, env: dict, point, cwd: Path | None = None, timeout: float = 60.0) -> int:
     """Start a training process, SIGKILL it when point(ckpt_dir, first_line) is true; the newest
     committed checkpoint step at the kill (0 when none)."""
     ckpt_dir = params_file.parent / "ckpt"
@@ -107,7 +107,7 @@ def kill_when(params_file: Path, env: dict, point, cwd: Path | None = None) -> i
         train_cmd(params_file), env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
     )
     first_line = proc.stdout.readline().decode()  # "train: no checkpoint", printed before step 0
-    wait_for(lambda: point(ckpt_dir, first_line), proc)
+    wait_for(lambda: point(ckpt_dir, first_line), proc, timeout)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
@@ -153,6 +153,26 @@ def test_sigkill_at_any_point_resumes_to_identical_weights(base, tmp_path, point
     full = Path(params.data.tokens_dir).parent / "full" / "models"
     assert (tmp_path / "run" / "models" / "train.json").read_bytes() == (full / "train.json").read_bytes()
     assert run_folder(tmp_path / "run" / "ckpt") is None  # the model is written: nothing to resume
+
+
+def test_compiled_cpu_training_resumes_to_identical_weights(base, tmp_path):
+    # torch.compile on a CPU (train.compile=on) trains in torch's deterministic mode: without it,
+    # two compiled processes of the same steps ended in different weights. One uninterrupted
+    # compiled run, one killed between two checkpoints and resumed: the same bytes.
+    params, env, _ = base
+    compiled = params.model_copy(deep=True)
+    compiled.train.compile = "on"
+    full = run_train(write_params(compiled, tmp_path / "full"), env)
+    assert full.returncode == 0, full.stderr
+    assert read_json(tmp_path / "full" / "models" / "train.json")["compiled"] is True
+    params_file = write_params(compiled, tmp_path / "run")
+    step_at_kill = kill_when(params_file, env, KILL_POINTS["between two checkpoints"], timeout=180)
+    assert 0 < step_at_kill < MAX_STEPS
+    done = run_train(params_file, env)
+    assert done.returncode == 0, done.stderr
+    assert f"resuming from checkpoint at step {step_at_kill}" in done.stdout
+    weights = "models/model.safetensors"
+    assert (tmp_path / "run" / weights).read_bytes() == (tmp_path / "full" / weights).read_bytes()
 
 
 def test_sigkill_while_a_checkpoint_is_written_resumes_from_the_previous_one(base, tmp_path):
