@@ -180,9 +180,7 @@ def main() -> None:
     settings = [Setting("fp32, foreach AdamW", cfg, device, bf16=False, foreach_adamw=True)]
     if bf16:
         settings.append(Setting("bf16, foreach AdamW", cfg, device, bf16=True, foreach_adamw=True))
-    if (
-        cfg.optimizer == "muon"
-    ):  # what Muon's orthogonalization (FLOPs the model count leaves out) costs a step
+    if cfg.optimizer == "muon":  # beside it: what Muon's orthogonalization costs a step
         settings.append(
             Setting("default with AdamW only", cfg.model_copy(update={"optimizer": "adamw"}), device, bf16)
         )
