@@ -106,13 +106,14 @@ def use_compile(setting: str, device: torch.device) -> bool:
 
 
 @contextmanager
-def deterministic_kernels(enabled: bool) -> Iterator[None]:
-    """torch's deterministic algorithms, for as long as the block runs. Compiled for a CPU,
-    inductor's kernels otherwise split some work across threads differently from run to run: two
-    compiled runs of the same steps ended in different weights (README, the bench), so a resumed
-    run would not be the run that was not stopped. Eager CPU training needs none of it."""
+def deterministic_kernels(compiled: bool, device: torch.device) -> Iterator[None]:
+    """torch's deterministic algorithms, for as long as the block runs, where a model compiled for
+    a CPU steps in it. Inductor's CPU kernels otherwise split some work across threads differently
+    from run to run: two compiled runs of the same steps ended in different weights (README, the
+    bench), so a resumed run would not be the run that was not stopped. Eager CPU training needs
+    none of it."""
     before = torch.are_deterministic_algorithms_enabled()
-    if enabled:
+    if compiled and device.type == "cpu":
         torch.use_deterministic_algorithms(True)
     try:
         yield
@@ -431,7 +432,7 @@ def train_model(params: Params, log=print, track: bool = True) -> dict:
 
     with (
         start_tracking(params) if tracking else nullcontext(),
-        deterministic_kernels(compiled and device.type == "cpu"),
+        deterministic_kernels(compiled, device),
     ):
         if tracking:
             mlflow.log_params(
