@@ -23,7 +23,6 @@ champion under the challenger's settings when its key differs.
 
 import csv
 import gzip
-import inspect
 import json
 import lzma
 import math
@@ -31,7 +30,6 @@ from pathlib import Path
 
 import torch
 
-from pipelines import model as model_code
 from pipelines.data import (
     EOT,
     TOKENIZER_FILE,
@@ -45,20 +43,16 @@ from pipelines.data import (
 from pipelines.errors import TrainpipeError
 from pipelines.model import GPT, GPTConfig
 from pipelines.params import Params
+from pipelines.scoring import (
+    EVALUATION_FILE,
+    METRICS_FILE,
+    PER_DOCUMENT_FILE,
+    SCORE_KEY_FIELDS,
+    scoring_code_sha256,
+)
 from pipelines.train import use_bf16
 
 WEIGHTS_FILE = "model.safetensors"
-METRICS_FILE = "metrics.json"  # DVC metrics: `dvc exp show` and `dvc metrics diff` tabulate every key
-EVALUATION_FILE = "evaluation.json"  # the score's identity (hashes, settings): text, kept out of the tables
-PER_DOCUMENT_FILE = "per_document.json"  # each validation document's bits and bytes: the paired gate
-# What a score depends on besides the weights; two scores compare only when all are equal.
-SCORE_KEY_FIELDS = (
-    "val_set_sha256",
-    "score_max_tokens",
-    "score_context",
-    "score_bf16",
-    "scoring_code_sha256",
-)
 SAMPLE_PROMPTS = ["def fibonacci(n):\n", "import os\n\n\ndef ", "class Stack:\n    def __init__(self):\n"]
 
 
@@ -186,13 +180,6 @@ def document_scores(docs: list[dict], scored: dict) -> list[dict]:
         {"path": d["path"], "sha256": d["sha256"], "bits": bits, "bytes": n_bytes}
         for d, bits, n_bytes in zip(docs, scored["doc_bits"], scored["doc_bytes"], strict=False)
     ]
-
-
-def scoring_code_sha256() -> str:
-    """The code that turns weights and texts into a score: score_texts and the model's forward pass
-    (pipelines/model.py), both DVC dependencies of this stage, so `dvc repro` re-scores after an
-    edit to either. An edit to either makes earlier scores incomparable."""
-    return sha256_hex(inspect.getsource(score_texts) + inspect.getsource(model_code))
 
 
 def score_key(settings: dict) -> str:

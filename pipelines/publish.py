@@ -44,26 +44,8 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
 from pipelines.bootstrap import BpbDelta, paired_bootstrap, read_bpb_delta
-from pipelines.completion import (
-    DEFAULT_INFERENCE_PARAMS,
-    EXAMPLE_PROMPT,
-    LIMITS_FILE,
-    MODEL_VERSION_KEY,
-    inference_defaults,
-    model_limits,
-    serving_limits,
-)
 from pipelines.data import TOKENIZER_FILE, read_json, sha256_file, write_json
 from pipelines.errors import ConfigError, SmokeTestError, TrainpipeError
-from pipelines.evaluate import (
-    EVALUATION_FILE,
-    METRICS_FILE,
-    PER_DOCUMENT_FILE,
-    SCORE_KEY_FIELDS,
-    score_saved_model,
-    scoring_code_sha256,
-    validation_documents,
-)
 from pipelines.gate import PROFILE_ARTIFACT
 from pipelines.ledger import RUN_CPU_S, RUN_GPU_S, RUN_USD
 from pipelines.params import Params
@@ -91,7 +73,18 @@ from pipelines.registry import (
     set_alias,
     set_version_tags,
 )
+from pipelines.scoring import (
+    EVALUATION_FILE,
+    METRICS_FILE,
+    PER_DOCUMENT_FILE,
+    SCORE_KEY_FIELDS,
+    scoring_code_sha256,
+)
 from pipelines.tokenize import validation_set_hash
+
+# The served model's code (pipelines.completion) and the scorer (pipelines.evaluate) import torch:
+# they are imported in the functions that log or score a model. An unchanged run, which publishes
+# nothing, then spends no 2.2 s on torch.
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -211,6 +204,8 @@ def model_signature(limits: dict[str, int]):
     params: the inference parameters with their defaults under these limits."""
     from mlflow.models import infer_signature
 
+    from pipelines.completion import inference_defaults
+
     return infer_signature(
         pd.DataFrame({"prompt": ["def f():"]}),
         pd.DataFrame({"completion": ["..."], "model_version": ["1"]}),
@@ -233,6 +228,8 @@ def inference_code_dir(work_dir: Path) -> Path:
 
 def _check_signature(model_uri: str) -> None:
     """Signature inference can fail silently (no signature, no input enforcement): read it back."""
+    from pipelines.completion import DEFAULT_INFERENCE_PARAMS
+
     signature = mlflow.models.get_model_info(model_uri).signature
     param_names = {p.name for p in signature.params} if signature and signature.params else set()
     input_names = signature.inputs.input_names() if signature and signature.inputs else []
@@ -348,6 +345,14 @@ def _log_run_inputs(client: MlflowClient, run_id: str, metrics: dict, params: Pa
 
 
 def _log_model(client: MlflowClient, params: Params, run_id: str, model_dir: Path, work_dir: Path):
+    from pipelines.completion import (
+        EXAMPLE_PROMPT,
+        LIMITS_FILE,
+        MODEL_VERSION_KEY,
+        model_limits,
+        serving_limits,
+    )
+
     limits_path = work_dir / LIMITS_FILE
     block_size = int(read_json(model_dir / CONFIG_FILE)["block_size"])
     limits = model_limits(serving_limits(params.serve), block_size)  # what the model will enforce
@@ -402,6 +407,8 @@ def _download_champion(champion: ModelVersion, work_dir: Path) -> Path:
 def _challenger_texts(params: Params, metrics: dict) -> list[str]:
     """The very documents evaluate scored the challenger on, or an error if they are gone: the
     token cap picked them with the challenger's tokenizer, so a re-score takes them, not the cap."""
+    from pipelines.evaluate import validation_documents
+
     evaluation_path = Path(params.evaluate.reports_dir) / EVALUATION_FILE
     docs = validation_documents(params)
     if validation_set_hash(docs) != metrics["val_set_sha256"]:
@@ -470,6 +477,8 @@ def _rescore_champion(
     """(challenger bits, champion bits, note), per document: the champion scored exactly as the
     challenger was, on the same documents with the same precision and context. A champion with a
     shorter block_size cannot take the challenger's context: both are then scored at the champion's."""
+    from pipelines.evaluate import score_saved_model
+
     texts = _challenger_texts(params, metrics)
     champion_dir = _download_champion(champion, work_dir)
     bf16 = bool(metrics["score_bf16"])

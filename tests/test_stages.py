@@ -1,12 +1,16 @@
 """Unit and smoke tests of ingest, tokenize, train and evaluate on tiny data, on CPU."""
 
+import inspect
 import json
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from pipelines import evaluate, ingest, tokenize, train
+from pipelines import evaluate, ingest, scoring, tokenize, train
+from pipelines import model as model_code
 from pipelines.data import (
     EOT,
     is_validation,
@@ -415,3 +419,22 @@ def test_auto_precision_on_cpu_is_bf16_only_where_the_cpu_multiplies_bf16():
     assert train.cpu_multiplies_bf16() is native
     assert train.use_bf16("auto", cpu) is native
     assert (train.use_bf16("on", cpu), train.use_bf16("off", cpu)) == (True, False)
+
+
+def test_scoring_code_hash_is_the_imported_scorers_source():
+    # publish reads the hash from the files (no torch); it must be the code evaluate runs: the
+    # source inspect gives for score_texts (decorator included) and for the model module.
+    imported = sha256_hex(inspect.getsource(evaluate.score_texts) + inspect.getsource(model_code))
+    assert scoring.scoring_code_sha256() == imported
+    text = "import torch\n\n\n@torch.no_grad()\ndef f(x):\n    return x  # done\n\n\ndef g():\n    pass\n"
+    assert scoring.function_source(text, "f") == "@torch.no_grad()\ndef f(x):\n    return x  # done\n"
+    with pytest.raises(LookupError, match="no function h"):
+        scoring.function_source(text, "h")
+
+
+def test_publish_imports_no_torch():
+    # An unchanged `trainpipe run` imports pipelines.publish and publishes nothing: torch, 2.2 s of
+    # imports, waits for a run that logs or scores a model.
+    probe = "import sys, pipelines.publish; print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch')[:3])"
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]", result.stdout
