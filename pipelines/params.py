@@ -221,7 +221,8 @@ class TrainParams(Section):
         "auto", description="bf16 autocast; auto: on CUDA with bf16, or a CPU with AVX512-BF16 or AMX"
     )
     compile: Literal["auto", "on", "off"] = Field(
-        "auto", description="torch.compile the model; auto: on CUDA only (on CPU it cost more than it saved)"
+        "auto",
+        description="torch.compile the model; auto: on CUDA, and on a CPU where inductor builds (one process)",
     )
     max_steps: int = Field(645, ge=1, description="optimizer steps")
     batch_size: int = Field(16, ge=1, description="sequences per step")

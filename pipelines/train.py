@@ -22,6 +22,7 @@ the step it resumed from, its seconds and speed go to its usage report (pipeline
 byte-identical weights always make a byte-identical models/ and one DVC hash.
 """
 
+import functools
 import json
 import math
 import os
@@ -96,13 +97,30 @@ def cpu_multiplies_bf16() -> bool:
     return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
 
 
-def use_compile(setting: str, device: torch.device) -> bool:
-    """auto: torch.compile on CUDA only. On a CPU it is train.compile=on, in deterministic mode
-    (deterministic_kernels): on the AVX2 CPU a default run trained in 658 s, compiling included,
-    against 760-850 s uncompiled (README); making it the CPU default is not done yet."""
+def use_compile(setting: str, device: torch.device, world: int = 1) -> bool:
+    """auto: torch.compile on CUDA, and on a CPU where inductor builds its kernels (a C++ compiler
+    and Python's headers: cpu_compile_problem) for a run of one process. There it trains in
+    deterministic mode (deterministic_kernels): on the AVX2 CPU a default run trained in 658 s,
+    compiling included, against 760-850 s eager, to the same score (README). A run of several CPU
+    processes (torchrun, gloo) stays eager: compiled, it is unmeasured."""
     if setting != "auto":
         return setting == "on"
-    return device.type == "cuda"
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and world == 1 and not cpu_compile_problem()
+
+
+@functools.cache
+def cpu_compile_problem() -> str:
+    """Why inductor cannot compile for this CPU ("" when it can), found by compiling one tiny
+    function: the C++ compiler, its flags and Python's headers all take part, as in training.
+    Once per process; inductor's cache makes it about a second after the first time."""
+    try:
+        torch.compile(lambda x: x * 2.0 + 1.0, fullgraph=True)(torch.ones(8))
+    except Exception as exc:  # noqa: BLE001 -- whatever failed, train.compile auto trains eager
+        first_line = (str(exc).strip().splitlines() or [""])[0][:200]
+        return f"{type(exc).__name__}: {first_line}"
+    return ""
 
 
 @contextmanager
@@ -281,12 +299,20 @@ def code_version() -> dict:
     return files | {"torch": str(torch.__version__), "numpy": np.__version__}
 
 
-def run_fingerprint(cfg: TrainParams, model_cfg: GPTConfig, bf16: bool) -> dict:
-    """The config, precision and code a checkpoint must match to be resumed from. The precision
-    is the one train.bf16 resolved to here: "auto" is bf16 on one CPU and fp32 on another."""
+def run_fingerprint(cfg: TrainParams, model_cfg: GPTConfig, bf16: bool, compiled: bool = False) -> dict:
+    """The config, precision, compilation and code a checkpoint must match to be resumed from.
+    Precision and compilation are what train.bf16 and train.compile resolved to here: "auto" is
+    bf16 on one CPU and fp32 on another, compiled where inductor builds and eager where it does
+    not, and compiled kernels sum in another order than eager ones."""
     fields = {k: v for k, v in cfg.model_dump().items() if k not in NON_MODEL_FIELDS}
     precision = "bf16" if bf16 else "fp32"
-    return {"train": fields, "model": model_cfg.to_dict(), "precision": precision, CODE: code_version()}
+    return {
+        "train": fields,
+        "model": model_cfg.to_dict(),
+        "precision": precision,
+        "compiled": compiled,
+        CODE: code_version(),
+    }
 
 
 def checkpoint_state(model, optimizer, step: int, fingerprint: dict, version: str, history: list) -> dict:
@@ -396,8 +422,11 @@ def train_model(params: Params, log=print, track: bool = True) -> dict:
     if tracking:
         import mlflow  # seconds of imports, spared the other ranks
     bf16 = use_bf16(cfg.bf16, device)
+    compiled = use_compile(cfg.compile, device, world)
+    if cfg.compile == "auto" and device.type == "cpu" and world == 1 and not compiled:
+        log(f"train: eager, not compiled: inductor cannot build CPU kernels here ({cpu_compile_problem()})")
     model_cfg = model_config(cfg, meta["vocab_size"])
-    fingerprint, version = run_fingerprint(cfg, model_cfg, bf16), data_version(tokens_dir)
+    fingerprint, version = run_fingerprint(cfg, model_cfg, bf16, compiled), data_version(tokens_dir)
 
     torch.manual_seed(cfg.seed)  # seed once: the initial weights, the same on every rank
     model = GPT(model_cfg).to(device)
@@ -424,9 +453,9 @@ def train_model(params: Params, log=print, track: bool = True) -> dict:
         if world > 1
         else model
     )
-    compiled = use_compile(cfg.compile, device)
     if compiled:
         net = torch.compile(net)
+        log(f"train: torch.compile for {device.type}: its first steps compile (tens of seconds on a CPU)")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
     tokens_per_step = cfg.batch_size * cfg.block_size
 

@@ -30,6 +30,7 @@ TINY = [
     "train.n_layer=1",
     "train.n_head=2",
     "train.n_embd=32",
+    "train.compile=off",  # auto compiles on a CPU: inductor's seconds per training
     "train.warmup_steps=2",
     "train.log_every=2",
     "evaluate.max_tokens=4000",

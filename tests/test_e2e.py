@@ -38,6 +38,7 @@ SMALL = [
     "train.n_embd=64",
     "train.checkpoint_every=20",
     "train.warmup_steps=10",
+    "train.compile=off",  # auto compiles on a CPU: 10-50 s of inductor per training, not what these test
     "evaluate.max_tokens=20000",
     "evaluate.sample_tokens=16",
     f"publish.model_name={MODEL}",

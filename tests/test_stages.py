@@ -3,6 +3,7 @@
 import inspect
 import json
 import math
+import os
 import subprocess
 import sys
 
@@ -35,6 +36,7 @@ TINY_TRAIN = [
     "train.checkpoint_every=10",
     "train.log_every=5",
     "train.warmup_steps=5",
+    "train.compile=off",  # auto compiles on a CPU (seconds of inductor); test_resume holds the compiled path
     "train.lr=0.01",
     "train.min_lr=0.001",
     "tokenize.vocab_size=300",
@@ -438,3 +440,35 @@ def test_publish_imports_no_torch():
     probe = "import sys, pipelines.publish; print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch')[:3])"
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]", result.stdout
+
+
+def test_compile_auto_compiles_on_a_cpu_where_inductor_builds_and_trains_eager_where_not(tmp_path):
+    # auto asks inductor to build one real kernel: with this machine's C++ compiler it compiles (a
+    # run of one process); with a compiler that is not there (CXX, read by inductor; an empty cache
+    # so that no kernel built before is reused) it says why and stays eager.
+    probe = (
+        "import torch; from pipelines.train import cpu_compile_problem, use_compile; cpu = torch.device('cpu'); "
+        "print(use_compile('auto', cpu), use_compile('auto', cpu, world=2), use_compile('on', cpu, world=2)); "
+        "print(cpu_compile_problem())"
+    )
+
+    def ask(**env) -> list[str]:
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache" / str(len(env))), **env}
+        result = subprocess.run(
+            [sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True
+        )
+        return result.stdout.splitlines()
+
+    assert ask() == ["True False True", ""]
+    decision, problem = ask(CXX=str(tmp_path / "no-such-c++"))
+    assert decision == "False False True"
+    assert problem, "a failed probe names its reason"
+
+
+def test_the_resolved_compilation_is_part_of_the_checkpoint_key():
+    # compiled and eager kernels sum in different orders: a checkpoint of one does not resume the other
+    params = load_params("params.yaml", TINY_TRAIN)
+    model_cfg = train.model_config(params.train, 300)
+    eager = train.run_fingerprint(params.train, model_cfg, bf16=False, compiled=False)
+    compiled = train.run_fingerprint(params.train, model_cfg, bf16=False, compiled=True)
+    assert eager != compiled and {k for k in eager if eager[k] != compiled[k]} == {"compiled"}

@@ -41,6 +41,7 @@ TINY = [
     "train.n_embd=64",
     "train.checkpoint_every=10",
     "train.warmup_steps=5",
+    "train.compile=off",  # auto compiles on a CPU: inductor's seconds per training
     "evaluate.max_tokens=10000",
     "evaluate.sample_tokens=16",
     f"publish.model_name={MODEL}",
