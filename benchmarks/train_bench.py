@@ -2,21 +2,23 @@
 
     .venv/bin/python benchmarks/train_bench.py [--steps 10] [--repeats 3] [--compile] [--profile]
 
-1. The peak: the best of several large square matmuls, bf16 and fp32, on this device now.
+1. The peak: the best of several large square matmuls, bf16 and fp32, on this device now; the
+   default's precision again before each repeat of step 2 (a shared host's speed moves).
 2. Optimizer steps of the default config (params.yaml) on random tokens, one row per setting,
    the settings interleaved repeat by repeat so that a noisy neighbour slows them alike. Each row:
    median tokens/s, model FLOP/s (nanoGPT's 6N + 12·L·H·Q·T per token) and its share of the
-   measured peak of the default's precision (bf16, or fp32 on a CPU without bf16 instructions,
-   where the bf16 rows are left out). "default" is exactly what the train stage runs (pipelines.train);
-   with the Muon default, "default with AdamW only" beside it shows what Muon's orthogonalization
-   costs a step (work the model-FLOPs count leaves out).
+   peak of the default's precision (bf16, or fp32 on a CPU without bf16 instructions, where the
+   bf16 rows are left out), each repeat's steps against the peak measured just before them. "default" is exactly what the train stage runs (pipelines.train),
+   compiled where train.compile resolves to it (auto: CUDA, or a CPU where inductor builds), with
+   "default, eager" beside it; with the Muon default, "default with AdamW only" (eager) shows what
+   Muon's orthogonalization costs a step (work the model-FLOPs count leaves out).
 3. The ceiling: the step's own linear-layer matmuls alone (forward, and backward's two per
    layer), at the model's shapes (batch x block rows), in the default's precision, timed one by one. Even with every
    other op free of cost, a step could not beat their FLOP/s; against the peak it says how far
    the model's width lets it go on this CPU.
 4. --profile: where a default step's time goes (torch.profiler), by kind of work.
 
---compile adds a torch.compile row (minutes of compiling on 2 cores before it is timed).
+--compile adds a torch.compile row where the default trains eager (train.compile off, or no C++ compiler).
 """
 
 import argparse
@@ -29,7 +31,14 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 from pipelines.model import GPT
 from pipelines.params import load_params
-from pipelines.train import deterministic_kernels, make_optimizer, model_config, pick_device, use_bf16
+from pipelines.train import (
+    deterministic_kernels,
+    make_optimizer,
+    model_config,
+    pick_device,
+    use_bf16,
+    use_compile,
+)
 
 PEAK_SIZES = (1024, 1536, 2048, 3072, 4096)  # 2048 alone measured 91 GFLOP/s on a day 1024 gave 189
 VOCAB = 4096
@@ -161,7 +170,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=10, help="timed steps per repeat")
     parser.add_argument("--repeats", type=int, default=3, help="repeats per setting (median reported)")
-    parser.add_argument("--compile", action="store_true", help="add a torch.compile row")
+    parser.add_argument(
+        "--compile", action="store_true", help="add a torch.compile row where the default is eager"
+    )
     parser.add_argument("--profile", action="store_true", help="profile the default setting by kind of work")
     parser.add_argument("-S", "--set", action="append", default=[], help="a params override, as trainpipe -S")
     args = parser.parse_args()
@@ -184,8 +195,13 @@ def main() -> None:
         settings.append(
             Setting("default with AdamW only", cfg.model_copy(update={"optimizer": "adamw"}), device, bf16)
         )
-    settings.append(default := Setting("default", cfg, device, bf16=bf16))
-    if args.compile:
+    compiled = use_compile(
+        cfg.compile, device
+    )  # as the train stage decides: auto compiles where inductor builds
+    settings.append(default := Setting("default", cfg, device, bf16=bf16, compile=compiled))
+    if compiled:  # beside it, what compiling gains
+        settings.append(Setting("default, eager", cfg, device, bf16=bf16))
+    elif args.compile:
         settings.append(Setting("default + torch.compile", cfg, device, bf16=bf16, compile=True))
     x = torch.randint(0, VOCAB, (cfg.batch_size, cfg.block_size), device=device)
     y = torch.roll(x, -1, dims=1)
@@ -194,12 +210,17 @@ def main() -> None:
         s.time(x, y, 2)  # warm-up (and compiling)
         s.warmup_s = time.perf_counter() - start
     times: dict[str, list[float]] = {s.name: [] for s in settings}
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    # The default's peak again before each repeat: a shared host's speed moves by a third within
+    # an hour (fp32 106-154 GFLOP/s on the AVX2 CPU), so each repeat's steps are held to the peak
+    # measured beside them, not to one taken minutes before.
+    repeat_peaks: list[float] = []
     for _ in range(args.repeats):
+        repeat_peaks.append(matmul_peak(dtype, device, repeats=2, sizes=bf16_sizes if bf16 else PEAK_SIZES))
         for s in settings:
             times[s.name].append(s.time(x, y, args.steps))
     flops = settings[-1].model.flops_per_token()
     tokens = cfg.batch_size * cfg.block_size
-    dtype = torch.bfloat16 if bf16 else torch.float32
     ceiling = matmul_ceiling(linear_shapes(settings[-1].model, tokens), device, dtype)
     print(
         f"device {device.type}, {torch.get_num_threads()} threads; {settings[0].model.num_params() / 1e6:.2f} M "
@@ -207,7 +228,8 @@ def main() -> None:
         f"{flops / 1e6:.1f} MFLOP/token; {args.steps} steps x {args.repeats} repeats, medians"
     )
     print(
-        f"matmul peak: bf16 {peak['bf16']:.0f} GFLOP/s, fp32 {peak['fp32']:.0f} GFLOP/s; the default runs {precision}"
+        f"matmul peak: bf16 {peak['bf16']:.0f} GFLOP/s, fp32 {peak['fp32']:.0f} GFLOP/s; the default runs {precision}; "
+        f"{precision} again before each repeat: {min(repeat_peaks):.0f}-{max(repeat_peaks):.0f} GFLOP/s, the ratios below are to each repeat's own"
     )
     if not bf16 and device.type == "cpu":
         print(
@@ -215,7 +237,7 @@ def main() -> None:
         )
     print(
         f"ceiling: the step's linear-layer matmuls alone, {precision} at the model's shapes: {ceiling:.0f} GFLOP/s, "
-        f"{ceiling / peak[precision]:.0%} of the {precision} peak"
+        f"{ceiling / statistics.median(repeat_peaks):.0%} of the repeats' median {precision} peak"
     )
     print(
         f"{'setting':<26} {'s/step':>7} {'tokens/s':>9} {'GFLOP/s':>8} {f'of {precision} peak':>13} {'warm-up s':>10}"
@@ -223,8 +245,11 @@ def main() -> None:
     for s in settings:
         med = statistics.median(times[s.name])
         gflops = tokens / med * flops / 1e9
+        share = statistics.median(
+            tokens / t * flops / 1e9 / p for t, p in zip(times[s.name], repeat_peaks, strict=True)
+        )
         print(
-            f"{s.name:<26} {med:>7.3f} {tokens / med:>9,.0f} {gflops:>8.1f} {gflops / peak[precision]:>13.0%} "
+            f"{s.name:<26} {med:>7.3f} {tokens / med:>9,.0f} {gflops:>8.1f} {share:>13.0%} "
             f"{s.warmup_s:>10.1f}"
         )
     if args.profile:
