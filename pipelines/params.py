@@ -533,8 +533,21 @@ def _update_document(doc, new: dict) -> None:
     for key, value in new.items():
         if isinstance(value, dict) and isinstance(doc.get(key), dict):
             _update_document(doc[key], value)
-        elif key not in doc or doc[key] != value:
+        elif key not in doc or not _same_value(doc[key], value):
             doc[key] = value
+
+
+# The words YAML 1.1 reads as booleans. new comes from read_params_file (YAML 1.1: `off` is False)
+# while the document keeps the word: rewriting `compile: off` as `compile: false` would mean the
+# same to trainpipe but change the value DVC records (DVC reads `off` as the string), so a later
+# `dvc status` or `trainpipe restart` would see a param changed that nobody changed.
+YAML11_BOOLS = {"on": True, "off": False, "yes": True, "no": False, "true": True, "false": False}
+
+
+def _same_value(written: Any, value: Any) -> bool:
+    if isinstance(written, str) and isinstance(value, bool):
+        return YAML11_BOOLS.get(written.lower()) is value
+    return written == value
 
 
 def flatten(params: Params) -> dict[str, Any]:

@@ -1,6 +1,7 @@
 from pathlib import Path
 
 import pytest
+from dvc.utils.serialize import parse_yaml
 
 from pipelines.errors import ConfigError
 from pipelines.params import Params, flatten, load_params, save_overrides
@@ -133,6 +134,11 @@ def test_on_off_switches_survive_yaml_reading_them_as_booleans(value, expected, 
     path.write_text(Path("params.yaml").read_text())
     save_overrides(path, [f"train.bf16={value}"])
     assert load_params(path).train.bf16 == expected
+    # a later override of another key leaves the word as written: DVC reads `off` as the string
+    # "off", and `false` in its place would be a param change in dvc.lock that nobody made
+    save_overrides(path, ["train.max_steps=7"])
+    assert f"  bf16: {value} " in path.read_text()
+    assert parse_yaml(path.read_text(), str(path))["train"]["bf16"] == value
 
 
 # What `dvc exp run -S` accepts, typed as Hydra's override grammar types it (not as YAML would:

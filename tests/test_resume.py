@@ -120,8 +120,19 @@ def exists(step: int):
 
 
 def writing(step: int):
-    """The checkpoint of step is half-written (PAUSE_ENV holds it there)."""
-    return lambda ckpt_dir, _: any(ckpt_dir.glob(f"*/{checkpoint_path('', step)}.tmp"))
+    """The checkpoint of step is half-written (PAUSE_ENV holds it there): its temporary file has
+    bytes. Seen the moment it is created it is still empty (a loaded machine let a kill land there)."""
+
+    def half_written(ckpt_dir: Path, _) -> bool:
+        for tmp in ckpt_dir.glob(f"*/{checkpoint_path('', step)}.tmp"):
+            try:
+                if tmp.stat().st_size > 0:
+                    return True
+            except FileNotFoundError:  # renamed into place between the glob and the stat
+                pass
+        return False
+
+    return half_written
 
 
 KILL_POINTS = {
