@@ -11,7 +11,7 @@ database in PREFECT_HOME. Left to Prefect it costs an unchanged run about half i
 own process imports the whole server package (seconds) only to reach the class that starts the
 subprocess, and then waits, doing nothing, while the subprocess imports it again and opens the
 database. Started here, before this process has imported anything heavy, the server boots on the
-other core while this process imports Prefect's client, MLflow and torch.
+other core while this process imports DVC, MLflow and its database store, then Prefect's client.
 
 Whether Prefect has a server of its own (PREFECT_API_URL from the environment, a profile, a .env
 or prefect.toml) only Prefect's settings can say, and reading them means importing Prefect: the
