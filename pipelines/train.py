@@ -100,9 +100,9 @@ def cpu_multiplies_bf16() -> bool:
 def use_compile(setting: str, device: torch.device, world: int = 1) -> bool:
     """auto: torch.compile on CUDA, and on a CPU where inductor builds its kernels (a C++ compiler
     and Python's headers: cpu_compile_problem) for a run of one process. There it trains in
-    deterministic mode (deterministic_kernels): on the AVX2 CPU a default run trained in 658 s,
-    compiling included, against 760-850 s eager, to the same score (README). A run of several CPU
-    processes (torchrun, gloo) stays eager: compiled, it is unmeasured."""
+    deterministic mode (deterministic_kernels): on the AVX2 CPU a compiled default step was
+    1.05-1.16x an eager one in the interleaved bench, to the same score (README). A run of several
+    CPU processes (torchrun, gloo) stays eager: compiled, it is unmeasured."""
     if setting != "auto":
         return setting == "on"
     if device.type == "cuda":
@@ -114,7 +114,7 @@ def use_compile(setting: str, device: torch.device, world: int = 1) -> bool:
 def cpu_compile_problem() -> str:
     """Why inductor cannot compile for this CPU ("" when it can), found by compiling one tiny
     function: the C++ compiler, its flags and Python's headers all take part, as in training.
-    Once per process; inductor's cache makes it about a second after the first time."""
+    Once per process: 10.5 s the first time, 4.5 s with inductor's cache, mostly inductor's imports."""
     try:
         torch.compile(lambda x: x * 2.0 + 1.0, fullgraph=True)(torch.ones(8))
     except Exception as exc:  # noqa: BLE001 -- whatever failed, train.compile auto trains eager
