@@ -19,6 +19,9 @@
 4. --profile: where a default step's time goes (torch.profiler), by kind of work.
 
 --compile adds a torch.compile row where the default trains eager (train.compile off, or no C++ compiler).
+Every row runs in the memory the train stage steps in (pipelines.train.reuse_freed_memory: freed
+memory kept for the next step); --fresh-memory leaves glibc's default, as before, for a side-by-side
+run in a second process (the setting holds for a whole process, so one run cannot interleave both).
 """
 
 import argparse
@@ -36,6 +39,7 @@ from pipelines.train import (
     make_optimizer,
     model_config,
     pick_device,
+    reuse_freed_memory,
     use_bf16,
     use_compile,
 )
@@ -174,10 +178,16 @@ def main() -> None:
         "--compile", action="store_true", help="add a torch.compile row where the default is eager"
     )
     parser.add_argument("--profile", action="store_true", help="profile the default setting by kind of work")
+    parser.add_argument(
+        "--fresh-memory",
+        action="store_true",
+        help="glibc's default allocation (fresh pages for large tensors), not the train stage's reuse",
+    )
     parser.add_argument("-S", "--set", action="append", default=[], help="a params override, as trainpipe -S")
     args = parser.parse_args()
     cfg = load_params(overrides=args.set).train
     device = pick_device(cfg.device)
+    reused = False if args.fresh_memory else reuse_freed_memory(device)
     bf16 = use_bf16(cfg.bf16, device)
     # The default's own precision is the peak it is held to: bf16 where the device multiplies
     # bf16 (train.bf16 auto), fp32 on a CPU without bf16 instructions (there bf16 is ~140x slower).
@@ -225,7 +235,8 @@ def main() -> None:
     print(
         f"device {device.type}, {torch.get_num_threads()} threads; {settings[0].model.num_params() / 1e6:.2f} M "
         f"params, {cfg.n_layer} layers x {cfg.n_embd}, batch {cfg.batch_size} x {cfg.block_size}, "
-        f"{flops / 1e6:.1f} MFLOP/token; {args.steps} steps x {args.repeats} repeats, medians"
+        f"{flops / 1e6:.1f} MFLOP/token; {args.steps} steps x {args.repeats} repeats, medians; "
+        f"freed memory {'reused, as the train stage' if reused else 'returned (glibc default)'}"
     )
     print(
         f"matmul peak: bf16 {peak['bf16']:.0f} GFLOP/s, fp32 {peak['fp32']:.0f} GFLOP/s; the default runs {precision}; "

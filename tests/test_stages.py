@@ -465,6 +465,37 @@ def test_compile_auto_compiles_on_a_cpu_where_inductor_builds_and_trains_eager_w
     assert problem, "a failed probe names its reason"
 
 
+def test_cpu_training_reuses_freed_memory_instead_of_faulting_in_fresh_pages():
+    # Ten tensors the size of the default's logits (67 MB), each freed before the next, as a step
+    # frees its logits: with glibc's default each is a fresh mmap whose pages the kernel faults in
+    # (16,384 of 4 KB each); after reuse_freed_memory they reuse the first one's memory.
+    probe = """
+import resource, sys, torch
+from pipelines.train import reuse_freed_memory
+applied = reuse_freed_memory(torch.device(sys.argv[1])) if sys.argv[1] != "none" else None
+torch.zeros(16, 256, 4096)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(10):
+    torch.zeros(16, 256, 4096)
+print(applied, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+    def faults(device: str) -> tuple[str, int]:
+        result = subprocess.run(
+            [sys.executable, "-c", probe, device], capture_output=True, text=True, check=True
+        )
+        applied, count = result.stdout.split()
+        return applied, int(count)
+
+    default, reused, other_device = faults("none"), faults("cpu"), faults("meta")
+    assert default[1] > 0, default
+    assert reused[0] == "True" and reused[1] <= default[1] / 4, (reused, default)
+    assert other_device[0] == "False" and other_device[1] > default[1] / 2, (
+        other_device,
+        default,
+    )  # untouched
+
+
 def test_the_resolved_compilation_is_part_of_the_checkpoint_key():
     # compiled and eager kernels sum in different orders: a checkpoint of one does not resume the other
     params = load_params("params.yaml", TINY_TRAIN)
