@@ -105,11 +105,20 @@ def use_compile(setting: str, device: torch.device, world: int = 1) -> bool:
     deterministic mode (deterministic_kernels): on the AVX2 CPU a compiled default step was
     1.05-1.16x an eager one in the interleaved bench, to the same score (README). A run of several
     CPU processes (torchrun, gloo) stays eager: compiled, it is unmeasured."""
+    return compile_decision(setting, device, world)[0]
+
+
+def compile_decision(setting: str, device: torch.device, world: int = 1) -> tuple[bool, str]:
+    """use_compile's answer and, where auto would have compiled for this CPU but inductor cannot
+    build here, why not ("" otherwise): the train stage logs it."""
     if setting != "auto":
-        return setting == "on"
+        return setting == "on", ""
     if device.type == "cuda":
-        return True
-    return device.type == "cpu" and world == 1 and not cpu_compile_problem()
+        return True, ""
+    if device.type != "cpu" or world != 1:
+        return False, ""
+    problem = cpu_compile_problem()
+    return not problem, problem
 
 
 @functools.cache
@@ -445,9 +454,9 @@ def train_model(params: Params, log=print, track: bool = True) -> dict:
         import mlflow  # seconds of imports, spared the other ranks
     reuse_freed_memory(device)
     bf16 = use_bf16(cfg.bf16, device)
-    compiled = use_compile(cfg.compile, device, world)
-    if cfg.compile == "auto" and device.type == "cpu" and world == 1 and not compiled:
-        log(f"train: eager, not compiled: inductor cannot build CPU kernels here ({cpu_compile_problem()})")
+    compiled, why_eager = compile_decision(cfg.compile, device, world)
+    if why_eager:
+        log(f"train: eager, not compiled: inductor cannot build CPU kernels here ({why_eager})")
     model_cfg = model_config(cfg, meta["vocab_size"])
     fingerprint, version = run_fingerprint(cfg, model_cfg, bf16, compiled), data_version(tokens_dir)
 

@@ -447,9 +447,9 @@ def test_compile_auto_compiles_on_a_cpu_where_inductor_builds_and_trains_eager_w
     # run of one process); with a compiler that is not there (CXX, read by inductor; an empty cache
     # so that no kernel built before is reused) it says why and stays eager.
     probe = (
-        "import torch; from pipelines.train import cpu_compile_problem, use_compile; cpu = torch.device('cpu'); "
+        "import torch; from pipelines.train import compile_decision, use_compile; cpu = torch.device('cpu'); "
         "print(use_compile('auto', cpu), use_compile('auto', cpu, world=2), use_compile('on', cpu, world=2)); "
-        "print(cpu_compile_problem())"
+        "print(compile_decision('auto', cpu)[1])"  # why auto trains eager: what the train stage logs
     )
 
     def ask(**env) -> list[str]:
