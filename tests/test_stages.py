@@ -490,10 +490,8 @@ print(applied, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
     default, reused, other_device = faults("none"), faults("cpu"), faults("meta")
     assert default[1] > 0, default
     assert reused[0] == "True" and reused[1] <= default[1] / 4, (reused, default)
-    assert other_device[0] == "False" and other_device[1] > default[1] / 2, (
-        other_device,
-        default,
-    )  # untouched
+    untouched = other_device  # another device than a CPU leaves glibc's default
+    assert untouched[0] == "False" and untouched[1] > default[1] / 2, (untouched, default)
 
 
 def test_the_resolved_compilation_is_part_of_the_checkpoint_key():
