@@ -466,32 +466,44 @@ def test_compile_auto_compiles_on_a_cpu_where_inductor_builds_and_trains_eager_w
 
 
 def test_cpu_training_reuses_freed_memory_instead_of_faulting_in_fresh_pages():
-    # Ten tensors the size of the default's logits (67 MB), each freed before the next, as a step
-    # frees its logits: with glibc's default each is a fresh mmap whose pages the kernel faults in
-    # (16,384 of 4 KB each); after reuse_freed_memory they reuse the first one's memory.
+    # Tensors the size of the default's logits (67 MB), each freed before the next, as a step frees
+    # its logits. With glibc's default each is its own mmap, outside the heap, whose 16,384 pages
+    # the kernel faults in afresh; after reuse_freed_memory they come from the heap, which keeps
+    # freed memory. Where in the heap, and so how many pages are new, depends on the heap's layout
+    # (torch's 64-byte alignment can leave two regions taking turns; CI once saw half the default's
+    # faults while the first ten were still settling), so the faults are counted after a warm-up
+    # and the bound leaves room for that.
     probe = """
 import resource, sys, torch
 from pipelines.train import reuse_freed_memory
 applied = reuse_freed_memory(torch.device(sys.argv[1])) if sys.argv[1] != "none" else None
-torch.zeros(16, 256, 4096)
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+def zeros_in_heap():
+    data = torch.zeros(16, 256, 4096).data_ptr()
+    for line in open("/proc/self/maps"):
+        if line.rstrip().endswith("[heap]"):
+            low, high = (int(end, 16) for end in line.split()[0].split("-"))
+            if low <= data < high:
+                return True
+    return False
 for _ in range(10):
-    torch.zeros(16, 256, 4096)
-print(applied, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    zeros_in_heap()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+in_heap = all([zeros_in_heap() for _ in range(10)])
+print(applied, in_heap, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
-    def faults(device: str) -> tuple[str, int]:
+    def ask(device: str) -> tuple[str, str, int]:
         result = subprocess.run(
             [sys.executable, "-c", probe, device], capture_output=True, text=True, check=True
         )
-        applied, count = result.stdout.split()
-        return applied, int(count)
+        applied, in_heap, faults = result.stdout.split()
+        return applied, in_heap, int(faults)
 
-    default, reused, other_device = faults("none"), faults("cpu"), faults("meta")
-    assert default[1] > 0, default
-    assert reused[0] == "True" and reused[1] <= default[1] / 4, (reused, default)
+    default, reused, other_device = ask("none"), ask("cpu"), ask("meta")
+    assert default[1:] == ("False", default[2]) and default[2] > 0, default
+    assert reused[:2] == ("True", "True") and reused[2] <= default[2] * 3 / 4, (reused, default)
     untouched = other_device  # another device than a CPU leaves glibc's default
-    assert untouched[0] == "False" and untouched[1] > default[1] / 2, (untouched, default)
+    assert untouched[:2] == ("False", "False") and untouched[2] > default[2] / 2, (untouched, default)
 
 
 def test_the_resolved_compilation_is_part_of_the_checkpoint_key():
