@@ -156,7 +156,12 @@ def kind_of(event) -> str:
 
 
 def profile_step(setting: Setting, x, y, steps: int = 3) -> None:
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    # In the mode the timed steps ran in: outside it a compiled model's guards fail and it compiles
+    # again, inside the profile (a compiled default's profile was 2.7 s of "element-wise" a step).
+    with (
+        deterministic_kernels(setting.compiled, setting.device),
+        profile(activities=[ProfilerActivity.CPU]) as prof,
+    ):
         for _ in range(steps):
             setting.step(x, y)
     by_kind: dict[str, float] = defaultdict(float)
