@@ -228,7 +228,7 @@ class TrainParams(Section):
     batch_size: int = Field(16, ge=1, description="sequences per step")
     block_size: int = Field(256, ge=8, description="context length in tokens")
     n_layer: int = Field(4, ge=1, description="transformer blocks")
-    n_head: int = Field(4, ge=1, description="attention heads")
+    n_head: int = Field(3, ge=1, description="attention heads")
     n_embd: int = Field(192, ge=8, description="embedding width")
     dropout: float = Field(0.0, ge=0, lt=1, description="dropout probability")
     positions: Literal["learned", "rope"] = Field("rope", description="rotary (RoPE) or learned embeddings")
