@@ -10,8 +10,10 @@
    peak of the default's precision (bf16, or fp32 on a CPU without bf16 instructions, where the
    bf16 rows are left out), each repeat's steps against the peak measured just before them. "default" is exactly what the train stage runs (pipelines.train),
    compiled where train.compile resolves to it (auto: CUDA, or a CPU where inductor builds), with
-   "default, eager" beside it; with the Muon default, "default with AdamW only" (eager) shows what
-   Muon's orthogonalization costs a step (work the model-FLOPs count leaves out).
+   "default, eager" beside it, and on a bf16 CPU "default, flash backward": compiled, with the
+   flash kernel's own attention backward instead of pipelines.model.CausalAttentionCPU's; with
+   the Muon default, "default with AdamW only" (eager) shows what Muon's orthogonalization costs
+   a step (work the model-FLOPs count leaves out).
 3. The ceiling: the step's own linear-layer matmuls alone (forward, and backward's two per
    layer), at the model's shapes (batch x block rows), in the default's precision, timed one by one. Even with every
    other op free of cost, a step could not beat their FLOP/s; against the peak it says how far
@@ -102,11 +104,15 @@ class Setting:
         bf16: bool,
         foreach_adamw: bool = False,
         compile: bool = False,
+        flash_backward: bool = False,
         vocab=VOCAB,
     ):
         self.name, self.bf16, self.grad_clip = name, bf16, cfg.grad_clip
         torch.manual_seed(0)
         self.model = GPT(model_config(cfg, vocab)).to(device)
+        if flash_backward:  # the flash kernel's own backward, as before CausalAttentionCPU
+            for block in self.model.blocks:
+                block.attn.cpu_bf16_backward = False
         if foreach_adamw:  # the optimizer before issue 11: torch's default (foreach) AdamW
             params = [p for p in self.model.parameters()]
             self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95))
@@ -216,6 +222,10 @@ def main() -> None:
     settings.append(default := Setting("default", cfg, device, bf16=bf16, compile=compiled))
     if compiled:  # beside it, what compiling gains
         settings.append(Setting("default, eager", cfg, device, bf16=bf16))
+        if bf16 and device.type == "cpu":  # ... and what CausalAttentionCPU's backward gains
+            settings.append(
+                Setting("default, flash backward", cfg, device, bf16=bf16, compile=True, flash_backward=True)
+            )
     elif args.compile:
         settings.append(Setting("default + torch.compile", cfg, device, bf16=bf16, compile=True))
     x = torch.randint(0, VOCAB, (cfg.batch_size, cfg.block_size), device=device)

@@ -58,6 +58,37 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
 
 
+class CausalAttentionCPU(torch.autograd.Function):
+    """Causal attention of bf16 q, k, v (B, nh, T, hs) on a CPU: torch's flash kernel forward,
+    and a backward that recomputes the probabilities from its log-sum-exp with batched matmuls.
+    The flash kernel's own bf16 backward ran at about 110 GFLOP/s on an AMX Xeon, 6x its
+    forward's time and twice its fp32 backward's; compiled, this one took a layer's attention
+    from 17 to 11 ms there (benchmarks/train_bench.py). Scores are recomputed in fp32, where
+    the kernel keeps them: the gradients stay as close to fp32's as its own. Used only where
+    inductor compiles training (GPT.forward says when): eager, the element-wise work unfused,
+    it is slower than the kernel."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True)
+        ctx.save_for_backward(q, k, v, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        T, scale = q.size(-2), q.size(-1) ** -0.5
+        dout = dout.to(q.dtype)
+        scores = q.float() @ k.float().transpose(-1, -2)
+        causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+        probs = torch.where(causal, torch.exp(scores * scale - lse.unsqueeze(-1)), 0.0)
+        dv = probs.to(q.dtype).transpose(-1, -2) @ dout
+        dprobs = (dout @ v.transpose(-1, -2)).float()
+        rowdot = (dout.float() * out.float()).sum(-1, keepdim=True)  # sum_j P_ij dP_ij
+        dscores = (probs * (dprobs - rowdot) * scale).to(q.dtype)
+        return dscores @ k, dscores.transpose(-1, -2) @ q, dv
+
+
 class KVCache:
     """Keys and values of the positions seen so far, per layer, so that a generation step runs
     only its new token through the model. Filled from position 0: one prefill of the prompt,
@@ -91,6 +122,23 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
+        # CausalAttentionCPU where it applies; benchmarks/train_bench.py turns it off for a row
+        self.cpu_bf16_backward = True
+
+    def use_cpu_bf16_backward(self, q: torch.Tensor, cache: KVCache | None) -> bool:
+        """CausalAttentionCPU's backward where it is faster: training in bf16 on a CPU, under
+        torch.compile, causal over the whole sequence, no dropout. Everywhere else (eager, fp32,
+        CUDA, generation, scoring) the same forward kernel runs through F.scaled_dot_product_attention."""
+        return (
+            self.cpu_bf16_backward
+            and torch.compiler.is_compiling()
+            and torch.is_grad_enabled()
+            and q.requires_grad
+            and q.device.type == "cpu"
+            and q.dtype == torch.bfloat16
+            and cache is None
+            and not (self.training and self.dropout > 0)
+        )
 
     def forward(
         self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0, rope: tuple | None = None
@@ -109,9 +157,12 @@ class CausalSelfAttention(nn.Module):
             # (T == 1) attends to every cached position, all of them in its past: no mask.
             causal = cache.pos == 0
             k, v = cache.update(layer, k, v)
-        y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=causal, dropout_p=self.dropout if self.training else 0.0
-        )
+        if self.use_cpu_bf16_backward(q, cache):
+            y = CausalAttentionCPU.apply(q, k, v)
+        else:
+            y = F.scaled_dot_product_attention(
+                q, k, v, is_causal=causal, dropout_p=self.dropout if self.training else 0.0
+            )
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.proj(y))
 

@@ -1,9 +1,11 @@
+import copy
 import dataclasses
 import io
 import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from pipelines.model import GPT, GPTConfig, KVCache
 
@@ -247,3 +249,48 @@ def test_optimizer_state_round_trip_continues_bit_identically(optimizer):
     for a, b in zip(straight.state_dict().values(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b)
     assert len(opt.optimizers) == (2 if optimizer == "muon" else 1)
+
+
+def attention_grads(fn, q, k, v, dout) -> list[torch.Tensor]:
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    fn(q, k, v).backward(dout)
+    return [t.grad.float() for t in (q, k, v)]
+
+
+def test_cpu_bf16_attention_forward_is_the_flash_kernels_and_its_backward_as_close_to_fp32():
+    from pipelines.model import CausalAttentionCPU
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v, dout = (torch.randn(2, 3, 64, 16, generator=g) for _ in range(4))
+    bf = [t.bfloat16() for t in (q, k, v, dout)]
+    sdpa = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)  # noqa: E731
+    assert torch.equal(CausalAttentionCPU.apply(*bf[:3]), sdpa(*bf[:3]))
+    exact = attention_grads(sdpa, q, k, v, dout)
+    kernels = attention_grads(sdpa, *bf)
+    recomputed = attention_grads(CausalAttentionCPU.apply, *bf)
+    for ref, kernel, ours in zip(exact, kernels, recomputed, strict=True):
+        kernel_error = (kernel - ref).norm() / ref.norm()
+        assert 0 < (ours - ref).norm() / ref.norm() < 2 * kernel_error  # bf16, but no worse than torch's
+
+
+def test_compiled_bf16_training_on_a_cpu_takes_the_recomputing_backward_and_eager_does_not():
+    from pipelines.model import CausalSelfAttention
+
+    torch.manual_seed(0)
+    ours = CausalSelfAttention(GPTConfig(n_embd=32, n_head=2))
+    kernels = copy.deepcopy(ours)
+    kernels.cpu_bf16_backward = False
+    x = torch.randn(2, 16, 32)
+
+    def input_grad(module, bf16: bool = True) -> torch.Tensor:
+        xi = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            module(xi).float().square().sum().backward()
+        return xi.grad
+
+    assert torch.equal(input_grad(ours), input_grad(kernels))  # eager: the flash kernel both
+    exact = input_grad(ours, bf16=False)
+    compiled, compiled_kernels = input_grad(torch.compile(ours)), input_grad(torch.compile(kernels))
+    assert not torch.equal(compiled, compiled_kernels)  # the recomputing backward ran
+    for grad in (compiled, compiled_kernels):
+        assert torch.allclose(grad, exact, rtol=0.05, atol=0.05)
