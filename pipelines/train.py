@@ -31,6 +31,7 @@ import platform
 import shutil
 import sys
 import time
+from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -38,6 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
+from torch.optim._muon import _adjust_lr  # torch is pinned: its Muon's own lr adjustment
 
 import pipelines.checkpoint
 import pipelines.data
@@ -250,42 +252,62 @@ class Optimizers:
             opt.load_state_dict(opt_state)
 
 
-def orthogonalize_fp32(
-    grad: torch.Tensor, coefficients: tuple[float, float, float], steps: int, eps: float
-) -> torch.Tensor:
+def orthogonalize(
+    updates: list[torch.Tensor], coefficients: tuple[float, float, float], steps: int, eps: float, dtype
+) -> list[torch.Tensor]:
     """torch's Muon orthogonalization (torch.optim._muon._zeropower_via_newtonschulz: Newton-Schulz,
-    its quintic coefficients) in fp32 where torch's casts to bf16."""
+    its quintic coefficients) in dtype, the matrices of one shape stacked into one batched matmul.
+    One by one, a default step's 16 small matrices made 240 matmul calls and 15% of a compiled step
+    on an AMX Xeon; stacked they make 45, in half the time, with the same bf16 bits as torch's
+    (tests/test_model.py). A tall matrix is orthogonalized as its transpose, as torch's does."""
     a, b, c = coefficients
-    x = grad.float()
-    tall = x.size(0) > x.size(1)
-    x = x.T if tall else x
-    x = x / x.norm().clamp(min=eps)  # spectral norm at most 1
-    for _ in range(steps):
-        gram = x @ x.T
-        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
-    return (x.T if tall else x).to(grad.dtype)
+    wide = [u.to(dtype).mT if u.size(0) > u.size(1) else u.to(dtype) for u in updates]
+    by_shape: dict[tuple[int, int], list[int]] = defaultdict(list)
+    for i, x in enumerate(wide):
+        by_shape[tuple(x.shape)].append(i)
+    out: list[torch.Tensor] = [torch.empty(0)] * len(updates)
+    for members in by_shape.values():
+        x = torch.stack([wide[i] for i in members])
+        x = x / x.norm(dim=(1, 2), keepdim=True).clamp(min=eps)  # spectral norm at most 1
+        for _ in range(steps):
+            gram = x @ x.mT
+            x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+        for i, xi in zip(members, x, strict=True):
+            out[i] = xi.mT if updates[i].size(0) > updates[i].size(1) else xi
+    return out
 
 
 class Muon(torch.optim.Muon):
-    """torch's Muon, orthogonalizing in the model's precision. torch's own always orthogonalizes in
-    bf16: on a CPU without bf16 instructions that took a slow fallback and made a step 4.2x as
-    long; in fp32 a Muon step costs about 1.1x an AdamW step there. The swap of torch's function
-    lasts one step; torch is pinned, and tests/test_model.py holds both paths to torch's own."""
+    """torch's Muon (its state, defaults and learning-rate adjustment), with the orthogonalization
+    batched by shape (orthogonalize) and in the model's precision: torch's own always runs it in
+    bf16, which on a CPU without bf16 instructions took a slow fallback and made a step 4.2x as
+    long; in fp32 a Muon step costs about 1.1x an AdamW step there."""
 
     def __init__(self, params, *, bf16: bool, **kwargs):
         super().__init__(params, **kwargs)
-        self.bf16 = bf16
+        self.dtype = torch.bfloat16 if bf16 else torch.float32
 
     @torch.no_grad()
     def step(self, closure=None):
-        if self.bf16:
-            return super().step(closure)
-        original = torch.optim._muon._zeropower_via_newtonschulz
-        torch.optim._muon._zeropower_via_newtonschulz = orthogonalize_fp32
-        try:
-            return super().step(closure)
-        finally:
-            torch.optim._muon._zeropower_via_newtonschulz = original
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params, grads, buffers = [], [], []
+            self._init_group(group, params, grads, buffers)
+            momentum, lr = group["momentum"], group["lr"]
+            updates = []
+            for grad, buf in zip(grads, buffers, strict=True):  # as torch's _single_tensor_muon
+                buf.lerp_(grad, 1 - momentum)
+                updates.append(grad.lerp(buf, momentum) if group["nesterov"] else buf)
+            updates = orthogonalize(
+                updates, group["ns_coefficients"], group["ns_steps"], group["eps"], self.dtype
+            )
+            for param, update in zip(params, updates, strict=True):
+                param.mul_(1 - lr * group["weight_decay"])
+                param.add_(update, alpha=-_adjust_lr(lr, group["adjust_lr_fn"], param.shape))
+        return loss
 
 
 def make_optimizer(model: GPT, cfg: TrainParams, bf16: bool) -> Optimizers:
