@@ -65,8 +65,8 @@ class CausalAttentionCPU(torch.autograd.Function):
     forward's time and twice its fp32 backward's; compiled, this one took a layer's attention
     from 17 to 11 ms there (benchmarks/train_bench.py). Scores are recomputed in fp32, where
     the kernel keeps them: the gradients stay as close to fp32's as its own. Used only where
-    inductor compiles training (GPT.forward says when): eager, the element-wise work unfused,
-    it is slower than the kernel."""
+    inductor compiles training (CausalSelfAttention.use_cpu_bf16_backward): eager, the
+    element-wise work unfused, it is slower than the kernel."""
 
     @staticmethod
     def forward(ctx, q, k, v):
@@ -132,8 +132,7 @@ class CausalSelfAttention(nn.Module):
         return (
             self.cpu_bf16_backward
             and torch.compiler.is_compiling()
-            and torch.is_grad_enabled()
-            and q.requires_grad
+            and q.requires_grad  # training: no_grad (scoring) leaves it False
             and q.device.type == "cpu"
             and q.dtype == torch.bfloat16
             and cache is None
