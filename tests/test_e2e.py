@@ -54,7 +54,8 @@ def make_project(root: Path, template_db: Path) -> tuple[Path, dict]:
         PREFECT_HOME=str(root / "prefect"),
         PATH=f"{BIN}{os.pathsep}{env['PATH']}",
         PYTHONPATH=str(proj),  # the copy's code, as a clone's editable install would give
-        MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL="1",  # the tiny training lasts seconds, not 10 s
+        # the tiny training lasts a second or two, not 10 s; a UI chart draws a line from 2 samples
+        MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL="0.2",
     )
     env.pop("MLFLOW_RUN_ID", None)
     return proj, env
