@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from pipelines.environ import environ_set
+from pipelines.core.environ import environ_set
 
 # The recipe before issue 11: GPT-2's architecture, AdamW, 800 steps of 16 x 256 tokens.
 BASELINE = [
@@ -63,9 +63,9 @@ def tracking_in() -> Iterator[Path]:
 def train_and_score(overrides: list[str], work: Path, track: bool = True) -> dict:
     """Train with the train stage's code into work/, then score the held-out split on the
     device it trained on (the evaluate stage's code; its score, on its device's precision)."""
-    from pipelines.evaluate import load_model_dir, score_texts, validation_texts
-    from pipelines.params import load_params
-    from pipelines.train import pick_device, train_model, use_bf16
+    from pipelines.core.params import load_params
+    from pipelines.stages.evaluate import load_model_dir, score_texts, validation_texts
+    from pipelines.stages.train import pick_device, train_model, use_bf16
 
     params = load_params(
         overrides=overrides + [f"train.model_dir={work}/models", f"train.checkpoint_dir={work}/ckpt"]

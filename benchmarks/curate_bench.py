@@ -34,13 +34,14 @@ from pathlib import Path
 
 from project_copy import BIN, copy_project, project_env
 
-from pipelines import curate, gate, inputs
-from pipelines.data import write_documents, write_json
-from pipelines.dedupe import NearDuplicates, shingle_hashes, signature
-from pipelines.ingest import collect_documents
-from pipelines.params import load_params
-from pipelines.quality import decode_document, failing_filters
-from pipelines.scrub import scrub_text
+from pipelines.core.data import write_documents, write_json
+from pipelines.core.dedupe import NearDuplicates, shingle_hashes, signature
+from pipelines.core.params import load_params
+from pipelines.core.quality import decode_document, failing_filters
+from pipelines.core.scrub import scrub_text
+from pipelines.stages import curate, inputs
+from pipelines.stages import data_gate as gate
+from pipelines.stages.ingest import collect_documents
 
 PARAMS_PATH = Path(__file__).resolve().parents[1] / "params.yaml"
 _IDENT_RE = re.compile(r"\b[A-Za-z_]\w{3,}\b")  # 4+ characters: never a string prefix like rb

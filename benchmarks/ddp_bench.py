@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/ddp_bench.py [--steps 10] [--repeats 3] [--bf16 auto|on|off]
 
 Times optimizer steps of the default config (params.yaml) on random tokens, after warm-up, with the
-training step of pipelines/train.py (its batch slices, DDP's gradient all-reduce, the loss
+training step of pipelines/stages/train.py (its batch slices, DDP's gradient all-reduce, the loss
 all-reduce, clipping): one process with the machine's threads, one process with one thread, and
 train.nproc_per_node processes (default 2) under torchrun with cores // N threads each, as
 `trainpipe train -S train.nproc_per_node=N` runs them. Each run is a fresh process (group); the
@@ -30,10 +30,10 @@ def worker(args) -> None:
     import torch
     from torch.nn.parallel import DistributedDataParallel
 
-    from pipelines.model import GPT, GPTConfig
-    from pipelines.params import load_params
-    from pipelines.ranks import join_ranks, leave_ranks, mean_over_ranks
-    from pipelines.train import check_gradients, get_batch, make_optimizer, pick_device, use_bf16
+    from pipelines.adapters.ranks import join_ranks, leave_ranks, mean_over_ranks
+    from pipelines.core.model import GPT, GPTConfig
+    from pipelines.core.params import load_params
+    from pipelines.stages.train import check_gradients, get_batch, make_optimizer, pick_device, use_bf16
 
     cfg = load_params(overrides=[f"train.nproc_per_node={int(os.environ.get('WORLD_SIZE', '1'))}"]).train
     rank, world, device = join_ranks(cfg, pick_device(cfg.device))
@@ -70,7 +70,7 @@ def worker(args) -> None:
 
 def one_run(nproc: int, threads: int | None, args) -> dict:
     """A fresh process (nproc 1) or torchrun group; rank 0's result."""
-    from pipelines.ranks import threads_per_rank
+    from pipelines.adapters.ranks import threads_per_rank
 
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
     env.pop("OMP_NUM_THREADS", None)
@@ -98,8 +98,8 @@ def main() -> None:
     if args.worker:
         return worker(args)
 
-    from pipelines.params import load_params
-    from pipelines.ranks import threads_per_rank
+    from pipelines.adapters.ranks import threads_per_rank
+    from pipelines.core.params import load_params
 
     cores = threads_per_rank(1)
     settings = {

@@ -19,8 +19,8 @@ import torch
 
 from benchmarks.ablation import tracking_in, train_and_score
 from benchmarks.train_bench import Setting, matmul_peak
-from pipelines.data import read_json
-from pipelines.params import load_params
+from pipelines.core.data import read_json
+from pipelines.core.params import load_params
 
 # One large GPU (sized for an H200, 141 GB): a 12 x 768 model over 1024-token contexts, 64
 # sequences a step, bf16 autocast, torch.compile, and flash attention (SDPA picks it for bf16

@@ -1,4 +1,4 @@
-"""What keeping freed memory (pipelines.train.reuse_freed_memory) gains a training step, side by side.
+"""What keeping freed memory (pipelines.stages.train.reuse_freed_memory) gains a training step, side by side.
 
     .venv/bin/python benchmarks/memory_bench.py [--pairs 5] [--steps 5] [--repeats 5]
 
@@ -16,8 +16,8 @@ import sys
 
 import torch
 
-from pipelines.params import load_params
-from pipelines.train import pick_device, reuse_freed_memory, use_bf16, use_compile
+from pipelines.core.params import load_params
+from pipelines.stages.train import pick_device, reuse_freed_memory, use_bf16, use_compile
 
 
 def one_process(args) -> None:

@@ -29,7 +29,7 @@ def copy_project(dest: Path, rev: str | None, overrides: list[str]) -> Path:
             tar.extractall(dest, filter="data")
         shutil.rmtree(dest / "tests", ignore_errors=True)
     if overrides:  # validated by the copy's own schema: a baseline's params may differ from ours
-        save = "import sys; from pipelines.params import save_overrides; save_overrides('params.yaml', sys.argv[1:])"
+        save = "import sys; from pipelines.core.params import save_overrides; save_overrides('params.yaml', sys.argv[1:])"
         subprocess.run(
             [sys.executable, "-c", save, *overrides],
             cwd=dest,

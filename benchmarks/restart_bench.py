@@ -4,7 +4,7 @@
 
 Run in a project whose data/tokens exist (after `make run` or `trainpipe tokenize`). With the
 config of params.yaml (and -S overrides), in a temporary folder (its own checkpoints, model and
-MLflow database) it times, as real processes of `python -m pipelines.train`:
+MLflow database) it times, as real processes of `python -m pipelines.stages.train`:
   full     an uninterrupted run, start to exit
   killed   a run SIGKILLed as soon as its checkpoint at max_steps/2 is written
   resumed  the same run started again, start to exit
@@ -25,14 +25,14 @@ from pathlib import Path
 import yaml
 from mlflow import MlflowClient
 
-from pipelines.checkpoint import checkpoint_path
-from pipelines.params import PARAMS_FILE, load_params
+from pipelines.adapters.checkpoint import checkpoint_path
+from pipelines.core.params import PARAMS_FILE, load_params
 
 
 def train(params_file: Path, env: dict, kill_at: str | None = None) -> float:
     """Seconds from start to exit, or to the SIGKILL once a file matching the glob kill_at
     (relative to the params file's folder) exists: checkpoints live in checkpoints/<run key>/."""
-    cmd = [sys.executable, "-m", "pipelines.train", "--params", str(params_file)]
+    cmd = [sys.executable, "-m", "pipelines.stages.train", "--params", str(params_file)]
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     if kill_at is None:

@@ -59,9 +59,9 @@ def make_model_dir(model_dir: Path) -> dict:
     from safetensors.torch import save_model
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    from pipelines.data import write_json
-    from pipelines.model import GPT, GPTConfig
-    from pipelines.params import load_params
+    from pipelines.core.data import write_json
+    from pipelines.core.model import GPT, GPTConfig
+    from pipelines.core.params import load_params
 
     model_dir.mkdir(parents=True)
     stdlib = Path(sysconfig.get_paths()["stdlib"])
@@ -89,8 +89,8 @@ def make_model_dir(model_dir: Path) -> dict:
 def write_metrics(reports_dir: Path, model_dir: Path, bpb: float) -> None:
     """A metrics.json and evaluation.json as evaluate writes them for these weights (the score is
     made up: the gate only has to order the versions)."""
-    from pipelines.data import sha256_file, write_json
-    from pipelines.evaluate import (
+    from pipelines.core.data import sha256_file, write_json
+    from pipelines.stages.evaluate import (
         EVALUATION_FILE,
         METRICS_FILE,
         PER_DOCUMENT_FILE,
@@ -125,13 +125,13 @@ def write_metrics(reports_dir: Path, model_dir: Path, bpb: float) -> None:
 
 
 def publish(work: Path, bpb: float, seed: int = 0) -> str:
-    from pipelines.params import Params
-    from pipelines.publish import publish_model
+    from pipelines.core.params import Params
+    from pipelines.stages.publish import publish_model
 
     if seed:  # another version: other weights in the same model dir
         from safetensors.torch import save_model
 
-        from pipelines.model import GPT, GPTConfig
+        from pipelines.core.model import GPT, GPTConfig
 
         config = GPTConfig(**json.loads((work / "models/config.json").read_text()))
         torch.manual_seed(seed)

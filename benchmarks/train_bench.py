@@ -8,10 +8,10 @@
    the settings interleaved repeat by repeat so that a noisy neighbour slows them alike. Each row:
    median tokens/s, model FLOP/s (nanoGPT's 6N + 12·L·H·Q·T per token) and its share of the
    peak of the default's precision (bf16, or fp32 on a CPU without bf16 instructions, where the
-   bf16 rows are left out), each repeat's steps against the peak measured just before them. "default" is exactly what the train stage runs (pipelines.train),
+   bf16 rows are left out), each repeat's steps against the peak measured just before them. "default" is exactly what the train stage runs (pipelines.stages.train),
    compiled where train.compile resolves to it (auto: CUDA, or a CPU where inductor builds), with
    "default, eager" beside it, and on a bf16 CPU "default, flash backward": compiled, with the
-   flash kernel's own attention backward instead of pipelines.model.CausalAttentionCPU's; with
+   flash kernel's own attention backward instead of pipelines.core.model.CausalAttentionCPU's; with
    the Muon default, "default with AdamW only" (eager) shows what Muon's orthogonalization costs
    a step (work the model-FLOPs count leaves out).
 3. The ceiling: the step's own linear-layer matmuls alone (forward, and backward's two per
@@ -21,7 +21,7 @@
 4. --profile: where a default step's time goes (torch.profiler), by kind of work.
 
 --compile adds a torch.compile row where the default trains eager (train.compile off, or no C++ compiler).
-Every row runs in the memory the train stage steps in (pipelines.train.reuse_freed_memory: freed
+Every row runs in the memory the train stage steps in (pipelines.stages.train.reuse_freed_memory: freed
 memory kept for the next step); --fresh-memory leaves glibc's default, as before, for a side-by-side
 run in a second process (the setting holds for a whole process, so one run cannot interleave both).
 """
@@ -34,9 +34,9 @@ from collections import defaultdict
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from pipelines.model import GPT
-from pipelines.params import load_params
-from pipelines.train import (
+from pipelines.core.model import GPT
+from pipelines.core.params import load_params
+from pipelines.stages.train import (
     deterministic_kernels,
     make_optimizer,
     model_config,

@@ -32,7 +32,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from pipelines.errors import TrainpipeError
+from pipelines.core.errors import TrainpipeError
 
 # what Prefect's SubprocessASGIServer sets for its server (prefect/server/api/server.py, 3.9.1)
 SERVER_ENV = {"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}

@@ -19,8 +19,8 @@ Steps, in order:
   5. serving: every running endpoint (`trainpipe serve` follows @champion) must serve the
      champion within serve.wait_s, else the run fails; none running is said, not a failure
   6. leave a Prefect artifact summarising the run
-Throughout, the cost ledger (pipelines/ledger.py): each stage process reports its seconds, peak
-memory and device into a folder of this run's (pipelines/usage.py); after the stages, passed or
+Throughout, the cost ledger (pipelines/core/ledger.py): each stage process reports its seconds, peak
+memory and device into a folder of this run's (pipelines/core/usage.py); after the stages, passed or
 failed, they are priced and logged as metrics cost.* of the MLflow run (publish sums them over
 the runs since the champion) and shown in the Prefect artifact.
 
@@ -42,30 +42,29 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 
-from flows.dvc_repo import (
+from pipelines.adapters.dvc_repo import (
     INPUTS_CHECK,
     STAGES,
     StageFailed,
     StageOutcome,
-    check_inputs,
     push,
     repro_stage,
     stage_changes,
     unchanged_stage,
 )
-from pipelines.data import read_json, sha256_hex
-from pipelines.errors import PERMANENT_EXIT_CODES, TrainpipeError
-from pipelines.inputs import CHAMPION_FILE, SOURCE_FILE
-from pipelines.ledger import ledger_markdown, ledger_metrics, run_ledger
-from pipelines.params import PARAMS_FILE, Params, flatten, load_params, override_text, save_overrides
-from pipelines.runlock import flow_lock_wait_s, workspace_lock
-from pipelines.usage import (
+from pipelines.adapters.runlock import flow_lock_wait_s, workspace_lock
+from pipelines.core.data import read_json, sha256_hex
+from pipelines.core.errors import PERMANENT_EXIT_CODES, TrainpipeError
+from pipelines.core.ledger import ledger_markdown, ledger_metrics, run_ledger
+from pipelines.core.params import PARAMS_FILE, Params, flatten, load_params, override_text, save_overrides
+from pipelines.core.usage import (
     USAGE_DIR_ENV,
     note_unreported_attempt,
     read_usage,
     record_flow_seconds,
     stage_work,
 )
+from pipelines.stages.inputs import CHAMPION_FILE, SOURCE_FILE, check_inputs
 
 
 class _OneLineForOurErrors(logging.Filter):
@@ -121,7 +120,7 @@ def run_stage(stage: str, mlflow_run_id: str, changed: str | None = "", usage_di
 
 @task(retries=2, retry_delay_seconds=[5, 30])
 def publish(params: Params, lineage: dict, mlflow_run_id: str) -> dict:
-    from pipelines.publish import publish_model
+    from pipelines.stages.publish import publish_model
 
     return publish_model(params, lineage=lineage, run_id=mlflow_run_id)
 
@@ -132,7 +131,7 @@ def reach_endpoints(params: Params, published: dict) -> dict:
     serve.wait_s; a run whose champion did not, fails with the reason."""
     import mlflow
 
-    from pipelines.status import wait_for_champion
+    from pipelines.commands.status import wait_for_champion
 
     logger = get_run_logger()
     serving = wait_for_champion(params, str(published["champion_version"]), log=logger.info)
@@ -396,8 +395,8 @@ def record_costs(params: Params, outcomes: list[StageOutcome], usage_dir: str) -
 def _training_flow(params: Params | None) -> dict:
     import mlflow
 
-    from pipelines.registry import set_training_experiment
-    from pipelines.run_datasets import log_run_datasets
+    from pipelines.adapters.registry import set_training_experiment
+    from pipelines.adapters.run_datasets import log_run_datasets
 
     params = apply_params(params)
     set_training_experiment(params.publish.experiment)

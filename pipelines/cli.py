@@ -19,10 +19,10 @@ import sys
 import time
 from pathlib import Path
 
-from pipelines.entry import exit_without_teardown_gc, setup_environment
-from pipelines.errors import ConfigError, TrainpipeError
-from pipelines.params import PARAMS_FILE, load_params, save_overrides
-from pipelines.runlock import LOCK_FILE, workspace_lock
+from pipelines.adapters.runlock import LOCK_FILE, workspace_lock
+from pipelines.core.errors import ConfigError, TrainpipeError
+from pipelines.core.params import PARAMS_FILE, load_params, save_overrides
+from pipelines.stages.entry import exit_without_teardown_gc, setup_environment
 
 STAGE_HELP = {
     "ingest": "snapshot the data source into data/raw",
@@ -31,7 +31,7 @@ STAGE_HELP = {
     "train": "train the model (resumes from checkpoints/)",
     "evaluate": "held-out bits per byte against gzip and xz",
 }
-# Commands that write the workspace (or register what it holds): one at a time (pipelines/runlock.py).
+# Commands that write the workspace (or register what it holds): one at a time (pipelines/adapters/runlock.py).
 LOCKED_COMMANDS = {"run", *STAGE_HELP, "publish", "promote", "rollback", "restart"}
 HISTORY_WIDTH = 120
 INTERVAL_TEXT = r"(?:[+-]?\d+(?:\.\d+)? bpb )?\[[^\]]*\]"  # "-0.0040 bpb [-0.0110, +0.0030]": wrapped whole
@@ -77,7 +77,7 @@ def cmd_run(args) -> None:
     api = start_temporary_api()
     import dvc.repo  # noqa: F401
 
-    import pipelines.publish  # noqa: F401
+    import pipelines.stages.publish  # noqa: F401
 
     import_tracking_store()
 
@@ -105,7 +105,7 @@ def cmd_run(args) -> None:
         f"xz -9 {m['xz_bits_per_byte']:.3f}); metrics in {params.evaluate.reports_dir}/metrics.json"
     )
     if result.get("cost"):
-        from pipelines.ledger import ledger_summary
+        from pipelines.core.ledger import ledger_summary
 
         print(f"cost: {ledger_summary(result['cost'])}; `trainpipe status` prices the champion")
     serving = result.get("serving") or {}
@@ -117,7 +117,7 @@ def cmd_run(args) -> None:
 def cmd_stage(args) -> None:
     require_project()
     save_overrides(PARAMS_FILE, args.set)
-    from flows.dvc_repo import repro_stage
+    from pipelines.adapters.dvc_repo import repro_stage
 
     outcome = repro_stage(args.command, single=False)  # with its upstream stages, as `dvc repro STAGE`
     print(f"{args.command}: {outcome.detail}")
@@ -126,18 +126,18 @@ def cmd_stage(args) -> None:
 def cmd_curate(args) -> None:
     if args.explain is None:
         return cmd_stage(args)
-    from pipelines.curate import explain
+    from pipelines.stages.curate import explain
 
     print(explain(args.explain, load_params(PARAMS_FILE, args.set)))
 
 
 def cmd_publish(args) -> None:
-    from pipelines.publish import publish_model
+    from pipelines.stages.publish import publish_model
 
     params = load_params(PARAMS_FILE, args.set)
     if Path("dvc.yaml").exists() and Path(".dvc").is_dir():
         # In a DVC project the outputs go to the remote before any alias moves, as in the flow.
-        from flows.dvc_repo import StageFailed, push
+        from pipelines.adapters.dvc_repo import StageFailed, push
 
         try:
             push()
@@ -151,14 +151,14 @@ def cmd_publish(args) -> None:
 
 
 def cmd_promote(args) -> None:
-    from pipelines.publish import promote_version
+    from pipelines.stages.publish import promote_version
 
     result = promote_version(load_params(PARAMS_FILE, args.set), args.version)
     print(f"champion is now version {result.get('champion_version', args.version)}")
 
 
 def cmd_rollback(args) -> None:
-    from pipelines.publish import rollback_champion
+    from pipelines.stages.publish import rollback_champion
 
     result = rollback_champion(load_params(PARAMS_FILE, args.set))
     print(f"champion rolled back to version {result.get('champion_version')}")
@@ -193,7 +193,7 @@ def _version_text(version) -> str:
 def cmd_history(args) -> None:
     import json
 
-    from pipelines.publish import read_history
+    from pipelines.stages.publish import read_history
 
     params = load_params(PARAMS_FILE, args.set)
     moves = read_history(params)
@@ -208,7 +208,7 @@ def cmd_history(args) -> None:
 
 
 def cmd_serve(args) -> None:
-    from pipelines.serve import run_server
+    from pipelines.serving.serve import run_server
 
     code = run_server(load_params(PARAMS_FILE, args.set), port=args.port, model_uri=args.model_uri)
     if code:
@@ -218,7 +218,7 @@ def cmd_serve(args) -> None:
 def cmd_status(args) -> None:
     import json
 
-    from pipelines.status import format_status, read_status
+    from pipelines.commands.status import format_status, read_status
 
     status = read_status(load_params(PARAMS_FILE, args.set))
     if args.json:
@@ -230,7 +230,7 @@ def cmd_status(args) -> None:
 def cmd_compare(args) -> None:
     import json
 
-    from pipelines.compare import compare, format_comparison
+    from pipelines.commands.compare import compare, format_comparison
 
     found = compare(load_params(PARAMS_FILE, args.set), args.a, args.b, ui_url=args.ui_url)
     if args.json:
@@ -241,7 +241,7 @@ def cmd_compare(args) -> None:
 
 def cmd_restart(args) -> None:
     require_project()
-    from pipelines.restart import restore_version
+    from pipelines.commands.restart import restore_version
 
     result = restore_version(load_params(PARAMS_FILE, args.set), args.from_version)
     print(f"workspace restored to the data and model of version {result['version']}")
@@ -322,8 +322,8 @@ def cmd_stack(args) -> None:
 def cmd_generate(args) -> None:
     import torch
 
-    from pipelines.data import EOT
-    from pipelines.evaluate import load_model_dir
+    from pipelines.core.data import EOT
+    from pipelines.stages.evaluate import load_model_dir
 
     params = load_params(PARAMS_FILE, args.set)
     model_dir = Path(params.train.model_dir)
@@ -491,8 +491,8 @@ def main(argv: list[str] | None = None) -> None:
             raise
         import mlflow
 
-        from pipelines.compare import public_uri
-        from pipelines.publish import mlflow_failure
+        from pipelines.commands.compare import public_uri
+        from pipelines.stages.publish import mlflow_failure
 
         uri = public_uri(mlflow.get_tracking_uri())  # without the user and password it may carry
         reason.append(f"trainpipe {args.command}: MLflow at {uri} failed ({mlflow_failure(exc)})")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.data import EOT, TOKENIZER_FILE, write_json
+from pipelines.core.data import EOT, TOKENIZER_FILE, write_json
 
 
 def tracked_copy(proj: Path, overrides: list[str]) -> Path:
@@ -19,7 +19,7 @@ def tracked_copy(proj: Path, overrides: list[str]) -> Path:
         if not name.startswith("tests/"):
             (proj / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(repo / name, proj / name)
-    from pipelines.params import save_overrides
+    from pipelines.core.params import save_overrides
 
     save_overrides(proj / "params.yaml", overrides)
     for args in (
@@ -47,7 +47,7 @@ def make_model_dir(path: str | Path, seed: int = 0, block_size: int = 32) -> Pat
     from safetensors.torch import save_model
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    from pipelines.model import GPT, GPTConfig
+    from pipelines.core.model import GPT, GPTConfig
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -85,8 +85,8 @@ def write_metrics(
     per_document.json. Each document scores val_bits_per_byte, or doc_bits_per_byte[i]; the
     total is then what these add up to. Two models written with flat scores differ by the same
     amount on every document: a bootstrap interval of zero width at the difference."""
-    from pipelines.data import read_json, sha256_file
-    from pipelines.evaluate import EVALUATION_FILE, PER_DOCUMENT_FILE, score_key, scoring_code_sha256
+    from pipelines.core.data import read_json, sha256_file
+    from pipelines.stages.evaluate import EVALUATION_FILE, PER_DOCUMENT_FILE, score_key, scoring_code_sha256
 
     model_dir = Path(model_dir) if model_dir else Path(reports_dir).parent / "models"
     settings = {
@@ -186,8 +186,8 @@ def smoked_model_source(tmp_path_factory, mlflow_template_db) -> tuple[str, dict
     import mlflow
     from mlflow import MlflowClient
 
-    from pipelines.params import Params
-    from pipelines.publish import publish_model
+    from pipelines.core.params import Params
+    from pipelines.stages.publish import publish_model
 
     root = tmp_path_factory.mktemp("smoked")
     with pytest.MonkeyPatch.context() as mp:

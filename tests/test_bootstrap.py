@@ -5,8 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from pipelines import bootstrap
-from pipelines.bootstrap import DELTA_TAGS, BpbDelta, paired_bootstrap, read_bpb_delta
+from pipelines.core import bootstrap
+from pipelines.core.bootstrap import DELTA_TAGS, BpbDelta, paired_bootstrap, read_bpb_delta
 
 
 def test_identical_scores_give_a_zero_interval():

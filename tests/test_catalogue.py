@@ -19,9 +19,9 @@ import pytest
 import yaml
 from conftest import make_model_dir, write_metrics
 
-from pipelines import curate, ingest, inputs
-from pipelines.data import DOCUMENTS_FILE, sha256_file
-from pipelines.params import load_params, save_overrides
+from pipelines.core.data import DOCUMENTS_FILE, sha256_file
+from pipelines.core.params import load_params, save_overrides
+from pipelines.stages import curate, ingest, inputs
 
 GATE = ["curate.gate.min_documents=5", "curate.gate.min_bytes=3000", "curate.workers=1"]
 BIN = Path(sys.executable).parent
@@ -420,7 +420,7 @@ def test_generated_files_and_encoded_blobs(ws, tmp_path):
 @pytest.fixture
 def champion(ws, tmp_path, mlflow_env):
     """A champion published from a 40-module corpus, its data profile stored with it."""
-    from pipelines.publish import publish_model
+    from pipelines.stages.publish import publish_model
 
     folder = tmp_path / "champion_corpus"
     good_corpus(folder, n=40)

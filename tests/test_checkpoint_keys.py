@@ -1,5 +1,5 @@
 """A checkpoint is resumed only by what wrote it, with real training processes on CPU killed by a
-real SIGKILL: an edit to pipelines/train.py (even a comment) trains from step 0; a short try of
+real SIGKILL: an edit to pipelines/stages/train.py (even a comment) trains from step 0; a short try of
 another config leaves a killed run's checkpoints alone; a finished run leaves none; a checkpoint
 that would run code when unpickled is refused; a non-finite gradient stops training before its
 step is checkpointed."""
@@ -22,8 +22,7 @@ from test_resume import (
     writing,
 )
 
-from pipelines import train
-from pipelines.checkpoint import (
+from pipelines.adapters.checkpoint import (
     PAUSE_ENV,
     checkpoint_path,
     checksum_path,
@@ -32,8 +31,9 @@ from pipelines.checkpoint import (
     read_checkpoint,
     run_key,
 )
-from pipelines.data import read_json, sha256_hex
-from pipelines.errors import DivergenceError
+from pipelines.core.data import read_json, sha256_hex
+from pipelines.core.errors import DivergenceError
+from pipelines.stages import train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -61,9 +61,9 @@ def test_an_edit_to_train_py_trains_from_step_0_never_from_other_codes_checkpoin
     code = tmp_path / "code"  # a copy of the package, edited below as a developer would
     shutil.copytree(REPO / "pipelines", code / "pipelines", ignore=shutil.ignore_patterns("__pycache__"))
     env = dict(env, PYTHONPATH=str(code))
-    train_py = code / "pipelines" / "train.py"
+    train_py = code / "pipelines" / "stages" / "train.py"
     params_file = write_params(params, tmp_path / "run")
-    other_code = "was written by other code (pipelines/train.py changed); starting fresh"
+    other_code = "was written by other code (pipelines/stages/train.py changed); starting fresh"
 
     # A comment-only edit: the same math, but not the code that wrote the checkpoint.
     old = checkpoint_path(kill_after_first_checkpoint(params_file, env, cwd=code), EVERY)
@@ -192,8 +192,8 @@ def test_dvc_yaml_lists_every_train_setting_that_changes_the_weights():
     # a model trained with another value of it
     import yaml
 
-    from pipelines.params import TrainParams
-    from pipelines.train import NON_MODEL_FIELDS
+    from pipelines.core.params import TrainParams
+    from pipelines.stages.train import NON_MODEL_FIELDS
 
     listed = set(yaml.safe_load(Path("dvc.yaml").read_text())["stages"]["train"]["params"])
     expected = {f"train.{name}" for name in TrainParams.model_fields} - {

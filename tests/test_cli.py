@@ -80,8 +80,8 @@ def test_generate_without_a_model_says_what_to_run(tmp_path):
 def test_flow_retries_transient_stage_failures_only():
     from prefect.states import Failed
 
-    from flows.dvc_repo import StageFailed
     from flows.training import retry_transient_only
+    from pipelines.adapters.dvc_repo import StageFailed
 
     def failed(code):
         return Failed(data=StageFailed("boom", code))

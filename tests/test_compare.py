@@ -17,10 +17,10 @@ from conftest import copy_mlflow_db, make_model_dir, write_metrics
 from mlflow import MlflowClient
 
 from pipelines.cli import main
-from pipelines.compare import compare, format_comparison
-from pipelines.errors import ConfigError
-from pipelines.ledger import format_usd, price
-from pipelines.params import Params, PublishParams, flatten, load_params
+from pipelines.commands.compare import compare, format_comparison
+from pipelines.core.errors import ConfigError
+from pipelines.core.ledger import format_usd, price
+from pipelines.core.params import Params, PublishParams, flatten, load_params
 
 NAME = PublishParams().model_name
 TRAINPIPE = str(Path(sys.executable).parent / "trainpipe")
@@ -60,7 +60,7 @@ def flow_run_publish(client: MlflowClient, tmp_path: Path, seed: int, bpb: float
     for key, value in ledger.items():
         client.log_metric(run_id, key, value)
     (tmp_path / "dvc.lock").write_text(yaml.safe_dump(lock))
-    from pipelines.publish import publish_model
+    from pipelines.stages.publish import publish_model
 
     make_model_dir(params.train.model_dir, seed=seed)
     write_metrics(params.evaluate.reports_dir, bpb)
@@ -289,7 +289,7 @@ def test_an_unreachable_registry_is_one_line_without_its_password(tmp_path):
 
 
 def test_the_ui_link_of_a_tracking_server_is_the_server_itself(two_versions):
-    from pipelines.compare import ui_base
+    from pipelines.commands.compare import ui_base
 
     assert ui_base("http://admin:secret@mlflow.example:15000/") == ("http://mlflow.example:15000", None)
     assert ui_base("sqlite:///mlflow.db", "http://ui.example/") == ("http://ui.example", None)

@@ -6,10 +6,12 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines import curate, gate, inputs, quality
-from pipelines.data import DOCUMENTS_FILE, sha256_hex, write_documents, write_json
-from pipelines.errors import GateError, SourceError
-from pipelines.params import CurateParams, GateParams, load_params
+from pipelines.core import quality
+from pipelines.core.data import DOCUMENTS_FILE, sha256_hex, write_documents, write_json
+from pipelines.core.errors import GateError, SourceError
+from pipelines.core.params import CurateParams, GateParams, load_params
+from pipelines.stages import curate, inputs
+from pipelines.stages import data_gate as gate
 
 
 @pytest.fixture(autouse=True)
@@ -364,7 +366,7 @@ def test_drift_compares_with_the_recorded_champion_profile(tmp_path):
 
 
 def test_drift_needs_a_reference_recorded_for_these_params(tmp_path):
-    from pipelines.errors import ConfigError
+    from pipelines.core.errors import ConfigError
 
     write_documents(raw_records(), tmp_path / "raw")
     params = stage_params(tmp_path)
@@ -408,7 +410,7 @@ def test_unreachable_registry_is_a_drift_warning_not_a_silent_pass(tmp_path, mon
 
 
 def test_explain_names_what_it_cannot_find(tmp_path):
-    from pipelines.errors import ConfigError
+    from pipelines.core.errors import ConfigError
 
     write_documents(raw_records(), tmp_path / "raw")
     params = stage_params(tmp_path)

@@ -5,8 +5,9 @@ import math
 
 import pytest
 
-from pipelines import dedupe, gate, quality, scrub
-from pipelines.params import CurateParams, DriftParams
+from pipelines.core import dedupe, quality, scrub
+from pipelines.core.params import CurateParams, DriftParams
+from pipelines.stages import data_gate as gate
 
 RULES = CurateParams(
     max_mean_line_length=10,

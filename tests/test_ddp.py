@@ -1,4 +1,4 @@
-"""Training across processes: `python -m pipelines.train` with train.nproc_per_node=2 runs itself
+"""Training across processes: `python -m pipelines.stages.train` with train.nproc_per_node=2 runs itself
 under torchrun (2 gloo ranks on CPU), trains on the same tokens as one process and ends at the same
 loss within a float tolerance; a SIGKILL of its whole process group, then a restart, ends with
 weights byte-identical to an uninterrupted 2-process run, and a kill of the launcher alone takes
@@ -18,12 +18,12 @@ from safetensors.torch import load_model
 from test_resume import committed, run_folder, run_train, train_cmd, wait_for, write_params, writing
 from test_stages import curated_from_stdlib, tiny_params
 
-from pipelines import tokenize, train
-from pipelines.checkpoint import PAUSE_ENV
-from pipelines.data import load_tokens, read_json
-from pipelines.model import GPT, GPTConfig
-from pipelines.ranks import rank_failure, threads_per_rank
-from pipelines.usage import USAGE_DIR_ENV, read_usage, stage_work
+from pipelines.adapters.checkpoint import PAUSE_ENV
+from pipelines.adapters.ranks import rank_failure, threads_per_rank
+from pipelines.core.data import load_tokens, read_json
+from pipelines.core.model import GPT, GPTConfig
+from pipelines.core.usage import USAGE_DIR_ENV, read_usage, stage_work
+from pipelines.stages import tokenize, train
 
 MAX_STEPS, EVERY = 40, 10
 # fp32: with bf16 autocast, rounding to 8-bit mantissas turns the same tiny differences into ~5e-3
@@ -84,7 +84,7 @@ def one_process(tiny) -> dict:
 
 @pytest.fixture(scope="module")
 def two_processes(tiny) -> dict:
-    """The summary and output of a 2-process run: `python -m pipelines.train` starts torchrun."""
+    """The summary and output of a 2-process run: `python -m pipelines.stages.train` starts torchrun."""
     root, params, env = tiny
     done = run_train(write_params(with_processes(params, 2), root / "two"), env)
     assert done.returncode == 0, done.stderr
@@ -156,7 +156,7 @@ def test_sigkill_of_the_whole_group_resumes_to_the_uninterrupted_weights(tiny, t
     wait_for(lambda: writing(3 * EVERY)(ckpt_root, ""), proc, timeout=90)
     processes = psutil.Process(proc.pid).children(recursive=True)  # torchrun and its 2 ranks
     ranks = [p for p in processes if "torch.distributed.run" not in p.cmdline()]
-    assert len(processes) == 3 and all("pipelines.train" in p.cmdline() for p in ranks), processes
+    assert len(processes) == 3 and all("pipelines.stages.train" in p.cmdline() for p in ranks), processes
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     # torchrun starts its ranks in sessions of their own: they die with it (ranks.die_with_parent)
@@ -203,7 +203,9 @@ def test_a_kill_of_the_launcher_alone_stops_torchrun_and_its_ranks_at_once(tiny,
     wait_for(lambda: writing(EVERY)(ckpt_root, ""), proc, timeout=90)  # rank 0 holds halfway for 1 s
     processes = psutil.Process(proc.pid).children(recursive=True)
     assert len(processes) == 3, processes  # torchrun and its 2 ranks
-    os.kill(proc.pid, signal.SIGKILL)  # `python -m pipelines.train` alone, as a kill of one training process
+    os.kill(
+        proc.pid, signal.SIGKILL
+    )  # `python -m pipelines.stages.train` alone, as a kill of one training process
     proc.wait()
     # Left alone, torchrun and the ranks trained on for seconds (until a write to the dead
     # launcher's stderr pipe killed them), and rank 0 finished this checkpoint and wrote more.

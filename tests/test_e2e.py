@@ -189,7 +189,7 @@ def test_flow_run_executes_every_stage_and_publishes_champion(project, first_run
     run_data = client.get_run(version.run_id).data
     assert "val_bits_per_byte" in run_data.metrics and run_data.params["train.max_steps"] == "60"
     # the training curve is in the flow's run: a point every train.log_every steps and the last
-    from pipelines.params import load_params
+    from pipelines.core.params import load_params
 
     every = load_params(proj / "params.yaml").train.log_every
     history = client.get_metric_history(version.run_id, "train_loss")

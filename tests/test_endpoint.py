@@ -17,11 +17,11 @@ from conftest import copy_mlflow_db, make_model_dir, write_metrics
 from mlflow import MlflowClient
 from test_serve import free_port
 
-from pipelines.errors import SmokeTestError
-from pipelines.params import Params, ServeParams
-from pipelines.publish import promote_version, publish_model
-from pipelines.registry import endpoint_records
-from pipelines.status import ask_endpoint, wait_for_champion
+from pipelines.adapters.registry import endpoint_records
+from pipelines.commands.status import ask_endpoint, wait_for_champion
+from pipelines.core.errors import SmokeTestError
+from pipelines.core.params import Params, ServeParams
+from pipelines.stages.publish import promote_version, publish_model
 
 NAME = Params().publish.model_name
 TRAINPIPE = str(Path(sys.executable).parent / "trainpipe")
@@ -247,14 +247,14 @@ def test_a_stopped_endpoint_clears_its_record_and_the_flow_says_how_to_start_one
 
 
 def test_the_endpoint_loads_a_version_with_the_code_it_carries(registry, monkeypatch):
-    """This process has imported the checkout's pipelines.model (as `trainpipe serve` has); a
+    """This process has imported the checkout's pipelines.core.model (as `trainpipe serve` has); a
     version loaded beside it still runs the model code logged with it, and the process keeps its own."""
-    import pipelines.model
-    from pipelines.endpoint import load_version
+    import pipelines.core.model
+    from pipelines.serving.endpoint import load_version
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", registry["env"]["MLFLOW_TRACKING_URI"])
     served = load_version(NAME, "2", deadline_s=120)
     gpt = type(served.model.unwrap_python_model().model)
-    assert "/code/pipelines/model.py" in gpt.forward.__code__.co_filename
-    assert gpt.forward.__code__.co_filename != pipelines.model.__file__
-    assert sys.modules["pipelines.model"] is pipelines.model
+    assert "/code/pipelines/core/model.py" in gpt.forward.__code__.co_filename
+    assert gpt.forward.__code__.co_filename != pipelines.core.model.__file__
+    assert sys.modules["pipelines.core.model"] is pipelines.core.model

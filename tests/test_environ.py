@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from pipelines.environ import environ_set
+from pipelines.core.environ import environ_set
 
 
 def test_variables_are_set_and_unset_inside_and_restored_after_an_exception(monkeypatch):

@@ -14,7 +14,7 @@ import yaml
 from conftest import tracked_copy
 from test_catalogue import good_corpus, module
 
-from flows.dvc_repo import _pump, describe_changes, failure_reason, stage_exit_code
+from pipelines.adapters.dvc_repo import _pump, describe_changes, failure_reason, stage_exit_code
 
 
 class Sink:
@@ -38,12 +38,12 @@ def pump(data: bytes, drop_hints: bool) -> bytes:
 
 def test_pump_drops_dvc_hints_but_keeps_stage_output():
     out = (
-        b"Running stage 'train':\n> python -m pipelines.train\ntrain: step 10/20\nUpdating lock file 'dvc.lock'\n\n"
+        b"Running stage 'train':\n> python -m pipelines.stages.train\ntrain: step 10/20\nUpdating lock file 'dvc.lock'\n\n"
         b"To track the changes with git, run:\n\n\tgit add dvc.lock\n\nTo enable auto staging, run:\n\n"
         b"\tdvc config core.autostage true\nUse `dvc push` to send your updates to remote storage.\n"
     )
     assert pump(out, True) == (
-        b"Running stage 'train':\n> python -m pipelines.train\ntrain: step 10/20\nUpdating lock file 'dvc.lock'\n"
+        b"Running stage 'train':\n> python -m pipelines.stages.train\ntrain: step 10/20\nUpdating lock file 'dvc.lock'\n"
     )
     assert pump(out, False) == out
 
@@ -51,8 +51,14 @@ def test_pump_drops_dvc_hints_but_keeps_stage_output():
 @pytest.mark.parametrize(
     "text, code",
     [
-        ("ERROR: failed to reproduce 'curate': failed to run: python -m pipelines.curate, exited with 3", 3),
-        ("ERROR: failed to reproduce 'train': failed to run: python -m pipelines.train, exited with 4", 4),
+        (
+            "ERROR: failed to reproduce 'curate': failed to run: python -m pipelines.stages.curate, exited with 3",
+            3,
+        ),
+        (
+            "ERROR: failed to reproduce 'train': failed to run: python -m pipelines.stages.train, exited with 4",
+            4,
+        ),
         ("ERROR: unexpected error - [Errno 28] No space left on device", 1),
     ],
 )
@@ -135,8 +141,9 @@ def test_the_flows_inputs_check_records_what_dvc_repro_records(tmp_path, monkeyp
     """The flow runs the inputs stage in its own process and `dvc commit`s it; `dvc repro` runs its
     command. For the same inputs both leave the same dvc.lock entry and cached outputs, and the
     flow's in-process `dvc status` says what `dvc status --json` says."""
-    from flows.dvc_repo import check_inputs, stage_changes
-    from pipelines.params import load_params
+    from pipelines.adapters.dvc_repo import stage_changes
+    from pipelines.stages.inputs import check_inputs
+    from pipelines.core.params import load_params
 
     source = tmp_path / "corpus"
     good_corpus(source, n=3)

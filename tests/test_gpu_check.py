@@ -10,7 +10,7 @@ from pathlib import Path
 
 from test_stages import TINY_TRAIN, curated_from_stdlib, tiny_params
 
-from pipelines import tokenize
+from pipelines.stages import tokenize
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
+from pipelines.adapters.registry import HISTORY_TAG_PREFIX, LEGACY_HISTORY_TAG, champion_history
 from pipelines.cli import format_history, main
-from pipelines.errors import ConfigError
-from pipelines.params import Params, PublishParams
-from pipelines.publish import _move_champion, promote_version, read_history, rollback_champion
-from pipelines.registry import HISTORY_TAG_PREFIX, LEGACY_HISTORY_TAG, champion_history
+from pipelines.core.errors import ConfigError
+from pipelines.core.params import Params, PublishParams
+from pipelines.stages.publish import _move_champion, promote_version, read_history, rollback_champion
 
 NAME = PublishParams().model_name
 TRAINPIPE = str(Path(sys.executable).parent / "trainpipe")

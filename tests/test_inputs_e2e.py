@@ -13,8 +13,8 @@ from mlflow import MlflowClient
 from test_catalogue import good_corpus, module
 from test_e2e import BIN, MODEL, make_project, sh, trainpipe
 
-from pipelines.inputs import source_manifest
-from pipelines.params import save_overrides
+from pipelines.core.params import save_overrides
+from pipelines.stages.inputs import source_manifest
 
 
 def dvc_repro(proj: Path, env: dict, *targets: str):

@@ -1,4 +1,5 @@
-"""Imports point down only: no import circle among the modules of pipelines/ and flows/.
+"""Imports point down only: every import goes to a module of the same layer or a lower one, and
+no import circle joins the modules of pipelines/ and flows/.
 
 Imports are read with ast, at module level and inside functions alike: a deferred import that
 closes a loop is the same dependency, only hidden."""
@@ -8,6 +9,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("pipelines", "flows")
+# DESIGN.md "Layers", top to bottom. A module may import its own layer and those below it.
+LAYERS = (
+    ("cli", ("pipelines.cli",)),
+    ("flows", ("flows",)),
+    ("commands", ("pipelines.commands",)),
+    ("stages and serving", ("pipelines.stages", "pipelines.serving")),
+    ("adapters", ("pipelines.adapters",)),
+    ("core", ("pipelines.core",)),
+)
 
 
 def import_graph(root: Path = ROOT) -> dict[str, set[str]]:
@@ -60,6 +70,53 @@ def circles(graph: dict[str, set[str]]) -> list[list[str]]:
         if v not in index:
             visit(v)
     return found
+
+
+def layer_of(module: str) -> int:
+    """The layer's height: 0 for core, counting up; a module of no layer is an error."""
+    for height, (_, prefixes) in enumerate(reversed(LAYERS)):
+        if any(module == p or module.startswith(p + ".") for p in prefixes):
+            return height
+    raise AssertionError(f"{module} belongs to no layer of {[name for name, _ in LAYERS]}")
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    names = [name for name, _ in reversed(LAYERS)]
+    found = []
+    for module in sorted(graph):
+        if module in PACKAGES:
+            continue
+        for target in sorted(graph[module]):
+            if target not in PACKAGES and layer_of(target) > layer_of(module):
+                found.append(
+                    f"{module} ({names[layer_of(module)]}) imports {target} ({names[layer_of(target)]})"
+                )
+    return found
+
+
+def test_the_detector_finds_an_upward_import(tmp_path):
+    for folder in ("pipelines", "pipelines/core", "pipelines/stages", "flows"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "__init__.py").write_text("")
+    (tmp_path / "pipelines" / "core" / "a.py").write_text("def f():\n    from pipelines.stages.b import x\n")
+    (tmp_path / "pipelines" / "stages" / "b.py").write_text("from pipelines.core.a import f\n")
+    (tmp_path / "flows" / "c.py").write_text("import pipelines.stages.b\n")
+    assert upward_imports(import_graph(tmp_path)) == [
+        "pipelines.core.a (core) imports pipelines.stages.b (stages and serving)"
+    ]
+
+
+def test_imports_point_down_only():
+    assert upward_imports(import_graph()) == []
+
+
+def test_the_served_model_imports_only_the_model_of_the_project():
+    """What travels inside a logged model (pipelines/serving/served_code.py) is all it imports."""
+    from pipelines.serving.served_code import INFERENCE_MODULES
+
+    imported = import_graph()["pipelines.serving.completion"]
+    carried = {path.removesuffix(".py").replace("/", ".") for path in INFERENCE_MODULES}
+    assert imported - set(PACKAGES) - {"pipelines.core"} == carried
 
 
 def test_the_detector_finds_a_circle(tmp_path):

@@ -17,7 +17,8 @@ from conftest import make_model_dir, write_metrics
 from mlflow import MlflowClient
 
 from pipelines.cli import main
-from pipelines.ledger import (
+from pipelines.commands.status import format_status, read_status
+from pipelines.core.ledger import (
     RUN_USD,
     format_usd,
     ledger_metrics,
@@ -27,10 +28,9 @@ from pipelines.ledger import (
     train_work,
     usd_per_million_tokens,
 )
-from pipelines.params import CostParams, Params
-from pipelines.publish import publish_model
-from pipelines.status import format_status, read_status
-from pipelines.usage import USAGE_DIR_ENV, note_unreported_attempt, read_usage
+from pipelines.core.params import CostParams, Params
+from pipelines.core.usage import USAGE_DIR_ENV, note_unreported_attempt, read_usage
+from pipelines.stages.publish import publish_model
 
 RATES = CostParams(cpu_hour_usd=36.0, gpu_hour_usd=360.0)  # 1 cent a CPU-second, 10 a GPU-second
 STAGES = ["inputs", "ingest", "curate", "tokenize", "train", "evaluate"]
@@ -40,7 +40,7 @@ PYTHON = sys.executable
 def record(
     stage: str, seconds: float, device: str = "cpu", rank: int | None = None, rss_mb: float = 100
 ) -> dict:
-    """A report as pipelines/usage.py writes it."""
+    """A report as pipelines/core/usage.py writes it."""
     return {
         "stage": stage,
         "pid": 1,
@@ -153,14 +153,14 @@ def test_a_stage_process_reports_what_it_spent_passed_or_failed(tmp_path):
     env = {**os.environ, USAGE_DIR_ENV: str(usage), "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     started = time.monotonic()
     ingest = subprocess.run(
-        [PYTHON, "-m", "pipelines.ingest", "-S", f"data.source={source}"],
+        [PYTHON, "-m", "pipelines.stages.ingest", "-S", f"data.source={source}"],
         cwd=tmp_path,
         env=env,
         capture_output=True,
     )
     wall = time.monotonic() - started
     tokenize = subprocess.run(
-        [PYTHON, "-m", "pipelines.tokenize"], cwd=tmp_path, env=env, capture_output=True
+        [PYTHON, "-m", "pipelines.stages.tokenize"], cwd=tmp_path, env=env, capture_output=True
     )
     assert ingest.returncode == 0, ingest.stderr[-2000:]
     assert tokenize.returncode == 2
@@ -173,7 +173,7 @@ def test_a_stage_process_reports_what_it_spent_passed_or_failed(tmp_path):
     assert all(r["rank"] is None for r in reports.values())
 
     del env[USAGE_DIR_ENV]
-    subprocess.run([PYTHON, "-m", "pipelines.tokenize"], cwd=tmp_path, env=env, capture_output=True)
+    subprocess.run([PYTHON, "-m", "pipelines.stages.tokenize"], cwd=tmp_path, env=env, capture_output=True)
     assert len(list(usage.iterdir())) == 2
 
 

@@ -11,13 +11,13 @@ import yaml
 from mlflow import MlflowClient
 from test_stages import tokenized  # noqa: F401  (a fixture: tiny tokens in tmp_path, MLflow there)
 
-from pipelines.params import load_params
-from pipelines.registry import (
+from pipelines.adapters.registry import (
     EXPERIMENT_KIND_TAG,
     TRAINING_KIND,
     set_training_experiment,
     training_experiment,
 )
+from pipelines.core.params import load_params
 
 
 def test_the_experiment_is_created_as_a_training_experiment(mlflow_env):
@@ -62,7 +62,7 @@ def write_workspace(root, params) -> dict:
 def test_a_run_logs_the_data_it_used_as_dataset_inputs(mlflow_env, tmp_path):
     import mlflow
 
-    from pipelines.run_datasets import log_run_datasets
+    from pipelines.adapters.run_datasets import log_run_datasets
 
     params = load_params(tmp_path / "absent.yaml")
     write_workspace(tmp_path, params)
@@ -94,7 +94,7 @@ def test_a_run_logs_the_data_it_used_as_dataset_inputs(mlflow_env, tmp_path):
 
 
 def test_without_a_dvc_lock_no_dataset_is_claimed(mlflow_env, tmp_path):
-    from pipelines.run_datasets import run_datasets
+    from pipelines.adapters.run_datasets import run_datasets
 
     assert run_datasets(load_params(tmp_path / "absent.yaml")) == []
 
@@ -112,7 +112,7 @@ def system_metric_keys(run_id: str) -> set[str]:
 
 @pytest.mark.parametrize("on", [True, False])
 def test_training_logs_system_metrics_unless_turned_off(tokenized_env, on):
-    from pipelines import train
+    from pipelines.stages import train
 
     params = tokenized_env.model_copy(deep=True)
     params.train.system_metrics = on

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipelines.model import GPT, GPTConfig, KVCache
+from pipelines.core.model import GPT, GPTConfig, KVCache
 
 TINY = GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32)
 # every architecture option away from GPT-2's at once
@@ -187,7 +187,7 @@ def muon_step(make, steps: int = 2) -> list[torch.Tensor]:
 
 
 def test_muon_is_torchs_own_in_bf16_batched_by_shape_and_orthogonalizes_in_fp32_for_an_fp32_model():
-    from pipelines.train import Muon
+    from pipelines.stages.train import Muon
 
     kwargs = {"lr": 0.02, "weight_decay": 0.1, "adjust_lr_fn": "match_rms_adamw"}
     torchs = muon_step(lambda ps: torch.optim.Muon(ps, **kwargs))
@@ -206,7 +206,7 @@ def test_muon_is_torchs_own_in_bf16_batched_by_shape_and_orthogonalizes_in_fp32_
 def orthogonalized(g: torch.Tensor) -> torch.Tensor:
     from torch.optim._muon import DEFAULT_A, DEFAULT_B, DEFAULT_C, DEFAULT_NS_STEPS
 
-    from pipelines.train import orthogonalize
+    from pipelines.stages.train import orthogonalize
 
     return orthogonalize([g], (DEFAULT_A, DEFAULT_B, DEFAULT_C), DEFAULT_NS_STEPS, 1e-7, torch.float32)[0]
 
@@ -215,8 +215,8 @@ def orthogonalized(g: torch.Tensor) -> torch.Tensor:
 def test_optimizer_state_round_trip_continues_bit_identically(optimizer):
     # what a checkpoint keeps of the optimizers is all a resumed run needs: 3 + 3 steps through a
     # save and load equal 6 straight steps, bit for bit
-    from pipelines.params import TrainParams
-    from pipelines.train import make_optimizer
+    from pipelines.core.params import TrainParams
+    from pipelines.stages.train import make_optimizer
 
     cfg = TrainParams(optimizer=optimizer, n_layer=2, n_head=2, n_embd=32, block_size=16)
     idx = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(0))
@@ -258,7 +258,7 @@ def attention_grads(fn, q, k, v, dout) -> list[torch.Tensor]:
 
 
 def test_cpu_bf16_attention_forward_is_the_flash_kernels_and_its_backward_as_close_to_fp32():
-    from pipelines.model import CausalAttentionCPU
+    from pipelines.core.model import CausalAttentionCPU
 
     g = torch.Generator().manual_seed(0)
     q, k, v, dout = (torch.randn(2, 3, 64, 16, generator=g) for _ in range(4))
@@ -274,7 +274,7 @@ def test_cpu_bf16_attention_forward_is_the_flash_kernels_and_its_backward_as_clo
 
 
 def test_compiled_bf16_training_on_a_cpu_takes_the_recomputing_backward_and_eager_does_not():
-    from pipelines.model import CausalSelfAttention
+    from pipelines.core.model import CausalSelfAttention
 
     torch.manual_seed(0)
     ours = CausalSelfAttention(GPTConfig(n_embd=32, n_head=2))

@@ -3,8 +3,8 @@ from pathlib import Path
 import pytest
 from dvc.utils.serialize import parse_yaml
 
-from pipelines.errors import ConfigError
-from pipelines.params import Params, flatten, load_params, save_overrides
+from pipelines.core.errors import ConfigError
+from pipelines.core.params import Params, flatten, load_params, save_overrides
 
 
 def params_drift(path: str | Path) -> tuple[set, set, dict]:
@@ -207,7 +207,7 @@ def test_an_override_dvc_would_refuse_is_one_line(override, says):
     "value", [3e-4, 7, True, None, "a b", 'back\\slash "quoted" end\\', [1, "x y"], (3, 10.5)]
 )
 def test_override_text_reads_back_as_the_value(value):
-    from pipelines.params import override_text, parse_override
+    from pipelines.core.params import override_text, parse_override
 
     parsed = parse_override(override_text("data.source", value)).value()
     assert parsed == (list(value) if isinstance(value, tuple) else value)

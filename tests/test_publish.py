@@ -15,12 +15,12 @@ from conftest import METRICS_DOC_BYTES, SNIPPETS, copy_mlflow_db, make_model_dir
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from pipelines import evaluate, tokenize, train
-from pipelines.bootstrap import BpbDelta, paired_bootstrap, read_bpb_delta
-from pipelines.data import read_json, sha256_file, sha256_hex, write_documents, write_json
-from pipelines.errors import ConfigError, TrainpipeError
-from pipelines.params import Params, PublishParams, ServeParams
-from pipelines.publish import (
+from pipelines.core.bootstrap import BpbDelta, paired_bootstrap, read_bpb_delta
+from pipelines.core.data import read_json, sha256_file, sha256_hex, write_documents, write_json
+from pipelines.core.errors import ConfigError, TrainpipeError
+from pipelines.core.params import Params, PublishParams, ServeParams
+from pipelines.stages import evaluate, tokenize, train
+from pipelines.stages.publish import (
     PER_DOCUMENT_TAG,
     champion_history,
     decide_promotion,
@@ -336,7 +336,7 @@ def test_metrics_of_other_scoring_code_are_refused(trained, tmp_path):
         publish_model(trained)
     assert str(info.value) == (
         "reports/evaluation.json was scored by other code than this checkout's score_texts and "
-        "pipelines/model.py: run `trainpipe evaluate` first"
+        "pipelines/core/model.py: run `trainpipe evaluate` first"
     )
 
 

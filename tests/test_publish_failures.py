@@ -12,9 +12,9 @@ from pathlib import Path
 from conftest import make_model_dir, write_metrics
 from mlflow import MlflowClient
 
-from pipelines.data import sha256_file
-from pipelines.params import Params, PublishParams
-from pipelines.publish import DECISION_TAG, PAUSE_ENV, champion_history, publish_model
+from pipelines.core.data import sha256_file
+from pipelines.core.params import Params, PublishParams
+from pipelines.stages.publish import DECISION_TAG, PAUSE_ENV, champion_history, publish_model
 
 NAME = PublishParams().model_name
 TRAINPIPE = str(Path(sys.executable).parent / "trainpipe")

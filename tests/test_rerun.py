@@ -31,14 +31,14 @@ def _runs_train(process) -> bool:
     import psutil
 
     try:
-        return process.cmdline()[-2:] == ["-m", "pipelines.train"]
+        return process.cmdline()[-2:] == ["-m", "pipelines.stages.train"]
     except psutil.Error:  # exited (or became a zombie) since it was listed
         return False
 
 
 def _is_from(ckpt: Path, max_steps: int) -> bool:
     """Whether a checkpoint was written by a run of max_steps (not left by an earlier run)."""
-    from pipelines.checkpoint import read_checkpoint
+    from pipelines.adapters.checkpoint import read_checkpoint
 
     try:
         return read_checkpoint(ckpt)["fingerprint"]["train"]["max_steps"] == max_steps

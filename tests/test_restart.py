@@ -5,7 +5,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from pipelines.restart import local_only_missing, missing_outputs
+from pipelines.commands.restart import local_only_missing, missing_outputs
 
 
 def put(cache: Path, md5: str, text: str = "x") -> None:

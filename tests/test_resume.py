@@ -16,16 +16,16 @@ import yaml
 from conftest import copy_mlflow_db
 from test_stages import curated_from_stdlib, tiny_params
 
-from pipelines import tokenize
-from pipelines.checkpoint import (
+from pipelines.adapters.checkpoint import (
     PAUSE_ENV,
     checkpoint_path,
     list_checkpoints,
     load_checkpoint,
     read_checkpoint,
 )
-from pipelines.data import read_json
-from pipelines.usage import USAGE_DIR_ENV, read_usage, stage_work
+from pipelines.core.data import read_json
+from pipelines.core.usage import USAGE_DIR_ENV, read_usage, stage_work
+from pipelines.stages import tokenize
 
 MAX_STEPS, EVERY = 60, 10
 
@@ -81,11 +81,11 @@ def write_params(params, where: Path, ckpt_dir: Path | None = None) -> Path:
 
 
 def train_cmd(params_file: Path) -> list[str]:
-    return [sys.executable, "-m", "pipelines.train", "--params", str(params_file)]
+    return [sys.executable, "-m", "pipelines.stages.train", "--params", str(params_file)]
 
 
 def run_train(params_file: Path, env: dict, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """Train to the end; cwd: where `python -m pipelines.train` finds its code (default: here)."""
+    """Train to the end; cwd: where `python -m pipelines.stages.train` finds its code (default: here)."""
     return subprocess.run(
         train_cmd(params_file), env=env, cwd=cwd, capture_output=True, text=True, timeout=180
     )

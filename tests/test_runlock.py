@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 from conftest import copy_mlflow_db
 
-from pipelines.errors import ConfigError
-from pipelines.runlock import LOCK_FILE, LOCK_WAIT_ENV, flow_lock_wait_s
+from pipelines.adapters.runlock import LOCK_FILE, LOCK_WAIT_ENV, flow_lock_wait_s
+from pipelines.core.errors import ConfigError
 
 BIN = Path(sys.executable).parent
-HOLD = "from pipelines.runlock import workspace_lock\nwith workspace_lock('test-holder'):\n    print('held', flush=True)\n    __import__('time').sleep(120)\n"
+HOLD = "from pipelines.adapters.runlock import workspace_lock\nwith workspace_lock('test-holder'):\n    print('held', flush=True)\n    __import__('time').sleep(120)\n"
 
 
 def start_holder(cwd: Path) -> subprocess.Popen:
@@ -82,7 +82,7 @@ def test_promote_and_rollback_refuse_while_the_lock_is_held(tmp_path, args):
 # Holds the lock until a line arrives on stdin: a flow run's start (Prefect's temporary server)
 # can take a minute on a busy machine, longer than any fixed hold.
 HOLD_UNTIL_TOLD = (
-    "from pipelines.runlock import workspace_lock\n"
+    "from pipelines.adapters.runlock import workspace_lock\n"
     "with workspace_lock('test-holder'):\n"
     "    print('held', flush=True)\n"
     "    input()\n"

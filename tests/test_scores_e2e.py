@@ -9,7 +9,7 @@ import pytest
 from mlflow import MlflowClient
 from test_e2e import BIN, MODEL, make_project, sh, trainpipe
 
-from pipelines.data import sha256_file
+from pipelines.core.data import sha256_file
 
 pytestmark = pytest.mark.slow
 

@@ -16,11 +16,11 @@ import requests
 from conftest import copy_mlflow_db, make_model_dir, write_metrics
 from mlflow.exceptions import MlflowException
 
-from pipelines.completion import DEFAULT_LIMITS, EOT, check_request, model_limits, serving_limits
-from pipelines.errors import ConfigError
-from pipelines.params import Params, ServeParams
-from pipelines.publish import publish_model
-from pipelines.serve import run_server, serve_command, serve_env
+from pipelines.core.errors import ConfigError
+from pipelines.core.params import Params, ServeParams
+from pipelines.serving.completion import DEFAULT_LIMITS, EOT, check_request, model_limits, serving_limits
+from pipelines.serving.serve import run_server, serve_command, serve_env
+from pipelines.stages.publish import publish_model
 
 LIMITS = {"max_prompt_chars": 10, "max_new_tokens_limit": 8, "max_prompts": 3, "max_total_new_tokens": 20}
 
@@ -94,7 +94,7 @@ def test_max_new_tokens_limit_is_capped_below_the_context():
 
 def test_inference_code_keeps_the_project_defaults():
     """completion.py may import neither params nor data: its copies must equal theirs."""
-    from pipelines.data import EOT as DATA_EOT
+    from pipelines.core.data import EOT as DATA_EOT
 
     assert serving_limits(ServeParams()) == DEFAULT_LIMITS
     assert EOT == DATA_EOT
@@ -273,12 +273,15 @@ def test_logged_model_runs_no_pickle_and_carries_only_inference_code(mlflow_env,
     assert Path(pyfunc_conf["model_code_path"]).name == "completion.py"
     assert "python_model" not in pyfunc_conf  # the key of a cloudpickled instance
     repo = Path(__file__).resolve().parents[1]
-    assert (local / "completion.py").read_text() == (repo / "pipelines" / "completion.py").read_text()
+    assert (local / "completion.py").read_text() == (
+        repo / "pipelines" / "serving" / "completion.py"
+    ).read_text()
     assert not [p for p in local.rglob("*") if p.suffix in (".pkl", ".pickle")]
     code = local / pyfunc_conf["code"]
     assert sorted(str(p.relative_to(code)) for p in code.rglob("*") if p.is_file()) == [
         "pipelines/__init__.py",
-        "pipelines/model.py",
+        "pipelines/core/__init__.py",
+        "pipelines/core/model.py",
     ]
     assert pyfunc_conf["config"] == {"model_version": None}
 
@@ -303,7 +306,7 @@ def test_logged_model_runs_no_pickle_and_carries_only_inference_code(mlflow_env,
     assert [r["completion"] for r in answers[""]["records"]] == [r["completion"] for r in records]
     # only the inference modules, and those from the model's own code dir, not this checkout
     modules = answers["1"]["modules"]
-    assert sorted(modules) == ["pipelines", "pipelines.model"]
+    assert sorted(modules) == ["pipelines", "pipelines.core", "pipelines.core.model"]
     assert all("/code/pipelines/" in path for path in modules.values()), modules
 
 

@@ -7,11 +7,11 @@ import json
 
 import pytest
 
-from pipelines import ingest
-from pipelines.errors import ConfigError, SourceError
-from pipelines.gate import GateResult
-from pipelines.inputs import source_manifest
-from pipelines.params import load_params
+from pipelines.core.errors import ConfigError, SourceError
+from pipelines.core.params import load_params
+from pipelines.stages import ingest
+from pipelines.stages.data_gate import GateResult
+from pipelines.stages.inputs import source_manifest
 
 PNG = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256))
 

@@ -10,9 +10,9 @@ import sys
 import pytest
 import torch
 
-from pipelines import evaluate, ingest, scoring, tokenize, train
-from pipelines import model as model_code
-from pipelines.data import (
+from pipelines.core import model as model_code
+from pipelines.core import scoring
+from pipelines.core.data import (
     EOT,
     is_validation,
     load_tokens,
@@ -22,9 +22,10 @@ from pipelines.data import (
     split_documents,
     write_documents,
 )
-from pipelines.errors import DivergenceError, SourceError
-from pipelines.model import GPT, GPTConfig
-from pipelines.params import load_params
+from pipelines.core.errors import DivergenceError, SourceError
+from pipelines.core.model import GPT, GPTConfig
+from pipelines.core.params import load_params
+from pipelines.stages import evaluate, ingest, tokenize, train
 
 TINY_TRAIN = [
     "train.max_steps=30",
@@ -146,7 +147,7 @@ def test_document_tables_are_written_byte_for_byte_as_datasets_writes_them(
     import datasets.config
     from datasets import Dataset
 
-    from pipelines import data
+    from pipelines.core import data
 
     stdlib = ingest.collect_documents("python-stdlib", max_documents=300)  # MBs: content-defined chunks
     tables = {
@@ -435,9 +436,9 @@ def test_scoring_code_hash_is_the_imported_scorers_source():
 
 
 def test_publish_imports_no_torch():
-    # An unchanged `trainpipe run` imports pipelines.publish and publishes nothing: torch, 2.2 s of
+    # An unchanged `trainpipe run` imports pipelines.stages.publish and publishes nothing: torch, 2.2 s of
     # imports, waits for a run that logs or scores a model.
-    probe = "import sys, pipelines.publish; print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch')[:3])"
+    probe = "import sys, pipelines.stages.publish; print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch')[:3])"
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]", result.stdout
 
@@ -447,7 +448,7 @@ def test_compile_auto_compiles_on_a_cpu_where_inductor_builds_and_trains_eager_w
     # run of one process); with a compiler that is not there (CXX, read by inductor; an empty cache
     # so that no kernel built before is reused) it says why and stays eager.
     probe = (
-        "import torch; from pipelines.train import compile_decision, use_compile; cpu = torch.device('cpu'); "
+        "import torch; from pipelines.stages.train import compile_decision, use_compile; cpu = torch.device('cpu'); "
         "print(use_compile('auto', cpu), use_compile('auto', cpu, world=2), use_compile('on', cpu, world=2)); "
         "print(compile_decision('auto', cpu)[1])"  # why auto trains eager: what the train stage logs
     )
@@ -475,7 +476,7 @@ def test_cpu_training_reuses_freed_memory_instead_of_faulting_in_fresh_pages():
     # and the bound leaves room for that.
     probe = """
 import resource, sys, torch
-from pipelines.train import reuse_freed_memory
+from pipelines.stages.train import reuse_freed_memory
 applied = reuse_freed_memory(torch.device(sys.argv[1])) if sys.argv[1] != "none" else None
 def zeros_in_heap():
     data = torch.zeros(16, 256, 4096).data_ptr()

@@ -6,7 +6,7 @@ import torch
 from torch._dynamo.utils import counters
 
 from benchmarks.train_bench import Setting, profile_step
-from pipelines.params import TrainParams
+from pipelines.core.params import TrainParams
 
 
 def test_profile_of_a_compiled_step_compiles_nothing_again(capsys):

@@ -289,7 +289,7 @@ def test_trainpipe_run_works_against_the_stack_through_the_environment_alone(sta
 
 
 def test_a_worker_stopped_mid_training_loses_nothing(stack, scheduled_run):
-    from pipelines.params import save_overrides
+    from pipelines.core.params import save_overrides
 
     before = champion(stack)
     save_overrides(stack.checkout / "params.yaml", ["train.max_steps=160", "train.checkpoint_every=10"])

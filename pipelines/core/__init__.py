@@ -1,0 +1,2 @@
+"""The pure core: the model, the optimizer, params, the quality filters, scrub, dedupe and scoring.
+No servers, no tracking, no subprocesses; it imports nothing above it."""
