@@ -1,4 +1,4 @@
-# trainpipe: `make run` trains and registers a model from nothing; `make test` runs the tests.
+# trainpipe: `make run` trains and registers a model from nothing; `make test` runs the fast tier.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -6,11 +6,13 @@ STAMP := $(VENV)/.installed-stamp
 
 STACK_STAMP := $(VENV)/.stack-stamp
 
-.PHONY: install run test lint bench clean stack stack-down stack-status test-stack
+.PHONY: install run test test-all lint bench clean stack stack-down stack-status test-stack
 
 $(STAMP): pyproject.toml requirements.lock
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c requirements.lock -e '.[dev]'
+	@# the hooks of .pre-commit-config.yaml, in a git checkout (a tarball has none to hook into)
+	@if git rev-parse --git-dir >/dev/null 2>&1; then $(BIN)/pre-commit install >/dev/null; fi
 	@touch $(STAMP)
 
 install: $(STAMP)  ## create .venv and install the pinned dependencies
@@ -18,12 +20,19 @@ install: $(STAMP)  ## create .venv and install the pinned dependencies
 run: install  ## the whole flow on the built-in defaults, offline
 	$(BIN)/trainpipe run
 
-# One worker per core, each test file whole on one worker (the end-to-end modules share a trained
-# project between their tests); TEST_WORKERS=0 runs everything in this process.
+# The tiers, by folder: tests/unit (pure functions; seconds), tests/smoke (one tiny project from
+# ingest to a served answer), tests/integration (real MLflow, DVC and Prefect on small projects),
+# tests/stack (make test-stack). One worker per core, each test file whole on one worker (the
+# end-to-end modules share a trained project between their tests); TEST_WORKERS=0 runs everything
+# in this process. pytest's exit 5, "no tests ran", is a failure.
 TEST_WORKERS ?= auto
+PYTEST := $(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile
 
-test: install  ## the test suite on every core (pytest exit 5, "no tests ran", is a failure)
-	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile
+test: install  ## the fast tier: unit tests and one end-to-end smoke (under 5 minutes on 2 cores)
+	$(PYTEST) tests/unit tests/smoke
+
+test-all: install  ## every tier but the stack: unit, smoke and integration (what CI runs)
+	$(PYTEST) tests/unit tests/smoke tests/integration
 
 $(STACK_STAMP): $(STAMP)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c requirements.lock -e '.[dev,stack]'

@@ -1,19 +1,69 @@
-"""Shared fixtures: a tiny trained-model dir and a real MLflow registry on SQLite in tmp_path."""
+"""What every tier shares: a fresh project (a clone-like copy with small params), a real MLflow
+registry on SQLite in tmp_path, a tiny model dir, a free loopback port, and stopping a server's
+whole process group."""
 
+import os
 import shutil
+import signal
+import socket
 import sqlite3
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from pipelines.core.data import EOT, TOKENIZER_FILE, write_json
 
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+MODEL = "e2e-model"
+# A small project's params: a slice of the stdlib, a tiny model, minutes on 2 cores.
+SMALL = [
+    "data.max_documents=150",
+    "curate.gate.min_documents=20",
+    "curate.gate.min_bytes=100000",
+    "tokenize.vocab_size=400",
+    "tokenize.val_fraction=0.1",
+    "train.max_steps=60",
+    "train.batch_size=8",
+    "train.block_size=64",
+    "train.n_layer=2",
+    "train.n_head=2",
+    "train.n_embd=64",
+    "train.checkpoint_every=20",
+    "train.warmup_steps=10",
+    "train.compile=off",  # auto compiles on a CPU: 10-50 s of inductor per training, not what these test
+    "evaluate.max_tokens=20000",
+    "evaluate.sample_tokens=16",
+    f"publish.model_name={MODEL}",
+]
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def stop_process_group(proc: subprocess.Popen, timeout_s: float = 30) -> None:
+    """Stop a server started with start_new_session=True and everything it started (MLflow's
+    server runs uvicorn through a shell): SIGTERM to the group, SIGKILL if it outlives timeout_s."""
+    if proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
 
 def tracked_copy(proj: Path, overrides: list[str]) -> Path:
     """This project's git-tracked files (tests aside) as a fresh git repository with one commit
     and `overrides` written into params.yaml: what a clone of the project would be."""
-    repo = Path(__file__).resolve().parents[1]
+    repo = REPO
     files = subprocess.run(["git", "ls-files"], cwd=repo, capture_output=True, text=True, check=True).stdout
     for name in files.split():
         if not name.startswith("tests/"):
@@ -201,3 +251,28 @@ def smoked_model_source(tmp_path_factory, mlflow_template_db) -> tuple[str, dict
         local = mlflow.artifacts.download_artifacts(f"models:/{name}/{version}", dst_path=str(root / "model"))
         tags = MlflowClient(uri).get_model_version(name, version).tags
     return local, {key: tags[key] for key in SMOKE_TAGS}
+
+
+def make_project(root: Path, template_db: Path, overrides: list[str] = SMALL) -> tuple[Path, dict]:
+    """A fresh clone-like copy of the project (tracked files only) with small params, and the
+    environment that points its commands at its own MLflow database and Prefect home."""
+    proj = tracked_copy(root / "proj", overrides)
+    env = dict(os.environ)
+    env.update(
+        MLFLOW_TRACKING_URI=copy_mlflow_db(template_db, root),
+        PREFECT_HOME=str(root / "prefect"),
+        PATH=f"{BIN}{os.pathsep}{env['PATH']}",
+        PYTHONPATH=str(proj),  # the copy's code, as a clone's editable install would give
+        # the tiny training lasts a second or two, not 10 s; a UI chart draws a line from 2 samples
+        MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL="0.2",
+    )
+    env.pop("MLFLOW_RUN_ID", None)
+    return proj, env
+
+
+def sh(args: list[str], proj: Path, env: dict, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(args, cwd=proj, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def trainpipe(proj, env, *args) -> subprocess.CompletedProcess:
+    return sh([str(BIN / "trainpipe"), *args], proj, env)

@@ -68,7 +68,7 @@ def split_documents(docs: list[dict], val_fraction: float) -> tuple[list[dict], 
 
 
 # Dataset.to_parquet's layout (datasets 5.2: io/parquet.py and config.py), kept so that the bytes,
-# and so DVC's hashes, are datasets' own: tests/test_stages.py compares the two writers' files.
+# and so DVC's hashes, are datasets' own: tests/integration/test_stages.py compares the two writers' files.
 PARQUET_CDC = {"min_chunk_size": 256 * 1024, "max_chunk_size": 1024 * 1024, "norm_level": 0}
 PARQUET_ROW_GROUP_BYTES = 100 * 10**6
 VALUE_DTYPES = {"string": "string", "binary": "binary", "int64": "int64", "double": "float64", "bool": "bool"}

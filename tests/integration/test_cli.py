@@ -3,6 +3,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import free_port, stop_process_group
 
 from pipelines.cli import build_parser, main
 
@@ -57,7 +58,7 @@ def run_cli(*args, cwd):
 
 
 def test_bad_override_is_exit_2_with_one_line_naming_the_key(tmp_path):
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     result = run_cli("publish", "-S", "train.learning_rate=1", cwd=repo)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
@@ -96,17 +97,12 @@ def test_flow_retries_transient_stage_failures_only():
 def test_a_scheduling_server_on_another_port_gives_its_ui_that_port(tmp_path, monkeypatch):
     """The UI finds its API through /ui-settings; with Prefect's default it would call port 4200
     and show "Can't connect to Server API" for a server started with --prefect-port."""
-    import os
-    import signal
-    import socket
 
     import requests
 
     from pipelines.cli import start_prefect_server
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     monkeypatch.setenv("PREFECT_HOME", str(tmp_path))
     monkeypatch.delenv("PREFECT_UI_API_URL", raising=False)
     server = start_prefect_server(port)
@@ -114,8 +110,7 @@ def test_a_scheduling_server_on_another_port_gives_its_ui_that_port(tmp_path, mo
         settings = requests.get(f"http://127.0.0.1:{port}/ui-settings", timeout=10).json()
         assert settings["api_url"] == f"http://127.0.0.1:{port}/api"
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
+        stop_process_group(server)
 
 
 def test_stack_without_its_servers_installed_says_how_in_one_line(tmp_path):

@@ -10,15 +10,14 @@ Where chromium is missing the test skips, saying how to install it; TRAINPIPE_RE
 
 import os
 import re
-import signal
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
 import requests
+from conftest import BIN, MODEL, REPO, free_port, make_project, sh, stop_process_group, trainpipe
 from mlflow import MlflowClient
-from test_e2e import BIN, MODEL, REPO, free_port, make_project, sh, trainpipe
 
 pytestmark = pytest.mark.slow
 
@@ -84,12 +83,7 @@ def mlflow_ui(registry) -> str:
             time.sleep(0.5)  # a poll interval, not a wait for the page: the bound is the deadline
         yield url
     finally:
-        os.killpg(server.pid, signal.SIGTERM)  # its own session: the server and its uvicorn worker
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
+        stop_process_group(server)  # its own session: the server and its uvicorn worker
 
 
 def _healthy(url: str) -> bool:

@@ -35,7 +35,7 @@ from pipelines.core.data import read_json, sha256_hex
 from pipelines.core.errors import DivergenceError
 from pipelines.stages import train
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def kill_after_first_checkpoint(params_file: Path, env: dict, cwd: Path | None = None) -> Path:

@@ -18,7 +18,7 @@ HOLD = "from pipelines.adapters.runlock import workspace_lock\nwith workspace_lo
 
 
 def start_holder(cwd: Path) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
     proc = subprocess.Popen([sys.executable, "-c", HOLD], cwd=cwd, env=env, stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "held"
     return proc
@@ -94,7 +94,7 @@ def flow_run(cwd: Path, mlflow_uri: str, wait_s: str) -> subprocess.Popen:
     command around it), with its own Prefect home and MLflow registry."""
     env = dict(
         os.environ,
-        PYTHONPATH=str(Path(__file__).resolve().parents[1]),
+        PYTHONPATH=str(Path(__file__).resolve().parents[2]),
         PREFECT_HOME=str(cwd / ".prefect"),
         PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="180",
         PREFECT_SERVER_ANALYTICS_ENABLED="false",
@@ -121,7 +121,7 @@ def wait_for_line(stream, text: str) -> str:
 
 @pytest.fixture
 def held_lock(tmp_path):
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
     holder = subprocess.Popen(
         [sys.executable, "-c", HOLD_UNTIL_TOLD],
         cwd=tmp_path,

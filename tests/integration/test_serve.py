@@ -2,8 +2,6 @@
 
 import json
 import os
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -13,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import requests
-from conftest import copy_mlflow_db, make_model_dir, write_metrics
+from conftest import copy_mlflow_db, free_port, make_model_dir, stop_process_group, write_metrics
 from mlflow.exceptions import MlflowException
 
 from pipelines.core.errors import ConfigError
@@ -124,12 +122,6 @@ def test_run_server_without_champion_is_a_one_line_error(mlflow_env):
 # --- a real server ------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, mlflow_template_db):
     """`mlflow models serve` of a freshly published champion, v1 (block_size 128; limits: 200 chars,
@@ -174,13 +166,7 @@ def server(tmp_path_factory, mlflow_template_db):
             print(f"\n/ping healthy after {time.monotonic() - started:.1f} s")
             yield url
         finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-                try:
-                    proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait()
+            stop_process_group(proc, timeout_s=10)
 
 
 def invoke(url: str, records: list[dict], params: dict | None = None) -> requests.Response:
@@ -272,7 +258,7 @@ def test_logged_model_runs_no_pickle_and_carries_only_inference_code(mlflow_env,
     pyfunc_conf = mlflow.models.Model.load(str(local)).flavors["python_function"]
     assert Path(pyfunc_conf["model_code_path"]).name == "completion.py"
     assert "python_model" not in pyfunc_conf  # the key of a cloudpickled instance
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     assert (local / "completion.py").read_text() == (
         repo / "pipelines" / "serving" / "completion.py"
     ).read_text()

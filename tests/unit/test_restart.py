@@ -1,5 +1,5 @@
 """What restart checks before it touches the workspace: which outputs of a recorded dvc.lock
-the local DVC cache lacks (the end-to-end restarts are in tests/test_e2e.py)."""
+the local DVC cache lacks (the end-to-end restarts are in tests/integration/test_e2e.py)."""
 
 import hashlib
 import json

@@ -7,7 +7,7 @@ closes a loop is the same dependency, only hidden."""
 import ast
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("pipelines", "flows")
 # DESIGN.md "Layers", top to bottom. A module may import its own layer and those below it.
 LAYERS = (

@@ -1,15 +1,15 @@
 """The cost ledger end to end on a fresh project: a flow run that the data gate stops still logs
 what its stages cost; the next run's version counts it in the cost of arriving at the model; the
 Prefect artifact shows the ledger and `trainpipe status` the champion's three figures. Real
-`trainpipe run` flows (Prefect, `dvc repro`, MLflow on SQLite), as in tests/test_e2e.py."""
+`trainpipe run` flows (Prefect, `dvc repro`, MLflow on SQLite), as in tests/integration/test_e2e.py."""
 
 import json
 import sqlite3
 from pathlib import Path
 
 import pytest
+from conftest import MODEL, SMALL, make_project, trainpipe
 from mlflow import MlflowClient
-from test_e2e import MODEL, SMALL, make_project, trainpipe
 
 pytestmark = pytest.mark.slow
 

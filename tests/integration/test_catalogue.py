@@ -348,7 +348,7 @@ def test_secrets_reach_neither_the_dvc_remote_nor_the_logged_reports(tmp_path):
 
 def dvc_project(tmp_path: Path, source: Path) -> tuple[Path, dict]:
     """This project's git-tracked files (tests aside) as a fresh git repo; its DVC remote is local."""
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     proj = tmp_path / "proj"
     files = subprocess.run(["git", "ls-files"], cwd=repo, capture_output=True, text=True, check=True).stdout
     for name in files.split():

@@ -13,8 +13,9 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import BIN, MODEL, make_project
 from mlflow import MlflowClient
-from test_e2e import BIN, MODEL, make_project, mlflow_dict
+from test_e2e import mlflow_dict
 
 pytestmark = pytest.mark.slow
 

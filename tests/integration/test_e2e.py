@@ -4,69 +4,18 @@ SQLite, and `trainpipe serve` answering HTTP."""
 
 import hashlib
 import json
-import os
 import shutil
-import signal
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import requests
 import yaml
-from conftest import copy_mlflow_db, tracked_copy
+from conftest import BIN, MODEL, free_port, make_project, sh, stop_process_group, trainpipe
 from mlflow import MlflowClient
 
 pytestmark = pytest.mark.slow
-
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-MODEL = "e2e-model"
-SMALL = [
-    "data.max_documents=150",
-    "curate.gate.min_documents=20",
-    "curate.gate.min_bytes=100000",
-    "tokenize.vocab_size=400",
-    "tokenize.val_fraction=0.1",
-    "train.max_steps=60",
-    "train.batch_size=8",
-    "train.block_size=64",
-    "train.n_layer=2",
-    "train.n_head=2",
-    "train.n_embd=64",
-    "train.checkpoint_every=20",
-    "train.warmup_steps=10",
-    "train.compile=off",  # auto compiles on a CPU: 10-50 s of inductor per training, not what these test
-    "evaluate.max_tokens=20000",
-    "evaluate.sample_tokens=16",
-    f"publish.model_name={MODEL}",
-]
-
-
-def make_project(root: Path, template_db: Path) -> tuple[Path, dict]:
-    """A fresh clone-like copy of the project (tracked files only) with small params."""
-    proj = tracked_copy(root / "proj", SMALL)
-    env = dict(os.environ)
-    env.update(
-        MLFLOW_TRACKING_URI=copy_mlflow_db(template_db, root),
-        PREFECT_HOME=str(root / "prefect"),
-        PATH=f"{BIN}{os.pathsep}{env['PATH']}",
-        PYTHONPATH=str(proj),  # the copy's code, as a clone's editable install would give
-        # the tiny training lasts a second or two, not 10 s; a UI chart draws a line from 2 samples
-        MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL="0.2",
-    )
-    env.pop("MLFLOW_RUN_ID", None)
-    return proj, env
-
-
-def sh(args: list[str], proj: Path, env: dict, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(args, cwd=proj, env=env, capture_output=True, text=True, timeout=timeout)
-
-
-def trainpipe(proj, env, *args) -> subprocess.CompletedProcess:
-    return sh([str(BIN / "trainpipe"), *args], proj, env)
 
 
 @pytest.fixture(scope="module")
@@ -360,12 +309,6 @@ def test_failed_gate_leaves_champion_and_checkpoints_alone(scratch):
     assert "Running stage 'train'" not in run.stdout and champion(env) == "1"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_a_better_run_reaches_the_running_endpoint_without_a_restart(scratch):
     """`trainpipe serve` answers from the champion; `trainpipe run` of a better model (more steps)
     promotes it, and the flow waits until the endpoint serves it: no restart, and it says so."""
@@ -425,8 +368,7 @@ def test_a_better_run_reaches_the_running_endpoint_without_a_restart(scratch):
     finally:
         if champion(env) != old:
             trainpipe(proj, env, "rollback")
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
+        stop_process_group(server)
 
 
 def test_restart_restores_the_champions_data_and_model(scratch, tmp_path, monkeypatch):

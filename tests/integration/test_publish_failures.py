@@ -4,12 +4,11 @@ with MLflow unreachable it fails with one line, keeps models/, and a later publi
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
-from conftest import make_model_dir, write_metrics
+from conftest import free_port, make_model_dir, write_metrics
 from mlflow import MlflowClient
 
 from pipelines.core.data import sha256_file
@@ -95,9 +94,7 @@ def test_publish_killed_at_each_step_is_finished_by_running_it_again(mlflow_env,
 def test_unreachable_mlflow_fails_in_one_line_and_a_later_publish_finishes(mlflow_env, model_dir, tmp_path):
     write_metrics(tmp_path / "reports", 2.0)
     models_before = {p.name: p.read_bytes() for p in model_dir.iterdir()}
-    with socket.socket() as s:  # a port nothing listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # nothing listens there
     uri = f"http://127.0.0.1:{port}"
     env = dict(
         os.environ,

@@ -1,13 +1,13 @@
 """End to end: a score belongs to its weights. `trainpipe train` runs no evaluate, so the
 metrics it leaves describe the previous weights: publish refuses them in one line and changes
 nothing in the registry; after `trainpipe evaluate`, publish registers the new weights with their
-own score. Real DVC, Prefect and MLflow, as in tests/test_e2e.py."""
+own score. Real DVC, Prefect and MLflow, as in tests/integration/test_e2e.py."""
 
 import json
 
 import pytest
+from conftest import BIN, MODEL, make_project, sh, trainpipe
 from mlflow import MlflowClient
-from test_e2e import BIN, MODEL, make_project, sh, trainpipe
 
 from pipelines.core.data import sha256_file
 

@@ -5,7 +5,6 @@ dvc.lock, lineage), read back side by side; the default pair; one-line errors.""
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +12,7 @@ from urllib.parse import unquote
 
 import pytest
 import yaml
-from conftest import copy_mlflow_db, make_model_dir, write_metrics
+from conftest import copy_mlflow_db, free_port, make_model_dir, write_metrics
 from mlflow import MlflowClient
 
 from pipelines.cli import main
@@ -271,9 +270,7 @@ def test_no_champion_or_nothing_to_compare_with_is_one_line(two_versions, tmp_pa
 
 
 def test_an_unreachable_registry_is_one_line_without_its_password(tmp_path):
-    with socket.socket() as s:  # a port nothing listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # nothing listens there
     result = trainpipe(
         tmp_path,
         MLFLOW_TRACKING_URI=f"http://admin:secret@127.0.0.1:{port}",

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from conftest import free_port
 
 from pipelines.core import quality
 from pipelines.core.data import DOCUMENTS_FILE, sha256_hex, write_documents, write_json
@@ -378,19 +379,11 @@ def test_drift_needs_a_reference_recorded_for_these_params(tmp_path):
         curate.run(params)
 
 
-def closed_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]  # closed again when the block ends: nothing listens there
-
-
 def test_unreachable_registry_is_a_drift_warning_not_a_silent_pass(tmp_path, monkeypatch):
     import time
 
     write_documents(raw_records(), tmp_path / "raw")
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://u:secret@127.0.0.1:{closed_port()}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://u:secret@127.0.0.1:{free_port()}")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "7")  # the user's setting: not for this fetch
     started = time.perf_counter()
     params = stage_params(tmp_path)  # the inputs stage's fetch

@@ -12,7 +12,7 @@ from test_stages import TINY_TRAIN, curated_from_stdlib, tiny_params
 
 from pipelines.stages import tokenize
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_gpu_check_runs_its_cpu_fallback_and_reports_every_figure(tmp_path):

@@ -6,7 +6,7 @@ infra/stack.toml (versions, ports, databases and logins, buckets, names) and to 
 apart from host names, ports published on 127.0.0.1 or ClusterIP only, and no secret in a
 committed file. Files are parsed, nothing is started: no Docker, no cluster, no server.
 
-    pytest tests/test_infra_declarations.py
+    pytest tests/unit/test_infra_declarations.py
 """
 
 import ast
@@ -28,7 +28,7 @@ from infra import servers
 from infra.envfile import VARIABLES
 from infra.stack import Stack
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 INFRA = ROOT / "infra"
 STACK = tomllib.loads((INFRA / "stack.toml").read_text())
 PORTS = STACK["ports"]

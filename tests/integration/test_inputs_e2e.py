@@ -4,14 +4,13 @@ in a temporary git repository and a real MLflow registry on SQLite (issue 8, ite
 
 import json
 import os
-import socket
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from conftest import BIN, MODEL, free_port, make_project, sh, trainpipe
 from mlflow import MlflowClient
 from test_catalogue import good_corpus, module
-from test_e2e import BIN, MODEL, make_project, sh, trainpipe
 
 from pipelines.core.params import save_overrides
 from pipelines.stages.inputs import source_manifest
@@ -28,12 +27,6 @@ def ran(result) -> set[str]:
 
 def curation(proj: Path) -> dict:
     return json.loads((proj / "reports/curation.json").read_text())
-
-
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]  # nothing listens there once the socket is closed
 
 
 # --- unit: the source manifest -------------------------------------------------------------------
@@ -165,7 +158,7 @@ def test_curate_reruns_against_a_new_champion_and_warns_when_the_registry_is_unr
     assert back.returncode == 0, back.stderr[-2000:]
     assert curation(proj)["drift"]["reference"]["version"] == "1"
 
-    unreachable_env = {**env, "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{closed_port()}"}
+    unreachable_env = {**env, "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}"}
     unreachable = dvc_repro(proj, unreachable_env)
     assert unreachable.returncode == 0, unreachable.stderr[-2000:]
     assert "curate" in ran(unreachable) and "train" not in ran(unreachable)

@@ -13,9 +13,8 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import copy_mlflow_db, make_model_dir, write_metrics
+from conftest import copy_mlflow_db, free_port, make_model_dir, stop_process_group, write_metrics
 from mlflow import MlflowClient
-from test_serve import free_port
 
 from pipelines.adapters.registry import endpoint_records
 from pipelines.commands.status import ask_endpoint, wait_for_champion
@@ -102,13 +101,7 @@ def endpoint(registry):
         print(f"\nendpoint answering after {time.monotonic() - started:.1f} s")
         yield {"url": url, "log": log_path, "proc": proc, **registry}
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        stop_process_group(proc, timeout_s=20)
 
 
 class SteadyLoad:

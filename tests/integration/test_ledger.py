@@ -1,7 +1,7 @@
 """The cost ledger: stage processes report what they spent, the ledger prices it by device,
 publish keeps every run since the champion on the version (failed runs included), and
 `trainpipe status` shows the champion's training cost, inference cost and payback. On a real
-MLflow registry (SQLite) with a real smoke test; the flow end to end is tests/test_ledger_e2e.py."""
+MLflow registry (SQLite) with a real smoke test; the flow end to end is tests/integration/test_ledger_e2e.py."""
 
 import json
 import math
@@ -150,7 +150,7 @@ def test_a_stage_process_reports_what_it_spent_passed_or_failed(tmp_path):
     source.mkdir()
     usage.mkdir()
     (source / "a.py").write_text("def f():\n    return 1\n")
-    env = {**os.environ, USAGE_DIR_ENV: str(usage), "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = {**os.environ, USAGE_DIR_ENV: str(usage), "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     started = time.monotonic()
     ingest = subprocess.run(
         [PYTHON, "-m", "pipelines.stages.ingest", "-S", f"data.source={source}"],

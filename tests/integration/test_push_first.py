@@ -7,8 +7,9 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import BIN, MODEL, make_project, sh
 from mlflow import MlflowClient
-from test_e2e import BIN, MODEL, champion, make_project, sh
+from test_e2e import champion
 
 pytestmark = pytest.mark.slow
 

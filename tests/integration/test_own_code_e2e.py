@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from conftest import BIN, MODEL, REPO, make_project, sh
 from mlflow import MlflowClient
 from test_catalogue import module, prose
-from test_e2e import BIN, MODEL, REPO, make_project, sh
 
 pytestmark = pytest.mark.slow
 
