@@ -413,7 +413,7 @@ def _training_flow(params: Params | None) -> dict:
                 mlflow.set_tags({f"input.{k}": v for k, v in inputs.items() if k != "warning"})
                 run_stages(params, run_id, outcomes, usage_dir)
                 # after the stages, so that dvc.lock's hashes are those of the data this run used
-                log_run_datasets(params, git_commit())
+                log_run_datasets(params.data, git_commit())
             finally:
                 curation = report_curation(params)
                 record_stages(outcomes)

@@ -19,7 +19,7 @@ from mlflow.data.dataset_source import DatasetSource
 from mlflow.data.meta_dataset import MetaDataset
 
 from pipelines.core.data import read_json
-from pipelines.core.params import Params
+from pipelines.core.params import DataParams
 
 LOCK_FILE = "dvc.lock"
 
@@ -89,15 +89,15 @@ def locked_outs(lock_path: str | Path = LOCK_FILE) -> dict[str, tuple[str, str]]
     }
 
 
-def run_datasets(params: Params, git_commit: str = "", lock_path: str | Path = LOCK_FILE) -> list[tuple]:
+def run_datasets(data: DataParams, git_commit: str = "", lock_path: str | Path = LOCK_FILE) -> list[tuple]:
     """[(DvcDataset, context)] of the data this workspace's last stages used; those whose record is
     missing (no dvc.lock, no tokens yet) are left out."""
     outs = locked_outs(lock_path)
-    meta_path = Path(params.data.tokens_dir) / "meta.json"
+    meta_path = Path(data.tokens_dir) / "meta.json"
     meta = read_json(meta_path) if meta_path.is_file() else {}
     train, val = meta.get("train", {}), meta.get("val", {})
     found = []
-    curated, tokens = Path(params.data.curated_dir).as_posix(), Path(params.data.tokens_dir).as_posix()
+    curated, tokens = Path(data.curated_dir).as_posix(), Path(data.tokens_dir).as_posix()
     if curated in outs:
         md5, stage = outs[curated]
         profile = {k: train.get(k, 0) + val.get(k, 0) for k in ("documents", "bytes")} if meta else {}
@@ -117,11 +117,11 @@ def run_datasets(params: Params, git_commit: str = "", lock_path: str | Path = L
     return found
 
 
-def log_run_datasets(params: Params, git_commit: str = "", lock_path: str | Path = LOCK_FILE) -> list[str]:
+def log_run_datasets(data: DataParams, git_commit: str = "", lock_path: str | Path = LOCK_FILE) -> list[str]:
     """Log the run's datasets (run_datasets) as inputs of the active MLflow run: their names."""
     import mlflow
 
-    found = run_datasets(params, git_commit, lock_path)
+    found = run_datasets(data, git_commit, lock_path)
     if found:
         datasets, contexts = zip(*found, strict=True)
         mlflow.log_inputs(list(datasets), contexts=list(contexts), tags_list=[None] * len(found))

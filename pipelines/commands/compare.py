@@ -43,7 +43,7 @@ from pipelines.commands.status import version_cost
 from pipelines.core.bootstrap import read_bpb_delta
 from pipelines.core.errors import ConfigError
 from pipelines.core.ledger import format_usd, price
-from pipelines.core.params import Params
+from pipelines.core.params import DataParams, Params
 
 WIDTH = 120
 # label, A, B and a last column (the difference, or same/differs): 40 + 2 + 32 + 2 + 32 + 2 + 10
@@ -196,7 +196,7 @@ def compare(params: Params, a: str | None = None, b: str | None = None, ui_url: 
         "params": param_differences(side_a, side_b),
         "metrics": metric_rows(side_a, side_b),
         "gate": gate_record(side_a, side_b),
-        "data": data_rows(params, side_a, side_b),
+        "data": data_rows(params.data, side_a, side_b),
         "code": code_record(side_a, side_b),
         "cost": {
             "a": side_cost(params, side_a),
@@ -303,19 +303,19 @@ def _lock_hashes(lock: dict | None) -> dict[str, str]:
     return found
 
 
-def data_rows(params: Params, a: Side, b: Side) -> dict:
+def data_rows(data: DataParams, a: Side, b: Side) -> dict:
     """The source's manifest hash (the inputs check's run tag) and the DVC hashes of the raw,
     curated and tokenized data, each side's, and whether they are the same."""
     hashes = []
     for side in (a, b):
         lock = _lock_hashes(side.dvc_lock)
-        tokens = lock.get(params.data.tokens_dir) or side.tags.get("data_version") or None
+        tokens = lock.get(data.tokens_dir) or side.tags.get("data_version") or None
         hashes.append(
             {
                 "source manifest": side.run.data.tags.get("input.source_sha256") if side.run else None,
-                params.data.raw_dir: lock.get(params.data.raw_dir),
-                params.data.curated_dir: lock.get(params.data.curated_dir),
-                params.data.tokens_dir: tokens,  # the lineage tag data_version is this hash
+                data.raw_dir: lock.get(data.raw_dir),
+                data.curated_dir: lock.get(data.curated_dir),
+                data.tokens_dir: tokens,  # the lineage tag data_version is this hash
             }
         )
     rows = []

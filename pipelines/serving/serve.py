@@ -16,7 +16,7 @@ from pathlib import Path
 
 import mlflow
 
-from pipelines.core.params import Params
+from pipelines.core.params import Params, PublishParams
 from pipelines.serving.completion import (
     DEFAULT_INFERENCE_PARAMS,
     EXAMPLE_PROMPT,
@@ -42,8 +42,8 @@ __all__ = [
 ]
 
 
-def champion_uri(params: Params) -> str:
-    return f"models:/{params.publish.model_name}@champion"
+def champion_uri(publish: PublishParams) -> str:
+    return f"models:/{publish.model_name}@champion"
 
 
 def _mlflow_executable() -> str:
@@ -58,7 +58,7 @@ def serve_command(params: Params, model_uri: str | None = None, port: int | None
         "models",
         "serve",
         "-m",
-        model_uri or champion_uri(params),
+        model_uri or champion_uri(params.publish),
         "--env-manager",
         "local",
         "-h",

@@ -68,7 +68,7 @@ def test_a_run_logs_the_data_it_used_as_dataset_inputs(mlflow_env, tmp_path):
     write_workspace(tmp_path, params)
     set_training_experiment("trainpipe")
     with mlflow.start_run() as run:
-        assert log_run_datasets(params, "abc123") == ["curated", "tokens", "validation"]
+        assert log_run_datasets(params.data, "abc123") == ["curated", "tokens", "validation"]
     inputs = MlflowClient().get_run(run.info.run_id).inputs.dataset_inputs
     found = {
         i.dataset.name: (i.dataset.digest, json.loads(i.dataset.source), {t.key: t.value for t in i.tags})
@@ -96,7 +96,7 @@ def test_a_run_logs_the_data_it_used_as_dataset_inputs(mlflow_env, tmp_path):
 def test_without_a_dvc_lock_no_dataset_is_claimed(mlflow_env, tmp_path):
     from pipelines.adapters.run_datasets import run_datasets
 
-    assert run_datasets(load_params(tmp_path / "absent.yaml")) == []
+    assert run_datasets(load_params(tmp_path / "absent.yaml").data) == []
 
 
 @pytest.fixture
