@@ -35,6 +35,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from pipelines.core.model import GPT
+from pipelines.core.optim import make_optimizer
 from pipelines.core.params import load_params
 from pipelines.stages.device import (
     deterministic_kernels,
@@ -43,7 +44,7 @@ from pipelines.stages.device import (
     use_bf16,
     use_compile,
 )
-from pipelines.stages.train import make_optimizer, model_config
+from pipelines.stages.train import model_config
 
 PEAK_SIZES = (1024, 1536, 2048, 3072, 4096)  # 2048 alone measured 91 GFLOP/s on a day 1024 gave 189
 VOCAB = 4096
