@@ -64,8 +64,9 @@ def train_and_score(overrides: list[str], work: Path, track: bool = True) -> dic
     """Train with the train stage's code into work/, then score the held-out split on the
     device it trained on (the evaluate stage's code; its score, on its device's precision)."""
     from pipelines.core.params import load_params
+    from pipelines.stages.device import pick_device, use_bf16
     from pipelines.stages.evaluate import load_model_dir, score_texts, validation_texts
-    from pipelines.stages.train import pick_device, train_model, use_bf16
+    from pipelines.stages.train import train_model
 
     params = load_params(
         overrides=overrides + [f"train.model_dir={work}/models", f"train.checkpoint_dir={work}/ckpt"]

@@ -32,8 +32,10 @@ def worker(args) -> None:
 
     from pipelines.adapters.ranks import join_ranks, leave_ranks, mean_over_ranks
     from pipelines.core.model import GPT, GPTConfig
+    from pipelines.core.optim import make_optimizer
     from pipelines.core.params import load_params
-    from pipelines.stages.train import check_gradients, get_batch, make_optimizer, pick_device, use_bf16
+    from pipelines.stages.device import pick_device, use_bf16
+    from pipelines.stages.train import check_gradients, get_batch
 
     cfg = load_params(overrides=[f"train.nproc_per_node={int(os.environ.get('WORLD_SIZE', '1'))}"]).train
     rank, world, device = join_ranks(cfg, pick_device(cfg.device))

@@ -1,4 +1,4 @@
-"""What keeping freed memory (pipelines.stages.train.reuse_freed_memory) gains a training step, side by side.
+"""What keeping freed memory (pipelines.stages.device.reuse_freed_memory) gains a training step, side by side.
 
     .venv/bin/python benchmarks/memory_bench.py [--pairs 5] [--steps 5] [--repeats 5]
 
@@ -17,7 +17,7 @@ import sys
 import torch
 
 from pipelines.core.params import load_params
-from pipelines.stages.train import pick_device, reuse_freed_memory, use_bf16, use_compile
+from pipelines.stages.device import pick_device, reuse_freed_memory, use_bf16, use_compile
 
 
 def one_process(args) -> None:

@@ -21,7 +21,7 @@
 4. --profile: where a default step's time goes (torch.profiler), by kind of work.
 
 --compile adds a torch.compile row where the default trains eager (train.compile off, or no C++ compiler).
-Every row runs in the memory the train stage steps in (pipelines.stages.train.reuse_freed_memory: freed
+Every row runs in the memory the train stage steps in (pipelines.stages.device.reuse_freed_memory: freed
 memory kept for the next step); --fresh-memory leaves glibc's default, as before, for a side-by-side
 run in a second process (the setting holds for a whole process, so one run cannot interleave both).
 """
@@ -35,16 +35,16 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from pipelines.core.model import GPT
+from pipelines.core.optim import make_optimizer
 from pipelines.core.params import load_params
-from pipelines.stages.train import (
+from pipelines.stages.device import (
     deterministic_kernels,
-    make_optimizer,
-    model_config,
     pick_device,
     reuse_freed_memory,
     use_bf16,
     use_compile,
 )
+from pipelines.stages.train import model_config
 
 PEAK_SIZES = (1024, 1536, 2048, 3072, 4096)  # 2048 alone measured 91 GFLOP/s on a day 1024 gave 189
 VOCAB = 4096

@@ -50,7 +50,7 @@ from pipelines.core.scoring import (
     SCORE_KEY_FIELDS,
     scoring_code_sha256,
 )
-from pipelines.stages.train import use_bf16
+from pipelines.stages.device import use_bf16
 
 WEIGHTS_FILE = "model.safetensors"
 SAMPLE_PROMPTS = ["def fibonacci(n):\n", "import os\n\n\ndef ", "class Stack:\n    def __init__(self):\n"]

@@ -5,7 +5,8 @@
     trainpipe train -S train.nproc_per_node=2   # 2 processes under torchrun (pipelines/adapters/ranks.py)
 
 Device chosen at run time (cuda, then mps, then cpu) with bf16 autocast where the device
-supports it. Every train.checkpoint_every steps a full checkpoint (weights, optimizer, torch RNG
+supports it (pipelines/stages/device.py); AdamW, or Muon beside it (pipelines/core/optim.py).
+Every train.checkpoint_every steps a full checkpoint (weights, optimizer, torch RNG
 state, step, config, data version, code version) is written atomically to checkpoints/<key>/, one
 folder per config and data, the last two kept (pipelines/adapters/checkpoint.py); a train started while an
 intact checkpoint of the same code, config and data exists resumes from it, and from the one before
@@ -22,29 +23,25 @@ the step it resumed from, its seconds and speed go to its usage report (pipeline
 byte-identical weights always make a byte-identical models/ and one DVC hash.
 """
 
-import ctypes
-import functools
 import json
 import math
 import os
-import platform
 import shutil
 import sys
 import time
-from collections import defaultdict
-from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
-from torch.optim._muon import _adjust_lr  # torch is pinned: its Muon's own lr adjustment
 
 import pipelines.adapters.checkpoint
 import pipelines.adapters.ranks
 import pipelines.core.data
 import pipelines.core.model
+import pipelines.core.optim
+import pipelines.stages.device
 from pipelines.adapters.checkpoint import CODE, load_checkpoint, remove_run, run_dir, save_checkpoint
 from pipelines.adapters.ranks import (
     from_rank0,
@@ -57,8 +54,16 @@ from pipelines.adapters.ranks import (
 from pipelines.core.data import TOKENIZER_FILE, load_tokens, read_json, sha256_file, write_json
 from pipelines.core.errors import DivergenceError, TrainpipeError
 from pipelines.core.model import GPT, GPTConfig
+from pipelines.core.optim import make_optimizer
 from pipelines.core.params import Params, TrainParams
 from pipelines.core.usage import note_work
+from pipelines.stages.device import (
+    compile_decision,
+    deterministic_kernels,
+    pick_device,
+    reuse_freed_memory,
+    use_bf16,
+)
 
 # Fields that do not change the weights a run ends with: a checkpoint stays valid across them.
 NON_MODEL_FIELDS = {
@@ -77,106 +82,9 @@ WEIGHT_MODULE_FILES = (
     pipelines.adapters.checkpoint.__file__,
     pipelines.core.data.__file__,
     pipelines.adapters.ranks.__file__,
+    pipelines.core.optim.__file__,
+    pipelines.stages.device.__file__,  # precision and compilation: bf16 or fp32, compiled or eager kernels
 )
-
-
-def pick_device(name: str) -> torch.device:
-    if name != "auto":
-        if name == "cuda" and not torch.cuda.is_available():
-            raise TrainpipeError("train.device is 'cuda' but no CUDA device is available")
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def use_bf16(setting: str, device: torch.device) -> bool:
-    if setting != "auto":
-        return setting == "on"
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return device.type == "cpu" and cpu_multiplies_bf16()
-
-
-def cpu_multiplies_bf16() -> bool:
-    """Whether this CPU has bf16 dot-product instructions (AVX512-BF16 or AMX). With them a bf16
-    matmul ran 2-4x fp32 (a Zen 4 EPYC: 400 against 175 GFLOP/s); without them (an AVX2-only
-    EPYC) torch takes a slow fallback path: 0.86 against 122 GFLOP/s, 140x slower."""
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # torch.cpu's own probes
-    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
-
-
-def use_compile(setting: str, device: torch.device, world: int = 1) -> bool:
-    """auto: torch.compile on CUDA, and on a CPU where inductor builds its kernels (a C++ compiler
-    and Python's headers: cpu_compile_problem) for a run of one process. There it trains in
-    deterministic mode (deterministic_kernels): on the AVX2 CPU a compiled default step was
-    1.05-1.16x an eager one in the interleaved bench, to the same score (README). A run of several
-    CPU processes (torchrun, gloo) stays eager: compiled, it is unmeasured."""
-    return compile_decision(setting, device, world)[0]
-
-
-def compile_decision(setting: str, device: torch.device, world: int = 1) -> tuple[bool, str]:
-    """use_compile's answer and, where auto would have compiled for this CPU but inductor cannot
-    build here, why not ("" otherwise): the train stage logs it."""
-    if setting != "auto":
-        return setting == "on", ""
-    if device.type == "cuda":
-        return True, ""
-    if device.type != "cpu" or world != 1:
-        return False, ""
-    problem = cpu_compile_problem()
-    return not problem, problem
-
-
-@functools.cache
-def cpu_compile_problem() -> str:
-    """Why inductor cannot compile for this CPU ("" when it can), found by compiling one tiny
-    function: the C++ compiler, its flags and Python's headers all take part, as in training.
-    Once per process: 10.5 s the first time, 4.5 s with inductor's cache, mostly inductor's imports."""
-    try:
-        torch.compile(lambda x: x * 2.0 + 1.0, fullgraph=True)(torch.ones(8))
-    except Exception as exc:  # noqa: BLE001 -- whatever failed, train.compile auto trains eager
-        first_line = (str(exc).strip().splitlines() or [""])[0][:200]
-        return f"{type(exc).__name__}: {first_line}"
-    return ""
-
-
-# glibc's mallopt parameters (malloc.h)
-M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
-
-
-def reuse_freed_memory(device: torch.device) -> bool:
-    """Keep the memory a CPU training step frees for the next step, for the rest of this process.
-    glibc serves every allocation over 32 MB with its own mmap and returns it on free, so each step's
-    logits (batch x block x vocab in fp32: 67 MB by default) and their gradient land on fresh pages
-    that the kernel faults in and zeroes on first touch. On the AVX2 CPU the lm_head matmul ran at
-    60 GFLOP/s into fresh memory against 97 into reused, a 67 MB torch.zeros took 37 ms against 5,
-    and a compiled default step was 1.12-1.15x faster with it (medians of 7 and 5 pairs of
-    processes, benchmarks/memory_bench.py; README). So: no mmap for malloc, and up to 1 GiB of
-    freed heap kept rather than trimmed. The weights are the same: only where tensors live changes.
-    Returns whether it applied (a CPU and glibc; elsewhere a no-op)."""
-    if device.type != "cpu" or platform.libc_ver()[0] != "glibc":
-        return False
-    libc = ctypes.CDLL("libc.so.6")
-    return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 1 << 30))
-
-
-@contextmanager
-def deterministic_kernels(compiled: bool, device: torch.device) -> Iterator[None]:
-    """torch's deterministic algorithms, for as long as the block runs, where a model compiled for
-    a CPU steps in it. Inductor's CPU kernels otherwise split some work across threads differently
-    from run to run: two compiled runs of the same steps ended in different weights (README, the
-    bench), so a resumed run would not be the run that was not stopped. Eager CPU training needs
-    none of it."""
-    before = torch.are_deterministic_algorithms_enabled()
-    if compiled and device.type == "cpu":
-        torch.use_deterministic_algorithms(True)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(before)
 
 
 def get_batch(
@@ -223,127 +131,6 @@ def model_config(cfg: TrainParams, vocab_size: int) -> GPTConfig:
         tie_head=cfg.tie_head,
         qk_norm=cfg.qk_norm,
     )
-
-
-class Optimizers:
-    """One or two torch optimizers stepped as one: Muon on the blocks' matrices beside AdamW on
-    the rest, or AdamW alone. Each group keeps its own peak learning rate ("peak_lr") and
-    set_lr_scale moves them all along the schedule."""
-
-    def __init__(self, optimizers: list[torch.optim.Optimizer]):
-        self.optimizers = optimizers
-        for group in self.param_groups:
-            group["peak_lr"] = group["lr"]
-
-    @property
-    def param_groups(self) -> list[dict]:
-        return [g for opt in self.optimizers for g in opt.param_groups]
-
-    def set_lr_scale(self, scale: float) -> None:
-        for group in self.param_groups:
-            group["lr"] = group["peak_lr"] * scale
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        for opt in self.optimizers:
-            opt.zero_grad(set_to_none=set_to_none)
-
-    def step(self) -> None:
-        for opt in self.optimizers:
-            opt.step()
-
-    def state_dict(self) -> dict:
-        return {"optimizers": [opt.state_dict() for opt in self.optimizers]}
-
-    def load_state_dict(self, state: dict) -> None:
-        for opt, opt_state in zip(self.optimizers, state["optimizers"], strict=True):
-            opt.load_state_dict(opt_state)
-
-
-def orthogonalize(
-    updates: list[torch.Tensor], coefficients: tuple[float, float, float], steps: int, eps: float, dtype
-) -> list[torch.Tensor]:
-    """torch's Muon orthogonalization (torch.optim._muon._zeropower_via_newtonschulz: Newton-Schulz,
-    its quintic coefficients) in dtype, the matrices of one shape stacked into one batched matmul.
-    One by one, a default step's 16 small matrices made 240 matmul calls and 15% of a compiled step
-    on an AMX Xeon; stacked they make 45, in half the time, with the same bf16 bits as torch's
-    (tests/test_model.py). A tall matrix is orthogonalized as its transpose, as torch's does."""
-    a, b, c = coefficients
-    tall = [u.size(0) > u.size(1) for u in updates]
-    wide = [u.to(dtype).mT if t else u.to(dtype) for u, t in zip(updates, tall, strict=True)]
-    by_shape: dict[tuple[int, int], list[int]] = defaultdict(list)
-    for i, x in enumerate(wide):
-        by_shape[tuple(x.shape)].append(i)
-    out: list[torch.Tensor] = [torch.empty(0)] * len(updates)
-    for members in by_shape.values():
-        x = torch.stack([wide[i] for i in members])
-        x = x / x.norm(dim=(1, 2), keepdim=True).clamp(min=eps)  # spectral norm at most 1
-        for _ in range(steps):
-            gram = x @ x.mT
-            x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
-        for i, xi in zip(members, x, strict=True):
-            out[i] = xi.mT if tall[i] else xi
-    return out
-
-
-class Muon(torch.optim.Muon):
-    """torch's Muon (its state, defaults and learning-rate adjustment), with the orthogonalization
-    batched by shape (orthogonalize) and in the model's precision: torch's own always runs it in
-    bf16, which on a CPU without bf16 instructions took a slow fallback and made a step 4.2x as
-    long; in fp32 a Muon step costs about 1.1x an AdamW step there."""
-
-    def __init__(self, params, *, bf16: bool, **kwargs):
-        super().__init__(params, **kwargs)
-        self.dtype = torch.bfloat16 if bf16 else torch.float32
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            params, grads, buffers = [], [], []
-            self._init_group(group, params, grads, buffers)
-            momentum, lr = group["momentum"], group["lr"]
-            updates = []
-            for grad, buf in zip(grads, buffers, strict=True):  # as torch's _single_tensor_muon
-                buf.lerp_(grad, 1 - momentum)
-                updates.append(grad.lerp(buf, momentum) if group["nesterov"] else buf)
-            updates = orthogonalize(
-                updates, group["ns_coefficients"], group["ns_steps"], group["eps"], self.dtype
-            )
-            for param, update in zip(params, updates, strict=True):
-                param.mul_(1 - lr * group["weight_decay"])
-                param.add_(update, alpha=-_adjust_lr(lr, group["adjust_lr_fn"], param.shape))
-        return loss
-
-
-def make_optimizer(model: GPT, cfg: TrainParams, bf16: bool) -> Optimizers:
-    """AdamW (the fused CPU/GPU kernel: one pass over each tensor instead of a dozen foreach
-    ops) with weight decay on matrices only; with optimizer "muon", the blocks' matrices go to
-    torch's Muon instead (Moonshot's lr adjustment, so that its updates have AdamW's scale),
-    orthogonalizing in bf16 when the model trains in bf16 and in fp32 otherwise."""
-    muon = cfg.optimizer == "muon"
-    in_blocks = {id(p) for p in model.blocks.parameters()}
-    matrices = [p for p in model.parameters() if p.dim() >= 2 and not (muon and id(p) in in_blocks)]
-    vectors = [p for p in model.parameters() if p.dim() < 2]
-    groups = [
-        {"params": matrices, "weight_decay": cfg.weight_decay},
-        {"params": vectors, "weight_decay": 0.0},
-    ]
-    optimizers = [torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=True)]
-    if muon:
-        hidden = [p for p in model.blocks.parameters() if p.dim() >= 2]
-        optimizers.append(
-            Muon(
-                hidden,
-                bf16=bf16,
-                lr=cfg.muon_lr,
-                weight_decay=cfg.weight_decay,
-                adjust_lr_fn="match_rms_adamw",
-            )
-        )
-    return Optimizers(optimizers)
 
 
 def data_version(tokens_dir: Path) -> str:

@@ -19,7 +19,8 @@ from pipelines.core.bootstrap import BpbDelta, paired_bootstrap, read_bpb_delta
 from pipelines.core.data import read_json, sha256_file, sha256_hex, write_documents, write_json
 from pipelines.core.errors import ConfigError, TrainpipeError
 from pipelines.core.params import Params, PublishParams, ServeParams
-from pipelines.stages import evaluate, tokenize, train
+from pipelines.stages import evaluate, tokenize
+from pipelines.stages.device import use_bf16
 from pipelines.stages.publish import (
     PER_DOCUMENT_TAG,
     champion_history,
@@ -432,7 +433,7 @@ def test_champion_with_the_same_score_key_is_not_rescored(corpus, tmp_path):
     tags = MlflowClient().get_model_version(NAME, "2").tags
     named = ("score_key", "val_set_sha256", "scoring_code_sha256", "weights_sha256")
     assert {k: tags[k] for k in named} == {k: metrics[k] for k in named}
-    bf16 = json.dumps(train.use_bf16(corpus.train.bf16, torch.device("cpu")))
+    bf16 = json.dumps(use_bf16(corpus.train.bf16, torch.device("cpu")))
     assert (tags["score_context"], tags["score_max_tokens"], tags["score_bf16"]) == ("32", "null", bf16)
     assert tags["val_bits_per_byte"] == "8.5"
 
@@ -444,7 +445,7 @@ def test_champion_published_before_per_document_scores_is_rescored(corpus, tmp_p
     evaluate_new_model(corpus, tmp_path)
     result = publish_model(corpus)
     bits, doc_bytes = doc_bits(corpus)
-    bf16 = train.use_bf16(corpus.train.bf16, torch.device("cpu"))
+    bf16 = use_bf16(corpus.train.bf16, torch.device("cpu"))
     rescored = evaluate.score_saved_model(v1, evaluate.validation_texts(corpus), bf16=bf16)
     assert result["champion_val_bits_per_byte"] == pytest.approx(rescored["nll_bits"] / rescored["bytes"])
     expected = bootstrap(corpus, bits, rescored["doc_bits"], doc_bytes, "1")
@@ -459,7 +460,7 @@ def test_champion_scored_on_another_validation_set_is_rescored(corpus, tmp_path)
     _, v1 = evaluate_new_model(corpus, tmp_path, tag_bpb=9.0)  # v1's scores: 9.0 bpb on its documents
     publish_model(corpus)
     write_corpus(corpus, 24)  # the corpus grows, and its validation set with it
-    bf16 = train.use_bf16(corpus.train.bf16, torch.device("cpu"))
+    bf16 = use_bf16(corpus.train.bf16, torch.device("cpu"))
     actual = evaluate.score_model_dir(v1, evaluate.validation_texts(corpus), bf16=bf16)
 
     evaluate_new_model(corpus, tmp_path, tag_bpb=actual + 0.5)

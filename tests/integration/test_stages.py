@@ -26,6 +26,7 @@ from pipelines.core.errors import DivergenceError, SourceError
 from pipelines.core.model import GPT, GPTConfig
 from pipelines.core.params import load_params
 from pipelines.stages import evaluate, ingest, tokenize, train
+from pipelines.stages.device import cpu_multiplies_bf16, use_bf16
 
 TINY_TRAIN = [
     "train.max_steps=30",
@@ -256,7 +257,7 @@ def test_evaluate_writes_metrics_next_to_compressors(tokenized):
     # the score names its weights and how it was scored (the promotion gate compares on these)
     assert metrics["weights_sha256"] == sha256_file(f"{tokenized.train.model_dir}/model.safetensors")
     assert (metrics["score_context"], metrics["score_max_tokens"]) == (32, None)
-    assert metrics["score_bf16"] is train.use_bf16(tokenized.train.bf16, torch.device("cpu"))
+    assert metrics["score_bf16"] is use_bf16(tokenized.train.bf16, torch.device("cpu"))
     assert metrics["scoring_code_sha256"] == evaluate.scoring_code_sha256()
     assert metrics["score_key"] == evaluate.score_key(metrics)
     reports = tokenized.evaluate.reports_dir
@@ -419,9 +420,9 @@ def test_auto_precision_on_cpu_is_bf16_only_where_the_cpu_multiplies_bf16():
         pytest.skip("no /proc/cpuinfo flags on this platform")
     native = bool(flags & {"avx512_bf16", "amx_bf16"})
     cpu = torch.device("cpu")
-    assert train.cpu_multiplies_bf16() is native
-    assert train.use_bf16("auto", cpu) is native
-    assert (train.use_bf16("on", cpu), train.use_bf16("off", cpu)) == (True, False)
+    assert cpu_multiplies_bf16() is native
+    assert use_bf16("auto", cpu) is native
+    assert (use_bf16("on", cpu), use_bf16("off", cpu)) == (True, False)
 
 
 def test_scoring_code_hash_is_the_imported_scorers_source():
@@ -448,7 +449,7 @@ def test_compile_auto_compiles_on_a_cpu_where_inductor_builds_and_trains_eager_w
     # run of one process); with a compiler that is not there (CXX, read by inductor; an empty cache
     # so that no kernel built before is reused) it says why and stays eager.
     probe = (
-        "import torch; from pipelines.stages.train import compile_decision, use_compile; cpu = torch.device('cpu'); "
+        "import torch; from pipelines.stages.device import compile_decision, use_compile; cpu = torch.device('cpu'); "
         "print(use_compile('auto', cpu), use_compile('auto', cpu, world=2), use_compile('on', cpu, world=2)); "
         "print(compile_decision('auto', cpu)[1])"  # why auto trains eager: what the train stage logs
     )
@@ -476,7 +477,7 @@ def test_cpu_training_reuses_freed_memory_instead_of_faulting_in_fresh_pages():
     # and the bound leaves room for that.
     probe = """
 import resource, sys, torch
-from pipelines.stages.train import reuse_freed_memory
+from pipelines.stages.device import reuse_freed_memory
 applied = reuse_freed_memory(torch.device(sys.argv[1])) if sys.argv[1] != "none" else None
 def zeros_in_heap():
     data = torch.zeros(16, 256, 4096).data_ptr()

@@ -187,7 +187,7 @@ def muon_step(make, steps: int = 2) -> list[torch.Tensor]:
 
 
 def test_muon_is_torchs_own_in_bf16_batched_by_shape_and_orthogonalizes_in_fp32_for_an_fp32_model():
-    from pipelines.stages.train import Muon
+    from pipelines.core.optim import Muon
 
     kwargs = {"lr": 0.02, "weight_decay": 0.1, "adjust_lr_fn": "match_rms_adamw"}
     torchs = muon_step(lambda ps: torch.optim.Muon(ps, **kwargs))
@@ -206,7 +206,7 @@ def test_muon_is_torchs_own_in_bf16_batched_by_shape_and_orthogonalizes_in_fp32_
 def orthogonalized(g: torch.Tensor) -> torch.Tensor:
     from torch.optim._muon import DEFAULT_A, DEFAULT_B, DEFAULT_C, DEFAULT_NS_STEPS
 
-    from pipelines.stages.train import orthogonalize
+    from pipelines.core.optim import orthogonalize
 
     return orthogonalize([g], (DEFAULT_A, DEFAULT_B, DEFAULT_C), DEFAULT_NS_STEPS, 1e-7, torch.float32)[0]
 
@@ -215,8 +215,8 @@ def orthogonalized(g: torch.Tensor) -> torch.Tensor:
 def test_optimizer_state_round_trip_continues_bit_identically(optimizer):
     # what a checkpoint keeps of the optimizers is all a resumed run needs: 3 + 3 steps through a
     # save and load equal 6 straight steps, bit for bit
+    from pipelines.core.optim import make_optimizer
     from pipelines.core.params import TrainParams
-    from pipelines.stages.train import make_optimizer
 
     cfg = TrainParams(optimizer=optimizer, n_layer=2, n_head=2, n_embd=32, block_size=16)
     idx = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(0))
