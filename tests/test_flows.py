@@ -142,8 +142,8 @@ def test_the_flows_inputs_check_records_what_dvc_repro_records(tmp_path, monkeyp
     command. For the same inputs both leave the same dvc.lock entry and cached outputs, and the
     flow's in-process `dvc status` says what `dvc status --json` says."""
     from pipelines.adapters.dvc_repo import stage_changes
-    from pipelines.stages.inputs import check_inputs
     from pipelines.core.params import load_params
+    from pipelines.stages.inputs import check_inputs
 
     source = tmp_path / "corpus"
     good_corpus(source, n=3)
