@@ -323,11 +323,11 @@ def cmd_generate(args) -> None:
     import torch
 
     from pipelines.core.data import EOT
-    from pipelines.stages.evaluate import load_model_dir
+    from pipelines.core.model_dir import WEIGHTS_FILE, load_model_dir
 
     params = load_params(PARAMS_FILE, args.set)
     model_dir = Path(params.train.model_dir)
-    if not (model_dir / "model.safetensors").exists():
+    if not (model_dir / WEIGHTS_FILE).exists():
         raise ConfigError(f"no trained model in {model_dir}/: run `trainpipe train` first")
     model, tokenizer = load_model_dir(model_dir)
     idx = torch.tensor([tokenizer.encode(args.prompt).ids[-model.config.block_size :]])

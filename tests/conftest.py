@@ -44,10 +44,10 @@ SNIPPETS = [
 def make_model_dir(path: str | Path, seed: int = 0, block_size: int = 32) -> Path:
     """Write a tiny untrained model dir as the train stage does: weights, config.json, tokenizer.json."""
     import torch
-    from safetensors.torch import save_model
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     from pipelines.core.model import GPT, GPTConfig
+    from pipelines.core.model_dir import save_model_dir
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -64,8 +64,7 @@ def make_model_dir(path: str | Path, seed: int = 0, block_size: int = 32) -> Pat
     tok.save(str(path / TOKENIZER_FILE))
     torch.manual_seed(seed)
     config = GPTConfig(vocab_size=tok.get_vocab_size(), block_size=block_size, n_layer=1, n_head=2, n_embd=32)
-    save_model(GPT(config), str(path / "model.safetensors"))
-    write_json(path / "config.json", config.to_dict())
+    save_model_dir(path, GPT(config))
     return path
 
 

@@ -71,6 +71,7 @@ from pipelines.core.bootstrap import BpbDelta, paired_bootstrap, read_bpb_delta
 from pipelines.core.data import TOKENIZER_FILE, read_json, sha256_file, write_json
 from pipelines.core.errors import ConfigError, SmokeTestError, TrainpipeError
 from pipelines.core.ledger import RUN_CPU_S, RUN_GPU_S, RUN_USD
+from pipelines.core.model_dir import CONFIG_FILE, MODEL_FILES, WEIGHTS_FILE
 from pipelines.core.params import Params
 from pipelines.core.scoring import (
     EVALUATION_FILE,
@@ -87,8 +88,6 @@ from pipelines.stages.tokenize import validation_set_hash
 # they are imported in the functions that log or score a model. An unchanged run, which publishes
 # nothing, then spends no 2.2 s on torch.
 
-WEIGHTS_FILE = "model.safetensors"
-CONFIG_FILE = "config.json"
 SCORE_KEY_TAG = "score_key"
 PER_DOCUMENT_TAG = "per_document_scores"  # the artifact, in the version's run, of its per-document scores
 # what each score-key field is called in a reason
@@ -125,7 +124,7 @@ def read_trained_model(params: Params) -> tuple[Path, dict]:
     """The model dir and its metrics, which must have scored its weights; else a one-line error
     naming the stage to run (`trainpipe train` runs no evaluate: its metrics are of older weights)."""
     model_dir = Path(params.train.model_dir)
-    missing = [f for f in (WEIGHTS_FILE, CONFIG_FILE, TOKENIZER_FILE) if not (model_dir / f).is_file()]
+    missing = [f for f in MODEL_FILES if not (model_dir / f).is_file()]
     if missing:
         raise ConfigError(
             f"no trained model at {model_dir}/ (missing {', '.join(missing)}): run `trainpipe train` first"
