@@ -489,12 +489,10 @@ def main(argv: list[str] | None = None) -> None:
 
         if not isinstance(exc, MlflowException):
             raise
-        import mlflow
-
+        from pipelines.adapters.registry import get_tracking_uri, mlflow_failure
         from pipelines.commands.compare import public_uri
-        from pipelines.stages.publish import mlflow_failure
 
-        uri = public_uri(mlflow.get_tracking_uri())  # without the user and password it may carry
+        uri = public_uri(get_tracking_uri())  # without the user and password it may carry
         reason.append(f"trainpipe {args.command}: MLflow at {uri} failed ({mlflow_failure(exc)})")
         sys.exit(1)
 

@@ -37,7 +37,6 @@ from datetime import UTC, datetime
 from importlib.metadata import version as installed_version
 from pathlib import Path
 
-import mlflow
 import pandas as pd
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
@@ -47,18 +46,21 @@ from pipelines.adapters.registry import (
     CHALLENGER,
     CHAMPION,
     champion_history,
-    create_logged_model,
     delete_version_tag,
-    download_model,
+    download_model_artifacts,
     download_run_artifact,
     find_version,
     find_version_with_weights,
     finish_run,
     get_champion,
+    get_tracking_uri,
     get_version,
     ledger_runs,
     log_missing_metrics,
+    log_model_from_code,
     log_run_artifact,
+    logged_model_signature,
+    mlflow_failure,
     record_move,
     register_version,
     resolve_run,
@@ -212,7 +214,7 @@ def _check_signature(model_uri: str) -> None:
     """Signature inference can fail silently (no signature, no input enforcement): read it back."""
     from pipelines.serving.completion import DEFAULT_INFERENCE_PARAMS
 
-    signature = mlflow.models.get_model_info(model_uri).signature
+    signature = logged_model_signature(model_uri)
     param_names = {p.name for p in signature.params} if signature and signature.params else set()
     input_names = signature.inputs.input_names() if signature and signature.inputs else []
     if input_names != ["prompt"] or param_names != set(DEFAULT_INFERENCE_PARAMS):
@@ -230,7 +232,7 @@ def read_history(params: Params) -> list[dict]:
     except MlflowException as exc:
         if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
             raise ConfigError(
-                f"no registered model {name} in {mlflow.get_tracking_uri()}: nothing was published yet"
+                f"no registered model {name} in {get_tracking_uri()}: nothing was published yet"
             ) from None
         raise
 
@@ -339,17 +341,10 @@ def _log_model(client: MlflowClient, params: Params, run_id: str, model_dir: Pat
     block_size = int(read_json(model_dir / CONFIG_FILE)["block_size"])
     limits = model_limits(serving_limits(params.serve), block_size)  # what the model will enforce
     write_json(limits_path, limits)
-    # Model.log rather than mlflow.pyfunc.log_model: it takes the run id, so the flow's run
-    # (possibly active in another thread) need not be the active run, nor is it ended here.
-    # The logged model is created first, in the run's experiment (registry.create_logged_model).
-    model_id = create_logged_model(client, run_id)
-    return mlflow.models.Model.log(
-        artifact_path=None,
-        name="model",
-        flavor=mlflow.pyfunc,
-        run_id=run_id,
-        model_id=model_id,
-        python_model=str(served_code.MODEL_FILE),  # models from code: MLflow runs this file to load the model
+    return log_model_from_code(
+        client,
+        run_id,
+        python_model=str(served_code.MODEL_FILE),  # MLflow runs this file to load the model
         artifacts={
             "weights": str(model_dir / WEIGHTS_FILE),
             "config": str(model_dir / CONFIG_FILE),
@@ -377,12 +372,11 @@ def _float_tag(version: ModelVersion, key: str) -> float | None:
 def _download_champion(champion: ModelVersion, work_dir: Path) -> Path:
     """The champion's weights, config and tokenizer in a model dir as the train stage writes it."""
     uri = f"models:/{champion.name}/{champion.version}"
-    local = Path(download_model(uri, str(work_dir / "champion")))
-    pyfunc_conf = mlflow.models.Model.load(str(local)).flavors["python_function"]
+    artifacts = download_model_artifacts(uri, str(work_dir / "champion"))
     champion_dir = work_dir / "champion_model"
     champion_dir.mkdir()
     for key, filename in (("weights", WEIGHTS_FILE), ("config", CONFIG_FILE), ("tokenizer", TOKENIZER_FILE)):
-        shutil.copy(local / pyfunc_conf["artifacts"][key]["path"], champion_dir / filename)
+        shutil.copy(artifacts[key], champion_dir / filename)
     return champion_dir
 
 
@@ -524,17 +518,9 @@ def publish_model(params: Params, lineage: dict[str, str] | None = None, run_id:
         return _publish(params, model_dir, metrics, lineage, run_id)
     except MlflowException as exc:
         raise TrainpipeError(
-            f"publishing to MLflow at {mlflow.get_tracking_uri()} failed ({mlflow_failure(exc)}); "
+            f"publishing to MLflow at {get_tracking_uri()} failed ({mlflow_failure(exc)}); "
             f"the trained model stays in {model_dir}/: run `trainpipe publish` to finish"
         ) from None
-
-
-def mlflow_failure(exc: MlflowException) -> str:
-    """A short reason: an unreachable server's message is a long URL and a retry count."""
-    text = (exc.message or str(exc)).strip()
-    if "Max retries exceeded" in text or "Connection refused" in text or "timed out" in text:
-        return "the tracking server did not answer, after MLflow's HTTP retries"
-    return text.splitlines()[0][:300] if text else exc.__class__.__name__
 
 
 def _publish(
