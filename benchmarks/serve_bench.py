@@ -125,8 +125,8 @@ def write_metrics(reports_dir: Path, model_dir: Path, bpb: float) -> None:
 
 
 def publish(work: Path, bpb: float, seed: int = 0) -> str:
+    from pipelines.commands.promotion import publish_model
     from pipelines.core.params import Params
-    from pipelines.stages.publish import publish_model
 
     if seed:  # another version: other weights in the same model dir
         from pipelines.core.model import GPT, GPTConfig

@@ -77,7 +77,7 @@ def cmd_run(args) -> None:
     api = start_temporary_api()
     import dvc.repo  # noqa: F401
 
-    import pipelines.stages.publish  # noqa: F401
+    import pipelines.commands.promotion  # noqa: F401
 
     import_tracking_store()
 
@@ -132,7 +132,7 @@ def cmd_curate(args) -> None:
 
 
 def cmd_publish(args) -> None:
-    from pipelines.stages.publish import publish_model
+    from pipelines.commands.promotion import publish_model
 
     params = load_params(PARAMS_FILE, args.set)
     if Path("dvc.yaml").exists() and Path(".dvc").is_dir():
@@ -151,14 +151,14 @@ def cmd_publish(args) -> None:
 
 
 def cmd_promote(args) -> None:
-    from pipelines.stages.publish import promote_version
+    from pipelines.commands.promote import promote_version
 
     result = promote_version(load_params(PARAMS_FILE, args.set), args.version)
     print(f"champion is now version {result.get('champion_version', args.version)}")
 
 
 def cmd_rollback(args) -> None:
-    from pipelines.stages.publish import rollback_champion
+    from pipelines.commands.promote import rollback_champion
 
     result = rollback_champion(load_params(PARAMS_FILE, args.set))
     print(f"champion rolled back to version {result.get('champion_version')}")
@@ -193,7 +193,7 @@ def _version_text(version) -> str:
 def cmd_history(args) -> None:
     import json
 
-    from pipelines.stages.publish import read_history
+    from pipelines.commands.promote import read_history
 
     params = load_params(PARAMS_FILE, args.set)
     moves = read_history(params)

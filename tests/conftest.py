@@ -185,8 +185,8 @@ def smoked_model_source(tmp_path_factory, mlflow_template_db) -> tuple[str, dict
     import mlflow
     from mlflow import MlflowClient
 
+    from pipelines.commands.promotion import publish_model
     from pipelines.core.params import Params
-    from pipelines.stages.publish import publish_model
 
     root = tmp_path_factory.mktemp("smoked")
     with pytest.MonkeyPatch.context() as mp:

@@ -436,9 +436,9 @@ def test_scoring_code_hash_is_the_imported_scorers_source():
 
 
 def test_publish_imports_no_torch():
-    # An unchanged `trainpipe run` imports pipelines.stages.publish and publishes nothing: torch, 2.2 s of
-    # imports, waits for a run that logs or scores a model.
-    probe = "import sys, pipelines.stages.publish; print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch')[:3])"
+    # An unchanged `trainpipe run` imports the publish code (the promotion command and the publish
+    # stage) and publishes nothing: torch, 2.2 s of imports, waits for a run that logs or scores a model.
+    probe = "import sys, pipelines.commands.promotion; print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch')[:3])"
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]", result.stdout
 
