@@ -196,7 +196,7 @@ def cmd_history(args) -> None:
     from pipelines.commands.promote import read_history
 
     params = load_params(PARAMS_FILE, args.set)
-    moves = read_history(params)
+    moves = read_history(params.publish)
     if args.json:
         for move in moves:
             print(json.dumps(move))

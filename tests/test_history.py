@@ -179,5 +179,5 @@ def test_history_command_lists_every_move(versions, capsys):
 
 def test_history_of_an_unknown_model_is_one_line(mlflow_env):
     with pytest.raises(ConfigError) as info:
-        read_history(Params(publish={"model_name": "nothing-here"}))
+        read_history(PublishParams(model_name="nothing-here"))
     assert str(info.value) == f"no registered model nothing-here in {mlflow_env}: nothing was published yet"

@@ -21,7 +21,7 @@ from pipelines.adapters.registry import (
 )
 from pipelines.commands.promotion import move_champion, utc_now
 from pipelines.core.errors import ConfigError
-from pipelines.core.params import Params
+from pipelines.core.params import Params, PublishParams
 
 
 def promote_version(params: Params, version: int | str) -> dict:
@@ -97,9 +97,9 @@ def rollback_champion(params: Params) -> dict:
     }
 
 
-def read_history(params: Params) -> list[dict]:
+def read_history(publish: PublishParams) -> list[dict]:
     """Every move of the configured model's @champion, oldest first (`trainpipe history`)."""
-    name = params.publish.model_name
+    name = publish.model_name
     try:
         return champion_history(MlflowClient(), name)
     except MlflowException as exc:

@@ -183,7 +183,7 @@ def _decide_aliases(client, params: Params, version: str, model_dir: Path, metri
         )
         move_champion(client, name, version, reason=reason, smoke_timeout_s=params.serve.smoke_timeout_s)
         return promoted, reason, version, None, None
-    documents = read_document_scores(params, metrics)
+    documents = read_document_scores(params.evaluate, metrics)
     why = _rescore_why(champion, metrics)
     if not why:
         champion_bits, why = _stored_document_scores(client, champion, documents, work_dir)

@@ -41,7 +41,7 @@ from pipelines.core.data import TOKENIZER_FILE, read_json, sha256_file, write_js
 from pipelines.core.errors import ConfigError, TrainpipeError
 from pipelines.core.ledger import RUN_CPU_S, RUN_GPU_S, RUN_USD
 from pipelines.core.model_dir import CONFIG_FILE, MODEL_FILES, WEIGHTS_FILE
-from pipelines.core.params import Params
+from pipelines.core.params import CurateParams, EvaluateParams, Params, ServeParams
 from pipelines.core.scoring import (
     EVALUATION_FILE,
     METRICS_FILE,
@@ -103,7 +103,7 @@ def read_trained_model(params: Params) -> tuple[Path, dict]:
             f"{evaluation_path} was scored by other code than this checkout's score_texts and "
             f"pipelines/core/model.py: run `trainpipe evaluate` first"
         )
-    read_document_scores(params, metrics)
+    read_document_scores(params.evaluate, metrics)
     return model_dir, metrics
 
 
@@ -117,10 +117,10 @@ def _read_report(path: Path, missing: str):
         raise ConfigError(f"{path} is not valid JSON: run `trainpipe evaluate` again") from None
 
 
-def read_document_scores(params: Params, metrics: dict) -> list[dict]:
+def read_document_scores(evaluate: EvaluateParams, metrics: dict) -> list[dict]:
     """reports/per_document.json, which must be the per-document form of the score in metrics:
     the same weights, score key and documents. One record per document: path, sha256, bits, bytes."""
-    path = Path(params.evaluate.reports_dir) / PER_DOCUMENT_FILE
+    path = Path(evaluate.reports_dir) / PER_DOCUMENT_FILE
     scores = _read_report(path, f"no per-document scores at {path}: run `trainpipe evaluate` again")
     documents = scores.get("documents") if isinstance(scores, dict) else None
     if (
@@ -130,7 +130,7 @@ def read_document_scores(params: Params, metrics: dict) -> list[dict]:
         or len(documents) != int(metrics["val_documents"])
     ):
         raise ConfigError(
-            f"{path} is not the per-document score of {Path(params.evaluate.reports_dir) / EVALUATION_FILE}: "
+            f"{path} is not the per-document score of {Path(evaluate.reports_dir) / EVALUATION_FILE}: "
             f"run `trainpipe evaluate` again"
         )
     return documents
@@ -204,9 +204,9 @@ def register_challenger(
     run_id, own_run = resolve_run(client, params.publish.experiment, run_id)
     try:
         with tempfile.TemporaryDirectory(prefix="trainpipe-publish-") as tmp:
-            _log_run_inputs(client, run_id, metrics, params)
-            scores_path = _log_document_scores(client, params, run_id, weights_sha)
-            info = _log_model(client, params, run_id, model_dir, Path(tmp))
+            _log_run_inputs(client, run_id, metrics, params.curate)
+            scores_path = _log_document_scores(client, params.evaluate, run_id, weights_sha)
+            info = _log_model(client, params.serve, run_id, model_dir, Path(tmp))
             _check_signature(info.model_uri)
         pause_for_test("model-logged")
         tags = {k: str(v) for k, v in (lineage or {}).items() if v is not None}
@@ -251,26 +251,28 @@ def cost_tags(client: MlflowClient, name: str, run_id: str) -> dict[str, str]:
     return tags
 
 
-def _log_run_inputs(client: MlflowClient, run_id: str, metrics: dict, params: Params) -> None:
+def _log_run_inputs(client: MlflowClient, run_id: str, metrics: dict, curate: CurateParams) -> None:
     """Metrics (those the run lacks), the workspace dvc.lock, which a later restart reads, and the
     curated data's profile, which the data gate of later runs compares with (drift)."""
     log_missing_metrics(client, run_id, metrics)
     if Path("dvc.lock").is_file():
         log_run_artifact(client, run_id, "dvc.lock")
-    profile = Path(params.curate.reports_dir) / PROFILE_ARTIFACT
+    profile = Path(curate.reports_dir) / PROFILE_ARTIFACT
     if profile.is_file():
         log_run_artifact(client, run_id, str(profile))
 
 
-def _log_document_scores(client: MlflowClient, params: Params, run_id: str, weights_sha: str) -> str:
+def _log_document_scores(
+    client: MlflowClient, evaluate: EvaluateParams, run_id: str, weights_sha: str
+) -> str:
     """Log reports/per_document.json into the run, under a folder of these weights (a run may hold
     more than one version): its artifact path, for the version's PER_DOCUMENT_TAG."""
     folder = f"scores/{weights_sha[:16]}"
-    log_run_artifact(client, run_id, str(Path(params.evaluate.reports_dir) / PER_DOCUMENT_FILE), folder)
+    log_run_artifact(client, run_id, str(Path(evaluate.reports_dir) / PER_DOCUMENT_FILE), folder)
     return f"{folder}/{PER_DOCUMENT_FILE}"
 
 
-def _log_model(client: MlflowClient, params: Params, run_id: str, model_dir: Path, work_dir: Path):
+def _log_model(client: MlflowClient, serve: ServeParams, run_id: str, model_dir: Path, work_dir: Path):
     from pipelines.serving.completion import (
         EXAMPLE_PROMPT,
         LIMITS_FILE,
@@ -281,7 +283,7 @@ def _log_model(client: MlflowClient, params: Params, run_id: str, model_dir: Pat
 
     limits_path = work_dir / LIMITS_FILE
     block_size = int(read_json(model_dir / CONFIG_FILE)["block_size"])
-    limits = model_limits(serving_limits(params.serve), block_size)  # what the model will enforce
+    limits = model_limits(serving_limits(serve), block_size)  # what the model will enforce
     write_json(limits_path, limits)
     return log_model_from_code(
         client,
