@@ -63,9 +63,10 @@ def tracking_in() -> Iterator[Path]:
 def train_and_score(overrides: list[str], work: Path, track: bool = True) -> dict:
     """Train with the train stage's code into work/, then score the held-out split on the
     device it trained on (the evaluate stage's code; its score, on its device's precision)."""
+    from pipelines.core.model_dir import load_model_dir
     from pipelines.core.params import load_params
     from pipelines.stages.device import pick_device, use_bf16
-    from pipelines.stages.evaluate import load_model_dir, score_texts, validation_texts
+    from pipelines.stages.evaluate import score_texts, validation_texts
     from pipelines.stages.train import train_model
 
     params = load_params(

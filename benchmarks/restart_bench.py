@@ -26,6 +26,7 @@ import yaml
 from mlflow import MlflowClient
 
 from pipelines.adapters.checkpoint import checkpoint_path
+from pipelines.core.model_dir import WEIGHTS_FILE
 from pipelines.core.params import PARAMS_FILE, load_params
 
 
@@ -66,8 +67,8 @@ def one_round(overrides: list[str], work: Path, env: dict) -> dict:
     full = train(files["full"], env)
     killed = train(files["killed"], env, kill_at=f"ckpt/*/{checkpoint_path('', half)}")
     resumed = train(files["killed"], env)
-    same = (work / "full/models/model.safetensors").read_bytes() == (
-        work / "killed/models/model.safetensors"
+    same = (work / "full/models" / WEIGHTS_FILE).read_bytes() == (
+        work / "killed/models" / WEIGHTS_FILE
     ).read_bytes()
     return {"full": full, "killed": killed, "resumed": resumed, "remaining": full - killed, "same": same}
 

@@ -56,11 +56,11 @@ TEMPERATURE, TOP_K = 0.8, 50
 
 def make_model_dir(model_dir: Path) -> dict:
     """Random weights of the default architecture and a tokenizer, as the train stage writes them."""
-    from safetensors.torch import save_model
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    from pipelines.core.data import write_json
+    from pipelines.core.data import TOKENIZER_FILE
     from pipelines.core.model import GPT, GPTConfig
+    from pipelines.core.model_dir import save_model_dir
     from pipelines.core.params import load_params
 
     model_dir.mkdir(parents=True)
@@ -77,12 +77,11 @@ def make_model_dir(model_dir: Path) -> dict:
         show_progress=False,
     )
     tokenizer.train_from_iterator(texts, trainer=trainer)
-    tokenizer.save(str(model_dir / "tokenizer.json"))
+    tokenizer.save(str(model_dir / TOKENIZER_FILE))
     config = GPTConfig(tokenizer.get_vocab_size(), BLOCK_SIZE, train.n_layer, train.n_head, train.n_embd)
     torch.manual_seed(0)
     model = GPT(config)
-    save_model(model, str(model_dir / "model.safetensors"))
-    write_json(model_dir / "config.json", config.to_dict())
+    save_model_dir(model_dir, model)  # the tokenizer is in place already
     return {**config.to_dict(), "params_m": model.num_params() / 1e6}
 
 
@@ -90,6 +89,7 @@ def write_metrics(reports_dir: Path, model_dir: Path, bpb: float) -> None:
     """A metrics.json and evaluation.json as evaluate writes them for these weights (the score is
     made up: the gate only has to order the versions)."""
     from pipelines.core.data import sha256_file, write_json
+    from pipelines.core.model_dir import WEIGHTS_FILE
     from pipelines.stages.evaluate import (
         EVALUATION_FILE,
         METRICS_FILE,
@@ -106,7 +106,7 @@ def write_metrics(reports_dir: Path, model_dir: Path, bpb: float) -> None:
         "scoring_code_sha256": scoring_code_sha256(),
     }
     evaluation = {
-        "weights_sha256": sha256_file(model_dir / "model.safetensors"),
+        "weights_sha256": sha256_file(model_dir / WEIGHTS_FILE),
         **settings,
         "score_key": score_key(settings),
     }
@@ -125,17 +125,16 @@ def write_metrics(reports_dir: Path, model_dir: Path, bpb: float) -> None:
 
 
 def publish(work: Path, bpb: float, seed: int = 0) -> str:
+    from pipelines.commands.promotion import publish_model
     from pipelines.core.params import Params
-    from pipelines.stages.publish import publish_model
 
     if seed:  # another version: other weights in the same model dir
-        from safetensors.torch import save_model
-
         from pipelines.core.model import GPT, GPTConfig
+        from pipelines.core.model_dir import CONFIG_FILE, save_model_dir
 
-        config = GPTConfig(**json.loads((work / "models/config.json").read_text()))
+        config = GPTConfig(**json.loads((work / "models" / CONFIG_FILE).read_text()))
         torch.manual_seed(seed)
-        save_model(GPT(config), str(work / "models/model.safetensors"))
+        save_model_dir(work / "models", GPT(config))
     write_metrics(work / "reports", work / "models", bpb)
     return publish_model(Params())["version"]
 

@@ -120,7 +120,7 @@ def run_stage(stage: str, mlflow_run_id: str, changed: str | None = "", usage_di
 
 @task(retries=2, retry_delay_seconds=[5, 30])
 def publish(params: Params, lineage: dict, mlflow_run_id: str) -> dict:
-    from pipelines.stages.publish import publish_model
+    from pipelines.commands.promotion import publish_model
 
     return publish_model(params, lineage=lineage, run_id=mlflow_run_id)
 

@@ -77,7 +77,7 @@ def cmd_run(args) -> None:
     api = start_temporary_api()
     import dvc.repo  # noqa: F401
 
-    import pipelines.stages.publish  # noqa: F401
+    import pipelines.commands.promotion  # noqa: F401
 
     import_tracking_store()
 
@@ -132,7 +132,7 @@ def cmd_curate(args) -> None:
 
 
 def cmd_publish(args) -> None:
-    from pipelines.stages.publish import publish_model
+    from pipelines.commands.promotion import publish_model
 
     params = load_params(PARAMS_FILE, args.set)
     if Path("dvc.yaml").exists() and Path(".dvc").is_dir():
@@ -151,14 +151,14 @@ def cmd_publish(args) -> None:
 
 
 def cmd_promote(args) -> None:
-    from pipelines.stages.publish import promote_version
+    from pipelines.commands.promote import promote_version
 
     result = promote_version(load_params(PARAMS_FILE, args.set), args.version)
     print(f"champion is now version {result.get('champion_version', args.version)}")
 
 
 def cmd_rollback(args) -> None:
-    from pipelines.stages.publish import rollback_champion
+    from pipelines.commands.promote import rollback_champion
 
     result = rollback_champion(load_params(PARAMS_FILE, args.set))
     print(f"champion rolled back to version {result.get('champion_version')}")
@@ -193,10 +193,10 @@ def _version_text(version) -> str:
 def cmd_history(args) -> None:
     import json
 
-    from pipelines.stages.publish import read_history
+    from pipelines.commands.promote import read_history
 
     params = load_params(PARAMS_FILE, args.set)
-    moves = read_history(params)
+    moves = read_history(params.publish)
     if args.json:
         for move in moves:
             print(json.dumps(move))
@@ -323,11 +323,11 @@ def cmd_generate(args) -> None:
     import torch
 
     from pipelines.core.data import EOT
-    from pipelines.stages.evaluate import load_model_dir
+    from pipelines.core.model_dir import WEIGHTS_FILE, load_model_dir
 
     params = load_params(PARAMS_FILE, args.set)
     model_dir = Path(params.train.model_dir)
-    if not (model_dir / "model.safetensors").exists():
+    if not (model_dir / WEIGHTS_FILE).exists():
         raise ConfigError(f"no trained model in {model_dir}/: run `trainpipe train` first")
     model, tokenizer = load_model_dir(model_dir)
     idx = torch.tensor([tokenizer.encode(args.prompt).ids[-model.config.block_size :]])
@@ -489,12 +489,10 @@ def main(argv: list[str] | None = None) -> None:
 
         if not isinstance(exc, MlflowException):
             raise
-        import mlflow
-
+        from pipelines.adapters.registry import get_tracking_uri, mlflow_failure
         from pipelines.commands.compare import public_uri
-        from pipelines.stages.publish import mlflow_failure
 
-        uri = public_uri(mlflow.get_tracking_uri())  # without the user and password it may carry
+        uri = public_uri(get_tracking_uri())  # without the user and password it may carry
         reason.append(f"trainpipe {args.command}: MLflow at {uri} failed ({mlflow_failure(exc)})")
         sys.exit(1)
 

@@ -94,10 +94,10 @@ SNIPPETS = [
 def make_model_dir(path: str | Path, seed: int = 0, block_size: int = 32) -> Path:
     """Write a tiny untrained model dir as the train stage does: weights, config.json, tokenizer.json."""
     import torch
-    from safetensors.torch import save_model
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     from pipelines.core.model import GPT, GPTConfig
+    from pipelines.core.model_dir import save_model_dir
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -114,8 +114,7 @@ def make_model_dir(path: str | Path, seed: int = 0, block_size: int = 32) -> Pat
     tok.save(str(path / TOKENIZER_FILE))
     torch.manual_seed(seed)
     config = GPTConfig(vocab_size=tok.get_vocab_size(), block_size=block_size, n_layer=1, n_head=2, n_embd=32)
-    save_model(GPT(config), str(path / "model.safetensors"))
-    write_json(path / "config.json", config.to_dict())
+    save_model_dir(path, GPT(config))
     return path
 
 
@@ -236,8 +235,8 @@ def smoked_model_source(tmp_path_factory, mlflow_template_db) -> tuple[str, dict
     import mlflow
     from mlflow import MlflowClient
 
+    from pipelines.commands.promotion import publish_model
     from pipelines.core.params import Params
-    from pipelines.stages.publish import publish_model
 
     root = tmp_path_factory.mktemp("smoked")
     with pytest.MonkeyPatch.context() as mp:

@@ -1,10 +1,10 @@
 """Every call trainpipe makes to MLflow's client lives here: the registry (versions, aliases,
-tags, the champion's history, endpoint records) and the runs publish logs into.
+tags, the champion's history, endpoint records), the runs publish logs into and the model it logs.
 
 Publish, promote, rollback, restart, status, serve and curate's drift check all read and write
 through these functions, so an unknown model, alias or version means the same everywhere (None or
 a one-line ConfigError) while an unreachable server always raises. Nothing here decides anything:
-the promotion gate and the smoke test are pipelines.stages.publish's; this module only speaks MLflow.
+the promotion gate and the smoke test are pipelines.commands.promotion's; this module only speaks MLflow.
 (pipelines/serving/smoke.py downloads the version it tests itself: it runs as a script that must import
 nothing of this checkout, so that the version's own code is what loads.)
 """
@@ -12,6 +12,7 @@ nothing of this checkout, so that the version's own code is what loads.)
 import json
 import secrets
 from datetime import UTC, datetime
+from pathlib import Path
 
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
@@ -189,7 +190,6 @@ def get_version(client: MlflowClient, name: str, version: int | str) -> ModelVer
 def run_artifact_bytes(client: MlflowClient, run_id: str, path: str) -> bytes | None:
     """A run's artifact at path (a top-level file), or None when the run has none there."""
     import tempfile
-    from pathlib import Path
 
     if path not in {a.path for a in client.list_artifacts(run_id)}:
         return None
@@ -309,11 +309,14 @@ def record_move(
     client.set_registered_model_tag(name, key, json.dumps(record))
 
 
-def download_model(model_uri: str, dst: str) -> str:
-    """A registered model's files (models:/name/version) in a local dir: its path."""
+def download_model_artifacts(model_uri: str, dst: str) -> dict[str, Path]:
+    """A registered pyfunc model's artifacts (models:/name/version), downloaded into dst:
+    {artifact key: local path}, the keys those it was logged with (log_model_from_code)."""
     import mlflow
 
-    return mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=dst)
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=dst))
+    artifacts = mlflow.models.Model.load(str(local)).flavors["python_function"]["artifacts"]
+    return {key: local / artifact["path"] for key, artifact in artifacts.items()}
 
 
 def download_run_artifact(client: MlflowClient, run_id: str, path: str, dst: str) -> str:
@@ -378,3 +381,62 @@ def create_logged_model(client: MlflowClient, run_id: str) -> str:
     the model under the default experiment (or the active run's), not the run's."""
     experiment_id = client.get_run(run_id).info.experiment_id
     return client.create_logged_model(experiment_id, name="model", source_run_id=run_id).model_id
+
+
+def log_model_from_code(
+    client: MlflowClient,
+    run_id: str,
+    python_model: str,
+    artifacts: dict[str, str],
+    code_paths: list[str],
+    model_config: dict,
+    pip_requirements: list[str],
+    signature,
+    input_example,
+):
+    """Log a pyfunc model from code (python_model, the file MLflow runs to load it: no pickle) into
+    the run, as a logged model of the run's experiment: its mlflow.models.model.ModelInfo."""
+    import mlflow
+
+    # Model.log rather than mlflow.pyfunc.log_model: it takes the run id, so the flow's run
+    # (possibly active in another thread) need not be the active run, nor is it ended here.
+    # The logged model is created first, in the run's experiment (create_logged_model).
+    return mlflow.models.Model.log(
+        artifact_path=None,
+        name="model",
+        flavor=mlflow.pyfunc,
+        run_id=run_id,
+        model_id=create_logged_model(client, run_id),
+        python_model=python_model,
+        artifacts=artifacts,
+        code_paths=code_paths,
+        model_config=model_config,
+        pip_requirements=pip_requirements,
+        signature=signature,
+        input_example=input_example,
+    )
+
+
+def logged_model_signature(model_uri: str):
+    """The signature a logged model was stored with (mlflow.models.ModelSignature), or None."""
+    import mlflow
+
+    return mlflow.models.get_model_info(model_uri).signature
+
+
+# Where MLflow is, and why it failed.
+
+
+def get_tracking_uri() -> str:
+    """The tracking URI this process resolved: MLFLOW_TRACKING_URI, else MLflow's default."""
+    import mlflow
+
+    return mlflow.get_tracking_uri()
+
+
+def mlflow_failure(exc: MlflowException) -> str:
+    """A short reason: an unreachable server's message is a long URL and a retry count."""
+    text = (exc.message or str(exc)).strip()
+    if "Max retries exceeded" in text or "Connection refused" in text or "timed out" in text:
+        return "the tracking server did not answer, after MLflow's HTTP retries"
+    return text.splitlines()[0][:300] if text else exc.__class__.__name__

@@ -24,7 +24,6 @@ import time
 from dataclasses import dataclass
 from urllib.parse import quote, urlsplit, urlunsplit
 
-import mlflow
 import yaml
 from mlflow import MlflowClient
 from mlflow.entities import Run
@@ -35,6 +34,7 @@ from pipelines.adapters.registry import (
     CHAMPION,
     find_run,
     find_version,
+    get_tracking_uri,
     model_aliases,
     model_versions,
     run_artifact_bytes,
@@ -96,7 +96,7 @@ def public_uri(uri: str) -> str:
 
 def _no_model(name: str) -> ConfigError:
     return ConfigError(
-        f"no registered model {name} in {public_uri(mlflow.get_tracking_uri())}: nothing was published yet"
+        f"no registered model {name} in {public_uri(get_tracking_uri())}: nothing was published yet"
     )
 
 
@@ -133,7 +133,7 @@ def resolve(client: MlflowClient, name: str, ref: str) -> Side:
     if RUN_ID.fullmatch(text):
         run = find_run(client, text)
         if run is None:
-            raise ConfigError(f"no MLflow run {text} in {public_uri(mlflow.get_tracking_uri())}")
+            raise ConfigError(f"no MLflow run {text} in {public_uri(get_tracking_uri())}")
         registered = model_versions(client, name, run_id=text)
         version = registered[0] if registered else None  # a run may hold several: its newest
         aliases = (model_aliases(client, name) or {}) if version else {}
@@ -204,7 +204,7 @@ def compare(params: Params, a: str | None = None, b: str | None = None, ui_url: 
             "cpu_hour_usd": params.cost.cpu_hour_usd,
             "gpu_hour_usd": params.cost.gpu_hour_usd,
         },
-        "ui": ui_link([side_a, side_b], mlflow.get_tracking_uri(), ui_url),
+        "ui": ui_link([side_a, side_b], get_tracking_uri(), ui_url),
     }
 
 

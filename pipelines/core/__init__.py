@@ -1,2 +1,3 @@
-"""The pure core: the model, the optimizer, params, the quality filters, scrub, dedupe and scoring.
+"""The pure core: the model and its directory's files, the optimizer, params, the quality filters,
+scrub, dedupe and scoring.
 No servers, no tracking, no subprocesses; it imports nothing above it."""

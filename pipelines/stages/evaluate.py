@@ -32,7 +32,6 @@ import torch
 
 from pipelines.core.data import (
     EOT,
-    TOKENIZER_FILE,
     read_documents,
     read_json,
     sha256_file,
@@ -41,7 +40,8 @@ from pipelines.core.data import (
     write_json,
 )
 from pipelines.core.errors import TrainpipeError
-from pipelines.core.model import GPT, GPTConfig
+from pipelines.core.model import GPT
+from pipelines.core.model_dir import WEIGHTS_FILE, load_model_dir
 from pipelines.core.params import Params
 from pipelines.core.scoring import (
     EVALUATION_FILE,
@@ -52,20 +52,7 @@ from pipelines.core.scoring import (
 )
 from pipelines.stages.device import use_bf16
 
-WEIGHTS_FILE = "model.safetensors"
 SAMPLE_PROMPTS = ["def fibonacci(n):\n", "import os\n\n\ndef ", "class Stack:\n    def __init__(self):\n"]
-
-
-def load_model_dir(model_dir: str | Path, device: str | torch.device = "cpu"):
-    """(model, tokenizer) from a folder written by the train stage."""
-    from safetensors.torch import load_model
-    from tokenizers import Tokenizer
-
-    model_dir = Path(model_dir)
-    config = GPTConfig(**json.loads((model_dir / "config.json").read_text()))
-    model = GPT(config)
-    load_model(model, str(model_dir / WEIGHTS_FILE))
-    return model.to(device).eval(), Tokenizer.from_file(str(model_dir / TOKENIZER_FILE))
 
 
 def validation_documents(params: Params) -> list[dict]:

@@ -23,10 +23,8 @@ the step it resumed from, its seconds and speed go to its usage report (pipeline
 byte-identical weights always make a byte-identical models/ and one DVC hash.
 """
 
-import json
 import math
 import os
-import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -54,6 +52,7 @@ from pipelines.adapters.ranks import (
 from pipelines.core.data import TOKENIZER_FILE, load_tokens, read_json, sha256_file, write_json
 from pipelines.core.errors import DivergenceError, TrainpipeError
 from pipelines.core.model import GPT, GPTConfig
+from pipelines.core.model_dir import save_model_dir
 from pipelines.core.optim import make_optimizer
 from pipelines.core.params import Params, TrainParams
 from pipelines.core.usage import note_work
@@ -201,12 +200,7 @@ TRAINING_REPORT = "training.json"
 
 
 def write_model(model_dir: Path, model: GPT, tokens_dir: Path, summary: dict) -> None:
-    from safetensors.torch import save_model
-
-    model_dir.mkdir(parents=True, exist_ok=True)
-    save_model(model, str(model_dir / "model.safetensors"))
-    (model_dir / "config.json").write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")
-    shutil.copyfile(tokens_dir / TOKENIZER_FILE, model_dir / TOKENIZER_FILE)
+    save_model_dir(model_dir, model, tokens_dir / TOKENIZER_FILE)
     write_json(model_dir / "train.json", {k: v for k, v in summary.items() if k not in RUN_FACTS})
 
 

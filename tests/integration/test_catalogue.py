@@ -420,7 +420,7 @@ def test_generated_files_and_encoded_blobs(ws, tmp_path):
 @pytest.fixture
 def champion(ws, tmp_path, mlflow_env):
     """A champion published from a 40-module corpus, its data profile stored with it."""
-    from pipelines.stages.publish import publish_model
+    from pipelines.commands.promotion import publish_model
 
     folder = tmp_path / "champion_corpus"
     good_corpus(folder, n=40)

@@ -59,7 +59,7 @@ def flow_run_publish(client: MlflowClient, tmp_path: Path, seed: int, bpb: float
     for key, value in ledger.items():
         client.log_metric(run_id, key, value)
     (tmp_path / "dvc.lock").write_text(yaml.safe_dump(lock))
-    from pipelines.stages.publish import publish_model
+    from pipelines.commands.promotion import publish_model
 
     make_model_dir(params.train.model_dir, seed=seed)
     write_metrics(params.evaluate.reports_dir, bpb)

@@ -17,10 +17,11 @@ from conftest import copy_mlflow_db, free_port, make_model_dir, stop_process_gro
 from mlflow import MlflowClient
 
 from pipelines.adapters.registry import endpoint_records
+from pipelines.commands.promote import promote_version
+from pipelines.commands.promotion import publish_model
 from pipelines.commands.status import ask_endpoint, wait_for_champion
 from pipelines.core.errors import SmokeTestError
 from pipelines.core.params import Params, ServeParams
-from pipelines.stages.publish import promote_version, publish_model
 
 NAME = Params().publish.model_name
 TRAINPIPE = str(Path(sys.executable).parent / "trainpipe")

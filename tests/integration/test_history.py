@@ -12,9 +12,10 @@ from mlflow import MlflowClient
 
 from pipelines.adapters.registry import HISTORY_TAG_PREFIX, LEGACY_HISTORY_TAG, champion_history
 from pipelines.cli import format_history, main
+from pipelines.commands.promote import promote_version, read_history, rollback_champion
+from pipelines.commands.promotion import move_champion
 from pipelines.core.errors import ConfigError
 from pipelines.core.params import Params, PublishParams
-from pipelines.stages.publish import _move_champion, promote_version, read_history, rollback_champion
 
 NAME = PublishParams().model_name
 TRAINPIPE = str(Path(sys.executable).parent / "trainpipe")
@@ -37,7 +38,7 @@ def moves(client: MlflowClient) -> list[tuple]:
 
 
 def test_concurrent_moves_lose_no_record(versions):
-    _move_champion(versions, NAME, "17")  # a champion to move from (MLflow's first alias insert races)
+    move_champion(versions, NAME, "17")  # a champion to move from (MLflow's first alias insert races)
     start = threading.Barrier(8)
     errors = []
 
@@ -46,7 +47,7 @@ def test_concurrent_moves_lose_no_record(versions):
         start.wait()
         for version in (2 * k + 1, 2 * k + 2):
             try:
-                _move_champion(client, NAME, str(version))
+                move_champion(client, NAME, str(version))
             except Exception as exc:  # noqa: BLE001 - reported below, with the thread's move
                 errors.append(f"v{version}: {exc}")
 
@@ -110,8 +111,8 @@ def test_a_registry_written_before_the_records_keeps_its_history(versions):
 def test_finishing_a_cut_short_move_records_it_once(versions):
     promote_version(Params(), 1)
     versions.set_registered_model_alias(NAME, "champion", "2")  # a publish killed after moving it
-    _move_champion(versions, NAME, "2")  # the re-run finishes the move
-    _move_champion(versions, NAME, "2")  # and a second re-run adds nothing
+    move_champion(versions, NAME, "2")  # the re-run finishes the move
+    move_champion(versions, NAME, "2")  # and a second re-run adds nothing
     assert moves(versions) == [(None, "1", "trainpipe promote"), ("1", "2", "trainpipe publish")]
     assert champion_history(versions, NAME)[-1]["reason"].endswith(
         "(recorded by the run that finished the move)"
@@ -178,5 +179,5 @@ def test_history_command_lists_every_move(versions, capsys):
 
 def test_history_of_an_unknown_model_is_one_line(mlflow_env):
     with pytest.raises(ConfigError) as info:
-        read_history(Params(publish={"model_name": "nothing-here"}))
+        read_history(PublishParams(model_name="nothing-here"))
     assert str(info.value) == f"no registered model nothing-here in {mlflow_env}: nothing was published yet"

@@ -17,6 +17,7 @@ from conftest import make_model_dir, write_metrics
 from mlflow import MlflowClient
 
 from pipelines.cli import main
+from pipelines.commands.promotion import publish_model
 from pipelines.commands.status import format_status, read_status
 from pipelines.core.ledger import (
     RUN_USD,
@@ -30,7 +31,6 @@ from pipelines.core.ledger import (
 )
 from pipelines.core.params import CostParams, Params
 from pipelines.core.usage import USAGE_DIR_ENV, note_unreported_attempt, read_usage
-from pipelines.stages.publish import publish_model
 
 RATES = CostParams(cpu_hour_usd=36.0, gpu_hour_usd=360.0)  # 1 cent a CPU-second, 10 a GPU-second
 STAGES = ["inputs", "ingest", "curate", "tokenize", "train", "evaluate"]

@@ -15,20 +15,16 @@ from conftest import METRICS_DOC_BYTES, SNIPPETS, copy_mlflow_db, make_model_dir
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
+from pipelines.adapters.registry import champion_history
+from pipelines.commands.promote import promote_version, rollback_champion
+from pipelines.commands.promotion import decide_promotion, publish_model
 from pipelines.core.bootstrap import BpbDelta, paired_bootstrap, read_bpb_delta
 from pipelines.core.data import read_json, sha256_file, sha256_hex, write_documents, write_json
 from pipelines.core.errors import ConfigError, TrainpipeError
 from pipelines.core.params import Params, PublishParams, ServeParams
 from pipelines.stages import evaluate, tokenize
 from pipelines.stages.device import use_bf16
-from pipelines.stages.publish import (
-    PER_DOCUMENT_TAG,
-    champion_history,
-    decide_promotion,
-    promote_version,
-    publish_model,
-    rollback_champion,
-)
+from pipelines.stages.publish import PER_DOCUMENT_TAG
 
 NAME = PublishParams().model_name
 

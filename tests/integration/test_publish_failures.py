@@ -11,9 +11,11 @@ from pathlib import Path
 from conftest import free_port, make_model_dir, write_metrics
 from mlflow import MlflowClient
 
+from pipelines.adapters.registry import champion_history
+from pipelines.commands.promotion import DECISION_TAG, publish_model
 from pipelines.core.data import sha256_file
 from pipelines.core.params import Params, PublishParams
-from pipelines.stages.publish import DECISION_TAG, PAUSE_ENV, champion_history, publish_model
+from pipelines.stages.publish import PAUSE_ENV
 
 NAME = PublishParams().model_name
 TRAINPIPE = str(Path(sys.executable).parent / "trainpipe")

@@ -14,11 +14,11 @@ import requests
 from conftest import copy_mlflow_db, free_port, make_model_dir, stop_process_group, write_metrics
 from mlflow.exceptions import MlflowException
 
+from pipelines.commands.promotion import publish_model
 from pipelines.core.errors import ConfigError
 from pipelines.core.params import Params, ServeParams
 from pipelines.serving.completion import DEFAULT_LIMITS, EOT, check_request, model_limits, serving_limits
 from pipelines.serving.serve import run_server, serve_command, serve_env
-from pipelines.stages.publish import publish_model
 
 LIMITS = {"max_prompt_chars": 10, "max_new_tokens_limit": 8, "max_prompts": 3, "max_total_new_tokens": 20}
 

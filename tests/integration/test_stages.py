@@ -14,6 +14,7 @@ from pipelines.core import model as model_code
 from pipelines.core import scoring
 from pipelines.core.data import (
     EOT,
+    TOKENIZER_FILE,
     is_validation,
     load_tokens,
     read_documents,
@@ -24,6 +25,7 @@ from pipelines.core.data import (
 )
 from pipelines.core.errors import DivergenceError, SourceError
 from pipelines.core.model import GPT, GPTConfig
+from pipelines.core.model_dir import load_model_dir, save_model_dir
 from pipelines.core.params import load_params
 from pipelines.stages import evaluate, ingest, tokenize, train
 from pipelines.stages.device import cpu_multiplies_bf16, use_bf16
@@ -288,7 +290,7 @@ def test_evaluate_writes_metrics_next_to_compressors(tokenized):
 
 def test_score_texts_counts_every_byte_and_honours_max_tokens(tokenized):
     train.train_model(tokenized, log=lambda *_: None)
-    model, tok = evaluate.load_model_dir(tokenized.train.model_dir)
+    model, tok = load_model_dir(tokenized.train.model_dir)
     texts = ["def a():\n    return 1\n", "x = [i for i in range(3)]\n"]
     full = evaluate.score_texts(model, tok, texts)
     assert full["bytes"] == sum(len(t.encode()) for t in texts) and full["documents_scored"] == 2
@@ -302,7 +304,6 @@ def byte_model_dir(path, block_size: int):
     """A model dir whose tokenizer has no merges (one token per byte of ASCII text, and
     <|endoftext|>: V = 257) and whose weights are all zero, so every logit is 0: each predicted
     token costs exactly log2(V) bits."""
-    from safetensors.torch import save_model
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
@@ -315,13 +316,12 @@ def byte_model_dir(path, block_size: int):
     tok.train_from_iterator(["aaaa bbbb"], trainer)
     assert tok.get_vocab_size() == 257
     path.mkdir()
-    tok.save(str(path / "tokenizer.json"))
+    tok.save(str(path / TOKENIZER_FILE))
     config = GPTConfig(vocab_size=257, block_size=block_size, n_layer=1, n_head=2, n_embd=8)
     model = GPT(config)
     for p in model.parameters():
         torch.nn.init.zeros_(p)
-    save_model(model, str(path / "model.safetensors"))
-    (path / "config.json").write_text(json.dumps(config.to_dict()))
+    save_model_dir(path, model)
     return path
 
 
@@ -333,7 +333,7 @@ def test_bits_per_byte_of_a_uniform_model_matches_a_hand_count(tmp_path, bf16, c
     # predicted: 31 tokens at log2(257) bits each (windows of 16, or of 5, and a short tail).
     expected = 31 * math.log2(257) / 29
     model_dir = byte_model_dir(tmp_path / "m", block_size=16)
-    model, tok = evaluate.load_model_dir(model_dir)
+    model, tok = load_model_dir(model_dir)
     scored = evaluate.score_texts(model, tok, texts, bf16=bf16, context=context)
     assert (scored["tokens"], scored["bytes"], scored["documents_scored"]) == (31, 29, 2)
     assert scored["nll_bits"] == pytest.approx(31 * math.log2(257), rel=1e-6)
@@ -367,7 +367,7 @@ def total_bits_by_windows(model, tok, texts, context) -> float:
 def test_per_document_bits_add_up_to_the_total(tmp_path, context):
     from conftest import SNIPPETS, make_model_dir
 
-    model, tok = evaluate.load_model_dir(make_model_dir(tmp_path / "m", seed=3, block_size=32))
+    model, tok = load_model_dir(make_model_dir(tmp_path / "m", seed=3, block_size=32))
     texts = SNIPPETS * 2  # 12 documents, several longer than a window: windows cross documents
     scored = evaluate.score_texts(model, tok, texts, context=context, batch_size=4)
     assert len(scored["doc_bits"]) == len(texts) and all(b > 0 for b in scored["doc_bits"])
@@ -381,7 +381,7 @@ def test_per_document_bits_add_up_to_the_total(tmp_path, context):
 
 
 def test_score_texts_refuses_a_context_longer_than_the_model(tmp_path):
-    model, tok = evaluate.load_model_dir(byte_model_dir(tmp_path / "m", block_size=16))
+    model, tok = load_model_dir(byte_model_dir(tmp_path / "m", block_size=16))
     with pytest.raises(ValueError, match="context 17 is longer than the model's block_size 16"):
         evaluate.score_texts(model, tok, ["x = 1\n"], context=17)
 
@@ -437,9 +437,9 @@ def test_scoring_code_hash_is_the_imported_scorers_source():
 
 
 def test_publish_imports_no_torch():
-    # An unchanged `trainpipe run` imports pipelines.stages.publish and publishes nothing: torch, 2.2 s of
-    # imports, waits for a run that logs or scores a model.
-    probe = "import sys, pipelines.stages.publish; print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch')[:3])"
+    # An unchanged `trainpipe run` imports the publish code (the promotion command and the publish
+    # stage) and publishes nothing: torch, 2.2 s of imports, waits for a run that logs or scores a model.
+    probe = "import sys, pipelines.commands.promotion; print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch')[:3])"
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]", result.stdout
 
