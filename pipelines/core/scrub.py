@@ -9,10 +9,35 @@ secret sits inside code, only the secret goes; the code around it stays readable
     scrub_text('key = "AKIAIOSFODNN7EXAMPLE"')  ->  ('key = "<API_KEY>"', {"api_key": 1})
     scrub_text('DB = "postgres://bob:hunter2@db:5432"')
         ->  ('DB = "postgres://<CREDENTIALS>@db:5432"', {"credentials": 1})
+
+Covered, after gitleaks' default rules, GitHub's secret-scanning partner patterns and
+detect-secrets' plugins, each mapped to one of the six KINDS (the curation report's schema):
+- private_key: PEM blocks of every kind (RSA, EC, DSA, OPENSSH, ENCRYPTED, PKCS#8) and PGP's.
+- api_key: AWS key ids (AKIA, ASIA, ABIA, ACCA) and secret keys (near a key id, or assigned to a
+  name such as aws_secret_access_key); GitHub (ghp_, gho_, ghu_, ghs_, ghr_, github_pat_); GitLab
+  (glpat-, gldt-, glrt-, ... and GR1348941); Slack (xoxb-, xoxp-, xoxa-, xoxr-, xoxe-, xapp-,
+  hooks.slack.com webhooks); Stripe (sk_/rk_ live and test, pk_live_; pk_test_ is public and
+  stays); Twilio (SK keys; AC account SIDs on a line naming twilio or a SID); SendGrid; npm; PyPI;
+  Docker Hub; DigitalOcean; Shopify; Databricks; Azure storage AccountKey / SharedAccessKey;
+  Google (AIza); OpenAI (sk-, sk-proj-, sk-svcacct-); Anthropic (sk-ant-); Hugging Face (hf_).
+- token: JWTs. credentials: scheme://user:password@host, the user possibly empty.
+- password: quoted password assignments in code, unquoted ones in YAML, .env and shell files.
+- email: an address under any delegated top-level domain (tlds.py).
+
+Hand-written patterns rather than detect-secrets: it is not a dependency here; it reports
+findings per line rather than replacing spans, and its entropy plugins flag hashes and test
+vectors, which in a code corpus are ordinary text. Its and gitleaks' formats are the source of
+the patterns below. Every rule runs in time linear in the text (see Rule), so one long line
+(minified or generated code) costs what many short ones do.
+
+Run by the curate stage: `trainpipe curate` (`dvc repro curate`).
 """
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
+
+from pipelines.core.tlds import TLDS
 
 PLACEHOLDERS = {
     "private_key": "<PRIVATE_KEY>",
@@ -23,6 +48,9 @@ PLACEHOLDERS = {
     "email": "<EMAIL>",
 }
 KINDS = tuple(PLACEHOLDERS)
+# How far a rule with `near` looks from each match of its anchor: this many lines either way,
+# and never more than REACH characters (a minified file is one long line).
+NEAR_LINES, REACH = 3, 1024
 
 
 @dataclass(frozen=True)
@@ -33,19 +61,27 @@ class Rule:
     `in` is ~50x faster than a regex scan); none for a pattern that starts with a literal, which
     the regex engine finds as fast as `in` does. per_line: matches never span lines, so the pattern
     runs only on the lines holding a literal: "@" and "password" are common in code, and a
-    scan of those lines alone is what keeps the email and password rules fast.
+    scan of those lines alone is what keeps the email and password rules fast. near: the pattern
+    runs only within NEAR_LINES lines (REACH characters) of a match of this one. accept: a match
+    it returns False for is left as it is (a template, or code that only looks like a secret).
+
+    Every quantifier that can repeat is bounded or starts at a literal that cannot recur inside
+    what it repeats, so each rule takes time linear in the text, however long its lines.
     """
 
     kind: str
     pattern: re.Pattern
     literals: tuple[str, ...]
     per_line: bool = False
+    near: re.Pattern | None = None
+    accept: Callable[[re.Match], bool] | None = None
 
 
-# Top-level domains an email may end in: the generic ones in wide use and every country code.
-# Requiring a delegated TLD is what tells `guido@python.org` from code such as `a@self.weight`
-# (matmul on an attribute) or `x@w.to(dtype)`, and leaves the reserved test domains of RFC 2606
-# and 6761 (`.test`, `.invalid`, `.localhost`) alone.
+# An email ends in a delegated top-level domain (tlds.TLDS, 1,319 of them): that tells
+# `guido@python.org` and `jane@example.tech` from email-shaped fixtures (`person@dom.ain`) and from
+# the reserved test domains of RFC 2606 and 6761 (`.test`, `.invalid`, `.localhost`, `.example`).
+# Some delegated names are also code (`a@self.weight` is matmul; `x@w.data`): outside the
+# generic and country-code domains in wide use, _is_email asks the address not to read as code.
 GENERIC_TLDS = "com org net edu gov mil int info biz name pro aero coop museum mobi app dev io ai".split()
 COUNTRY_TLDS = (
     "ac ad ae af ag ai al am ao aq ar as at au aw ax az ba bb bd be bf bg bh bi bj bm bn bo br bs bt bw by bz "
@@ -56,10 +92,25 @@ COUNTRY_TLDS = (
     "pm pn pr ps pt pw py qa re ro rs ru rw sa sb sc sd se sg sh si sk sl sm sn so sr ss st su sv sx sy sz tc "
     "td tf tg th tj tk tl tm tn to tr tt tv tw tz ua ug uk us uy uz va vc ve vg vi vn vu wf ws ye yt za zm zw"
 ).split()
-_TLD = "(?:" + "|".join(sorted(set(GENERIC_TLDS + COUNTRY_TLDS), key=lambda t: (-len(t), t))) + ")"
+WIDE_USE_TLDS = frozenset(GENERIC_TLDS + COUNTRY_TLDS)
+# Attributes a matrix product ends in that are shaped like a top-level domain.
+_TENSOR_ATTRIBUTES = frozenset("weight bias data grad real imag value values state mt mh".split())
+_CODE_NAMES = frozenset("self cls".split())
 # Names a password hides behind, in any case: db_password, self.PASSWD, pwd2. A name that goes on
 # after the word holds something else (password_prompt, MODULE_PWD_STATE, password_file).
-_PASSWORD_NAME = r"(?:[A-Za-z_][\w.]*?)?(?:password|passwd|passphrase|pwd)\d*\b"
+_PASSWORD_NAME = r"(?:[A-Za-z_][\w.]{0,60}?)?(?:password|passwd|passphrase|pwd)\d{0,4}\b"
+# 40 base64 characters in both letter cases: the shape of an AWS secret access key (a hash or a
+# hex digest has one case). Alone, too common to call a secret: it needs a key id near, or a name.
+_AWS_SECRET = (
+    r"(?<![A-Za-z0-9/+])(?P<secret>(?=[A-Za-z0-9/+]{0,39}[a-z])(?=[A-Za-z0-9/+]{0,39}[A-Z])"
+    r"[A-Za-z0-9/+]{40})(?![A-Za-z0-9/+=])"
+)
+_AWS_KEY_ID = r"A(?:KIA|SIA|BIA|CCA)[0-9A-Z]{16}"
+# An unquoted value that is code or a template, not a password: a type, a constant, a YAML tag or
+# alias, a variable, a call, an index.
+_NOT_A_VALUE = frozenset(
+    "none null nil true false yes no on off str bytes string secretstr secretbytes any optional required".split()
+)
 
 
 def _vendor_key(prefix: str, body: str) -> Rule:
@@ -70,37 +121,83 @@ def _vendor_key(prefix: str, body: str) -> Rule:
     return Rule("api_key", re.compile(rf"{literal}(?<![\w-]{literal}){body}(?![\w-])"), ())
 
 
+def _is_email(match: re.Match) -> bool:
+    labels = match.group("domain").lower().split(".")
+    tld = labels[-1]
+    if tld in WIDE_USE_TLDS:
+        return True
+    return (
+        tld in TLDS and tld not in _TENSOR_ATTRIBUTES and len(labels[-2]) > 1 and labels[0] not in _CODE_NAMES
+    )
+
+
+def _names_twilio(match: re.Match) -> bool:
+    text = match.string
+    line = text[text.rfind("\n", 0, match.start()) + 1 : text.find("\n", match.end()) % (len(text) + 1)]
+    return "twilio" in line.lower() or "sid" in line.lower()
+
+
+def _is_url_password(match: re.Match) -> bool:
+    """Not a template: %s, %(password)s, {password}, $PASSWORD, ${PASSWORD}, <password>; a
+    percent-encoded character (%40) and a `$` inside a password (pa$$w0rd) are not templates."""
+    password = match.group("secret").partition(":")[2]
+    return not (re.search(r"[{}<>]|%(?![0-9A-Fa-f]{2})", password) or re.fullmatch(r"\$\w+", password))
+
+
+def _is_unquoted_password(match: re.Match) -> bool:
+    """An unquoted value in YAML, .env or a shell file, unless it is code or a template."""
+    value = match.group("secret")
+    return not (
+        value.lower() in _NOT_A_VALUE
+        or value[0] in "!&*$%{[(<>|~@`\\"
+        or any(c in value for c in "()[]{}`")
+        or value.endswith((",", ";"))
+        or re.fullmatch(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+", value)  # a dotted name: config.password
+        or re.fullmatch(_PASSWORD_NAME, value, re.IGNORECASE)  # password=password
+    )
+
+
 RULES: tuple[Rule, ...] = (
     # Private keys first: their base64 body must not be matched as anything else. PEM blocks of
-    # any key type and PGP's "PRIVATE KEY BLOCK"; a block cut off before its END line still goes.
+    # any key type (RSA, EC, DSA, OPENSSH, ENCRYPTED, none) and PGP's "PRIVATE KEY BLOCK"; a block
+    # cut off before its END line still goes.
     Rule(
         "private_key",
         re.compile(
-            r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----.*?"
-            r"(?:-----END (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----|\Z)",
+            r"-----BEGIN (?:[A-Z0-9]{1,20} ){0,4}PRIVATE KEY(?: BLOCK)?-----.*?"
+            r"(?:-----END (?:[A-Z0-9]{1,20} ){0,4}PRIVATE KEY(?: BLOCK)?-----|\Z)",
             re.DOTALL,
         ),
         (),
     ),
-    # An AWS secret access key (40 base64 characters, both letter cases) within a few lines of an
-    # access key id: alone, 40 such characters are too common to call a secret. Before the api_key
-    # rule, which replaces the id this rule looks for.
+    # An AWS secret access key assigned to a name that says so (aws_secret_access_key,
+    # AWS_SECRET_ACCESS_KEY, "SecretAccessKey", aws_key), wherever its key id is.
     Rule(
         "api_key",
         re.compile(
-            r"(?:AKIA|ASIA)[0-9A-Z]{16}(?:.*\n){0,3}?.*?(?<![A-Za-z0-9/+=])(?P<secret>"
-            r"(?=[A-Za-z0-9/+]{0,39}[a-z])(?=[A-Za-z0-9/+]{0,39}[A-Z])[A-Za-z0-9/+]{40})(?![A-Za-z0-9/+=])"
-            r"|(?<![A-Za-z0-9/+=])(?P<before>(?=[A-Za-z0-9/+]{0,39}[a-z])(?=[A-Za-z0-9/+]{0,39}[A-Z])"
-            r"[A-Za-z0-9/+]{40})(?![A-Za-z0-9/+=])(?=(?:.*\n){0,3}?.*?(?:AKIA|ASIA)[0-9A-Z]{16})"
+            r"(?i:\b[\w.-]{0,40}?(?:aws|secret)[\w.-]{0,40}?key\w{0,20})['\"]?[ \t]{0,20}[:=][ \t]{0,20}"
+            r"[rbuRBU]?['\"]?" + _AWS_SECRET
         ),
-        ("AKIA", "ASIA"),
+        ("ecret", "ECRET", "aws", "AWS", "Aws"),
+        per_line=True,
+    ),
+    # ... or within a few lines of an access key id, either side. Before the api_key rule, which
+    # replaces the id this rule looks for.
+    Rule(
+        "api_key",
+        re.compile(_AWS_SECRET),
+        (),
+        near=re.compile(_AWS_KEY_ID),
     ),
     *(
         _vendor_key(prefix, body)
         for prefix, body in (
-            ("AKIA", "[0-9A-Z]{16}"),  # AWS access key id
-            ("ASIA", "[0-9A-Z]{16}"),  # AWS temporary access key id
-            ("gh", "(?:[pousr]_[A-Za-z0-9]{36,}|ithub_pat_[A-Za-z0-9_]{40,})"),  # GitHub tokens
+            # AWS access key ids: long-term, temporary (STS), Bedrock, and Route 53 / CloudFront
+            ("A", "(?:KIA|SIA|BIA|CCA)[0-9A-Z]{16}"),
+            # GitHub: personal (classic), OAuth, user-to-server, server-to-server and refresh
+            # tokens; fine-grained personal tokens (82 characters after the prefix)
+            ("gh", "[pousr]_[A-Za-z0-9]{36,}"),
+            ("github_pat_", "[A-Za-z0-9_]{40,}"),
             # GitLab: personal, deploy, runner, CI job, trigger, feed, mail, agent, OAuth, SCIM,
             # feature-flag and workspace tokens; the newer routable ones are longer and end in
             # ".<version>.<crc>"
@@ -111,15 +208,44 @@ RULES: tuple[Rule, ...] = (
             ),
             ("GR1348941", "[A-Za-z0-9_-]{20,}"),  # GitLab runner registration token
             ("pypi-AgE", "[A-Za-z0-9_-]{50,}"),  # PyPI upload token (a macaroon; pypi and test.pypi)
-            ("xox", "[abposr]-[A-Za-z0-9-]{10,}"),  # Slack
+            # Slack: bot, user, app, refresh, workspace and configuration tokens; app-level tokens
+            ("xox", "(?:[abposre]|e\\.xox[bp])-[A-Za-z0-9-]{10,}"),
+            ("xapp-", "[0-9]-[A-Za-z0-9-]{10,}"),
             ("AIza", "[0-9A-Za-z_-]{35}"),  # Google API key
-            ("sk-", "(?:proj-|ant-)?[A-Za-z0-9_-]{20,}"),  # OpenAI / Anthropic style
+            # OpenAI (sk-proj-, sk-svcacct-, sk-admin-, the older sk- + 48) and Anthropic
+            # (sk-ant-api03-, sk-ant-admin01-)
+            ("sk-", "(?:proj-|ant-)?[A-Za-z0-9_-]{20,}"),
             ("hf_", "[A-Za-z0-9]{30,}"),  # Hugging Face
+            ("SK", "[0-9a-fA-F]{32}"),  # Twilio API key
+            ("SG.", "[\\w-]{22}\\.[\\w-]{43}"),  # SendGrid
+            ("npm_", "[A-Za-z0-9]{36}"),  # npm access token
+            ("dckr_pat_", "[A-Za-z0-9_-]{27,}"),  # Docker Hub personal access token
+            ("do", "[opr]_v1_[a-f0-9]{64}"),  # DigitalOcean personal, OAuth and refresh tokens
+            ("shp", "(?:at|ca|pa|ss)_[a-fA-F0-9]{32}"),  # Shopify access tokens and shared secret
+            ("dapi", "[a-f0-9]{32}(?:-[0-9]{1,3})?"),  # Databricks
         )
     ),
-    # Stripe: sk_live_, rk_live_, pk_live_; the key's type stays readable, its body goes.
+    # Stripe secret and restricted keys, live and test (sk_live_, rk_test_, ...), and pk_live_;
+    # the key's type stays readable, its body goes. pk_test_ is a publishable test key: public
+    # by design, it stays.
     Rule(
-        "api_key", re.compile(r"k_live_(?<=(?<![\w-])[srp]k_live_)(?P<secret>[A-Za-z0-9]{16,})(?![\w-])"), ()
+        "api_key",
+        re.compile(
+            r"k_(?:live|test)_(?<=(?<![\w-])(?:[srp]k_live|[sr]k_test)_)(?P<secret>[A-Za-z0-9]{16,})(?![\w-])"
+        ),
+        (),
+    ),
+    # A Twilio account SID is an identifier, but on a line that says "twilio" or "sid" it is half
+    # of a credential pair.
+    Rule("api_key", re.compile(r"AC(?<![\w-]AC)[0-9a-f]{32}(?![\w-])"), (), accept=_names_twilio),
+    # Azure storage (and Service Bus) connection strings: the key goes, the rest stays readable.
+    Rule(
+        "api_key",
+        re.compile(
+            r"(?:Account|SharedAccess)Key=(?<![\w-]AccountKey=)(?<![\w-]SharedAccessKey=)"
+            r"(?P<secret>[A-Za-z0-9+/]{20,}={0,2})(?![A-Za-z0-9+/=])"
+        ),
+        ("Key=",),
     ),
     # A Slack incoming webhook is a URL that is its own credential: keep the host, drop the path.
     Rule(
@@ -132,36 +258,50 @@ RULES: tuple[Rule, ...] = (
         re.compile(r"eyJ(?<![\w-]eyJ)[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}"),  # JWT
         (),
     ),
-    # scheme://user:password@host: keep the scheme and the host, drop both credentials. A
-    # templated pair (%s, {}, $VAR, <user>) is no credential.
+    # scheme://user:password@host, the user possibly empty (redis://:pw@host): keep the scheme and
+    # the host, drop both credentials. A templated password (%s, {}, $VAR, <password>) is none.
     Rule(
         "credentials",
         re.compile(
-            r"\b[A-Za-z][A-Za-z0-9+.-]*://(?P<secret>[^\s:/?#@'\"%{}$<>]+:[^\s/?#@'\"%{}$<>]+)@(?=[\w.-])"
+            r"://(?<=[A-Za-z0-9+.-]://)(?P<secret>[^\s:/?#@'\"`]{0,128}:[^\s/?#@'\"`]{1,256})@(?=[\w.\[-])"
         ),
-        ("://",),
-        per_line=True,
+        (),
+        accept=_is_url_password,
     ),
     # password = "...", "password": "...", password="..." (keyword), PASSWORD: str = "...": a
-    # quoted, non-empty, non-templated literal. Unquoted values are code (getpass(), a variable).
+    # quoted, non-empty, non-templated literal.
     Rule(
         "password",
         re.compile(
-            rf"(?i:\b{_PASSWORD_NAME})['\"]?\s*(?::\s*[\w.\[\]]+\s*)?(?:=(?!=)|:)\s*[rbuRBU]?(?P<q>['\"])"
-            r"(?P<secret>[^'\"\n\\%{}$<>]+)(?P=q)"
+            rf"(?i:\b{_PASSWORD_NAME})['\"]?[ \t]{{0,20}}(?::[ \t]{{0,20}}[\w.\[\]]{{1,60}}[ \t]{{0,20}})?"
+            r"(?:=(?!=)|:)[ \t]{0,20}[rbuRBU]?(?P<q>['\"])(?P<secret>[^'\"\n\\%{}$<>]{1,256})(?P=q)"
         ),
         ("assw", "ASSW", "pwd", "PWD"),
         per_line=True,
     ),
+    # Unquoted, a value is a password only where a config file sets it: a YAML key at the start of
+    # its line (`password: hunter2`), an .env or shell assignment (`export DB_PASSWORD=hunter2`),
+    # the value one word up to the end of the line or a comment. In Python the same shapes are an
+    # annotation (`password: str`) or a keyword argument (`password=password,`): _is_unquoted_password.
+    Rule(
+        "password",
+        re.compile(
+            rf"^[ \t]{{0,40}}(?:-[ \t]{{1,4}}|export[ \t]{{1,4}})?(?i:{_PASSWORD_NAME})"
+            r"(?::[ \t]{1,20}|=)(?P<secret>[^\s'\"#]{1,256})[ \t]{0,20}(?:#[^\n]{0,1000})?$"
+        ),
+        ("assw", "ASSW", "pwd", "PWD"),
+        per_line=True,
+        accept=_is_unquoted_password,
+    ),
     Rule(
         "email",
         re.compile(
-            r"(?<![\w.+%-])[A-Za-z0-9._%+-]+@(?:[A-Za-z0-9-]+\.)+"
-            rf"{_TLD}(?![\w(-]|\.\w)",
-            re.IGNORECASE,
+            r"(?<![\w.+%-])[A-Za-z0-9._%+-]{1,64}@(?P<domain>(?:[A-Za-z0-9-]{1,63}\.){1,8}[A-Za-z]{2,24})"
+            r"(?![\w(-]|\.\w)"
         ),
         ("@",),
         per_line=True,
+        accept=_is_email,
     ),
 )
 
@@ -169,44 +309,93 @@ RULES: tuple[Rule, ...] = (
 def scrub_text(text: str) -> tuple[str, dict[str, int]]:
     """(text with every secret replaced by its kind's placeholder, secrets found per kind)."""
     counts: dict[str, int] = {}
+    lines_with: dict[tuple[str, ...], list[tuple[int, int]]] = {}  # per literals; valid while text is
     for rule in RULES:
-        if rule.literals and not any(literal in text for literal in rule.literals):
+        if rule.per_line:  # finding the lines is the literal check: no `in` scan first
+            if rule.literals not in lines_with:
+                lines_with[rule.literals] = _literal_lines(rule.literals, text)
+            text, n = _sub_spans(rule, text, lines_with[rule.literals])
+        elif rule.literals and not any(literal in text for literal in rule.literals):
             continue
-        text, n = (_sub_lines if rule.per_line else _sub)(rule, text)
+        elif rule.near is not None:
+            text, n = _sub_spans(rule, text, _near_spans(rule.near, text))
+        else:
+            text, n = _sub(rule, text)
         if n:
             counts[rule.kind] = counts.get(rule.kind, 0) + n
+            lines_with.clear()
     return text, counts
 
 
 def _sub(rule: Rule, text: str) -> tuple[str, int]:
     placeholder = PLACEHOLDERS[rule.kind]
-    groups = rule.pattern.groupindex
+    has_secret = "secret" in rule.pattern.groupindex
+    n = 0
 
     def replace(match: re.Match) -> str:
-        for name in ("secret", "before"):  # the secret alone; what surrounds it stays
-            if name in groups and match.group(name) is not None:
-                start, end = match.span(name)
-                whole = match.group()
-                return whole[: start - match.start()] + placeholder + whole[end - match.start() :]
+        nonlocal n
+        if rule.accept is not None and not rule.accept(match):
+            return match.group()
+        n += 1
+        if has_secret and match.group("secret") is not None:  # the secret alone; what surrounds it stays
+            start, end = match.span("secret")
+            whole = match.group()
+            return whole[: start - match.start()] + placeholder + whole[end - match.start() :]
         return placeholder
 
-    return rule.pattern.subn(replace, text)
+    new_text = rule.pattern.sub(replace, text)
+    return (new_text, n) if n else (text, 0)
 
 
-def _sub_lines(rule: Rule, text: str) -> tuple[str, int]:
-    """_sub on the lines that hold one of the rule's literals; the other lines are not scanned."""
+def _literal_lines(literals: tuple[str, ...], text: str) -> list[tuple[int, int]]:
+    """(start, end) of each line holding one of the literals."""
     spans = set()
-    for literal in rule.literals:
+    for literal in literals:
         at = text.find(literal)
         while at != -1:
             start, end = text.rfind("\n", 0, at) + 1, text.find("\n", at)
             end = len(text) if end == -1 else end
             spans.add((start, end))
             at = text.find(literal, end)
+    return sorted(spans)
+
+
+def _near_spans(near: re.Pattern, text: str) -> list[tuple[int, int]]:
+    """(start, end) of the NEAR_LINES lines either side of each match of near (at most REACH
+    characters either way), overlapping spans merged."""
+    spans: list[tuple[int, int]] = []
+    for match in near.finditer(text):
+        floor, ceiling = max(0, match.start() - REACH), min(len(text), match.end() + REACH)
+        start = match.start()
+        for _ in range(NEAR_LINES + 1):
+            start = text.rfind("\n", floor, start)
+            if start == -1:
+                start = floor
+                break
+        else:
+            start += 1
+        end = match.end()
+        for _ in range(NEAR_LINES + 1):
+            at = text.find("\n", end, ceiling)
+            if at == -1:
+                end = ceiling
+                break
+            end = at + 1
+        else:
+            end -= 1
+        if spans and start <= spans[-1][1]:
+            spans[-1] = (spans[-1][0], max(spans[-1][1], end))
+        else:
+            spans.append((start, end))
+    return spans
+
+
+def _sub_spans(rule: Rule, text: str, spans: list[tuple[int, int]]) -> tuple[str, int]:
+    """_sub on each (start, end) slice of the text, in order and not overlapping; the rest is not scanned."""
     pieces, total, done = [], 0, 0
-    for start, end in sorted(spans):
-        line, n = _sub(rule, text[start:end])
+    for start, end in spans:
+        piece, n = _sub(rule, text[start:end])
         if n:
-            pieces += [text[done:start], line]
+            pieces += [text[done:start], piece]
             done, total = end, total + n
     return ("".join(pieces) + text[done:], total) if total else (text, 0)

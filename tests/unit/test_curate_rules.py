@@ -204,10 +204,12 @@ def test_scrubbing_the_stdlib_finds_only_what_the_report_accepts():
         if counts:
             hits[path.relative_to(root).as_posix()] = counts
     secret_hits = {p: c for p, c in hits.items() if c.keys() - {"email"}}
-    assert secret_hits and all(p.startswith(("test/", "distutils/tests/")) for p in secret_hits), secret_hits
+    # register.py's docstring shows a .pypirc, `password: sekrit`: a config file's password
+    fixtures = ("test/", "distutils/tests/", "distutils/command/register.py")
+    assert secret_hits and all(p.startswith(fixtures) for p in secret_hits), secret_hits
     assert {k for c in secret_hits.values() for k in c} <= {"password", "credentials", "email"}
-    assert 10 <= sum(c.get("password", 0) for c in hits.values()) <= 40  # 21 on CPython 3.11.7
-    assert 500 < sum(c.get("email", 0) for c in hits.values()) < 1000  # 950 on CPython 3.11.7
+    assert 10 <= sum(c.get("password", 0) for c in hits.values()) <= 40  # 24 on CPython 3.11.7
+    assert 500 < sum(c.get("email", 0) for c in hits.values()) < 1000  # 949 on CPython 3.11.7
 
 
 # --- near duplicates ------------------------------------------------------------------------------

@@ -27,7 +27,9 @@ def scrubbed(text: str) -> str:
 @pytest.mark.parametrize(
     "token",
     [
-        *("gh" + kind + "_" + ALNUM36 for kind in "pousr"),  # personal, OAuth, user-to-server, server, refresh
+        *(
+            "gh" + kind + "_" + ALNUM36 for kind in "pousr"
+        ),  # personal, OAuth, user-to-server, server, refresh
         "github" + "_pat_" + "11ABCDEFG0" + "a1B2c3D4e5F6" + "_" + "x9Y8" * 14 + "z7W",  # fine-grained, 82
     ],
 )
@@ -146,7 +148,10 @@ def test_40_base64_characters_without_secret_context_stay(text):
 
 @pytest.mark.parametrize("tld", ["xyz", "tech", "cloud", "online", "company", "engineering", "IO"])
 def test_emails_under_any_top_level_domain_are_caught(tld):
-    assert scrub.scrub_text(f"# Contact: jane.doe+ml@mail.example.{tld}.") == ("# Contact: <EMAIL>.", {"email": 1})
+    assert scrub.scrub_text(f"# Contact: jane.doe+ml@mail.example.{tld}.") == (
+        "# Contact: <EMAIL>.",
+        {"email": 1},
+    )
 
 
 @pytest.mark.parametrize(
@@ -184,7 +189,10 @@ def test_matmul_decorators_and_reserved_domains_stay(text):
         ("rk" + "_live_" + "a1B2" * 6, "api_key"),
         ("rk" + "_test_" + "a1B2" * 6, "api_key"),
         ("SK" + HEX32, "api_key"),  # Twilio API key
-        ("SG" + "." + "a1B2c3D4e5F6g7H8i9J0kL" + "." + "a1B2c3D4e5F6g7H8i9J0kL" + "m1N2o3P4q5R6s7T8u9V0w1X", "api_key"),
+        (
+            "SG" + "." + "a1B2c3D4e5F6g7H8i9J0kL" + "." + "a1B2c3D4e5F6g7H8i9J0kL" + "m1N2o3P4q5R6s7T8u9V0w",
+            "api_key",
+        ),
         ("npm" + "_" + ALNUM36, "api_key"),
         ("pypi" + "-AgEIcHlwaS5vcmc" + "CJGI4YmNhMjY3LTgwYzQtNDRlZi04Mzk0LTQ1NjYxNmIzYmRmOQAC", "api_key"),
         ("dckr" + "_pat_" + "a1B2c3D4e5F6g7H8i9J0k-L_m1N", "api_key"),
@@ -223,7 +231,10 @@ def test_a_slack_webhook_keeps_its_host():
 
 def test_a_twilio_account_sid_goes_only_with_context():
     sid = "AC" + HEX32
-    assert scrub.scrub_text(f"TWILIO_ACCOUNT_SID = '{sid}'") == ("TWILIO_ACCOUNT_SID = '<API_KEY>'", {"api_key": 1})
+    assert scrub.scrub_text(f"TWILIO_ACCOUNT_SID = '{sid}'") == (
+        "TWILIO_ACCOUNT_SID = '<API_KEY>'",
+        {"api_key": 1},
+    )
     assert scrub.scrub_text(f"x = '{sid}'") == (f"x = '{sid}'", {})
 
 
@@ -235,7 +246,9 @@ def test_a_stripe_publishable_test_key_is_public_and_stays():
 @pytest.mark.parametrize(
     "conn",
     [
-        "DefaultEndpointsProtocol=https;AccountName=acct;AccountKey=" + "a1B2+c3D/" * 9 + "ab==;EndpointSuffix=core",
+        "DefaultEndpointsProtocol=https;AccountName=acct;AccountKey="
+        + "a1B2+c3D/" * 9
+        + "ab==;EndpointSuffix=core",
         "AccountName=acct;AccountKey=" + "a1B2+c3D/" * 9 + "ab==",
     ],
 )
@@ -247,10 +260,11 @@ def test_an_azure_storage_account_key_goes_and_the_connection_string_stays(conn)
 @pytest.mark.parametrize("kind", ["RSA ", "EC ", "DSA ", "OPENSSH ", "ENCRYPTED ", "", "PGP "])
 def test_private_keys_of_every_pem_kind_go(kind):
     block_word = " BLOCK" if kind == "PGP " else ""
-    block = (
-        f"-----BEGIN {kind}PRIVATE KEY{block_word}-----\nMIIEow\nIBAAK\n-----END {kind}PRIVATE KEY{block_word}-----"
+    block = f"-----BEGIN {kind}PRIVATE KEY{block_word}-----\nMIIEow\nIBAAK\n-----END {kind}PRIVATE KEY{block_word}-----"
+    assert scrub.scrub_text(f'K = """{block}"""\nx = 1') == (
+        'K = """<PRIVATE_KEY>"""\nx = 1',
+        {"private_key": 1},
     )
-    assert scrub.scrub_text(f'K = """{block}"""\nx = 1') == ('K = """<PRIVATE_KEY>"""\nx = 1', {"private_key": 1})
 
 
 def test_the_kinds_stay_the_report_schema():
