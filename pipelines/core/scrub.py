@@ -98,7 +98,8 @@ _TENSOR_ATTRIBUTES = frozenset("weight bias data grad real imag value values sta
 _CODE_NAMES = frozenset("self cls".split())
 # Names a password hides behind, in any case: db_password, self.PASSWD, pwd2. A name that goes on
 # after the word holds something else (password_prompt, MODULE_PWD_STATE, password_file).
-_PASSWORD_NAME = r"(?:[A-Za-z_][\w.]{0,60}?)?(?:password|passwd|passphrase|pwd)\d{0,4}\b"
+_PASSWORD_WORD = r"(?:password|passwd|passphrase|pwd)\d{0,4}\b"
+_PASSWORD_NAME = r"(?:[A-Za-z_][\w.]{0,60}?)?" + _PASSWORD_WORD
 # 40 base64 characters in both letter cases: the shape of an AWS secret access key (a hash or a
 # hex digest has one case). Alone, too common to call a secret: it needs a key id near, or a name.
 _AWS_SECRET = (
@@ -171,14 +172,15 @@ RULES: tuple[Rule, ...] = (
         (),
     ),
     # An AWS secret access key assigned to a name that says so (aws_secret_access_key,
-    # AWS_SECRET_ACCESS_KEY, "SecretAccessKey", aws_key), wherever its key id is.
+    # AWS_SECRET_ACCESS_KEY, "SecretAccessKey", aws_key), wherever its key id is. "aws" alone is
+    # no literal: it is in draws, laws and flaws, and the lines holding those cost time.
     Rule(
         "api_key",
         re.compile(
-            r"(?i:\b[\w.-]{0,40}?(?:aws|secret)[\w.-]{0,40}?key\w{0,20})['\"]?[ \t]{0,20}[:=][ \t]{0,20}"
+            r"(?i:(?:aws_|secret)[\w.-]{0,40}?key\w{0,20})['\"]?[ \t]{0,20}[:=][ \t]{0,20}"
             r"[rbuRBU]?['\"]?" + _AWS_SECRET
         ),
-        ("ecret", "ECRET", "aws", "AWS", "Aws"),
+        ("ecret", "ECRET", "aws_", "AWS_"),
         per_line=True,
     ),
     # ... or within a few lines of an access key id, either side. Before the api_key rule, which
@@ -273,7 +275,7 @@ RULES: tuple[Rule, ...] = (
     Rule(
         "password",
         re.compile(
-            rf"(?i:\b{_PASSWORD_NAME})['\"]?[ \t]{{0,20}}(?::[ \t]{{0,20}}[\w.\[\]]{{1,60}}[ \t]{{0,20}})?"
+            rf"(?i:{_PASSWORD_WORD})['\"]?[ \t]{{0,20}}(?::[ \t]{{0,20}}[\w.\[\]]{{1,60}}[ \t]{{0,20}})?"
             r"(?:=(?!=)|:)[ \t]{0,20}[rbuRBU]?(?P<q>['\"])(?P<secret>[^'\"\n\\%{}$<>]{1,256})(?P=q)"
         ),
         ("assw", "ASSW", "pwd", "PWD"),
