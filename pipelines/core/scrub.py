@@ -123,6 +123,7 @@ def _vendor_key(prefix: str, body: str) -> Rule:
 
 
 def _is_email(match: re.Match) -> bool:
+    """A delegated top-level domain; outside the ones in wide use, an address that is not code."""
     labels = match.group("domain").lower().split(".")
     tld = labels[-1]
     if tld in WIDE_USE_TLDS:
@@ -133,9 +134,10 @@ def _is_email(match: re.Match) -> bool:
 
 
 def _names_twilio(match: re.Match) -> bool:
-    text = match.string
-    line = text[text.rfind("\n", 0, match.start()) + 1 : text.find("\n", match.end()) % (len(text) + 1)]
-    return "twilio" in line.lower() or "sid" in line.lower()
+    """The match's line says "twilio" or "sid", in any case."""
+    text, end = match.string, match.string.find("\n", match.end())
+    line = text[text.rfind("\n", 0, match.start()) + 1 : len(text) if end == -1 else end].lower()
+    return "twilio" in line or "sid" in line
 
 
 def _is_url_password(match: re.Match) -> bool:
