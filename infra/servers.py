@@ -14,6 +14,8 @@ from pathlib import Path
 
 import requests
 
+from pipelines.core.data import atomic_write_text
+
 BIN = Path(sys.executable).parent
 POSTGRES_SYSTEM_USER = "trainpipe-pg"  # PostgreSQL refuses to run as root
 
@@ -68,6 +70,12 @@ def let_user_reach(path: Path, user: str) -> None:
             parent.chmod(mode | 0o001)
 
 
+def write_secret(path: Path, text: str) -> None:
+    """Write a file that holds a password: 0600 from its first byte (never readable by others, not
+    even while it is written) and whole or not at all (atomic_write_text)."""
+    atomic_write_text(path, text, mode=0o600)
+
+
 def init_postgres(data: Path, superuser_password: str) -> None:
     """initdb with password (scram) logins on TCP and no Unix socket: every client, ours
     included, connects to 127.0.0.1 with a password."""
@@ -76,7 +84,7 @@ def init_postgres(data: Path, superuser_password: str) -> None:
     if user:
         let_user_reach(data, user)
     pwfile = data.parent / ".pwfile"
-    pwfile.write_text(superuser_password)
+    write_secret(pwfile, superuser_password)
     try:
         if user:
             let_user_reach(pwfile, user)
@@ -196,15 +204,15 @@ def create_buckets(client, buckets: list[str]) -> None:
 def mlflow_auth_config(path: Path, database_uri: str, admin_user: str, admin_password: str) -> None:
     """MLflow's basic-auth app: users in PostgreSQL, a generated admin password, and no access
     for anyone else until the admin grants it."""
-    path.write_text(
+    write_secret(
+        path,
         "[mlflow]\n"
         "default_permission = NO_PERMISSIONS\n"
         f"database_uri = {database_uri}\n"
         f"admin_username = {admin_user}\n"
         f"admin_password = {admin_password}\n"
-        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n",
     )
-    path.chmod(0o600)
 
 
 def mlflow_command(

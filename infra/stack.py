@@ -24,6 +24,7 @@ import psutil
 import requests
 
 from infra import servers
+from pipelines.core.data import atomic_write_text
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = Path(__file__).with_name("stack.toml")
@@ -72,8 +73,7 @@ class Stack:
             return values
         values = {**wanted, **values}
         self.state.mkdir(parents=True, exist_ok=True)
-        self.secrets_file.touch(mode=0o600)
-        self.secrets_file.write_text(json.dumps(values, indent=1))
+        servers.write_secret(self.secrets_file, json.dumps(values, indent=1))
         return values
 
     def s3_endpoint(self) -> str:
@@ -104,10 +104,11 @@ class Stack:
 
     def write_env_file(self) -> Path:
         path = self.state / "stack.env"
-        path.touch(mode=0o600)
-        path.write_text(
+        self.state.mkdir(parents=True, exist_ok=True)
+        servers.write_secret(
+            path,
             "# Points trainpipe, mlflow, prefect and dvc at the team stack: source this file.\n"
-            + "".join(f"export {k}={v}\n" for k, v in self.client_env().items())
+            + "".join(f"export {k}={v}\n" for k, v in self.client_env().items()),
         )
         return path
 
@@ -156,7 +157,9 @@ class Stack:
             cwd=cwd or self.state,
         )
         started = psutil.Process(proc.pid).create_time()
-        self.pid_file(name).write_text(json.dumps({"pid": proc.pid, "started": started, "cmd": cmd[:3]}))
+        atomic_write_text(
+            self.pid_file(name), json.dumps({"pid": proc.pid, "started": started, "cmd": cmd[:3]})
+        )
         return proc
 
     def wait_until(self, name: str, ready, timeout_s: float) -> None:
@@ -208,8 +211,7 @@ class Stack:
         s = self.secrets()
         identity = {"name": "trainpipe", "actions": ["Admin", "Read", "Write", "List", "Tagging"]}
         identity["credentials"] = [{"accessKey": s["s3_access_key"], "secretKey": s["s3_secret_key"]}]
-        s3_config.touch(mode=0o600)
-        s3_config.write_text(json.dumps({"identities": [identity]}))
+        servers.write_secret(s3_config, json.dumps({"identities": [identity]}))
         if self.process("seaweedfs") is None:
             self.spawn(
                 "seaweedfs", *servers.seaweedfs_command(self.state / "seaweedfs", self.ports, s3_config)

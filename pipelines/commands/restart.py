@@ -19,6 +19,7 @@ import json
 import tempfile
 from pathlib import Path
 
+from pipelines.core.data import atomic_write_bytes
 from pipelines.core.errors import ConfigError
 from pipelines.core.params import PARAMS_FILE, override_text, save_overrides
 
@@ -111,7 +112,7 @@ def put_back(saved: dict[str, bytes | None]) -> None:
         if data is None:
             Path(path).unlink(missing_ok=True)
         else:
-            Path(path).write_bytes(data)
+            atomic_write_bytes(path, data)
 
 
 def _fetch_missing(lock: dict, cache_dir: Path) -> list[str]:
@@ -148,8 +149,8 @@ def restore_version(params, version: str | None = None) -> dict:
     cache_dir = Path(dvc(["cache", "dir"], quiet=True).strip())
     saved = {p: Path(p).read_bytes() if Path(p).is_file() else None for p in (PARAMS_FILE, LOCK_FILE)}
     try:
-        Path(PARAMS_FILE).write_bytes(params_bytes)
-        Path(LOCK_FILE).write_bytes(lock_bytes)
+        atomic_write_bytes(PARAMS_FILE, params_bytes)
+        atomic_write_bytes(LOCK_FILE, lock_bytes)
         missing = _fetch_missing(lock, cache_dir)
         if missing:
             raise ConfigError(

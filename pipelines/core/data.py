@@ -9,6 +9,10 @@ Layout written by the stages:
 import hashlib
 import json
 import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -19,15 +23,72 @@ TOKEN_DTYPE = np.uint16  # vocab_size is capped at 65535 by the schema
 EOT = "<|endoftext|>"  # separates documents in the token stream
 
 
+@cache
+def _umask() -> int:
+    """The process's umask, read without setting it where Linux allows (os.umask sets it for every thread)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
+
+
+@contextmanager
+def atomic_path(path: str | Path, mode: int | None = None) -> Iterator[Path]:
+    """A temporary path, next to path, to write path's new content to; on leaving the block it is
+    synced and renamed onto path, so a reader (or a crash) sees the old file or the new, never half.
+
+    The name is unique (mkstemp), so two writers of one path never share it; if the block raises,
+    the temporary file is removed and path is left as it was. mkstemp creates the file 0600, and
+    it is only then given mode (default: what open() gives a new file under the umask), so a
+    secret written with mode=0o600 is readable by no one else at any instant."""
+    path = Path(path)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = Path(tmp_name)
+    try:
+        os.fchmod(fd, 0o666 & ~_umask() if mode is None else mode)
+        os.close(fd)
+        yield tmp
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())  # the data is on disk before the rename makes it the file
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    try:  # the rename itself survives a power cut once the folder is synced
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dir_fd)
+    except OSError:
+        pass  # some file systems cannot sync a folder; the file itself is synced
+    finally:
+        os.close(dir_fd)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes, mode: int | None = None) -> None:
+    """Write data to path through atomic_path: all of it or, after a crash, the old file."""
+    with atomic_path(path, mode) as tmp:
+        tmp.write_bytes(data)
+
+
+def atomic_write_text(path: str | Path, text: str, mode: int | None = None) -> None:
+    """atomic_write_bytes of text in UTF-8, newlines as given."""
+    atomic_write_bytes(path, text.encode("utf-8"), mode)
+
+
 def write_json(path: str | Path, obj, sort_keys: bool = True) -> None:
-    """Write JSON atomically (write, then rename), so a crash never leaves half a report.
+    """Write JSON atomically (atomic_write_text), so a crash never leaves half a report.
 
     sort_keys=False keeps obj's order: DVC shows metrics in the order of their file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=sort_keys, default=str) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=sort_keys, default=str) + "\n")
 
 
 def read_json(path: str | Path) -> dict:

@@ -18,7 +18,7 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pipelines.core.data import TOKENIZER_FILE
+from pipelines.core.data import TOKENIZER_FILE, atomic_path, atomic_write_text
 
 if TYPE_CHECKING:
     import torch
@@ -38,10 +38,13 @@ def save_model_dir(model_dir: str | Path, model: "GPT", tokenizer_file: str | Pa
 
     model_dir = Path(model_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
-    save_model(model, str(model_dir / WEIGHTS_FILE))
-    (model_dir / CONFIG_FILE).write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")
+    # each file through a temporary file and a rename: a crash never leaves a half-written one
+    with atomic_path(model_dir / WEIGHTS_FILE) as tmp:
+        save_model(model, str(tmp))
+    atomic_write_text(model_dir / CONFIG_FILE, json.dumps(model.config.to_dict(), indent=2) + "\n")
     if tokenizer_file is not None:
-        shutil.copyfile(tokenizer_file, model_dir / TOKENIZER_FILE)
+        with atomic_path(model_dir / TOKENIZER_FILE) as tmp:
+            shutil.copyfile(tokenizer_file, tmp)
 
 
 def load_model_dir(model_dir: str | Path, device: "str | torch.device" = "cpu") -> tuple["GPT", "Tokenizer"]:

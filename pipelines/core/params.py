@@ -506,6 +506,8 @@ def save_overrides(path: str | Path, overrides: list[str]) -> Params:
         return params
     from ruamel.yaml import YAML
 
+    from pipelines.core.data import atomic_path
+
     rt = YAML()
     rt.preserve_quotes = True
     rt.width = 4096  # never re-wrap a long line
@@ -516,10 +518,8 @@ def save_overrides(path: str | Path, overrides: list[str]) -> Params:
     path = Path(path)
     doc = rt.load(path.read_text()) if path.exists() else {}
     _update_document(doc, apply_overrides(read_params_file(path), overrides))
-    tmp = path.with_suffix(".yaml.tmp")
-    with tmp.open("w") as fh:
+    with atomic_path(path) as tmp, tmp.open("w") as fh:
         rt.dump(doc, fh)
-    tmp.replace(path)
     return params
 
 

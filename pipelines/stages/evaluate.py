@@ -32,6 +32,7 @@ import torch
 
 from pipelines.core.data import (
     EOT,
+    atomic_path,
     read_documents,
     read_json,
     sha256_file,
@@ -209,7 +210,7 @@ def sample_completions(
 
 def write_loss_curve(history: list, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as fh:
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["step", "train_loss", "lr"])
         writer.writerows(history)
