@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pipelines.core.errors import ConfigError
 
 PARAMS_FILE = "params.yaml"
+MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 
 
 class Section(BaseModel):
@@ -296,7 +297,12 @@ class EvaluateParams(Section):
 
 
 class PublishParams(Section):
-    model_name: str = Field("trainpipe-code-completion", min_length=1, description="registered model name")
+    model_name: str = Field(
+        "trainpipe-code-completion",
+        pattern=MODEL_NAME_PATTERN,
+        description="registered model name: a letter or digit, then up to 63 letters, digits, '.', '_' "
+        "or '-' (it is quoted into MLflow's search filters, where a quote or '%' would change the query)",
+    )
     experiment: str = Field("trainpipe", min_length=1, description="MLflow experiment of the runs")
     min_improvement_bpb: float = Field(
         0.0,

@@ -127,3 +127,16 @@ def test_stack_without_its_servers_installed_says_how_in_one_line(tmp_path):
     assert proc.stderr.strip().splitlines()[-1] == (
         "trainpipe stack: PostgreSQL is not installed: `make stack` installs the stack's servers and clients"
     )
+
+
+def test_a_model_name_that_would_change_an_mlflow_filter_is_exit_2_with_one_line(tmp_path):
+    repo = Path(__file__).resolve().parents[2]
+    (tmp_path / "dvc.yaml").write_text((repo / "dvc.yaml").read_text())
+    (tmp_path / ".dvc").mkdir()
+    params = (repo / "params.yaml").read_text()
+    (tmp_path / "params.yaml").write_text(params)
+    result = run_cli("run", "-S", "publish.model_name=\"x' OR name LIKE '%\"", cwd=tmp_path)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "publish.model_name" in lines[0] and "pattern" in lines[0]
+    assert (tmp_path / "params.yaml").read_text() == params  # nothing written
