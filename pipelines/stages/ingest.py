@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from pipelines.core.data import write_documents, write_json
-from pipelines.core.errors import SourceError
+from pipelines.core.errors import GateError, SourceError
 from pipelines.core.params import DEFAULT_EXCLUDE, DEFAULT_INCLUDE, Params
 
 STDLIB = "python-stdlib"
@@ -102,6 +102,20 @@ def resolve_source(
     raise SourceError(f"data.source {source!r}: no such file, folder or glob match")
 
 
+def check_source_size(source: str, found: Source, max_bytes: int | None) -> int:
+    """The source's size on disk (table files whole), checked against curate.gate.max_bytes
+    before a single file is read: a misconfigured source (a home folder, a data lake) stops here,
+    not after it was loaded. The data gate checks the curated bytes against the same limit; the
+    raw files are at least that large less what curation drops, so this is the gate's error early."""
+    total = sum(file.stat().st_size for file in found.files)
+    if max_bytes is not None and total > max_bytes:
+        raise GateError(
+            f"data.source {source!r}: {total:,} bytes in {len(found.files):,} files, more than "
+            f"curate.gate.max_bytes ({max_bytes:,}): point data.source at less, or raise the limit"
+        )
+    return total
+
+
 def is_binary(content: bytes) -> bool:
     return b"\0" in content[:BINARY_SNIFF_BYTES]
 
@@ -135,10 +149,13 @@ def gather_documents(
     max_documents: int | None = None,
     include: list[str] = DEFAULT_INCLUDE,
     exclude: list[str] = DEFAULT_EXCLUDE,
+    max_bytes: int | None = None,
 ) -> tuple[list[dict], dict]:
     """(records {path, content: bytes} of every document, sorted by path; what was left out:
-    {"left_out": a folder's files outside include/exclude, "binary": count, "binary_examples"})."""
+    {"left_out": a folder's files outside include/exclude, "binary": count, "binary_examples"}).
+    A source larger on disk than max_bytes is a GateError before any file is read."""
     found = resolve_source(source, include, exclude)
+    check_source_size(source, found, max_bytes)
     records, binary = [], []
     for file in sorted(found.files):
         name = file.relative_to(found.root).as_posix() if file.is_relative_to(found.root) else file.as_posix()
@@ -179,7 +196,12 @@ def collect_documents(
 def run(params: Params) -> dict:
     data = params.data
     records, skipped = gather_documents(
-        data.source, data.text_field, data.max_documents, data.include, data.exclude
+        data.source,
+        data.text_field,
+        data.max_documents,
+        data.include,
+        data.exclude,
+        max_bytes=params.curate.gate.max_bytes,
     )
     write_documents(records, data.raw_dir)
     summary = {
