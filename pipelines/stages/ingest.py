@@ -31,6 +31,7 @@ from pipelines.core.params import DEFAULT_EXCLUDE, DEFAULT_INCLUDE, Params
 STDLIB = "python-stdlib"
 TABLE_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 BINARY_SNIFF_BYTES = 8000  # git's own test for a binary file: a NUL byte in its first 8000 bytes
+TABLE_BATCH_ROWS = 10_000  # rows of a table file held at once while it is read
 SKIPPED_EXAMPLES = 10  # skipped files named in ingest.json; the rest are counted
 
 
@@ -121,25 +122,36 @@ def is_binary(content: bytes) -> bool:
 
 
 def read_table_file(path: Path, text_field: str) -> list[dict]:
-    """Rows of a jsonl/parquet/csv file as records, through Hugging Face datasets (offline)."""
+    """Rows of a jsonl/parquet/csv file as records, through Hugging Face datasets (offline).
+
+    Streamed, batch by batch, straight from the file: `load_dataset` without streaming converts
+    the file to an Arrow table under ~/.cache/huggingface/datasets, a raw, unscrubbed copy of the
+    source outside DVC that nothing ever deletes. Streaming writes nothing there."""
     from datasets import load_dataset
     from datasets.utils import logging as datasets_logging
 
     datasets_logging.disable_progress_bar()
     # datasets logs its own error line before raising; ours below names the file and says it once.
     datasets_logging.set_verbosity(datasets_logging.CRITICAL)
+    records = []
     try:
-        table = load_dataset(TABLE_FORMATS[path.suffix.lower()], data_files=str(path), split="train")
+        table = load_dataset(
+            TABLE_FORMATS[path.suffix.lower()], data_files=str(path), split="train", streaming=True
+        )
+        columns = table.column_names  # None for json until a row is read
+        for batch in table.iter(batch_size=TABLE_BATCH_ROWS):
+            columns = columns or list(batch)
+            if text_field not in batch:
+                break
+            for text in batch[text_field]:
+                content = b"" if text is None else str(text).encode("utf-8")
+                records.append({"path": f"{path}#{len(records)}", "content": content})
     except Exception as exc:  # datasets raises many types for a corrupt file
         raise SourceError(
             f"{path}: cannot be read as {path.suffix} ({exc.__class__.__name__}: {exc})"
         ) from None
-    if text_field not in table.column_names:
-        raise SourceError(f"{path}: no column {text_field!r} (columns: {', '.join(table.column_names)})")
-    records = []
-    for i, text in enumerate(table[text_field]):
-        content = b"" if text is None else str(text).encode("utf-8")
-        records.append({"path": f"{path}#{i}", "content": content})
+    if columns is not None and text_field not in columns:
+        raise SourceError(f"{path}: no column {text_field!r} (columns: {', '.join(columns)})")
     return records
 
 
