@@ -94,6 +94,8 @@ class KVCache:
     only its new token through the model. Filled from position 0: one prefill of the prompt,
     then one token per step, up to block_size positions."""
 
+    attn_mask = None  # every row stands at the same position: a step attends to all that is cached
+
     def __init__(self, config: GPTConfig):
         self.config = config
         self.pos = 0  # positions filled
@@ -150,17 +152,23 @@ class CausalSelfAttention(nn.Module):
             q, k = F.rms_norm(q, (q.size(-1),)), F.rms_norm(k, (k.size(-1),))
         if rope is not None:  # cos, sin of this call's positions: rotated before k enters the cache
             q, k = rotate(q, *rope), rotate(k, *rope)
-        causal = True
+        causal, mask = True, None
         if cache is not None:
             # k, v: (B, nh, pos + T, hs). The prefill (pos 0) is causal like training; a step
-            # (T == 1) attends to every cached position, all of them in its past: no mask.
-            causal = cache.pos == 0
+            # (T == 1) attends to every cached position in its past: all of them for a KVCache,
+            # the row's own for a batch whose rows stand at different positions (its mask).
+            causal, mask = cache.pos == 0, cache.attn_mask
             k, v = cache.update(layer, k, v)
         if self.use_cpu_bf16_backward(q, cache):
             y = CausalAttentionCPU.apply(q, k, v)
         else:
             y = F.scaled_dot_product_attention(
-                q, k, v, is_causal=causal, dropout_p=self.dropout if self.training else 0.0
+                q,
+                k,
+                v,
+                attn_mask=mask,
+                is_causal=causal and mask is None,
+                dropout_p=self.dropout if self.training else 0.0,
             )
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.proj(y))
@@ -253,6 +261,20 @@ class GPT(nn.Module):
         if cache is not None:
             cache.pos += T
         return self.ln_f(x)
+
+    def step_rows(self, tokens: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
+        """One decoding step of rows that stand at different positions: the logits (A, vocab) of
+        tokens (A,), row r's token at positions[r], against the keys and values the cache holds
+        for its row (pipelines.core.decode.SlotCache: its attn_mask hides other rows' futures)."""
+        x = self.wte(tokens[:, None])  # (A, 1, C)
+        rope = None
+        if self.wpe is not None:
+            x = x + self.wpe(positions)[:, None, :]
+        else:  # each row's angles, broadcast over heads: (A, 1, 1, hs / 2)
+            rope = (self.rope_cos[positions][:, None, None, :], self.rope_sin[positions][:, None, None, :])
+        for layer, block in enumerate(self.blocks):
+            x = block(x, cache, layer, rope)
+        return self.lm_head(self.ln_f(x)[:, -1, :])
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
         logits = self.lm_head(self.hidden_states(idx))  # (B, T, vocab)

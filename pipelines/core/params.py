@@ -332,6 +332,20 @@ class ServeParams(Section):
     max_total_new_tokens: int = Field(
         4096, ge=1, description="most new tokens in one request: prompts x max_new_tokens"
     )
+    max_batch_sequences: int = Field(
+        64, ge=1, le=1024, description="most sequences the served model steps together (continuous batching)"
+    )
+    max_queued_requests: int = Field(
+        64, ge=1, description="most requests waiting for a slot; beyond, 503 with Retry-After"
+    )
+    request_timeout_s: int = Field(
+        60, ge=1, description="time limit of one request, in seconds; past it, 504 and its slots are freed"
+    )
+    max_body_bytes: int = Field(
+        1_048_576,
+        ge=1024,
+        description="largest request body `trainpipe serve` reads; larger ones get 413 unread",
+    )
     poll_s: float = Field(5.0, gt=0, le=15, description="how often the endpoint reads @champion, in seconds")
     smoke_timeout_s: float = Field(
         120.0, gt=0, description="time a version has to load and pass its smoke test"

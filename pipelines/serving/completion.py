@@ -2,9 +2,15 @@
 
 publish logs this file itself (`python_model=<this file>`), not a pickle of an instance: loading
 the model runs this file, whose last line hands MLflow the model (`mlflow.models.set_model`).
-The code that travels with a model is this file plus pipelines/core/model.py (and a minimal
-pipelines/__init__.py), so it imports nothing else of the project: no data, params, tracking or
-registry code. Safetensors weights, config.json, tokenizer.json and limits.json travel as
+The code that travels with a model is this file plus the model and its decoding
+(pipelines/core/model.py, decode.py, scheduler.py, and a minimal pipelines/__init__.py), so it
+imports nothing else of the project: no data, params, tracking or registry code.
+
+predict hands its prompts to the model's ContinuousBatcher (pipelines/core/scheduler.py): the
+scoring server answers each request in a thread of its own, and one decode loop steps the
+sequences of every request in flight together. A request joins at the next step and returns as
+soon as its own sequences end; under `trainpipe serve`, `mlflow models serve` or any server of
+pyfunc models alike, since the batching lives here. Safetensors weights, config.json, tokenizer.json and limits.json travel as
 artifacts.
 
     model = mlflow.pyfunc.load_model("models:/<name>/3", model_config={"model_version": "3"})
@@ -14,6 +20,7 @@ artifacts.
 """
 
 import json
+import threading
 from numbers import Integral, Real
 from pathlib import Path
 from typing import Any
@@ -23,9 +30,17 @@ import mlflow.pyfunc
 import pandas as pd
 import torch
 from mlflow.exceptions import MlflowException
-from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+from mlflow.protos.databricks_pb2 import DEADLINE_EXCEEDED, INVALID_PARAMETER_VALUE, TEMPORARILY_UNAVAILABLE
 
+from pipelines.core.decode import row_seed
 from pipelines.core.model import GPT, GPTConfig
+from pipelines.core.scheduler import (
+    ContinuousBatcher,
+    QueueFull,
+    RequestCancelled,
+    RequestTimeout,
+    SamplingParams,
+)
 
 EOT = "<|endoftext|>"  # pipelines.core.data.EOT, which this file may not import (a test keeps them equal)
 LIMITS_FILE = "limits.json"
@@ -37,7 +52,13 @@ DEFAULT_LIMITS: dict[str, int] = {
     "max_new_tokens_limit": 512,
     "max_prompts": 16,
     "max_total_new_tokens": 4096,
+    "max_batch_sequences": 64,
+    "max_queued_requests": 64,
+    "request_timeout_s": 60,
 }
+RETRY_AFTER_S = (
+    1  # what a 503 for a full queue tells the client to wait (trainpipe serve sends it as Retry-After)
+)
 # Inference parameters and their defaults; publish builds the model signature from these.
 DEFAULT_INFERENCE_PARAMS: dict[str, Any] = {"max_new_tokens": 64, "temperature": 0.8, "top_k": 50, "seed": 0}
 MIN_TEMPERATURE = 0.01  # below it (but above 0, greedy) the scaled logits can overflow: see GPT.generate
@@ -153,6 +174,9 @@ class CodeCompletionModel(mlflow.pyfunc.PythonModel):
     # False runs generation without the KV cache (the reference path), for benchmarks in-process.
     # Not a request parameter: a client could then ask for generation several times slower.
     use_cache = True
+    # False answers each prompt alone, one after another, with GPT.generate (the path before
+    # continuous batching), for benchmarks side by side.
+    batching = True
 
     def load_context(self, context) -> None:
         from safetensors.torch import load_model
@@ -173,6 +197,26 @@ class CodeCompletionModel(mlflow.pyfunc.PythonModel):
         self.limits = model_limits(stored, config.block_size)
         version = (context.model_config or {}).get(MODEL_VERSION_KEY)
         self.model_version = None if version is None else str(version)
+        self.batcher = ContinuousBatcher(
+            self.model,
+            max_batch=self.limits["max_batch_sequences"],
+            max_queued=self.limits["max_queued_requests"],
+            stop_token=self.eot_id,
+        )
+        self._caller = threading.local()
+
+    def cancel_when(self, event: threading.Event | None) -> None:
+        """For a server that knows when a client has gone: the next predict in this thread stops,
+        and frees its slots, once `event` is set (pipelines/serving/endpoint.py sets it)."""
+        self._caller.cancelled = event
+
+    def prompt_ids(self, prompt: str, max_new_tokens: int) -> list[int]:
+        ids = self.tokenizer.encode(prompt, add_special_tokens=False).ids
+        if self.eot_id is not None:
+            ids = [self.eot_id] + ids  # documents start after EOT in training, so prompts do too
+        # Keep the prompt's end so that prompt + completion fit the context: generation then
+        # never slides past block_size, where the KV cache would have to give way.
+        return ids[-(self.model.config.block_size - max_new_tokens) :]
 
     def complete(
         self,
@@ -183,12 +227,7 @@ class CodeCompletionModel(mlflow.pyfunc.PythonModel):
         seed: int,
         use_cache: bool = True,
     ) -> str:
-        ids = self.tokenizer.encode(prompt, add_special_tokens=False).ids
-        if self.eot_id is not None:
-            ids = [self.eot_id] + ids  # documents start after EOT in training, so prompts do too
-        # Keep the prompt's end so that prompt + completion fit the context: generation then
-        # never slides past block_size, where the KV cache would have to give way.
-        ids = ids[-(self.model.config.block_size - max_new_tokens) :]
+        ids = self.prompt_ids(prompt, max_new_tokens)
         generator = torch.Generator(device=self.device).manual_seed(seed)
         idx = torch.tensor([ids], dtype=torch.long, device=self.device)  # (1, T)
         out = self.model.generate(
@@ -203,13 +242,43 @@ class CodeCompletionModel(mlflow.pyfunc.PythonModel):
         new_ids = [i for i in out[0, len(ids) :].tolist() if i != self.eot_id]
         return self.tokenizer.decode(new_ids)
 
+    def complete_batched(self, prompts: list[str], checked: dict) -> list[str]:
+        """The prompts' completions from the decode loop, every row with its own generator."""
+        ids = [self.prompt_ids(p, checked["max_new_tokens"]) for p in prompts]
+        timeout_s = self.limits["request_timeout_s"]
+        try:
+            request = self.batcher.submit(
+                ids, SamplingParams(**checked), timeout_s, getattr(self._caller, "cancelled", None)
+            )
+        except QueueFull as exc:
+            raise MlflowException(
+                f"the endpoint is busy: {exc} (serve.max_queued_requests); retry after {RETRY_AFTER_S} s",
+                error_code=TEMPORARILY_UNAVAILABLE,
+            ) from None
+        try:
+            outputs = self.batcher.result(request)
+        except RequestTimeout:
+            raise MlflowException(
+                f"the request ran past its time limit of {timeout_s} s (serve.request_timeout_s)",
+                error_code=DEADLINE_EXCEEDED,
+            ) from None
+        except RequestCancelled as exc:
+            raise MlflowException(str(exc), error_code=DEADLINE_EXCEEDED) from None
+        return [self.tokenizer.decode(out) for out in outputs]
+
     def predict(
         self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None
     ) -> pd.DataFrame:
         prompts, checked = check_request(model_input, params, self.limits)
-        # One prompt at a time, each with its own seeded generator: a request's completion does
-        # not depend on what else was in the batch.
-        completions = [self.complete(p, **checked, use_cache=self.use_cache) for p in prompts]
+        if self.batching and self.use_cache:
+            completions = self.complete_batched(prompts, checked)
+        else:  # one prompt at a time, each with its own generator seeded as the batcher's rows
+            completions = [
+                self.complete(
+                    p, **{**checked, "seed": row_seed(checked["seed"], row)}, use_cache=self.use_cache
+                )
+                for row, p in enumerate(prompts)
+            ]
         return pd.DataFrame({"completion": completions, "model_version": [self.model_version] * len(prompts)})
 
 

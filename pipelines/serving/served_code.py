@@ -12,7 +12,7 @@ from pathlib import Path
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the folder holding the package `pipelines`
 MODEL_FILE = Path(__file__).with_name("completion.py")
 # What completion.py imports of the project, as paths under PACKAGE_ROOT.
-INFERENCE_MODULES = ("pipelines/core/model.py",)
+INFERENCE_MODULES = ("pipelines/core/model.py", "pipelines/core/decode.py", "pipelines/core/scheduler.py")
 
 
 def code_dir(work_dir: Path) -> Path:

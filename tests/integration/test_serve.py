@@ -267,7 +267,9 @@ def test_logged_model_runs_no_pickle_and_carries_only_inference_code(mlflow_env,
     assert sorted(str(p.relative_to(code)) for p in code.rglob("*") if p.is_file()) == [
         "pipelines/__init__.py",
         "pipelines/core/__init__.py",
+        "pipelines/core/decode.py",
         "pipelines/core/model.py",
+        "pipelines/core/scheduler.py",
     ]
     assert pyfunc_conf["config"] == {"model_version": None}
 
@@ -292,7 +294,13 @@ def test_logged_model_runs_no_pickle_and_carries_only_inference_code(mlflow_env,
     assert [r["completion"] for r in answers[""]["records"]] == [r["completion"] for r in records]
     # only the inference modules, and those from the model's own code dir, not this checkout
     modules = answers["1"]["modules"]
-    assert sorted(modules) == ["pipelines", "pipelines.core", "pipelines.core.model"]
+    assert sorted(modules) == [
+        "pipelines",
+        "pipelines.core",
+        "pipelines.core.decode",
+        "pipelines.core.model",
+        "pipelines.core.scheduler",
+    ]
     assert all("/code/pipelines/" in path for path in modules.values()), modules
 
 
