@@ -91,8 +91,16 @@ SNIPPETS = [
 ]
 
 
-def make_model_dir(path: str | Path, seed: int = 0, block_size: int = 32) -> Path:
-    """Write a tiny untrained model dir as the train stage does: weights, config.json, tokenizer.json."""
+def make_model_dir(
+    path: str | Path,
+    seed: int = 0,
+    block_size: int = 32,
+    n_layer: int = 1,
+    n_embd: int = 32,
+    eot: bool = True,
+) -> Path:
+    """Write a tiny untrained model dir as the train stage does: weights, config.json, tokenizer.json.
+    eot=False leaves the end-of-text token out: every completion then runs to max_new_tokens."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -106,14 +114,16 @@ def make_model_dir(path: str | Path, seed: int = 0, block_size: int = 32) -> Pat
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=300,
-        special_tokens=[EOT],
+        special_tokens=[EOT] if eot else [],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(SNIPPETS * 4, trainer)
     tok.save(str(path / TOKENIZER_FILE))
     torch.manual_seed(seed)
-    config = GPTConfig(vocab_size=tok.get_vocab_size(), block_size=block_size, n_layer=1, n_head=2, n_embd=32)
+    config = GPTConfig(
+        vocab_size=tok.get_vocab_size(), block_size=block_size, n_layer=n_layer, n_head=2, n_embd=n_embd
+    )
     save_model_dir(path, GPT(config))
     return path
 

@@ -124,7 +124,9 @@ class ContinuousBatcher:
             for row, ids in enumerate(prompts)
         ]
         with self._lock:
-            if self._queued_requests >= self.max_queued:
+            # a request counts against max_queued only while the slots are all spoken for
+            spoken_for = len(self._active) + len(self._waiting) >= self.max_batch
+            if self._queued_requests >= self.max_queued and spoken_for:
                 raise QueueFull(f"{self._queued_requests} requests already wait for a slot")
             self._queued_requests += 1
             self._waiting.extend(sequences)

@@ -197,13 +197,27 @@ class CodeCompletionModel(mlflow.pyfunc.PythonModel):
         self.limits = model_limits(stored, config.block_size)
         version = (context.model_config or {}).get(MODEL_VERSION_KEY)
         self.model_version = None if version is None else str(version)
-        self.batcher = ContinuousBatcher(
-            self.model,
-            max_batch=self.limits["max_batch_sequences"],
-            max_queued=self.limits["max_queued_requests"],
-            stop_token=self.eot_id,
+        self.set_capacity(
+            self.limits["max_batch_sequences"],
+            self.limits["max_queued_requests"],
+            self.limits["request_timeout_s"],
         )
         self._caller = threading.local()
+
+    def set_capacity(
+        self, max_batch_sequences: int, max_queued_requests: int, request_timeout_s: int
+    ) -> None:
+        """The scheduler's bounds. Stored with the model (limits.json) for any server; a server
+        that knows its machine sets its own before the first request (trainpipe serve does)."""
+        self.limits = {
+            **self.limits,
+            "max_batch_sequences": int(max_batch_sequences),
+            "max_queued_requests": int(max_queued_requests),
+            "request_timeout_s": int(request_timeout_s),
+        }
+        self.batcher = ContinuousBatcher(
+            self.model, int(max_batch_sequences), int(max_queued_requests), stop_token=self.eot_id
+        )
 
     def cancel_when(self, event: threading.Event | None) -> None:
         """For a server that knows when a client has gone: the next predict in this thread stops,

@@ -31,8 +31,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from pipelines.core.errors import ConfigError
-from pipelines.core.params import Params
-from pipelines.serving.smoke import SmokeFailure, load_and_check
+from pipelines.core.params import Params, ServeParams
+from pipelines.serving.guard import CLIENT_GONE, RequestGuard
+from pipelines.serving.smoke import DownloadFailed, SmokeFailure, load_and_check
 
 log = logging.getLogger("trainpipe.serve")
 MODEL_VERSION = "model_version"
@@ -66,7 +67,17 @@ class ChampionFollower:
 
     def predict(self, data, params=None):
         served = self._current  # the whole request runs on this version, whatever swaps meanwhile
-        out = served.model.predict(data, params=params)
+        # A version that batches frees its slots once this request's client has gone (guard.py)
+        cancel_when = getattr(served.model.unwrap_python_model(), "cancel_when", None)
+        gone = CLIENT_GONE.get()
+        if cancel_when is not None:
+            cancel_when(gone)
+        try:
+            out = served.model.predict(data, params=params)
+        except Exception:
+            if gone is not None and gone.is_set():
+                log.info("a client went away: its request stopped on v%s and freed its slots", served.version)
+            raise
         if MODEL_VERSION not in out.columns:  # a version logged before predictions named it
             out[MODEL_VERSION] = served.version
         return out
@@ -93,10 +104,16 @@ def _own_code_scope():
         sys.path[:] = saved_path
 
 
-def load_version(name: str, version: str, deadline_s: float) -> ServedVersion:
-    """Load models:/name/version and smoke-test it in this process; SmokeFailure if unfit."""
+def load_version(
+    name: str, version: str, deadline_s: float, serve: ServeParams | None = None
+) -> ServedVersion:
+    """Load models:/name/version and smoke-test it in this process; SmokeFailure if unfit. Its
+    scheduler takes this endpoint's capacity (serve), where the version can."""
     with tempfile.TemporaryDirectory(prefix="trainpipe-serve-") as tmp, _own_code_scope():
         model = load_and_check(f"models:/{name}/{version}", version, tmp, deadline_s)
+    set_capacity = getattr(model.unwrap_python_model(), "set_capacity", None)
+    if serve is not None and set_capacity is not None:  # a version logged before batching has none
+        set_capacity(serve.max_batch_sequences, serve.max_queued_requests, serve.request_timeout_s)
     return ServedVersion(str(version), model, _now())
 
 
@@ -109,6 +126,7 @@ class ChampionWatcher(threading.Thread):
         self.name_ = params.publish.model_name
         self.poll_s = params.serve.poll_s
         self.deadline_s = params.serve.smoke_timeout_s
+        self.serve = params.serve
         self.url = url
         self.record_key = record_key
         self.started = _now()
@@ -162,7 +180,10 @@ class ChampionWatcher(threading.Thread):
             return  # already refused; tried again only once the alias has moved elsewhere
         log.info("@champion moved to v%s: loading it beside v%s", version, serving)
         try:
-            new = load_version(self.name_, version, self.deadline_s)
+            new = load_version(self.name_, version, self.deadline_s, self.serve)
+        except DownloadFailed as exc:  # the store, not the version: tried again at the next poll
+            log.warning("could not download v%s (%s); still serving v%s, trying again", version, exc, serving)
+            return
         except SmokeFailure as exc:
             self.failure = {"version": version, "reason": str(exc), "time": _now()}
             log.error(
@@ -223,13 +244,18 @@ def serve_following(params: Params, port: int | None = None) -> int:
     version = str(champion.version)
     print(f"loading {name} v{version} (@champion) and smoke-testing it", flush=True)
     try:
-        first = load_version(name, version, params.serve.smoke_timeout_s)
+        first = load_version(name, version, params.serve.smoke_timeout_s, params.serve)
     except SmokeFailure as exc:
         raise ConfigError(f"champion v{version} of {name} is not fit to serve: {exc}") from None
     follower = ChampionFollower(first)
     url = f"http://{host}:{port}"
     watcher = ChampionWatcher(follower, params, url, endpoint_tag(host, port))
-    app = scoring_server.init(follower)
+    serve = params.serve
+    app = RequestGuard(
+        scoring_server.init(follower),
+        max_body_bytes=serve.max_body_bytes,
+        max_in_flight=serve.max_batch_sequences + serve.max_queued_requests,
+    )
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
     watcher.publish_record()
     watcher.start()

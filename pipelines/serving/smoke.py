@@ -20,6 +20,7 @@ pipelines/stages/tokenize.py would shadow the standard library's tokenize.)
 """
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -32,8 +33,40 @@ THROUGHPUT_NEW_TOKENS = 64  # the endpoint's default max_new_tokens (pipelines/s
 DEFAULT_TIMEOUT_S = 120.0
 
 
+DOWNLOAD_RETRIES_S = (1.0, 2.0, 4.0, 8.0)  # the waits between tries of a failing download
+
+
 class SmokeFailure(Exception):
     """The version loaded, or did not, but its answers are not fit to serve."""
+
+
+class DownloadFailed(SmokeFailure):
+    """The version's artifacts could not be fetched, even after retries: the store failed, not
+    the version. The endpoint tries again later rather than refusing the version."""
+
+
+def download(model_uri: str, work_dir: str | Path, waits_s=DOWNLOAD_RETRIES_S) -> str:
+    """The version's artifacts in work_dir, retried with backoff; DownloadFailed after the last."""
+    import mlflow
+
+    for attempt, wait in enumerate([*waits_s, None], start=1):
+        try:
+            return mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(work_dir))
+        except Exception as exc:
+            text = (str(exc).strip().splitlines() or [""])[0]
+            if wait is None:
+                raise DownloadFailed(
+                    f"download failed {attempt} times: {type(exc).__name__}: {text}"[:300]
+                ) from None
+            logging.getLogger("trainpipe.serve").warning(
+                "download of %s failed (%s: %s); retrying in %g s",
+                model_uri,
+                type(exc).__name__,
+                text[:200],
+                wait,
+            )
+            time.sleep(wait)
+    raise AssertionError("unreachable")
 
 
 def _completions(model, frame, params: dict) -> list[str]:
@@ -92,8 +125,8 @@ def load_and_check(model_uri: str, version: str, work_dir: str | Path, deadline_
     Raise SmokeFailure when it does not load or does not answer fit to serve."""
     import mlflow
 
+    local = download(model_uri, work_dir)
     try:
-        local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(work_dir))
         model = mlflow.pyfunc.load_model(local, model_config={"model_version": str(version)})
     except Exception as exc:
         text = str(exc).strip().splitlines()
