@@ -51,7 +51,11 @@ def download(model_uri: str, work_dir: str | Path, waits_s=DOWNLOAD_RETRIES_S) -
 
     for attempt, wait in enumerate([*waits_s, None], start=1):
         try:
-            return mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(work_dir))
+            local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(work_dir))
+            # a store that lost the files answers with an empty folder, not an error
+            if not (Path(local) / "MLmodel").is_file():
+                raise FileNotFoundError(f"no MLmodel file among the artifacts of {model_uri}")
+            return local
         except Exception as exc:
             text = (str(exc).strip().splitlines() or [""])[0]
             if wait is None:

@@ -226,6 +226,40 @@ def test_the_flows_wait_passes_once_the_endpoint_serves_the_champion(endpoint, m
     assert waited["endpoints"] == [{"url": endpoint["url"], "version": "2"}]
 
 
+def test_a_download_that_fails_during_a_swap_is_retried_not_counted_as_a_failed_smoke_test(endpoint):
+    """v1's artifacts vanish from the store while @champion moves to it, then come back: the
+    endpoint keeps serving v2, retries with backoff, then serves v1, with no failure recorded."""
+    from urllib.parse import urlparse
+
+    client = MlflowClient(endpoint["env"]["MLFLOW_TRACKING_URI"])
+    artifacts = Path(urlparse(client.get_model_version_download_uri(NAME, "1")).path)
+    assert artifacts.is_dir(), artifacts
+    hidden = artifacts.with_name(artifacts.name + ".away")
+    log_before = len(endpoint["log"].read_text())
+    artifacts.rename(hidden)
+    try:
+        client.set_registered_model_alias(NAME, "champion", "1")
+        deadline = time.monotonic() + SWITCH_WITHIN_S
+        while "retrying in" not in endpoint["log"].read_text()[log_before:]:
+            assert time.monotonic() < deadline, endpoint["log"].read_text()[-2000:]
+            assert ask_endpoint(endpoint["url"]) == "2"  # the old version serves meanwhile
+            time.sleep(0.2)
+    finally:
+        hidden.rename(artifacts)
+    deadline = time.monotonic() + 30
+    while ask_endpoint(endpoint["url"]) != "1":
+        assert time.monotonic() < deadline, endpoint["log"].read_text()[-2000:]
+        time.sleep(0.5)
+    [record] = [r for r in endpoint_records(client, NAME) if r["url"] == endpoint["url"]]
+    assert record["failure"] is None and record["version"] == "1"
+    assert "failed its smoke test" not in endpoint["log"].read_text()[log_before:]
+    client.set_registered_model_alias(NAME, "champion", "2")
+    deadline = time.monotonic() + SWITCH_WITHIN_S
+    while ask_endpoint(endpoint["url"]) != "2":
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+
+
 def test_a_stopped_endpoint_clears_its_record_and_the_flow_says_how_to_start_one(endpoint, monkeypatch):
     client = MlflowClient(endpoint["env"]["MLFLOW_TRACKING_URI"])
     os.killpg(endpoint["proc"].pid, signal.SIGTERM)
