@@ -152,6 +152,7 @@ def summary(results: list[tuple[float, int]], wall: float) -> dict:
     latencies = sorted(r[0] for r in results)
     return {
         "p50": statistics.median(latencies),
+        "p95": latencies[min(len(latencies) - 1, round(0.95 * (len(latencies) - 1)))],
         "p99": latencies[min(len(latencies) - 1, round(0.99 * (len(latencies) - 1)))],
         "per_s": len(results) / wall,
         "failed": sum(1 for r in results if not 200 <= r[1] < 300),
@@ -302,6 +303,177 @@ def promotion_under_load(url: str, work: Path, env: dict, version: str, before_s
     return [(t - promoted, lat, s, v) for t, lat, s, v in answers], code, promoted - started
 
 
+# --- continuous batching -------------------------------------------------------------------
+
+BATCH_NEW_TOKENS = 128
+CLIENTS = (1, 4, 16, 64)
+
+
+def forward_ceiling(model, batch_sizes, position: int, steps: int = 40) -> dict[int, float]:
+    """Tokens/s of the model's batched decode step alone, in-process (no sampling, no server):
+    what the endpoint could give at best at each batch size."""
+    from pipelines.core.decode import SlotCache
+
+    gpt = model.unwrap_python_model().model
+    out = {}
+    with torch.inference_mode():
+        for size in batch_sizes:
+            cache = SlotCache(gpt.config, size)
+            positions = torch.full((size,), position)
+            tokens = torch.zeros(size, dtype=torch.long)
+            for _ in range(5):
+                cache.begin_step(positions)
+                gpt.step_rows(tokens, positions, cache)
+            started = time.perf_counter()
+            for _ in range(steps):
+                cache.begin_step(positions)
+                gpt.step_rows(tokens, positions, cache)
+            out[size] = size * steps / (time.perf_counter() - started)
+    return out
+
+
+def batched_predict(model, batching: bool):
+    python_model = model.unwrap_python_model()
+
+    def call(prompt: str, new_tokens: int, seed: int, prompts: int = 1) -> int:
+        python_model.batching = batching  # the paths take turns on one loaded model
+        params = {"max_new_tokens": new_tokens, "temperature": TEMPERATURE, "top_k": TOP_K, "seed": seed}
+        model.predict(pd.DataFrame({"prompt": [prompt] * prompts}), params=params)
+        return 200
+
+    return call
+
+
+def http_prompts_call(url: str, prompts: int):
+    def call(prompt: str, new_tokens: int, seed: int) -> int:
+        body = {
+            "dataframe_records": [{"prompt": prompt}] * prompts,
+            "params": {
+                "max_new_tokens": new_tokens,
+                "temperature": TEMPERATURE,
+                "top_k": TOP_K,
+                "seed": seed,
+            },
+        }
+        return requests.post(f"{url}/invocations", json=body, timeout=600).status_code
+
+    return call
+
+
+def start_mlflow_serve(work: Path, env: dict, port: int, uri: str) -> subprocess.Popen:
+    from pipelines.core.params import Params
+    from pipelines.serving.serve import serve_command
+
+    log = (work / "mlflow-serve.log").open("w")
+    proc = subprocess.Popen(
+        serve_command(Params(), uri, port), cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(f"http://127.0.0.1:{port}/ping", timeout=1).status_code == 200:
+                return proc
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.2)
+    stop(proc)
+    sys.exit(
+        f"mlflow models serve: no /ping within 120 s:\n{(work / 'mlflow-serve.log').read_text()[-3000:]}"
+    )
+
+
+def batching_round(model, url: str, mlflow_url: str, quick: bool) -> dict:
+    """One round of every cell, side by side; the table takes medians over rounds."""
+    new = BATCH_NEW_TOKENS
+    cells = {}
+    # concurrency 1: batched and unbatched in-process and the endpoint, taking turns
+    turns = run_interleaved(
+        {
+            "in-process batched": batched_predict(model, True),
+            "in-process unbatched": batched_predict(model, False),
+            "endpoint": http_call(url),
+        },
+        new,
+        dict.fromkeys(("in-process batched", "in-process unbatched", "endpoint"), 3 if quick else 6),
+    )
+    for name, r in turns.items():
+        cells[name, 1] = r
+    for clients in CLIENTS[1:]:
+        cells["endpoint", clients] = run_cell(http_call(url), new, clients, clients * (2 if quick else 3))
+    cells["mlflow models serve", 16] = run_cell(http_call(mlflow_url), new, 16, 32 if quick else 48)
+    unbatched = batched_predict(model, False)
+    cells["in-process unbatched", 16] = run_cell(unbatched, new, 16, 16 if quick else 32)
+    # one request of 16 prompts against one of 1, taking turns
+    by_prompts = run_interleaved(
+        {"1 prompt": http_prompts_call(url, 1), "16 prompts": http_prompts_call(url, 16)},
+        new,
+        {"1 prompt": 3, "16 prompts": 3},
+    )
+    return {"cells": cells, "prompts": by_prompts}
+
+
+def print_batching(rounds: list[dict], ceiling: dict[int, float], cpu_hour_usd: float) -> None:  # noqa: C901
+    def med(key, field):
+        return statistics.median(r["cells"][key][field] for r in rounds)
+
+    new = BATCH_NEW_TOKENS
+    print(
+        f"\ncontinuous batching: {new} new tokens per completion, sampled, one client per thread; medians of {len(rounds)} rounds"
+    )
+    print(
+        f"{'path':<22} {'clients':>7} {'compl/s':>8} {'tok/s':>7} {'p50 ms':>7} {'p95 ms':>7} {'errors':>6} {'ceiling tok/s':>13}"
+    )
+    keys = sorted(rounds[0]["cells"], key=lambda k: (k[0] != "endpoint", k[0], k[1]))
+    for key in keys:
+        name, clients = key
+        per_s = med(key, "per_s")
+        errors = sum(r["cells"][key]["failed"] for r in rounds)
+        ceiling_cell = (
+            f"{ceiling[clients]:>13,.0f}" if name == "endpoint" and clients in ceiling else f"{'':>13}"
+        )
+        print(
+            f"{name:<22} {clients:>7} {per_s:>8.2f} {per_s * new:>7,.0f} {med(key, 'p50') * 1000:>7,.0f} "
+            f"{med(key, 'p95') * 1000:>7,.0f} {errors:>6} {ceiling_cell}"
+        )
+    one, sixteen = ("endpoint", 1), ("endpoint", 16)
+    gain = med(sixteen, "per_s") / med(one, "per_s")
+    latency = med(sixteen, "p50") / med(one, "p50")
+    errors16 = sum(r["cells"][sixteen]["failed"] for r in rounds)
+    print("goals:")
+    print(
+        f"  16 clients against 1: {gain:.1f}x the completions/s (>= 10x: {'met' if gain >= 10 else 'NOT met'}); "
+        f"p50 {latency:.2f}x one client's (<= 2x: {'met' if latency <= 2 else 'NOT met'}); {errors16} errors"
+    )
+    t1 = statistics.median(r["prompts"]["1 prompt"]["p50"] for r in rounds)
+    t16 = statistics.median(r["prompts"]["16 prompts"]["p50"] for r in rounds)
+    print(
+        f"  a 16-prompt request in {t16 * 1000:,.0f} ms against {t1 * 1000:,.0f} ms for 1 prompt: {t16 / t1:.2f}x (<= 2x: {'met' if t16 / t1 <= 2 else 'NOT met'})"
+    )
+    b1, u1 = med(("in-process batched", 1), "p50"), med(("in-process unbatched", 1), "p50")
+    print(
+        f"  concurrency 1, in-process, batched against unbatched: p50 {b1 * 1000:,.0f} against {u1 * 1000:,.0f} ms ({b1 / u1 - 1:+.0%})"
+    )
+    for clients in CLIENTS:
+        got = med(("endpoint", clients), "per_s") * new
+        print(
+            f"  endpoint at {clients} clients: {got:,.0f} tokens/s, {got / ceiling[clients]:.0%} of the forward alone at batch {clients}"
+        )
+    unbatched_tps = med(("in-process unbatched", 1), "per_s") * new
+    best = max(CLIENTS, key=lambda c: med(("endpoint", c), "per_s"))
+    batched_tps = med(("endpoint", best), "per_s") * new
+    from pipelines.core.ledger import usd_per_million_tokens
+    from pipelines.core.params import CostParams
+
+    def usd(tokens_per_s: float) -> float:
+        return usd_per_million_tokens(tokens_per_s, "cpu", CostParams(cpu_hour_usd=cpu_hour_usd))
+
+    print(
+        f"  ledger $/Mtok at cpu_hour_usd {cpu_hour_usd}: {usd(unbatched_tps):.3f} one sequence at a time "
+        f"({unbatched_tps:,.0f} tokens/s), {usd(batched_tps):.4f} batched at {best} clients ({batched_tps:,.0f} tokens/s)"
+    )
+
+
 # --- main ----------------------------------------------------------------------------------
 
 
@@ -311,6 +483,12 @@ def main() -> None:
         "--quick", action="store_true", help="fewer requests per cell; no cache at concurrency 1 only"
     )
     parser.add_argument("--promotion", action="store_true", help="also promote a second version under load")
+    parser.add_argument(
+        "--batching",
+        action="store_true",
+        help="only the continuous batching table: 1 to 64 clients, 128 new tokens, against the forward alone",
+    )
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of the batching table (medians)")
     parser.add_argument(
         "--promotion-only", action="store_true", help="only the promotion under load, not the latency table"
     )
@@ -361,7 +539,30 @@ def main() -> None:
             f"requests per cell at concurrency 1/4/16: {'/'.join(str(requests_per_cell[c]) for c in concurrencies)}"
             f" (p99 of so few is their maximum); one prompt per request, temperature {TEMPERATURE}, top_k {TOP_K}"
         )
-        if not args.promotion_only:
+        if args.batching:
+            mlflow_port = free_port()
+            mlflow_server = start_mlflow_serve(work, env, mlflow_port, f"models:/{NAME}/{v1}")
+            try:
+                mlflow_url = f"http://127.0.0.1:{mlflow_port}"
+                for call in (
+                    batched_predict(model, True),
+                    batched_predict(model, False),
+                    http_call(url),
+                    http_call(mlflow_url),
+                ):
+                    call(PROMPTS[0], 8, 0)  # warm-up: first calls pay one-off costs
+                prompt_tokens = len(model.unwrap_python_model().prompt_ids(PROMPTS[0], BATCH_NEW_TOKENS))
+                ceiling = forward_ceiling(model, CLIENTS, prompt_tokens + BATCH_NEW_TOKENS // 2)
+                rounds = []
+                for i in range(args.rounds):
+                    rounds.append(batching_round(model, url, mlflow_url, args.quick))
+                    print(f"round {i + 1} of {args.rounds} done", flush=True)
+            finally:
+                stop(mlflow_server)
+            from pipelines.core.params import load_params
+
+            print_batching(rounds, ceiling, load_params(REPO / "params.yaml").cost.cpu_hour_usd)
+        elif not args.promotion_only:
             paths = {
                 "in-process": in_process_call(model, use_cache=True),
                 "endpoint": http_call(url),

@@ -15,6 +15,7 @@ The served model's code (pipelines/serving/completion.py) imports this module an
 it imports torch and nothing of the project but the model.
 """
 
+import random
 from dataclasses import dataclass
 
 import torch
@@ -44,13 +45,17 @@ class SlotCache:
         self.slots = slots
         self.attn_mask: torch.Tensor | None = None
         self._positions: torch.Tensor | None = None
+        self._length = 0
         self._rows = torch.arange(slots, device=device)
 
     def begin_step(self, positions: torch.Tensor) -> None:
         """Rows 0..A-1 each take one token at positions (A,): each attends to its own 0..position."""
-        length = int(positions.max()) + 1
-        keys = torch.arange(length, device=positions.device)
-        self._positions = positions
+        low, high = positions.aminmax()
+        self._positions, self._length = positions, int(high) + 1
+        if int(low) == self._length - 1:  # every row at one position: each attends to all L keys
+            self.attn_mask = None
+            return
+        keys = torch.arange(self._length, device=positions.device)
         self.attn_mask = (keys[None, :] <= positions[:, None])[:, None, None, :]  # (A, 1, 1, L)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,8 +63,8 @@ class SlotCache:
         rows = self._rows[: k.size(0)]
         self.k[layer][rows, :, self._positions] = k[:, :, 0]
         self.v[layer][rows, :, self._positions] = v[:, :, 0]
-        length = self.attn_mask.size(-1)
-        return self.k[layer, : k.size(0), :, :length], self.v[layer, : k.size(0), :, :length]
+        rows, length = k.size(0), self._length
+        return self.k[layer, :rows, :, :length], self.v[layer, :rows, :, :length]
 
     def move(self, src: int, dst: int) -> None:
         """Slot src's keys and values into slot dst (a row leaving makes room for the last)."""
@@ -94,7 +99,7 @@ class Sampling:
 
     temperature: float
     top_k: int
-    generator: torch.Generator | None = None
+    generator: random.Random | None = None  # the row's own: one uniform draw per sampled token
 
 
 def next_tokens(logits: torch.Tensor, rows: list[Sampling]) -> tuple[list[int], list[str | None]]:
@@ -111,11 +116,11 @@ def next_tokens(logits: torch.Tensor, rows: list[Sampling]) -> tuple[list[int], 
     for r, row in enumerate(rows):
         groups.setdefault((row.temperature, row.top_k), []).append(r)
     for (temperature, top_k), members in groups.items():
-        index = torch.tensor(members, device=logits.device)
-        scaled = logits[index] / temperature if temperature > 0 else logits[index]
+        group = logits if len(members) == len(rows) else logits[torch.tensor(members, device=logits.device)]
+        scaled = group / temperature if temperature > 0 else group
         finite = torch.isfinite(scaled).all(dim=-1).tolist()
         if not all(finite):
-            raw_finite = torch.isfinite(logits[index]).all(dim=-1).tolist()
+            raw_finite = torch.isfinite(group).all(dim=-1).tolist()
             for r, ok, raw_ok in zip(members, finite, raw_finite, strict=True):
                 if not ok:
                     errors[r] = (
@@ -130,7 +135,7 @@ def next_tokens(logits: torch.Tensor, rows: list[Sampling]) -> tuple[list[int], 
             if top_k and top_k < scaled.size(-1):
                 scaled, ids = torch.topk(scaled, top_k)  # (G, k)
             cdf = F.softmax(scaled, dim=-1).cumsum(dim=-1)
-            draws = torch.stack([torch.rand((), generator=rows[r].generator) for r in members])
+            draws = torch.tensor([rows[r].generator.random() for r in members], dtype=cdf.dtype)
             u = (draws.to(cdf.device) * cdf[:, -1])[:, None]
             # the first entry whose cumulative probability exceeds u: never one of probability 0
             choice = torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.size(-1) - 1)

@@ -20,6 +20,7 @@ endpoint swaps versions, the old version's sequences finish on it, its loop ends
 keeps the old weights alive.
 """
 
+import random
 import threading
 import time
 from collections import deque
@@ -115,11 +116,7 @@ class ContinuousBatcher:
                 row,
                 ids,
                 params.max_new_tokens,
-                Sampling(
-                    params.temperature,
-                    params.top_k,
-                    torch.Generator().manual_seed(row_seed(params.seed, row)),
-                ),
+                Sampling(params.temperature, params.top_k, random.Random(row_seed(params.seed, row))),
             )
             for row, ids in enumerate(prompts)
         ]

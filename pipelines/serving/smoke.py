@@ -6,9 +6,10 @@ fixed prompts within a time limit, with non-empty text, and the same seed must g
 output twice. Publish, promote and rollback run it before @champion moves; the endpoint runs the
 same checks (check_answers) in its own process before a new version takes traffic.
 
-A version that passes is then timed (measure_throughput): one more request of the fixed prompts
-at the endpoint's default of 64 new tokens, warm, through the same pyfunc predict the endpoint
-runs, one prompt after another as the endpoint answers them. Its tokens per second give the
+A version that passes is then timed (measure_throughput): one more request, of the fixed prompts
+repeated to fill a request (max_prompts, 16 by default), at the endpoint's default of 64 new
+tokens, warm, through the same pyfunc predict the endpoint runs, which decodes them together as
+it decodes concurrent requests. Its tokens per second give the
 version's inference cost (pipelines/core/ledger.py). Here rather than in the endpoint: every champion
 passes this test on the machine that trained it, with no traffic to wait for and no other
 requests to share the device with, so each version gets one comparable figure.
@@ -150,7 +151,13 @@ def measure_throughput(model) -> dict | None:
     if tokenizer is None:
         return None
     params = {**FIXED_PARAMS, "max_new_tokens": _new_tokens(model, THROUGHPUT_NEW_TOKENS)}
-    frame = pd.DataFrame({"prompt": list(FIXED_PROMPTS)})
+    # a full request: the batch a busy endpoint steps (a version before batching answers it one
+    # prompt after another, as it answers everything)
+    limits = getattr(python_model, "limits", {})
+    rows = min(
+        limits.get("max_prompts", 16), limits.get("max_total_new_tokens", 4096) // params["max_new_tokens"]
+    )
+    frame = pd.DataFrame({"prompt": [FIXED_PROMPTS[i % len(FIXED_PROMPTS)] for i in range(max(1, rows))]})
     started = time.perf_counter()
     completions = _completions(model, frame, params)
     seconds = time.perf_counter() - started
