@@ -552,7 +552,12 @@ def main() -> None:
                 ):
                     call(PROMPTS[0], 8, 0)  # warm-up: first calls pay one-off costs
                 prompt_tokens = len(model.unwrap_python_model().prompt_ids(PROMPTS[0], BATCH_NEW_TOKENS))
-                ceiling = forward_ceiling(model, CLIENTS, prompt_tokens + BATCH_NEW_TOKENS // 2)
+                with ThreadPoolExecutor(
+                    1
+                ) as pool:  # a worker thread, as the decode loop runs (see run_interleaved)
+                    ceiling = pool.submit(
+                        forward_ceiling, model, CLIENTS, prompt_tokens + BATCH_NEW_TOKENS // 2
+                    ).result()
                 rounds = []
                 for i in range(args.rounds):
                     rounds.append(batching_round(model, url, mlflow_url, args.quick))

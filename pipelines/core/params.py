@@ -341,6 +341,13 @@ class ServeParams(Section):
     request_timeout_s: int = Field(
         60, ge=1, description="time limit of one request, in seconds; past it, 504 and its slots are freed"
     )
+    decode_threads: int = Field(
+        1,
+        ge=1,
+        le=256,
+        description="torch threads of the served model's decode loop (1: PyTorch's OpenMP outside the "
+        "main thread costs more than a second thread gives to a step of small ops, on 2 cores)",
+    )
     max_body_bytes: int = Field(
         1_048_576,
         ge=1024,

@@ -55,6 +55,7 @@ DEFAULT_LIMITS: dict[str, int] = {
     "max_batch_sequences": 64,
     "max_queued_requests": 64,
     "request_timeout_s": 60,
+    "decode_threads": 1,
 }
 RETRY_AFTER_S = (
     1  # what a 503 for a full queue tells the client to wait (trainpipe serve sends it as Retry-After)
@@ -201,11 +202,16 @@ class CodeCompletionModel(mlflow.pyfunc.PythonModel):
             self.limits["max_batch_sequences"],
             self.limits["max_queued_requests"],
             self.limits["request_timeout_s"],
+            self.limits["decode_threads"],
         )
         self._caller = threading.local()
 
     def set_capacity(
-        self, max_batch_sequences: int, max_queued_requests: int, request_timeout_s: int
+        self,
+        max_batch_sequences: int,
+        max_queued_requests: int,
+        request_timeout_s: int,
+        decode_threads: int = 1,
     ) -> None:
         """The scheduler's bounds. Stored with the model (limits.json) for any server; a server
         that knows its machine sets its own before the first request (trainpipe serve does)."""
@@ -214,9 +220,14 @@ class CodeCompletionModel(mlflow.pyfunc.PythonModel):
             "max_batch_sequences": int(max_batch_sequences),
             "max_queued_requests": int(max_queued_requests),
             "request_timeout_s": int(request_timeout_s),
+            "decode_threads": int(decode_threads),
         }
         self.batcher = ContinuousBatcher(
-            self.model, int(max_batch_sequences), int(max_queued_requests), stop_token=self.eot_id
+            self.model,
+            int(max_batch_sequences),
+            int(max_queued_requests),
+            stop_token=self.eot_id,
+            threads=int(decode_threads),
         )
 
     def cancel_when(self, event: threading.Event | None) -> None:

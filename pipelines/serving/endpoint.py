@@ -113,7 +113,12 @@ def load_version(
         model = load_and_check(f"models:/{name}/{version}", version, tmp, deadline_s)
     set_capacity = getattr(model.unwrap_python_model(), "set_capacity", None)
     if serve is not None and set_capacity is not None:  # a version logged before batching has none
-        set_capacity(serve.max_batch_sequences, serve.max_queued_requests, serve.request_timeout_s)
+        set_capacity(
+            serve.max_batch_sequences,
+            serve.max_queued_requests,
+            serve.request_timeout_s,
+            serve.decode_threads,
+        )
     return ServedVersion(str(version), model, _now())
 
 
