@@ -20,6 +20,7 @@ endpoint swaps versions, the old version's sequences finish on it, its loop ends
 keeps the old weights alive.
 """
 
+import itertools
 import random
 import threading
 import time
@@ -59,7 +60,6 @@ class Request:
         self.outputs: list[list[int] | None] = [None] * rows
         self.deadline = deadline
         self.cancelled = cancelled or threading.Event()
-        self.waiting = rows  # sequences not yet admitted: the request counts as queued while > 0
         self.remaining = rows
         self.error: Exception | None = None
         self.done = threading.Event()
@@ -99,7 +99,6 @@ class ContinuousBatcher:
         self.stop_token = stop_token
         self._lock = threading.Lock()
         self._waiting: deque[Sequence] = deque()
-        self._queued_requests = 0
         self._thread: threading.Thread | None = None
         self._active: list[Sequence] = []  # row i holds slot i; the loop thread alone touches it
         self._cache: SlotCache | None = None
@@ -127,11 +126,11 @@ class ContinuousBatcher:
             for row, ids in enumerate(prompts)
         ]
         with self._lock:
-            # a request counts against max_queued only while the slots are all spoken for
-            spoken_for = len(self._active) + len(self._waiting) >= self.max_batch
-            if self._queued_requests >= self.max_queued and spoken_for:
-                raise QueueFull(f"{self._queued_requests} requests already wait for a slot")
-            self._queued_requests += 1
+            # queued: the requests with a row that the next admission leaves waiting
+            free = max(0, self.max_batch - len(self._active))
+            queued = len({id(s.request) for s in itertools.islice(self._waiting, free, None)})
+            if len(self._waiting) + len(sequences) > free and queued >= self.max_queued:
+                raise QueueFull(f"{queued} requests already wait for a slot")
             self._waiting.extend(sequences)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._loop, name="decode-loop", daemon=True)
@@ -175,12 +174,9 @@ class ContinuousBatcher:
         with self._lock:
             for seq in [s for s in self._waiting if s.request.abandoned(now)]:
                 self._waiting.remove(seq)
-                self._dequeued(seq)
                 self._finish(seq, seq.request.abandoned(now))
             while self._waiting and len(self._active) + len(admitted) < self.max_batch:
-                seq = self._waiting.popleft()
-                self._dequeued(seq)
-                admitted.append(seq)
+                admitted.append(self._waiting.popleft())
             if not self._active and not admitted:
                 self._thread = None
                 return False
@@ -189,11 +185,6 @@ class ContinuousBatcher:
         if self._active:
             self._step()
         return True
-
-    def _dequeued(self, seq: Sequence) -> None:  # under the lock
-        seq.request.waiting -= 1
-        if seq.request.waiting == 0:
-            self._queued_requests -= 1
 
     def _slots(self) -> SlotCache:
         if self._cache is None:

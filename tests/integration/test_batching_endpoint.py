@@ -143,16 +143,19 @@ def test_the_pyfunc_batches_requests_from_many_threads_as_any_pyfunc_server_call
     assert together == alone
     mean_batch = (python_model.batcher.rows_stepped - rows) / (python_model.batcher.steps - steps)
     assert mean_batch > 1.5, mean_batch
-    # past the version's queue bound: a 503 error at once, not a wait
+    # past the version's queue bound: a 503 error at once, not a wait. One request of 8 prompts
+    # holds the one slot, its other 7 rows wait in the queue: the queue is full.
     python_model.set_capacity(1, 1, 60)
-    long = pd.DataFrame({"prompt": PROMPTS[:1]})
-    with ThreadPoolExecutor(2) as pool:
-        running = [pool.submit(model.predict, long, params={"max_new_tokens": 500}) for _ in range(2)]
-        time.sleep(0.3)
+    long = pd.DataFrame({"prompt": PROMPTS + PROMPTS[:2]})
+    with ThreadPoolExecutor(1) as pool:
+        running = pool.submit(model.predict, long, params={"max_new_tokens": 500})
+        while python_model.batcher.steps == 0:
+            time.sleep(0.01)
+        started = time.monotonic()
         with pytest.raises(MlflowException, match="the endpoint is busy") as busy:
-            model.predict(long, params={"max_new_tokens": 8})
-        assert busy.value.get_http_status_code() == 503
-        assert [len(f.result()) for f in running] == [1, 1]
+            model.predict(pd.DataFrame({"prompt": PROMPTS[:1]}), params={"max_new_tokens": 8})
+        assert busy.value.get_http_status_code() == 503 and time.monotonic() - started < 1.0
+        assert len(running.result()) == 8
 
 
 def test_concurrent_requests_to_trainpipe_serve_answer_as_each_alone(trainpipe_serve):
