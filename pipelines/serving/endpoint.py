@@ -233,7 +233,8 @@ def serve_following(params: Params, port: int | None = None) -> int:
     from mlflow import MlflowClient
     from mlflow.pyfunc import scoring_server
 
-    from pipelines.adapters.registry import delete_endpoint_record, endpoint_tag, get_champion
+    from pipelines.adapters.registry import delete_endpoint_record, get_champion
+    from pipelines.serving.address import endpoint_address
 
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
@@ -253,8 +254,8 @@ def serve_following(params: Params, port: int | None = None) -> int:
     except SmokeFailure as exc:
         raise ConfigError(f"champion v{version} of {name} is not fit to serve: {exc}") from None
     follower = ChampionFollower(first)
-    url = f"http://{host}:{port}"
-    watcher = ChampionWatcher(follower, params, url, endpoint_tag(host, port))
+    record_key, url = endpoint_address(host, port)  # one record per replica, at a reachable URL
+    watcher = ChampionWatcher(follower, params, url, record_key)
     serve = params.serve
     app = RequestGuard(
         scoring_server.init(follower),

@@ -16,12 +16,13 @@ import requests
 from conftest import copy_mlflow_db, free_port, make_model_dir, stop_process_group, write_metrics
 from mlflow import MlflowClient
 
-from pipelines.adapters.registry import endpoint_records
+from pipelines.adapters.registry import delete_endpoint_record, endpoint_records, write_endpoint_record
 from pipelines.commands.promote import promote_version
 from pipelines.commands.promotion import publish_model
-from pipelines.commands.status import ask_endpoint, wait_for_champion
+from pipelines.commands.status import ask_endpoint, endpoints, wait_for_champion
 from pipelines.core.errors import SmokeTestError
 from pipelines.core.params import Params, ServeParams
+from pipelines.serving.address import endpoint_address
 
 NAME = Params().publish.model_name
 TRAINPIPE = str(Path(sys.executable).parent / "trainpipe")
@@ -286,3 +287,25 @@ def test_the_endpoint_loads_a_version_with_the_code_it_carries(registry, monkeyp
     assert "/code/pipelines/core/model.py" in gpt.forward.__code__.co_filename
     assert gpt.forward.__code__.co_filename != pipelines.core.model.__file__
     assert sys.modules["pipelines.core.model"] is pipelines.core.model
+
+
+def test_replicas_bound_to_every_interface_keep_a_record_each(registry):
+    """Two pods of one Deployment bind 0.0.0.0:5001: each records itself in the real registry under
+    its own name, neither overwrites the other, and status lists both (nothing listens at their
+    URLs here, so both read as not answering)."""
+    client = MlflowClient(registry["env"]["MLFLOW_TRACKING_URI"])
+    pods = {
+        endpoint_address("0.0.0.0", 5001, pod)
+        for pod in ("serve-6c9d-abcde.invalid", "serve-6c9d-fghij.invalid")
+    }
+    try:
+        for key, url in pods:
+            write_endpoint_record(client, NAME, key, {"url": url, "version": "2", "pid": 1})
+        recorded = {(r["key"], r["url"]) for r in endpoint_records(client, NAME)}
+        assert pods <= recorded and len(pods) == 2, recorded
+        listed = {ep["url"]: ep["answering"] for ep in endpoints(client, NAME, "2")}
+        assert {url: False for _, url in pods}.items() <= listed.items(), listed
+    finally:
+        for key, _ in pods:
+            delete_endpoint_record(client, NAME, key)
+    assert not pods & {(r["key"], r["url"]) for r in endpoint_records(client, NAME)}

@@ -1,6 +1,7 @@
 """The stack tier (`make test-stack`): the team stack started from nothing on its own ports, a
-cron deployment whose schedule fires, runs through a real worker, the data on S3, and both UIs
-in Chromium. The tests run in file order and build on each other, as a team's day would."""
+cron deployment whose schedule fires, runs through a real worker, the data on S3, both UIs
+in Chromium, and two endpoints that follow one promotion under load. The tests run in file order
+and build on each other, as a team's day would."""
 
 import os
 import re
@@ -9,6 +10,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -16,7 +18,7 @@ from pathlib import Path
 import psutil
 import pytest
 import requests
-from conftest import tracked_copy
+from conftest import stop_process_group, tracked_copy
 
 from infra.stack import Stack
 
@@ -386,3 +388,189 @@ def test_the_uis_show_the_deployment_its_schedule_the_runs_and_the_version(stack
             mlflow_page.screenshot(path=str(ARTIFACTS / "mlflow-model.png"), full_page=True)
         finally:
             browser.close()
+
+
+# -- many endpoints: two `trainpipe serve` following one @champion ------------------------------
+
+# What a serving pod gets (infra/k8s/serve.yaml): the registry's login, no S3 key, no Prefect.
+ENDPOINT_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+
+
+def endpoint_env(stack: Stack) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_", "PREFECT_"))}
+    env.update({k: stack.client_env()[k] for k in ENDPOINT_ENV})
+    env.update(PATH=f"{BIN}{os.pathsep}{env['PATH']}", PYTHONPATH=str(stack.checkout))
+    env.update(MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false")
+    return env
+
+
+def answers_on(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+@pytest.fixture(scope="module")
+def two_endpoints(stack, scheduled_run, tmp_path_factory):
+    """Two `trainpipe serve` on the stack's registry, on 127.0.0.1 and ports of their own beside
+    serve.port, each following @champion every second; stopped by their process groups."""
+    from pipelines.commands.status import ask_endpoint
+    from pipelines.core.params import Params
+
+    logs = tmp_path_factory.mktemp("endpoints")
+    first = Params().serve.port + PORT_OFFSET
+    ports = [first, first + 1]
+    assert not [p for p in ports if answers_on(p)], f"something already listens on {ports}"
+    env, procs = endpoint_env(stack), []
+    started = time.monotonic()
+    try:
+        for port in ports:
+            with (logs / f"serve-{port}.log").open("w") as log:
+                procs.append(
+                    subprocess.Popen(
+                        [str(BIN / "trainpipe"), "serve", "--port", str(port), "-S", "serve.poll_s=1"],
+                        cwd=stack.checkout,
+                        env=env,
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                        start_new_session=True,
+                    )  # fmt: skip
+                )
+        urls = [f"http://127.0.0.1:{port}" for port in ports]
+        for url, port, proc in zip(urls, ports, procs, strict=True):
+            while ask_endpoint(url, timeout_s=2) is None:
+                log = (logs / f"serve-{port}.log").read_text()[-3000:]
+                assert proc.poll() is None, f"trainpipe serve on {port} exited {proc.returncode}:\n{log}"
+                assert time.monotonic() - started < 240, f"{url} did not answer within 240 s:\n{log}"
+                time.sleep(1)
+        print(f"\ntwo endpoints answering after {time.monotonic() - started:.0f} s")
+        yield {"urls": urls, "ports": ports, "procs": procs, "env": env, "logs": logs}
+    finally:
+        for proc in procs:
+            stop_process_group(proc, timeout_s=30)
+        assert not [p for p in ports if answers_on(p)], f"an endpoint outlived its stop on {ports}"
+
+
+class LoadOnEndpoints:
+    """Clients posting back to back to each endpoint; every answer kept with its url, the time its
+    request started, its status (or the exception) and the model_version that answered."""
+
+    def __init__(self, urls: list[str], clients_per_url: int = 2):
+        self.stop = threading.Event()
+        self.answers: list[tuple[str, float, int | str, str | None]] = []
+        self.threads = [
+            threading.Thread(target=self._loop, args=(url,)) for url in urls for _ in range(clients_per_url)
+        ]
+
+    def _loop(self, url: str) -> None:
+        session, i = requests.Session(), 0
+        while not self.stop.is_set():
+            body = {
+                "dataframe_records": [{"prompt": "def f(x):"}],
+                "params": {"max_new_tokens": 8, "seed": i},
+            }
+            started = time.monotonic()
+            try:
+                r = session.post(f"{url}/invocations", json=body, timeout=60)
+                version = r.json()["predictions"][0].get("model_version") if r.ok else None
+                self.answers.append((url, started, r.status_code, version))
+            except (requests.RequestException, ValueError) as exc:
+                self.answers.append((url, started, type(exc).__name__, None))
+            i += 1
+
+    def __enter__(self):
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        for t in self.threads:
+            t.join(timeout=90)
+
+
+def test_two_endpoints_follow_a_promotion_under_load_and_the_flow_waits_for_both(
+    stack, two_endpoints, tmp_path, monkeypatch
+):
+    """Clients on both endpoints while `trainpipe promote` moves @champion: every answer is 2xx,
+    and the flow's wait for the endpoints (reach_endpoints: wait_for_champion) returns only once
+    both serve the new champion."""
+    from pipelines.adapters.registry import register_version
+    from pipelines.commands.status import wait_for_champion
+    from pipelines.core.params import load_params
+
+    for name in ENDPOINT_ENV:  # the flow's process reads the registry as the endpoints do
+        monkeypatch.setenv(name, two_endpoints["env"][name])
+    current, urls = champion(stack), two_endpoints["urls"]
+    # A version no endpoint has loaded, whatever versions the tests above left: the champion's
+    # logged model registered again (a number of its own, the same weights).
+    before, target = current["version"], register_version(current["source"], MODEL, {})
+    assert target != before
+    params = load_params(stack.checkout / "params.yaml", ["serve.wait_s=90"])
+
+    with LoadOnEndpoints(urls) as load:
+        time.sleep(3)
+        promote = subprocess.run(
+            [str(BIN / "trainpipe"), "promote", target],
+            cwd=stack.checkout,
+            env=client_env(stack, stack.checkout, tmp_path / "prefect"),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert promote.returncode == 0, promote.stderr[-2000:]
+        waited = wait_for_champion(params, target)
+        reached = time.monotonic()
+        time.sleep(3)
+
+    failed = [a for a in load.answers if a[2] != 200]
+    print(f"\n{len(load.answers)} answers across the promotion to v{target} (was v{before})")
+    assert load.answers and not failed, f"{len(failed)} failed answers, e.g. {failed[:5]}"
+    assert not waited["failed"], waited["reason"]
+    assert sorted(waited["endpoints"], key=lambda ep: ep["url"]) == [
+        {"url": url, "version": target} for url in sorted(urls)
+    ], waited
+    for url in urls:
+        mine = [(started, version) for u, started, _, version in load.answers if u == url]
+        assert {version for _, version in mine} == {before, target}, (url, {v for _, v in mine})
+        after = {version for started, version in mine if started > reached}
+        assert after == {target}, f"{url} answered with {after} after the flow's wait returned"
+
+
+def test_status_lists_both_endpoints(stack, two_endpoints):
+    import json
+
+    def status(*args: str) -> str:
+        done = subprocess.run(
+            [str(BIN / "trainpipe"), "status", *args],
+            cwd=stack.checkout,
+            env=two_endpoints["env"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done.stdout
+
+    found = json.loads(status("--json"))
+    version = found["champion"]["version"]
+    listed = {ep["url"]: ep for ep in found["endpoints"]}
+    assert set(listed) == set(two_endpoints["urls"]), listed
+    assert {ep["key"] for ep in listed.values()} == {
+        f"endpoint/127.0.0.1-{p}" for p in two_endpoints["ports"]
+    }
+    for ep in listed.values():
+        assert ep["answering"] and ep["serves"] == version and ep["is_champion"], ep
+        assert ep["host"] == socket.gethostname() and psutil.pid_exists(ep["pid"]), ep
+    text = status()
+    for url in two_endpoints["urls"]:
+        assert f"endpoint:   {url} serves v{version} since" in text, text
+
+
+def test_stopped_endpoints_clear_their_records(stack, two_endpoints):
+    for proc in two_endpoints["procs"]:
+        stop_process_group(proc, timeout_s=30)
+    model = stack.mlflow_api("GET", "/registered-models/get", params={"name": MODEL}).json()
+    recorded = [
+        t["key"] for t in model["registered_model"].get("tags", []) if t["key"].startswith("endpoint/")
+    ]
+    assert recorded == [], f"stopped endpoints left their records: {recorded}"

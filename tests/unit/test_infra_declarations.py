@@ -4,7 +4,9 @@ infra/compose.yaml and infra/k8s/ (with the container files of infra/config/) ar
 infra/stack.toml (versions, ports, databases and logins, buckets, names) and to infra/servers.py
 (the flags and environment each server starts with): same images, same auth, the same URIs
 apart from host names, ports published on 127.0.0.1 or ClusterIP only, and no secret in a
-committed file. Files are parsed, nothing is started: no Docker, no cluster, no server.
+committed file. The endpoint beside them (`trainpipe serve`, service `serve`) is held to the CLI
+and params.yaml: it follows @champion on every interface, in several replicas that a probe on
+/ping watches. Files are parsed, nothing is started: no Docker, no cluster, no server.
 
     pytest tests/unit/test_infra_declarations.py
 """
@@ -27,6 +29,7 @@ import yaml
 from infra import servers
 from infra.envfile import VARIABLES
 from infra.stack import Stack
+from pipelines.core.params import load_params
 
 ROOT = Path(__file__).resolve().parents[2]
 INFRA = ROOT / "infra"
@@ -38,6 +41,11 @@ WORK_POOL = "infra/k8s/prefect-work-pool.json"
 SECRET_NAME = re.compile(r"PASSWORD|SECRET|ACCESS_KEY|AUTH_STRING|TOKEN")
 # The Kubernetes Service (and compose service) in front of each port of the stack.
 SERVICE_PORT = {"postgres": "postgres", "seaweedfs": "s3", "mlflow": "mlflow", "prefect": "prefect"}
+# The endpoint: the Kubernetes Deployment and Service, and the compose service, of `trainpipe serve`.
+# Its image is this repository's own build, not a server of the stack; it listens on serve.port.
+SERVE = "serve"
+PARAMS = load_params(ROOT / "params.yaml")
+SERVE_PORT = PARAMS.serve.port
 
 
 @dataclass
@@ -50,6 +58,7 @@ class Container:
     env: dict[str, str]
     mounts: dict[str, str] = field(default_factory=dict)  # path in the container -> file in the repo
     ports: list = field(default_factory=list)  # compose: published; Kubernetes: containerPort
+    workdir: str | None = None
 
 
 def compose_containers() -> dict[str, Container]:
@@ -69,7 +78,13 @@ def compose_containers() -> dict[str, Container]:
             if source.startswith("./"):
                 mounts[target] = f"infra/{source[2:]}"
         containers[name] = Container(
-            f"{COMPOSE} services.{name}", svc["image"], argv, env, mounts, svc.get("ports", [])
+            f"{COMPOSE} services.{name}",
+            svc["image"],
+            argv,
+            env,
+            mounts,
+            svc.get("ports", []),
+            svc.get("working_dir"),
         )
     return containers
 
@@ -118,7 +133,7 @@ def k8s_containers() -> dict[str, Container]:
         ports = [p["containerPort"] for p in c.get("ports", [])]
         argv = c.get("command", []) + c.get("args", [])
         containers[obj["metadata"]["name"]] = Container(
-            where, c["image"], argv, k8s_env(c.get("env", []), where), mounts, ports
+            where, c["image"], argv, k8s_env(c.get("env", []), where), mounts, ports, c.get("workingDir")
         )
     return containers
 
@@ -233,7 +248,9 @@ def expected_images() -> dict[str, set[str]]:
 
 def test_images_are_the_stack_versions(containers):
     images = expected_images()
-    for c in containers.values():
+    for name, c in containers.items():
+        if name == SERVE:
+            continue  # this repository's build: test_endpoint_is_trainpipe_serve_following_the_champion
         repository = c.image.rsplit(":", 1)[0]
         assert repository in images, (
             f"{c.where} image {c.image}: not a server of the stack ({', '.join(images)})"
@@ -265,6 +282,7 @@ def test_servers_listen_on_the_stack_ports(containers):
 
 
 def test_compose_publishes_on_loopback_only():
+    services = yaml.safe_load((ROOT / COMPOSE).read_text())["services"]
     published = {}
     for name, c in compose_containers().items():
         for port in c.ports:
@@ -273,11 +291,19 @@ def test_compose_publishes_on_loopback_only():
             assert host == "127.0.0.1", (
                 f"{c.where} ports {port!r}: binds {host or 'every interface'}, not 127.0.0.1"
             )
-            assert outside == inside, f"{c.where} ports {port!r}: the host port differs from the container's"
+            first, _, last = outside.partition("-")
+            assert first == inside, f"{c.where} ports {port!r}: the host port differs from the container's"
+            if last:  # a range: one host port a replica
+                replicas = services[name].get("deploy", {}).get("replicas", 1)
+                assert int(last) - int(first) + 1 == replicas, (
+                    f"{c.where} ports {port!r}: {int(last) - int(first) + 1} host ports for {replicas} replicas"
+                )
             published.setdefault(name, []).append(int(inside))
     wanted = {"mlflow": [PORTS["mlflow"]], "prefect": [PORTS["prefect"]], "seaweedfs": [PORTS["s3"]]}
+    wanted[SERVE] = [SERVE_PORT]
     assert published == wanted, (
-        f"{COMPOSE} publishes {published}; infra/stack.toml [ports] says {wanted} (PostgreSQL unpublished)"
+        f"{COMPOSE} publishes {published}; infra/stack.toml [ports] and serve.port say {wanted} "
+        "(PostgreSQL unpublished)"
     )
 
 
@@ -286,11 +312,12 @@ def test_k8s_services_are_private_on_the_stack_ports():
     services = {
         obj["metadata"]["name"]: (path, obj) for path, obj in k8s_objects() if obj["kind"] == "Service"
     }
-    assert set(services) == set(SERVICE_PORT), (
-        f"{K8S} Services {sorted(services)}, expected {sorted(SERVICE_PORT)}"
+    service_ports = {name: PORTS[key] for name, key in SERVICE_PORT.items()} | {SERVE: SERVE_PORT}
+    assert set(services) == set(service_ports), (
+        f"{K8S} Services {sorted(services)}, expected {sorted(service_ports)}"
     )
     for name, (path, svc) in services.items():
-        where, port = f"{path} Service/{name}", PORTS[SERVICE_PORT[name]]
+        where, port = f"{path} Service/{name}", service_ports[name]
         assert svc["spec"].get("type") == "ClusterIP", (
             f"{where} type {svc['spec'].get('type')}, not ClusterIP"
         )
@@ -623,4 +650,159 @@ def test_work_pool_gpu_variant(gpus, limits):
     (container,) = render_work_pool(**values)["job_manifest"]["spec"]["template"]["spec"]["containers"]
     assert container["resources"]["limits"] == limits, (
         f"{WORK_POOL} with gpus={gpus}: limits {container['resources']}"
+    )
+
+
+# -- the endpoint: `trainpipe serve` in several replicas --------------------------------------
+
+
+def serve_args(c: Container):
+    """The declared command as the `trainpipe` CLI parses it, and the params it serves with."""
+    from pipelines.cli import build_parser, cmd_serve
+
+    assert c.argv[:2] == ["trainpipe", "serve"], f"{c.where}: runs {c.argv[:2]}, not trainpipe serve"
+    args = build_parser().parse_args(c.argv[1:])
+    assert args.func is cmd_serve, f"{c.where}: {c.argv} is not `trainpipe serve`"
+    return args, load_params(ROOT / "params.yaml", args.set)
+
+
+def cpu_cores(quantity) -> float:
+    """A Kubernetes CPU quantity ("2", "500m") or a compose `cpus` ("2") in cores."""
+    text = str(quantity)
+    return int(text[:-1]) / 1000 if text.endswith("m") else float(text)
+
+
+def memory_bytes(quantity) -> int:
+    """A Kubernetes memory quantity ("2Gi", "512Mi") or a compose one ("4G", "512M") in bytes."""
+    number, unit = re.fullmatch(r"(\d+)([KMGT]i?)?", str(quantity)).groups()
+    scale = {"K": 1, "M": 2, "G": 3, "T": 4}
+    return int(number) * ((1024 if unit and unit.endswith("i") else 1000) ** scale[unit[0]] if unit else 1)
+
+
+def seconds(duration) -> float:
+    """A compose duration ("300s", "1m30s") in seconds."""
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|s|m|h)", str(duration))
+    assert parts, f"not a duration: {duration!r}"
+    return sum(float(n) * {"ms": 0.001, "s": 1, "m": 60, "h": 3600}[u] for n, u in parts)
+
+
+def test_endpoint_is_trainpipe_serve_following_the_champion(containers):
+    """Every replica runs `trainpipe serve` on @champion, bound to every interface of its pod or
+    container (127.0.0.1 there would answer no one), in the checkout the training pods use, with
+    the registry's login and no S3 key (MLflow's server proxies the artifacts)."""
+    c = containers[SERVE]
+    args, params = serve_args(c)
+    assert args.model_uri is None, f"{c.where}: serves {args.model_uri} fixed; it must follow @champion"
+    assert params.serve.host == "0.0.0.0", (
+        f"{c.where}: binds {params.serve.host}; in a pod or container only 0.0.0.0 is reached from outside"
+    )
+    assert (args.port or params.serve.port) == SERVE_PORT, (
+        f"{c.where}: listens on {args.port or params.serve.port}, not serve.port {SERVE_PORT}"
+    )
+    image = re.sub(r"\$\{\w+:-([^}]+)\}", r"\1", c.image)  # compose: ${TRAINPIPE_IMAGE:-default}
+    assert re.fullmatch(r"([\w.-]+/)*trainpipe(:[\w.-]+)?", image), (
+        f"{c.where} image {c.image}: not this repository's build (.../trainpipe:TAG)"
+    )
+    wanted = {
+        "MLFLOW_TRACKING_URI": f"http://mlflow:{PORTS['mlflow']}",
+        "MLFLOW_TRACKING_USERNAME": STACK["mlflow"]["admin_user"],
+        "MLFLOW_TRACKING_PASSWORD": "<MLFLOW_ADMIN_PASSWORD>",
+    }
+    for name, value in wanted.items():
+        assert c.env.get(name) == value, f"{c.where} env {name} {c.env.get(name)!r}, not {value!r}"
+    s3 = sorted(k for k in c.env if k.startswith("AWS_") or "S3" in k)
+    assert not s3, f"{c.where} env {s3}: an endpoint reads the registry only, it needs no S3 key"
+    (job,) = render_work_pool(image="trainpipe:test")["job_manifest"]["spec"]["template"]["spec"][
+        "containers"
+    ]
+    checkout = k8s_env(job["env"], WORK_POOL)["TRAINPIPE_CHECKOUT"]
+    assert c.workdir == checkout, (
+        f"{c.where}: runs in {c.workdir}, not the checkout {checkout} whose params.yaml names the model"
+    )
+
+
+def serve_k8s() -> dict[str, dict]:
+    """The objects of the endpoint in infra/k8s, by kind."""
+    return {obj["kind"]: obj for _, obj in k8s_objects() if obj["metadata"]["name"] == SERVE}
+
+
+def test_k8s_endpoint_scales_out_behind_one_service():
+    objs = serve_k8s()
+    assert {"Service", "Deployment", "HorizontalPodAutoscaler", "PodDisruptionBudget"} <= set(objs), (
+        f"{K8S}: the endpoint has {sorted(objs)}"
+    )
+    deployment, hpa, pdb = objs["Deployment"], objs["HorizontalPodAutoscaler"], objs["PodDisruptionBudget"]
+    where = f"{K8S} Deployment/{SERVE}"
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    for kind, selector in (
+        ("Deployment", deployment["spec"]["selector"]["matchLabels"]),
+        ("Service", objs["Service"]["spec"]["selector"]),
+        ("PodDisruptionBudget", pdb["spec"]["selector"]["matchLabels"]),
+    ):
+        assert selector and selector.items() <= labels.items(), (
+            f"{K8S} {kind}/{SERVE} selects {selector}, not the endpoint's pods {labels}"
+        )
+
+    assert hpa["apiVersion"] == "autoscaling/v2", f"{K8S} HorizontalPodAutoscaler: {hpa['apiVersion']}"
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": SERVE}
+    (metric,) = hpa["spec"]["metrics"]
+    target = metric["resource"]["target"]
+    assert metric["type"] == "Resource" and metric["resource"]["name"] == "cpu", metric
+    assert target["type"] == "Utilization" and 0 < target["averageUtilization"] <= 100, target
+    low, high = hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]
+    assert 2 <= low == deployment["spec"]["replicas"] < high, (
+        f"{where} replicas {deployment['spec']['replicas']}, autoscaled {low}..{high}: not several, or not scaling"
+    )
+    assert 1 <= pdb["spec"]["minAvailable"] < low, (
+        f"{K8S} PodDisruptionBudget minAvailable {pdb['spec']['minAvailable']}: a drain must keep one, "
+        f"and be able to evict one of {low}"
+    )
+    assert deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0, (
+        f"{where}: a rollout may take replicas away before their successors answer"
+    )
+
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    requests, limits = container["resources"]["requests"], container["resources"]["limits"]
+    assert {"cpu", "memory"} <= set(requests) and {"cpu", "memory"} <= set(limits), (
+        f"{where} resources {container['resources']}: the autoscaler measures CPU against requests"
+    )
+    assert cpu_cores(requests["cpu"]) <= cpu_cores(limits["cpu"]), container["resources"]
+    assert memory_bytes(requests["memory"]) <= memory_bytes(limits["memory"]), container["resources"]
+    env = k8s_env(container["env"], where)
+    assert float(env.get("OMP_NUM_THREADS", 0)) == cpu_cores(limits["cpu"]), (
+        f"{where} OMP_NUM_THREADS {env.get('OMP_NUM_THREADS')}: torch would count the node's cores, "
+        f"not the limit of {limits['cpu']}"
+    )
+
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container.get(probe, {}).get("httpGet") == {"path": "/ping", "port": SERVE_PORT}, (
+            f"{where} {probe}: {container.get(probe)}, not GET /ping on {SERVE_PORT}"
+        )
+    startup = container["startupProbe"]
+    window = startup.get("initialDelaySeconds", 0) + startup["periodSeconds"] * startup["failureThreshold"]
+    assert window > PARAMS.serve.smoke_timeout_s, (
+        f"{where} startupProbe: {window} s, but loading and smoke-testing the champion may take "
+        f"serve.smoke_timeout_s = {PARAMS.serve.smoke_timeout_s:g} s before /ping answers"
+    )
+
+
+def test_compose_endpoint_scales_out():
+    service = yaml.safe_load((ROOT / COMPOSE).read_text())["services"][SERVE]
+    where = f"{COMPOSE} services.{SERVE}"
+    assert service.get("deploy", {}).get("replicas", 1) >= 2, f"{where}: not several replicas"
+    # compose resolves every ${VAR:?} of the file before it starts anything: a required image
+    # variable would stop `up` of the stack itself; the endpoint is opt-in instead.
+    assert ":?" not in service["image"] and SERVE in service.get("profiles", []), (
+        f"{where}: the stack must start without the endpoint's image (profiles: [{SERVE}])"
+    )
+    check = service["healthcheck"]
+    command = " ".join(check["test"])
+    assert f"http://127.0.0.1:{SERVE_PORT}/ping" in command, f"{where} healthcheck: {check['test']}"
+    assert seconds(check["start_period"]) > PARAMS.serve.smoke_timeout_s, (
+        f"{where} healthcheck start_period {check['start_period']}: less than serve.smoke_timeout_s"
+    )
+    limits = service["deploy"]["resources"]["limits"]
+    threads = service["environment"].get("OMP_NUM_THREADS")
+    assert threads is not None and float(threads) == cpu_cores(limits["cpus"]), (
+        f"{where} OMP_NUM_THREADS {threads}: not the CPU limit {limits['cpus']}"
     )
