@@ -314,7 +314,11 @@ def forward_ceiling(model, batch_sizes, position: int, steps: int = 40) -> dict[
     what the endpoint could give at best at each batch size."""
     from pipelines.core.decode import SlotCache
 
-    gpt = model.unwrap_python_model().model
+    python_model = model.unwrap_python_model()
+    gpt = python_model.model
+    torch.set_num_threads(
+        python_model.batcher.threads
+    )  # the decode loop's threads (this is a worker thread too)
     out = {}
     with torch.inference_mode():
         for size in batch_sizes:
@@ -332,13 +336,21 @@ def forward_ceiling(model, batch_sizes, position: int, steps: int = 40) -> dict[
     return out
 
 
-def batched_predict(model, batching: bool):
+def batched_predict(model, batching: bool, threads: int | None = None):
+    """In-process predict, batched or not (the path before continuous batching: GPT.generate in
+    the request's thread, with torch's threads, or with `threads` set in that thread)."""
     python_model = model.unwrap_python_model()
 
     def call(prompt: str, new_tokens: int, seed: int, prompts: int = 1) -> int:
         python_model.batching = batching  # the paths take turns on one loaded model
         params = {"max_new_tokens": new_tokens, "temperature": TEMPERATURE, "top_k": TOP_K, "seed": seed}
-        model.predict(pd.DataFrame({"prompt": [prompt] * prompts}), params=params)
+        inherited = torch.get_num_threads()
+        if threads:
+            torch.set_num_threads(threads)
+        try:
+            model.predict(pd.DataFrame({"prompt": [prompt] * prompts}), params=params)
+        finally:
+            torch.set_num_threads(inherited)
         return 200
 
     return call
@@ -388,15 +400,13 @@ def batching_round(model, url: str, mlflow_url: str, quick: bool) -> dict:
     new = BATCH_NEW_TOKENS
     cells = {}
     # concurrency 1: batched and unbatched in-process and the endpoint, taking turns
-    turns = run_interleaved(
-        {
-            "in-process batched": batched_predict(model, True),
-            "in-process unbatched": batched_predict(model, False),
-            "endpoint": http_call(url),
-        },
-        new,
-        dict.fromkeys(("in-process batched", "in-process unbatched", "endpoint"), 3 if quick else 6),
-    )
+    paths = {
+        "in-process batched": batched_predict(model, True),
+        "in-process unbatched": batched_predict(model, False),
+        "unbatched, 1 thread": batched_predict(model, False, threads=1),
+        "endpoint": http_call(url),
+    }
+    turns = run_interleaved(paths, new, dict.fromkeys(paths, 3 if quick else 6))
     for name, r in turns.items():
         cells[name, 1] = r
     for clients in CLIENTS[1:]:
@@ -451,8 +461,10 @@ def print_batching(rounds: list[dict], ceiling: dict[int, float], cpu_hour_usd: 
         f"  a 16-prompt request in {t16 * 1000:,.0f} ms against {t1 * 1000:,.0f} ms for 1 prompt: {t16 / t1:.2f}x (<= 2x: {'met' if t16 / t1 <= 2 else 'NOT met'})"
     )
     b1, u1 = med(("in-process batched", 1), "p50"), med(("in-process unbatched", 1), "p50")
+    o1 = med(("unbatched, 1 thread", 1), "p50")
     print(
-        f"  concurrency 1, in-process, batched against unbatched: p50 {b1 * 1000:,.0f} against {u1 * 1000:,.0f} ms ({b1 / u1 - 1:+.0%})"
+        f"  concurrency 1, in-process, batched against unbatched: p50 {b1 * 1000:,.0f} against {u1 * 1000:,.0f} ms "
+        f"({b1 / u1 - 1:+.0%}); against unbatched on one torch thread, as the loop runs: {o1 * 1000:,.0f} ms ({b1 / o1 - 1:+.0%})"
     )
     for clients in CLIENTS:
         got = med(("endpoint", clients), "per_s") * new

@@ -330,13 +330,23 @@ def decide_promotion(
 def smoke_test(client: MlflowClient, name: str, version: str, timeout_s: float) -> str:
     """Load the version in a fresh process as serving does and check its answers (pipelines.serving.smoke);
     the result is stored on the version. SmokeTestError when it fails: it never becomes champion.
-    A version is immutable, so a pass is reused while the serving environment and the test are
-    the same (smoke_test_key): a rollback does not wait for a test its target already passed."""
-    from pipelines.serving.smoke import run_smoke_test, smoke_test_key
+    A registered version's files never change, so a pass is reused while the serving environment
+    and the test are the same (smoke_test_key): a rollback does not wait for a test its target
+    already passed. Whether the stored files are still those registered is checked every time."""
+    from pipelines.serving.smoke import SmokeFailure, run_smoke_test, smoke_test_key, verify_stored_model
 
     key = smoke_test_key()
     tags = get_version(client, name, version).tags
     if tags.get("smoke_test", "").startswith("passed") and tags.get("smoke_test_key") == key:
+        try:
+            verify_stored_model(f"models:/{name}/{version}")
+        except SmokeFailure as exc:
+            set_version_tags(
+                client, name, version, {"smoke_test": f"failed: {exc}", "smoke_tested_at": utc_now()}
+            )
+            raise SmokeTestError(
+                f"v{version} of {name} failed its smoke test ({exc}): it does not become champion"
+            ) from None
         return tags["smoke_test"]
     print(f"smoke test of {name} v{version}: loading it in a fresh process", flush=True)
     passed, result, throughput = run_smoke_test(f"models:/{name}/{version}", version, timeout_s)
@@ -346,7 +356,7 @@ def smoke_test(client: MlflowClient, name: str, version: str, timeout_s: float) 
             "inference_tokens_per_s": repr(float(throughput["tokens_per_s"])),
             "inference_device": str(throughput["device"]),
             "inference_measured": f"smoke test: {throughput['new_tokens']} new tokens in "
-            f"{throughput['seconds']:.2f} s, 3 prompts one after another, warm",
+            f"{throughput['seconds']:.2f} s, {throughput.get('prompts', 3)} prompts in one request, warm",
         }
     set_version_tags(client, name, version, tags)
     if not passed:

@@ -125,12 +125,72 @@ def check_answers(model, model_dir: str | Path, deadline_s: float = DEFAULT_TIME
         raise SmokeFailure(f"answers took {took:.1f} s; the limit is {deadline_s:.0f} s")
 
 
+# What serving executes (the model's code file and code folder) and loads (its artifacts: weights,
+# tokenizer, config, limits), each one digest; registration records them as version tags.
+SERVED_DIGESTS = {"code_sha256": "model code", "artifacts_sha256": "weights, tokenizer, config and limits"}
+
+
+def _digest(root: Path, files: list[Path]) -> str:
+    import hashlib
+
+    total = hashlib.sha256()
+    for path in sorted(files):
+        total.update(
+            str(path.relative_to(root)).encode() + b"\0" + hashlib.sha256(path.read_bytes()).digest()
+        )
+    return total.hexdigest()
+
+
+def served_digests(local: str | Path) -> dict[str, str]:
+    """The SERVED_DIGESTS of a downloaded model folder, before anything in it runs."""
+    from mlflow.models import Model
+
+    local = Path(local)
+    conf = Model.load(str(local)).flavors["python_function"]
+
+    def files(folder: Path) -> list[Path]:
+        return [p for p in folder.rglob("*") if p.is_file() and "__pycache__" not in p.parts]
+
+    code = [local / Path(conf["model_code_path"]).name, *files(local / conf.get("code", "code"))]
+    return {
+        "code_sha256": _digest(local, code),
+        "artifacts_sha256": _digest(local, files(local / "artifacts")),
+    }
+
+
+def verify_served_files(model_uri: str, local: str | Path) -> None:
+    """SmokeFailure unless the downloaded files are those registered: each digest the version's
+    tags record (a version registered before digests has none to check) must match."""
+    from mlflow import MlflowClient
+
+    _, name, version = model_uri.split("/", 2)
+    tags = MlflowClient().get_model_version(name, version).tags
+    for key, digest in served_digests(local).items():
+        recorded = tags.get(key)
+        if recorded and recorded != digest:
+            raise SmokeFailure(
+                f"refused: its {SERVED_DIGESTS[key]} do not match the sha256 recorded at registration "
+                f"({recorded[:12]} recorded, {digest[:12]} in the store): the stored model was changed"
+            )
+
+
+def verify_stored_model(model_uri: str) -> None:
+    """Download models:/<name>/<version> and check its files against the digests recorded at
+    registration, running nothing of it; SmokeFailure (DownloadFailed) if they differ (if it fails)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="trainpipe-verify-") as tmp:
+        verify_served_files(model_uri, download(model_uri, tmp))
+
+
 def load_and_check(model_uri: str, version: str, work_dir: str | Path, deadline_s: float = DEFAULT_TIMEOUT_S):
-    """Download model_uri, load it with MLflow's pyfunc loader and check it: the loaded model.
+    """Download model_uri (models:/<name>/<version>), check its files against the digests recorded
+    at registration, load it with MLflow's pyfunc loader and check its answers: the loaded model.
     Raise SmokeFailure when it does not load or does not answer fit to serve."""
     import mlflow
 
     local = download(model_uri, work_dir)
+    verify_served_files(model_uri, local)  # before any of its code runs
     try:
         model = mlflow.pyfunc.load_model(local, model_config={"model_version": str(version)})
     except Exception as exc:
@@ -170,6 +230,7 @@ def measure_throughput(model) -> dict | None:
         "tokens_per_s": tokens / seconds,
         "new_tokens": tokens,
         "seconds": seconds,
+        "prompts": len(frame),
         "device": str(getattr(python_model, "device", "cpu")),
     }
 

@@ -50,6 +50,7 @@ from pipelines.core.scoring import (
     scoring_code_sha256,
 )
 from pipelines.serving import served_code
+from pipelines.serving.smoke import download, served_digests
 from pipelines.stages.data_gate import PROFILE_ARTIFACT
 from pipelines.stages.tokenize import validation_set_hash
 
@@ -208,6 +209,9 @@ def register_challenger(
             scores_path = _log_document_scores(client, params.evaluate, run_id, weights_sha)
             info = _log_model(client, params.serve, run_id, model_dir, Path(tmp))
             _check_signature(info.model_uri)
+            # what serving will execute and load, as stored: serving refuses other files
+            (Path(tmp) / "logged").mkdir()
+            digests = served_digests(download(info.model_uri, Path(tmp) / "logged", waits_s=(1.0, 2.0)))
         pause_for_test("model-logged")
         tags = {k: str(v) for k, v in (lineage or {}).items() if v is not None}
         tags.update(
@@ -216,6 +220,7 @@ def register_challenger(
             weights_sha256=weights_sha,
             score_key=str(metrics[SCORE_KEY_TAG]),
             **{PER_DOCUMENT_TAG: scores_path},
+            **digests,
         )
         tags.update({field: tag_value(metrics[field]) for field in SCORE_KEY_FIELDS})
         tags.update(cost_tags(client, params.publish.model_name, run_id))

@@ -261,6 +261,43 @@ def test_a_download_that_fails_during_a_swap_is_retried_not_counted_as_a_failed_
         time.sleep(0.5)
 
 
+def test_a_version_whose_stored_files_were_changed_is_refused_before_its_code_runs(endpoint):
+    """v1's stored model code is rewritten after registration: promote refuses it (exit 6), and an
+    alias moved to it behind trainpipe's back leaves the endpoint on v2, with the reason logged."""
+    from urllib.parse import urlparse
+
+    client = MlflowClient(endpoint["env"]["MLFLOW_TRACKING_URI"])
+    stored = client.get_model_version(NAME, "1")
+    assert len(stored.tags["code_sha256"]) == 64 and len(stored.tags["artifacts_sha256"]) == 64
+    code_file = Path(urlparse(client.get_model_version_download_uri(NAME, "1")).path) / "completion.py"
+    original = code_file.read_bytes()
+    planted = endpoint["root"] / "planted"
+    code_file.write_bytes(original + f"\nopen({str(planted)!r}, 'w').close()\n".encode())
+    log_before = len(endpoint["log"].read_text())
+    try:
+        done = subprocess.run(
+            [TRAINPIPE, "promote", "1"],
+            cwd=endpoint["root"],
+            env=endpoint["env"],
+            capture_output=True,
+            text=True,
+        )
+        assert done.returncode == 6, done.stderr[-2000:]
+        assert "model code do not match the sha256 recorded at registration" in done.stderr
+        assert str(client.get_model_version_by_alias(NAME, "champion").version) == "2"
+        client.set_registered_model_alias(NAME, "champion", "1")  # as the MLflow UI could
+        deadline = time.monotonic() + SWITCH_WITHIN_S
+        while "do not match the sha256" not in endpoint["log"].read_text()[log_before:]:
+            assert time.monotonic() < deadline, endpoint["log"].read_text()[-2000:]
+            assert ask_endpoint(endpoint["url"]) == "2"
+            time.sleep(0.3)
+        assert ask_endpoint(endpoint["url"]) == "2"
+        assert not planted.exists()  # the changed code never ran, here or in the smoke test
+    finally:
+        code_file.write_bytes(original)
+        client.set_registered_model_alias(NAME, "champion", "2")
+
+
 def test_a_stopped_endpoint_clears_its_record_and_the_flow_says_how_to_start_one(endpoint, monkeypatch):
     client = MlflowClient(endpoint["env"]["MLFLOW_TRACKING_URI"])
     os.killpg(endpoint["proc"].pid, signal.SIGTERM)
