@@ -11,6 +11,7 @@ import secrets
 import subprocess
 import sys
 from pathlib import Path
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import requests
 
@@ -215,13 +216,28 @@ def mlflow_auth_config(path: Path, database_uri: str, admin_user: str, admin_pas
     )
 
 
+def without_password(uri: str) -> tuple[str, str | None]:
+    """(the database URI without its password, the password or None)."""
+    parts = urlsplit(uri)
+    if parts.password is None:
+        return uri, None
+    netloc = parts.netloc.rpartition("@")[2]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}@{netloc}")), unquote(parts.password)
+
+
 def mlflow_command(
     port: int, backend_uri: str, artifacts: str, auth_config: Path, s3_env: dict[str, str]
 ) -> tuple[list[str], dict, None]:
+    """`mlflow server` on PostgreSQL with basic auth. The database password goes through the
+    environment (PGPASSWORD, which psycopg2 reads), never the command line, where `ps` shows it."""
+    backend_uri, password = without_password(backend_uri)
     cmd = [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port)]
     cmd += ["--backend-store-uri", backend_uri, "--artifacts-destination", artifacts]
     cmd += ["--app-name", "basic-auth", "--workers", "1"]
     env = {"MLFLOW_AUTH_CONFIG_PATH": str(auth_config), **s3_env}
+    if password is not None:
+        env["PGPASSWORD"] = password
     return cmd, env, None
 
 

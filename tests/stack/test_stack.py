@@ -157,6 +157,11 @@ def test_every_server_is_on_loopback_and_refuses_a_request_without_credentials(s
     # The UI calls the API on the server's own port, not Prefect's default 4200.
     ui = requests.get(f"http://127.0.0.1:{stack.ports['prefect']}/ui-settings", timeout=10).json()
     assert ui["api_url"] == f"http://127.0.0.1:{stack.ports['prefect']}/api"
+    # no secret on any command line, which `ps` shows to every user of the machine
+    secrets = [v for v in stack.secrets().values() if len(v) >= 8]
+    for proc in psutil.process_iter(["cmdline"]):
+        cmdline = " ".join(proc.info["cmdline"] or [])
+        assert not [s for s in secrets if s in cmdline], f"a secret on the command line of pid {proc.pid}"
 
 
 @pytest.fixture(scope="module")

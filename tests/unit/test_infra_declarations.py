@@ -368,6 +368,15 @@ def test_seaweedfs_is_started_as_make_stack_starts_it(tmp_path):
         )
 
 
+def test_the_database_password_never_reaches_mlflow_servers_command_line():
+    """`ps` shows every user a process's arguments: the password goes through PGPASSWORD."""
+    uri = "postgresql+psycopg2://mlflow:s3cr-et_pw@127.0.0.1:15432/mlflow"
+    cmd, env, _ = servers.mlflow_command(15000, uri, "s3://bucket/mlflow", Path("auth.ini"), {})
+    assert not [arg for arg in cmd if "s3cr-et_pw" in arg], cmd
+    assert flag(cmd, "--backend-store-uri") == "postgresql+psycopg2://mlflow@127.0.0.1:15432/mlflow"
+    assert env["PGPASSWORD"] == "s3cr-et_pw"
+
+
 def test_mlflow_is_started_as_make_stack_starts_it(containers, stack):
     cmd, env, _ = servers.mlflow_command(
         stack.ports["mlflow"],
