@@ -252,9 +252,27 @@ def cmd_restart(args) -> None:
         )
 
 
-def start_prefect_server(port: int) -> subprocess.Popen:
+PREFECT_USER = "trainpipe"
+
+
+def local_prefect_auth() -> tuple[str, Path]:
+    """The login ("trainpipe:<password>") of the local Prefect server and the file that keeps it:
+    made once, 0600 from its first byte, in PREFECT_HOME, so the UI's user can read it there."""
+    import secrets
+
+    from pipelines.core.data import atomic_write_text
+
+    path = Path(os.environ["PREFECT_HOME"]) / "server-auth"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, f"{PREFECT_USER}:{secrets.token_urlsafe(24)}\n", mode=0o600)
+    return path.read_text().strip(), path
+
+
+def start_prefect_server(port: int, auth_string: str) -> subprocess.Popen:
     """A local `prefect server start`: Prefect's temporary server has no scheduler, so a
-    schedule needs a real one. Its state stays in PREFECT_HOME; its log in .prefect/server.log."""
+    schedule needs a real one. Its API and UI ask for auth_string ("user:password"), as the
+    team stack's do. Its state stays in PREFECT_HOME; its log in .prefect/server.log."""
     import requests
 
     log_path = Path(os.environ["PREFECT_HOME"]) / "server.log"
@@ -270,7 +288,11 @@ def start_prefect_server(port: int) -> subprocess.Popen:
     ]
     # The UI finds the API at PREFECT_UI_API_URL (default 127.0.0.1:4200), not at the port it was
     # served from: without this, a server on another port shows "Can't connect to Server API".
-    env = {**os.environ, "PREFECT_UI_API_URL": f"http://127.0.0.1:{port}/api"}
+    env = {
+        **os.environ,
+        "PREFECT_UI_API_URL": f"http://127.0.0.1:{port}/api",
+        "PREFECT_SERVER_API_AUTH_STRING": auth_string,
+    }
     server = subprocess.Popen(
         cmd, stdout=log_path.open("ab"), stderr=subprocess.STDOUT, start_new_session=True, env=env
     )
@@ -292,9 +314,14 @@ def cmd_schedule(args) -> None:
     save_overrides(PARAMS_FILE, args.set)
     server = None
     if not os.environ.get("PREFECT_API_URL"):
-        server = start_prefect_server(args.prefect_port)
+        auth_string, auth_file = local_prefect_auth()
+        server = start_prefect_server(args.prefect_port, auth_string)
         os.environ["PREFECT_API_URL"] = f"http://127.0.0.1:{args.prefect_port}/api"
-        print(f"started a local Prefect server: UI at http://127.0.0.1:{args.prefect_port}")
+        os.environ["PREFECT_API_AUTH_STRING"] = auth_string  # this process's client logs in too
+        print(
+            f"started a local Prefect server: UI at http://127.0.0.1:{args.prefect_port} "
+            f"(user {PREFECT_USER}, password in {auth_file})"
+        )
     from flows.training import training_flow
 
     print(f"serving deployment 'trainpipe-scheduled' on cron {args.cron!r}; Ctrl-C stops it")
