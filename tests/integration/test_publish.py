@@ -297,6 +297,19 @@ def test_a_champion_that_keeps_moving_under_the_gate_fails_the_publish_in_one_li
     assert DECISION_TAG not in client.get_model_version(NAME, "3").tags  # a re-run decides
 
 
+def test_rollback_does_not_roll_back_a_champion_it_did_not_see(trained, monkeypatch):
+    client = MlflowClient()
+    publish(trained, 2.10)  # v1
+    publish(trained, 1.90)  # v2 champion
+    publish(trained, 2.50)  # v3, not champion
+    # rollback chose v1 because v2 served; while v1 is smoke-tested a person promotes v3
+    during_smoke_test_of(monkeypatch, "1", lambda: promote_version(trained, 3))
+    with pytest.raises(ChampionMovedError, match=r"moved from v2 to v3 while v1 was about to replace it"):
+        rollback_champion(trained)
+    assert champion_version(client) == "3" and history(client) == "1,2,3"
+    assert "rolled_back_at" not in client.get_model_version(NAME, "2").tags
+
+
 def test_publish_logs_into_a_given_run_and_leaves_it_open(trained):
     client = MlflowClient()
     experiment_id = client.create_experiment("flow-runs")
