@@ -250,6 +250,7 @@ def _gate(client, params: Params, version: str, model_dir: Path, metrics: dict, 
     promoted, reason = decide_promotion(
         version, bpb, str(champion.version), champion_bpb, delta, params.publish.min_improvement_bpb, note
     )
+    pause_for_test("gate-decided")
     if promoted:
         move_champion(
             client,
@@ -441,7 +442,8 @@ def move_champion(
         )  # raises SmokeTestError: the alias stays where it is
         # The smoke test took up to smoke_timeout_s: read @champion again, just before the move.
         # MLflow has no compare-and-set on an alias, so a writer that moves it between this read
-        # and set_alias (one registry request, milliseconds) is still replaced unseen.
+        # and set_alias (one registry request: ~10 ms on SQLite, plus a round trip to a server)
+        # is still replaced unseen (docs/promotion-gate.md, "Two writers, one registry").
         champion = get_champion(client, name)
         moved_from = str(champion.version) if champion else None
         if compared_with != ANY_CHAMPION and moved_from != compared_with:
