@@ -22,7 +22,9 @@ Every move of @champion (move_champion: the gate's, and promote's and rollback's
 pipelines.commands.promote) is recorded: a `promoted_at` tag on the version and, on the registered
 model, one tag per move (`champion_move/<time>-<random>`, a JSON record), which `trainpipe history`
 lists and rollback walks back. A tag per move, never rewritten, so concurrent moves cannot lose a
-record.
+record. The gate's move is conditional: @champion is read again after the smoke test and moves
+only if it is still the version the gate compared with; otherwise the gate runs again against the
+new one (_decide_aliases, GATE_RUNS). See docs/promotion-gate.md, "Two writers, one registry".
 """
 
 import json
