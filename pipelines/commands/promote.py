@@ -6,6 +6,8 @@
 
 A move by hand is smoke-tested and recorded as the gate's are (pipelines.commands.promotion.move_champion);
 rollback walks those records back to the latest champion that was not itself rolled back.
+promote replaces whichever version serves when it moves (a person named the target); rollback
+moves only if @champion is still the version it rolled back from, since that chose its target.
 """
 
 from mlflow import MlflowClient
@@ -85,6 +87,8 @@ def rollback_champion(params: Params) -> dict:
         reason=f"rolled back from v{current}",
         command="rollback",
         smoke_timeout_s=params.serve.smoke_timeout_s,
+        # its target was chosen from v{current}: a newer champion is not rolled back unseen
+        compared_with=current,
     )
     set_version_tags(client, name, current, {"rolled_back_at": utc_now()})
     return {

@@ -22,7 +22,9 @@ Every move of @champion (move_champion: the gate's, and promote's and rollback's
 pipelines.commands.promote) is recorded: a `promoted_at` tag on the version and, on the registered
 model, one tag per move (`champion_move/<time>-<random>`, a JSON record), which `trainpipe history`
 lists and rollback walks back. A tag per move, never rewritten, so concurrent moves cannot lose a
-record.
+record. The gate's move is conditional: @champion is read again after the smoke test and moves
+only if it is still the version the gate compared with; otherwise the gate runs again against the
+new one (_decide_aliases, GATE_RUNS). See docs/promotion-gate.md, "Two writers, one registry".
 """
 
 import json
@@ -55,7 +57,7 @@ from pipelines.adapters.registry import (
 )
 from pipelines.core.bootstrap import BpbDelta, paired_bootstrap, read_bpb_delta
 from pipelines.core.data import TOKENIZER_FILE, read_json
-from pipelines.core.errors import SmokeTestError, TrainpipeError
+from pipelines.core.errors import ChampionMovedError, SmokeTestError, TrainpipeError
 from pipelines.core.model_dir import CONFIG_FILE, WEIGHTS_FILE
 from pipelines.core.params import Params
 from pipelines.stages.publish import (
@@ -78,6 +80,9 @@ SCORE_FIELD_NAMES = {
     "scoring_code_sha256": "scoring code",
 }
 DECISION_TAG = "alias_decision"  # set last: a version without it had its publish cut short
+# How many times publish gates a version against a champion that moved under it before it gives up
+GATE_RUNS = 3
+ANY_CHAMPION = "any"  # move_champion's compared_with for a move by hand: whichever version serves
 
 
 def publish_model(params: Params, lineage: dict[str, str] | None = None, run_id: str | None = None) -> dict:
@@ -165,11 +170,44 @@ def _check_rescorable(client: MlflowClient, params: Params, metrics: dict) -> No
 def _decide_aliases(client, params: Params, version: str, model_dir: Path, metrics: dict, work_dir: Path):
     """@challenger, then the promotion gate: (promoted, reason, champion version, champion bpb,
     the interval of challenger minus champion or None). The interval's tags are set on the version
-    before any alias moves, so a publish cut short after the move still has them."""
+    before any alias moves, so a publish cut short after the move still has them.
+
+    Another workspace may move @champion while the gate scores and smoke-tests (minutes): the move
+    is conditional on the champion the gate compared with (move_champion's compared_with). If it
+    moved, the gate runs again against the new one, up to GATE_RUNS times in all."""
     name = params.publish.model_name
-    bpb = float(metrics["val_bits_per_byte"])
     set_alias(client, name, CHALLENGER, version)
     pause_for_test("challenger-alias-set")
+    for run in range(1, GATE_RUNS + 1):
+        try:
+            return _gate(client, params, version, model_dir, metrics, work_dir / f"gate-{run}")
+        except ChampionMovedError as moved:
+            if run == GATE_RUNS:
+                raise ChampionMovedError(
+                    f"@champion of {name} kept moving while v{version} was gated ({GATE_RUNS} times; "
+                    f"last compared with {_v(moved.expected)}, then found {_v(moved.found)}): "
+                    f"v{version} did not become champion; run `trainpipe publish` again",
+                    moved.expected,
+                    moved.found,
+                ) from None
+            print(
+                f"publish: @champion moved from {_v(moved.expected)} to {_v(moved.found)} while "
+                f"v{version} was gated: gating again against {_v(moved.found)}",
+                flush=True,
+            )
+    raise AssertionError("unreachable")
+
+
+def _v(version: str | None) -> str:
+    return f"v{version}" if version else "no champion"
+
+
+def _gate(client, params: Params, version: str, model_dir: Path, metrics: dict, work_dir: Path):
+    """One run of the gate against the champion it reads now (see _decide_aliases). Raises
+    ChampionMovedError, the alias unmoved, when @champion is no longer that one at the move."""
+    name = params.publish.model_name
+    bpb = float(metrics["val_bits_per_byte"])
+    work_dir.mkdir()
     champion = get_champion(client, name)
     if champion is not None and str(champion.version) == version:
         # a killed publish had passed the gate and moved @champion: finish recording the move
@@ -181,7 +219,14 @@ def _decide_aliases(client, params: Params, version: str, model_dir: Path, metri
         promoted, reason = decide_promotion(
             version, bpb, None, None, None, params.publish.min_improvement_bpb
         )
-        move_champion(client, name, version, reason=reason, smoke_timeout_s=params.serve.smoke_timeout_s)
+        move_champion(
+            client,
+            name,
+            version,
+            reason=reason,
+            smoke_timeout_s=params.serve.smoke_timeout_s,
+            compared_with=None,
+        )
         return promoted, reason, version, None, None
     documents = read_document_scores(params.evaluate, metrics)
     why = _rescore_why(champion, metrics)
@@ -207,8 +252,16 @@ def _decide_aliases(client, params: Params, version: str, model_dir: Path, metri
     promoted, reason = decide_promotion(
         version, bpb, str(champion.version), champion_bpb, delta, params.publish.min_improvement_bpb, note
     )
+    pause_for_test("gate-decided")
     if promoted:
-        move_champion(client, name, version, reason=reason, smoke_timeout_s=params.serve.smoke_timeout_s)
+        move_champion(
+            client,
+            name,
+            version,
+            reason=reason,
+            smoke_timeout_s=params.serve.smoke_timeout_s,
+            compared_with=str(champion.version),
+        )
     return promoted, reason, version if promoted else str(champion.version), champion_bpb, delta
 
 
@@ -314,7 +367,11 @@ def decide_promotion(
     details += f"; {note}" if note else ""
     by = f" by more than {margin} bpb" if margin else ""
     if delta.high < -margin:
-        return True, f"challenger {delta.text()}: better{by}, v{version} becomes champion ({details})"
+        return (
+            True,
+            f"challenger {delta.text()}: better{by}, v{version} becomes champion in place of "
+            f"v{champion_version} ({details})",
+        )
     if delta.low > 0:
         verdict = "worse"
     elif delta.high < 0:
@@ -374,10 +431,15 @@ def move_champion(
     reason: str | None = None,
     command: str | None = None,
     smoke_timeout_s: float = 120.0,
+    compared_with: str | None = ANY_CHAMPION,
 ) -> None:
     """Point @champion at version and record the move (as its own tag: nothing read and rewritten).
     Called again for a version that is already champion, it records the move once: a killed
-    publish may have moved the alias without recording it."""
+    publish may have moved the alias without recording it.
+
+    compared_with is the champion the move was decided against (None: there was none); if
+    @champion is another when the alias is about to move, ChampionMovedError and the alias stays.
+    ANY_CHAMPION (a move by hand, `trainpipe promote`) replaces whichever version serves."""
     version = str(version)
     champion = get_champion(client, name)
     moved_from = str(champion.version) if champion else None
@@ -390,6 +452,19 @@ def move_champion(
         smoke_test(
             client, name, version, smoke_timeout_s
         )  # raises SmokeTestError: the alias stays where it is
+        # The smoke test took up to smoke_timeout_s: read @champion again, just before the move.
+        # MLflow has no compare-and-set on an alias, so a writer that moves it between this read
+        # and set_alias (one registry request: ~10 ms on SQLite, plus a round trip to a server)
+        # is still replaced unseen (docs/promotion-gate.md, "Two writers, one registry").
+        champion = get_champion(client, name)
+        moved_from = str(champion.version) if champion else None
+        if compared_with != ANY_CHAMPION and moved_from != compared_with:
+            raise ChampionMovedError(
+                f"@champion of {name} moved from {_v(compared_with)} to {_v(moved_from)} while "
+                f"v{version} was about to replace it: @champion left at {_v(moved_from)}",
+                compared_with,
+                moved_from,
+            )
         set_alias(client, name, CHAMPION, version)
     pause_for_test("champion-alias-set")
     set_version_tags(client, name, version, {"promoted_at": utc_now()})

@@ -35,6 +35,14 @@ class DivergenceError(TrainpipeError):
     exit_code = 4
 
 
+class ChampionMovedError(TrainpipeError):
+    """@champion moved to another version between the read a move was decided on and the move."""
+
+    def __init__(self, message: str, expected: str | None, found: str | None):
+        super().__init__(message)
+        self.expected, self.found = expected, found
+
+
 class SmokeTestError(TrainpipeError):
     """A version failed to load or to answer its smoke test: it must not become champion."""
 

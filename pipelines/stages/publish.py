@@ -63,14 +63,19 @@ PER_DOCUMENT_TAG = "per_document_scores"  # the artifact, in the version's run, 
 REQUIRED_METRICS = ("val_bits_per_byte", "val_documents", "weights_sha256", SCORE_KEY_TAG, *SCORE_KEY_FIELDS)
 SERVING_REQUIREMENTS = ("torch", "tokenizers", "safetensors", "numpy", "pandas")
 # Tests only: the name of a point in publish (this stage or the promotion gate) at which to stop
-# (print a line, sleep), so that a test can SIGKILL a real `trainpipe publish` there.
+# (print a line, sleep), so that a test can SIGKILL a real `trainpipe publish` there, or let it
+# go on by creating the file RESUME_ENV names (two publishes interleaved at will).
 PAUSE_ENV = "TRAINPIPE_TEST_PUBLISH_PAUSE_AT"
+RESUME_ENV = "TRAINPIPE_TEST_PUBLISH_RESUME_FILE"
 
 
 def pause_for_test(point: str) -> None:
-    if os.environ.get(PAUSE_ENV) == point:
-        print(f"publish: paused at {point}", flush=True)
-        time.sleep(600)
+    if os.environ.get(PAUSE_ENV) != point:
+        return
+    print(f"publish: paused at {point}", flush=True)
+    resume, deadline = os.environ.get(RESUME_ENV), time.monotonic() + 600
+    while time.monotonic() < deadline and not (resume and Path(resume).exists()):
+        time.sleep(0.2)
 
 
 def read_trained_model(params: Params) -> tuple[Path, dict]:

@@ -16,11 +16,12 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from pipelines.adapters.registry import champion_history
+from pipelines.commands import promotion
 from pipelines.commands.promote import promote_version, rollback_champion
-from pipelines.commands.promotion import decide_promotion, publish_model
+from pipelines.commands.promotion import DECISION_TAG, GATE_RUNS, decide_promotion, publish_model
 from pipelines.core.bootstrap import BpbDelta, paired_bootstrap, read_bpb_delta
 from pipelines.core.data import read_json, sha256_file, sha256_hex, write_documents, write_json
-from pipelines.core.errors import ConfigError, TrainpipeError
+from pipelines.core.errors import ChampionMovedError, ConfigError, TrainpipeError
 from pipelines.core.params import Params, PublishParams, ServeParams
 from pipelines.stages import evaluate, tokenize
 from pipelines.stages.device import use_bf16
@@ -55,8 +56,13 @@ BELOW_ZERO = math.nextafter(0.0, -1.0)  # the largest float below zero
 @pytest.mark.parametrize(
     ("interval", "margin", "promoted", "verdict"),
     [
-        ((-0.17, -0.2, -0.15), 0.0, True, "better, v4 becomes champion"),
-        ((-0.01, -0.02, BELOW_ZERO), 0.0, True, "better, v4 becomes champion"),  # just below zero
+        ((-0.17, -0.2, -0.15), 0.0, True, "better, v4 becomes champion in place of v3"),
+        (
+            (-0.01, -0.02, BELOW_ZERO),
+            0.0,
+            True,
+            "better, v4 becomes champion in place of v3",
+        ),  # just below zero
         ((-0.01, -0.02, 0.0), 0.0, False, "not significant, champion v3 keeps serving"),  # touches zero
         ((-0.004, -0.011, 0.003), 0.0, False, "not significant, champion v3 keeps serving"),
         ((0.0, 0.0, 0.0), 0.0, False, "not significant, champion v3 keeps serving"),  # identical scores
@@ -72,7 +78,7 @@ BELOW_ZERO = math.nextafter(0.0, -1.0)  # the largest float below zero
             (-0.25, -0.3, math.nextafter(-0.2, -1.0)),
             0.2,
             True,
-            "better by more than 0.2 bpb, v4 becomes champion",
+            "better by more than 0.2 bpb, v4 becomes champion in place of v3",
         ),
         (
             (-0.1, -0.15, -0.05),
@@ -169,7 +175,7 @@ def test_gate_promotes_only_a_better_challenger(trained):
     better = publish(trained, 1.93)
     assert better["promoted"] is True and better["champion_version"] == "4"
     assert better["reason"] == (
-        "challenger -0.1700 bpb [-0.1700, -0.1700]: better, v4 becomes champion "
+        "challenger -0.1700 bpb [-0.1700, -0.1700]: better, v4 becomes champion in place of v1 "
         "(1.9300 vs 2.1000 bpb on 12 documents)"
     )
     assert champion_version(client) == "4"
@@ -223,6 +229,85 @@ def test_gate_requires_the_margin(trained):
     )
     assert publish(trained, 1.85)["promoted"] is True
     assert champion_version(MlflowClient()) == "3"
+
+
+def during_smoke_test_of(monkeypatch, version: str, action) -> None:
+    """Run action() each time the gate's move smoke-tests `version`: another writer moving
+    @champion in the minutes between the gate's read of it and its move."""
+    real = promotion.smoke_test
+
+    def smoke_test(client, name, v, timeout_s):
+        result = real(client, name, v, timeout_s)
+        if str(v) == version:
+            action()
+        return result
+
+    monkeypatch.setattr(promotion, "smoke_test", smoke_test)
+
+
+@pytest.mark.parametrize(("other_bpb", "promoted"), [(1.50, False), (2.00, True)])
+def test_a_champion_moved_under_the_gate_is_gated_against_again(
+    trained, tmp_path, monkeypatch, other_bpb, promoted
+):
+    client = MlflowClient()
+    publish(trained, 2.10)  # v1 champion
+    other = Params()  # a second workspace publishing to the same registry
+    other.train.model_dir = str(tmp_path / "other" / "models")
+    other.evaluate.reports_dir = str(tmp_path / "other" / "reports")
+    moved = []
+    # v2 passes the gate against v1; while it is smoke-tested the other workspace publishes v3,
+    # which passes against v1 too and becomes champion. v2 must then be gated against v3.
+    during_smoke_test_of(monkeypatch, "2", lambda: moved or moved.append(publish(other, other_bpb)))
+    result = publish(trained, 1.90)
+
+    assert moved[0]["version"] == "3" and moved[0]["promoted"] is True
+    assert result["promoted"] is promoted
+    tags = client.get_model_version(NAME, "2").tags
+    assert tags["bpb_delta_vs"] == "3"  # the interval recorded is against the champion it replaced or kept
+    assert (
+        tags[DECISION_TAG] == result["reason"] and "v3" in result["reason"] and "v1" not in result["reason"]
+    )
+    if promoted:
+        assert result["reason"].startswith(
+            "challenger -0.1000 bpb [-0.1000, -0.1000]: better, v2 becomes champion in place of v3 "
+        )
+        assert champion_version(client) == "2" and history(client) == "1,3,2"
+        last = champion_history(client, NAME)[-1]
+        assert (last["from"], last["to"], last["reason"]) == ("3", "2", result["reason"])
+    else:
+        assert result["reason"].startswith("challenger +0.4000 bpb [+0.4000, +0.4000]: worse, champion v3")
+        assert result["champion_version"] == "3"
+        assert champion_version(client) == "3" and history(client) == "1,3"
+        assert "promoted_at" not in tags
+
+
+def test_a_champion_that_keeps_moving_under_the_gate_fails_the_publish_in_one_line(trained, monkeypatch):
+    client = MlflowClient()
+    publish(trained, 2.10)  # v1 champion
+    publish(trained, 2.30)  # v2, worse: not champion
+    # each time v3 is about to replace the champion it was gated against, someone moves it by hand
+    hand_moves = itertools.cycle(["2", "1"])
+    during_smoke_test_of(monkeypatch, "3", lambda: promote_version(trained, next(hand_moves)))
+    with pytest.raises(ChampionMovedError) as info:
+        publish(trained, 1.90)
+    message = str(info.value)
+    assert "\n" not in message and f"({GATE_RUNS} times; last compared with v1, then found v2)" in message
+    assert message.endswith("v3 did not become champion; run `trainpipe publish` again")
+    assert champion_version(client) == "2" and history(client) == "1,2,1,2"  # only the hand moves
+    assert DECISION_TAG not in client.get_model_version(NAME, "3").tags  # a re-run decides
+
+
+def test_rollback_does_not_roll_back_a_champion_it_did_not_see(trained, monkeypatch):
+    client = MlflowClient()
+    publish(trained, 2.10)  # v1
+    publish(trained, 1.90)  # v2 champion
+    publish(trained, 2.50)  # v3, not champion
+    # rollback chose v1 because v2 served; while v1 is smoke-tested a person promotes v3
+    during_smoke_test_of(monkeypatch, "1", lambda: promote_version(trained, 3))
+    with pytest.raises(ChampionMovedError, match=r"moved from v2 to v3 while v1 was about to replace it"):
+        rollback_champion(trained)
+    assert champion_version(client) == "3" and history(client) == "1,2,3"
+    assert "rolled_back_at" not in client.get_model_version(NAME, "2").tags
 
 
 def test_publish_logs_into_a_given_run_and_leaves_it_open(trained):

@@ -3,6 +3,7 @@ cron deployment whose schedule fires, runs through a real worker, the data on S3
 in Chromium, and two endpoints that follow one promotion under load. The tests run in file order
 and build on each other, as a team's day would."""
 
+import json
 import os
 import re
 import shutil
@@ -579,3 +580,84 @@ def test_stopped_endpoints_clear_their_records(stack, two_endpoints):
         t["key"] for t in model["registered_model"].get("tags", []) if t["key"].startswith("endpoint/")
     ]
     assert recorded == [], f"stopped endpoints left their records: {recorded}"
+
+
+# -- two workspaces publishing to the one registry ----------------------------------------------
+
+RACE_MODEL = "stack-race-model"  # a model of its own: independent of what the tests above left
+
+
+def test_two_publishes_at_once_each_move_the_champion_they_compared_with(stack, tmp_path):
+    """Two workspaces publish to the stack's MLflow at once; both pass the gate against v1, one
+    moves @champion first. The other must not replace that champion unseen: it gates again
+    against it, and every move's record and the interval on its version name the same champion."""
+    from conftest import make_model_dir, write_metrics
+
+    from pipelines.stages.publish import PAUSE_ENV, RESUME_ENV
+
+    env = client_env(stack, stack.checkout, tmp_path / "prefect")
+    workspaces = {}
+    for ws, seed in (("a", 1), ("b", 2)):
+        workspaces[ws] = tmp_path / ws
+        make_model_dir(workspaces[ws] / "models", seed=seed)
+        (workspaces[ws] / "params.yaml").write_text(f"publish:\n  model_name: {RACE_MODEL}\n")
+
+    def publish(ws: str, bpb: float, pause: bool = False) -> subprocess.Popen:
+        write_metrics(workspaces[ws] / "reports", bpb)
+        pause_env = {PAUSE_ENV: "gate-decided", RESUME_ENV: str(tmp_path / f"resume-{ws}")} if pause else {}
+        return subprocess.Popen(
+            [str(BIN / "trainpipe"), "publish"],
+            cwd=workspaces[ws],
+            env={**env, **pause_env},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+
+    def finish(proc: subprocess.Popen) -> str:
+        out = proc.communicate(timeout=300)[0]
+        assert proc.returncode == 0, out[-2000:]
+        return out
+
+    finish(publish("a", 2.10))  # v1, the champion both compare with
+    make_model_dir(workspaces["a"] / "models", seed=3)
+    procs = {"a": publish("a", 1.90, pause=True), "b": publish("b", 1.70, pause=True)}
+    for ws, proc in procs.items():  # both gates read @champion v1 and decided to promote
+        seen = []
+        for line in proc.stdout:
+            seen.append(line)
+            if line.strip() == "publish: paused at gate-decided":
+                break
+        else:
+            raise AssertionError(
+                f"publish in {ws} ended ({proc.wait()}) before its gate decided: {seen[-20:]}"
+            )
+    (tmp_path / "resume-a").touch()
+    out_a = finish(procs["a"])  # a moves @champion from v1
+    (tmp_path / "resume-b").touch()
+    out_b = finish(procs["b"])  # b finds a's version there, not v1
+
+    def version(out: str) -> str:
+        return re.search(rf"registered models:/{RACE_MODEL}/(\d+) version", out).group(1)
+
+    va, vb = version(out_a), version(out_b)
+    assert f"@champion moved from v1 to v{va} while v{vb} was gated: gating again against v{va}" in out_b
+    assert f"becomes champion in place of v{va}" in out_b  # 1.70 beats 1.90 by 0.2 on every document
+    model = stack.mlflow_api("GET", "/registered-models/get", params={"name": RACE_MODEL}).json()
+    records = [
+        json.loads(t["value"])
+        for t in sorted(model["registered_model"]["tags"], key=lambda t: t["key"])
+        if t["key"].startswith("champion_move/")
+    ]
+    assert [(r["from"], r["to"]) for r in records] == [(None, "1"), ("1", va), (va, vb)]
+    final = stack.mlflow_api(
+        "GET", "/registered-models/alias", params={"name": RACE_MODEL, "alias": "champion"}
+    ).json()["model_version"]
+    assert final["version"] == vb
+    for record in records[1:]:  # no champion was replaced by a version gated against another
+        got = stack.mlflow_api(
+            "GET", "/model-versions/get", params={"name": RACE_MODEL, "version": record["to"]}
+        ).json()["model_version"]
+        tags = {t["key"]: t["value"] for t in got["tags"]}
+        assert tags["bpb_delta_vs"] == record["from"], (record, tags)
+        assert tags["alias_decision"] == record["reason"], (record, tags)
