@@ -105,7 +105,7 @@ def test_a_scheduling_server_on_another_port_gives_its_ui_that_port(tmp_path, mo
     port = free_port()
     monkeypatch.setenv("PREFECT_HOME", str(tmp_path))
     monkeypatch.delenv("PREFECT_UI_API_URL", raising=False)
-    server = start_prefect_server(port)
+    server = start_prefect_server(port, "trainpipe:a-test-password")
     try:
         settings = requests.get(f"http://127.0.0.1:{port}/ui-settings", timeout=10).json()
         assert settings["api_url"] == f"http://127.0.0.1:{port}/api"
