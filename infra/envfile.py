@@ -26,6 +26,9 @@ VARIABLES = {
     "s3_access_key": "S3_ACCESS_KEY",
     "s3_secret_key": "S3_SECRET_KEY",
     "mlflow_flask_key": "MLFLOW_FLASK_SECRET_KEY",
+    "seaweedfs_jwt_key": "SEAWEEDFS_JWT_KEY",
+    "seaweedfs_filer_jwt_key": "SEAWEEDFS_FILER_JWT_KEY",
+    "seaweedfs_filer_read_jwt_key": "SEAWEEDFS_FILER_READ_JWT_KEY",
 }
 
 

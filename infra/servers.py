@@ -153,9 +153,24 @@ def create_databases(port: int, password: str, databases: dict[str, str], logins
     conn.close()
 
 
-def seaweedfs_command(data: Path, ports: dict[str, int], s3_config: Path) -> tuple[list[str], dict, None]:
+# The variables weed reads in place of security.toml's JWT keys -> the secret of infra/stack.py each holds.
+SEAWEEDFS_JWT_KEYS = {
+    "WEED_JWT_SIGNING_KEY": "seaweedfs_jwt_key",  # [jwt.signing]: the master signs, a volume checks writes
+    "WEED_JWT_FILER_SIGNING_KEY": "seaweedfs_filer_jwt_key",  # [jwt.filer_signing]: S3 signs, the filer checks
+    "WEED_JWT_FILER_SIGNING_READ_KEY": "seaweedfs_filer_read_jwt_key",  # [jwt.filer_signing.read]: reads too
+}
+
+
+def seaweedfs_command(
+    data: Path, ports: dict[str, int], s3_config: Path, jwt_keys: dict[str, str]
+) -> tuple[list[str], dict, None]:
     """`weed server`: master, volume, filer and the S3 gateway in one process, all on loopback.
-    gRPC ports are the HTTP ports + 10000; the Iceberg and Lance catalogues are off."""
+    gRPC ports are the HTTP ports + 10000; the Iceberg and Lance catalogues are off.
+
+    The filer and volume ports take no S3 keys: with the JWT signing keys (jwt_keys, named as in
+    SEAWEEDFS_JWT_KEYS) they refuse an HTTP write (and a filer read) that S3 or the
+    master did not sign. The keys go through the environment, which weed reads before any
+    security.toml, never the command line."""
     data.mkdir(parents=True, exist_ok=True)
     cmd = [str(BIN / "weed"), "server", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1"]
     for flag, key in [
@@ -168,7 +183,8 @@ def seaweedfs_command(data: Path, ports: dict[str, int], s3_config: Path) -> tup
     cmd += ["-filer", "-s3", f"-s3.config={s3_config}", "-s3.port.iceberg=0", "-s3.port.lance=0"]
     # Small volumes (the default reserves 30 GB each) and a quick stop (the default waits 10 s).
     cmd += ["-master.volumeSizeLimitMB=256", "-volume.max=50", "-volume.preStopSeconds=1", "-metricsPort=0"]
-    return cmd, {}, None
+    env = {variable: jwt_keys[name] for variable, name in SEAWEEDFS_JWT_KEYS.items()}
+    return cmd, env, None
 
 
 def s3_client(endpoint: str, access_key: str, secret_key: str, region: str):

@@ -68,6 +68,12 @@ class Stack:
             "s3_access_key": "TP" + servers.new_password()[:18].upper().replace("-", "X").replace("_", "Y"),
             "s3_secret_key": servers.new_password(),
             "mlflow_flask_key": servers.new_password(),  # signs the auth app's CSRF tokens
+            # SeaweedFS's JWT signing keys (infra/servers.py seaweedfs_command): the filer and the
+            # volume server refuse a write (the filer a read too) not signed with them, so the
+            # data is reached through S3 and its keys only.
+            "seaweedfs_jwt_key": servers.new_password(),
+            "seaweedfs_filer_jwt_key": servers.new_password(),
+            "seaweedfs_filer_read_jwt_key": servers.new_password(),
         }
         if wanted.keys() <= values.keys():
             return values
@@ -214,7 +220,13 @@ class Stack:
         servers.write_secret(s3_config, json.dumps({"identities": [identity]}))
         if self.process("seaweedfs") is None:
             self.spawn(
-                "seaweedfs", *servers.seaweedfs_command(self.state / "seaweedfs", self.ports, s3_config)
+                "seaweedfs",
+                *servers.seaweedfs_command(
+                    self.state / "seaweedfs",
+                    self.ports,
+                    s3_config,
+                    {name: s[name] for name in servers.SEAWEEDFS_JWT_KEYS.values()},
+                ),
             )
         client = self.s3()
         self.wait_until("seaweedfs", lambda: servers.s3_ready(client), 90)

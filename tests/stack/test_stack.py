@@ -661,3 +661,39 @@ def test_two_publishes_at_once_each_move_the_champion_they_compared_with(stack, 
         tags = {t["key"]: t["value"] for t in got["tags"]}
         assert tags["bpb_delta_vs"] == record["from"], (record, tags)
         assert tags["alias_decision"] == record["reason"], (record, tags)
+
+
+# -- SeaweedFS's own ports take no S3 key: they must refuse what S3 did not sign ----------------
+
+
+def test_seaweedfs_filer_and_volume_refuse_writes_without_a_jwt_while_s3_works(stack):
+    """The filer and volume ports bypass S3's keys; with the stack's JWT signing keys a write
+    (and a filer read) there without a token is refused, and S3 with its keys still works."""
+    s3, bucket = stack.s3(), stack.config["s3"]["buckets"]["mlflow"]
+    key = "jwt-check/object.txt"  # a key of its own: independent of what the tests above left
+    s3.put_object(Bucket=bucket, Key=key, Body=b"written through S3")
+
+    filer = f"http://127.0.0.1:{stack.ports['seaweedfs_filer']}/buckets/{bucket}/{key}"
+    refused = {
+        "filer POST": requests.post(filer, files={"file": ("object.txt", b"forged")}, timeout=10),
+        "filer PUT": requests.put(filer, data=b"forged", timeout=10),
+        "filer DELETE": requests.delete(filer, timeout=10),
+        "filer GET": requests.get(filer, timeout=10),
+        "filer POST, new key": requests.post(
+            filer.replace("object.txt", "new.txt"), files={"file": ("new.txt", b"forged")}, timeout=10
+        ),
+    }
+    # A volume server: the master hands out a file id, the write to it carries no token.
+    master = f"http://127.0.0.1:{stack.ports['seaweedfs_master']}"
+    assign = requests.get(f"{master}/dir/assign", timeout=10).json()
+    assert assign.get("fid"), assign
+    volume = f"http://{assign['url']}/{assign['fid']}"
+    refused["volume POST"] = requests.post(volume, files={"file": ("x", b"forged")}, timeout=10)
+    accepted = {what: r.status_code for what, r in refused.items() if r.status_code != 401}
+    assert not accepted, f"answered without a JWT (401 expected): {accepted}"
+
+    body = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+    assert body == b"written through S3", "a write without a JWT changed the object"
+    listed = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="jwt-check/").get("Contents", [])]
+    assert listed == [key], f"a write without a JWT left {listed}"
+    s3.delete_object(Bucket=bucket, Key=key)

@@ -38,7 +38,7 @@ PORTS = STACK["ports"]
 COMPOSE = "infra/compose.yaml"
 K8S = "infra/k8s"
 WORK_POOL = "infra/k8s/prefect-work-pool.json"
-SECRET_NAME = re.compile(r"PASSWORD|SECRET|ACCESS_KEY|AUTH_STRING|TOKEN")
+SECRET_NAME = re.compile(r"PASSWORD|SECRET|ACCESS_KEY|AUTH_STRING|TOKEN|SIGNING(_READ)?_KEY")
 # The Kubernetes Service (and compose service) in front of each port of the stack.
 SERVICE_PORT = {"postgres": "postgres", "seaweedfs": "s3", "mlflow": "mlflow", "prefect": "prefect"}
 # The endpoint: the Kubernetes Deployment and Service, and the compose service, of `trainpipe serve`.
@@ -348,11 +348,17 @@ def weed_flags(argv: list[str]) -> set[str]:
     }
 
 
-def test_seaweedfs_is_started_as_make_stack_starts_it(tmp_path):
-    cmd, _, _ = servers.seaweedfs_command(tmp_path / "data", PORTS, tmp_path / "s3.json")
+def seaweedfs_sh() -> tuple[str, list[str]]:
+    """infra/config/seaweedfs.sh: its text, and the arguments of its `exec weed`."""
     text = (INFRA / "config" / "seaweedfs.sh").read_text()
     exec_line = re.search(r"^exec weed (.*?)(?<!\\)$", text, re.S | re.M)[1].replace("\\\n", " ")
-    declared = shlex.split(exec_line)
+    return text, shlex.split(exec_line)
+
+
+def test_seaweedfs_is_started_as_make_stack_starts_it(tmp_path, stack):
+    jwt_keys = {name: stack.secrets()[name] for name in servers.SEAWEEDFS_JWT_KEYS.values()}
+    cmd, _, _ = servers.seaweedfs_command(tmp_path / "data", PORTS, tmp_path / "s3.json", jwt_keys)
+    text, declared = seaweedfs_sh()
     assert weed_flags(declared) == weed_flags(cmd[1:]), (
         f"infra/config/seaweedfs.sh: weed flags {sorted(weed_flags(declared) ^ weed_flags(cmd[1:]))} differ from "
         "infra/servers.py seaweedfs_command"
@@ -366,6 +372,125 @@ def test_seaweedfs_is_started_as_make_stack_starts_it(tmp_path):
         assert keys == {"<S3_ACCESS_KEY>", "<S3_SECRET_KEY>"}, (
             f"{c.where}: S3 keys {keys}, not the generated ones"
         )
+
+
+def test_seaweedfs_filer_and_volumes_refuse_what_s3_did_not_sign(containers, stack, tmp_path):
+    """Master, volume and filer take no S3 key: each declaration gives weed the JWT signing keys
+    make stack generates (security.toml's [jwt.signing], [jwt.filer_signing] and its read key, as
+    WEED_ variables), and no key ever reaches weed's command line."""
+    secrets = stack.secrets()
+    jwt_keys = {name: secrets[name] for name in servers.SEAWEEDFS_JWT_KEYS.values()}
+    cmd, env, _ = servers.seaweedfs_command(tmp_path / "data", PORTS, tmp_path / "s3.json", jwt_keys)
+    for variable, name in servers.SEAWEEDFS_JWT_KEYS.items():
+        assert env.get(variable) == secrets[name] and len(secrets[name]) >= 24, (
+            f"infra/servers.py seaweedfs_command: {variable} is not the generated {name}"
+        )
+        assert not [arg for arg in cmd if secrets[name] in arg], f"{variable} on weed's command line"
+    assert len(set(jwt_keys.values())) == len(jwt_keys), "one JWT key serves two purposes"
+    assert set(servers.SEAWEEDFS_JWT_KEYS) == {
+        "WEED_JWT_SIGNING_KEY",
+        "WEED_JWT_FILER_SIGNING_KEY",
+        "WEED_JWT_FILER_SIGNING_READ_KEY",
+    }, "not the variables weed reads for security.toml's JWT keys (weed scaffold -config=security)"
+    c = containers["seaweedfs"]
+    for variable, name in servers.SEAWEEDFS_JWT_KEYS.items():
+        wanted = f"<{VARIABLES[name]}>"
+        assert c.env.get(variable) == wanted, f"{c.where} {variable} {c.env.get(variable)!r}, not {wanted}"
+    text, _ = seaweedfs_sh()
+    for variable in servers.SEAWEEDFS_JWT_KEYS:
+        assert f"${{{variable}:?}}" in text.split("exec weed")[0], (
+            f"infra/config/seaweedfs.sh: starts without {variable}, leaving the filer or the volumes open"
+        )
+
+
+def weed_binds(argv: list[str]) -> dict[str, str]:
+    """weed's addresses: -ip (what it announces) and each -*ip.bind (where it listens)."""
+    return dict(a.split("=", 1) for a in argv if re.match(r"-(\w+\.)?ip(\.bind)?=", a))
+
+
+def test_seaweedfs_serves_only_s3_beyond_its_own_loopback(containers, stack, tmp_path):
+    """The ports that take no S3 key never leave the store: make stack binds everything to
+    127.0.0.1; in a container master, volume and filer bind its loopback and only S3 binds the
+    private network; the pod or container exposes the S3 port alone."""
+    jwt_keys = {name: stack.secrets()[name] for name in servers.SEAWEEDFS_JWT_KEYS.values()}
+    cmd, _, _ = servers.seaweedfs_command(tmp_path / "data", PORTS, tmp_path / "s3.json", jwt_keys)
+    binds = weed_binds(cmd)
+    assert binds == {"-ip": "127.0.0.1", "-ip.bind": "127.0.0.1"}, (
+        f"infra/servers.py seaweedfs_command binds {binds}"
+    )
+    _, declared = seaweedfs_sh()
+    binds = weed_binds(declared)
+    assert binds == {"-ip": "127.0.0.1", "-ip.bind": "127.0.0.1", "-s3.ip.bind": "0.0.0.0"}, (
+        f"infra/config/seaweedfs.sh binds {binds}: master, volume and filer must stay on the "
+        "container's loopback, S3 alone on its network"
+    )
+    c = containers["seaweedfs"]
+    exposed = [int(str(p).rsplit(":", 1)[-1]) for p in c.ports]
+    assert exposed == [PORTS["s3"]], f"{c.where}: exposes {exposed}, not the S3 port {PORTS['s3']} alone"
+
+
+def pods_by_workload() -> dict[str, tuple[str, dict]]:
+    """Every pod infra/k8s/ makes, training Jobs included: name -> (where, labels)."""
+    pods = {
+        obj["metadata"]["name"]: (f"{path} {obj['kind']}/{obj['metadata']['name']}", obj["spec"]["template"])
+        for path, obj in k8s_objects()
+        if obj["kind"] in ("Deployment", "StatefulSet", "Job")
+    }
+    job = render_work_pool(image="trainpipe:test")["job_manifest"]["spec"]["template"]
+    pods["training"] = (f"{WORK_POOL} job_manifest", job)
+    return {name: (where, pod.get("metadata", {}).get("labels", {})) for name, (where, pod) in pods.items()}
+
+
+def s3_clients() -> set[str]:
+    """The workloads that hold the S3 keys: the ones that must reach the S3 port."""
+    envs = {name: c.env for name, c in k8s_containers().items()}
+    (job,) = render_work_pool(image="trainpipe:test")["job_manifest"]["spec"]["template"]["spec"][
+        "containers"
+    ]
+    envs["training"] = k8s_env(job["env"], WORK_POOL)
+    return {name for name, env in envs.items() if env.get("AWS_ACCESS_KEY_ID") and name != "seaweedfs"}
+
+
+def test_k8s_network_policy_lets_only_s3_clients_reach_seaweedfs():
+    pods = pods_by_workload()
+    clients = s3_clients()
+    assert {"mlflow", "buckets", "training"} <= clients and SERVE not in clients, clients
+    _, store_labels = pods["seaweedfs"]
+    policies = [
+        (path, obj)
+        for path, obj in k8s_objects()
+        if obj["kind"] == "NetworkPolicy"
+        and obj["spec"]["podSelector"].get("matchLabels", {}).items() <= store_labels.items()
+    ]
+    assert len(policies) == 1, f"{K8S}: {len(policies)} NetworkPolicies select the SeaweedFS pod, not one"
+    ((path, policy),) = policies
+    where = f"{path} NetworkPolicy/{policy['metadata']['name']}"
+    assert policy["spec"]["podSelector"].get("matchLabels"), f"{where}: selects every pod of the namespace"
+    assert "Ingress" in policy["spec"].get("policyTypes", []), f"{where}: does not restrict ingress"
+
+    def reached_by(rule: dict) -> set[str]:
+        sources = rule.get("from")
+        assert sources, f"{where}: a rule without `from` lets every source in"
+        names = set()
+        for source in sources:
+            assert set(source) == {"podSelector"}, (
+                f"{where}: {source} reaches beyond the namespace's own pods"
+            )
+            selector = source["podSelector"].get("matchLabels")
+            assert selector, f"{where}: {source} selects every pod of the namespace"
+            names |= {name for name, (_, labels) in pods.items() if selector.items() <= labels.items()}
+        return names
+
+    reach = {}  # workload -> the ports it reaches ("all" when a rule names none)
+    for rule in policy["spec"].get("ingress", []):
+        ports = [p["port"] for p in rule.get("ports", [])] or ["all"]
+        for name in reached_by(rule):
+            reach.setdefault(name, set()).update(ports)
+    wanted = {name: {PORTS["s3"]} for name in clients} | {"seaweedfs": {"all"}}
+    assert reach == wanted, (
+        f"{where}: lets in {reach}; wanted the S3 port from the pods that hold the S3 keys and "
+        f"every port from SeaweedFS itself only: {wanted}"
+    )
 
 
 def test_the_database_password_never_reaches_mlflow_servers_command_line():
