@@ -239,10 +239,15 @@ def start_endpoint(work: Path, env: dict, port: int) -> subprocess.Popen:
         trainpipe("serve", "--port", str(port)), cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT,
         start_new_session=True,
     )  # fmt: skip
+    return wait_for_ping(proc, port, work / "serve.log", "trainpipe serve")
+
+
+def wait_for_ping(proc: subprocess.Popen, port: int, log_path: Path, what: str) -> subprocess.Popen:
+    """proc once its /ping answers; exit with its log's tail if it stops or does not answer in 120 s."""
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            sys.exit(f"trainpipe serve exited {proc.returncode}:\n{(work / 'serve.log').read_text()[-3000:]}")
+            sys.exit(f"{what} exited {proc.returncode}:\n{log_path.read_text()[-3000:]}")
         try:
             if requests.get(f"http://127.0.0.1:{port}/ping", timeout=1).status_code == 200:
                 return proc
@@ -250,7 +255,7 @@ def start_endpoint(work: Path, env: dict, port: int) -> subprocess.Popen:
             pass
         time.sleep(0.2)
     stop(proc)
-    sys.exit(f"no /ping within 120 s:\n{(work / 'serve.log').read_text()[-3000:]}")
+    sys.exit(f"{what}: no /ping within 120 s:\n{log_path.read_text()[-3000:]}")
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -381,18 +386,7 @@ def start_mlflow_serve(work: Path, env: dict, port: int, uri: str) -> subprocess
         serve_command(Params(), uri, port), cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT,
         start_new_session=True,
     )  # fmt: skip
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if requests.get(f"http://127.0.0.1:{port}/ping", timeout=1).status_code == 200:
-                return proc
-        except requests.ConnectionError:
-            pass
-        time.sleep(0.2)
-    stop(proc)
-    sys.exit(
-        f"mlflow models serve: no /ping within 120 s:\n{(work / 'mlflow-serve.log').read_text()[-3000:]}"
-    )
+    return wait_for_ping(proc, port, work / "mlflow-serve.log", "mlflow models serve")
 
 
 def batching_round(model, url: str, mlflow_url: str, quick: bool) -> dict:

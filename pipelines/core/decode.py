@@ -42,7 +42,6 @@ class SlotCache:
         shape = (config.n_layer, slots, config.n_head, config.block_size, hs)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.slots = slots
         self.attn_mask: torch.Tensor | None = None
         self._positions: torch.Tensor | None = None
         self._length = 0
