@@ -207,9 +207,18 @@ def summary_markdown(
     published: dict | None,
     serving: dict | None = None,
     ledger: dict | None = None,
+    parent: dict | None = None,
 ) -> str:
     rows = "\n".join(f"| {o.stage} | {o.tag} | {o.reason} |" for o in outcomes)
     lines = ["# trainpipe run", "", "| stage | outcome | why |", "|---|---|---|", rows, ""]
+    if parent and parent.get("version"):
+        lines += [
+            "## Fine-tune",
+            "",
+            f"training started from version {parent['version']} of `{parent.get('model')}` "
+            f"(weights sha256 `{str(parent.get('weights_sha256'))[:12]}`), not from random weights",
+            "",
+        ]
     if curation:
         kept = curation.get("kept", {})
         dropped = ", ".join(f"{k} {v}" for k, v in curation.get("dropped", {}).items() if v) or "none"
@@ -237,6 +246,12 @@ def summary_markdown(
     if ledger:
         lines += ledger_markdown(ledger, {o.stage: o.tag for o in outcomes})
     return "\n".join(lines)
+
+
+def pinned_parent(params: Params) -> dict | None:
+    """The fine-tune's parent as the parent stage pinned it, or None (from scratch, or not yet pinned)."""
+    path = Path(params.finetune.parent_dir) / "parent.json"
+    return read_json(path) if params.finetune.parent_version and path.is_file() else None
 
 
 def curation_table(curation: dict) -> list[dict]:
@@ -427,7 +442,7 @@ def _training_flow(params: Params | None) -> dict:
     finally:  # a failed run leaves its record too: which stages ran, were skipped or failed
         shutil.rmtree(usage_dir, ignore_errors=True)
         create_markdown_artifact(
-            summary_markdown(outcomes, curation, metrics, published, serving, ledger),
+            summary_markdown(outcomes, curation, metrics, published, serving, ledger, pinned_parent(params)),
             key="trainpipe-run",
             description="stages, curation, metrics and the alias decision of this run",
         )

@@ -1,6 +1,7 @@
 """The `trainpipe` command: the whole flow, each stage, and the registry and serving operations.
 
     trainpipe run [-S key=value ...]      the Prefect flow: stages, push, publish
+    trainpipe finetune [--from VERSION]   the same, training from @champion's weights
     trainpipe train -S train.max_steps=200
     trainpipe serve --port 5001
     trainpipe --help / trainpipe COMMAND --help
@@ -27,13 +28,15 @@ from pipelines.stages.entry import exit_without_teardown_gc, setup_environment
 STAGE_HELP = {
     "ingest": "snapshot the data source into data/raw",
     "curate": "decode, scrub, filter and dedupe data/raw; the data gate (Great Expectations, drift)",
-    "tokenize": "train the BPE tokenizer and write token arrays",
+    "parent": "pin the version a fine-tune starts from (finetune.parent_version) into data/parent",
+    "tokenize": "train the BPE tokenizer (a fine-tune: take its parent's) and write token arrays",
     "train": "train the model (resumes from checkpoints/)",
     "evaluate": "held-out bits per byte against gzip and xz",
 }
 # Commands that write the workspace (or register what it holds): one at a time (pipelines/adapters/runlock.py).
-LOCKED_COMMANDS = {"run", *STAGE_HELP, "publish", "promote", "rollback", "restart"}
+LOCKED_COMMANDS = {"run", "finetune", *STAGE_HELP, "publish", "promote", "rollback", "restart"}
 HISTORY_WIDTH = 120
+SCRATCH = "finetune.parent_version=null"
 INTERVAL_TEXT = r"(?:[+-]?\d+(?:\.\d+)? bpb )?\[[^\]]*\]"  # "-0.0040 bpb [-0.0110, +0.0030]": wrapped whole
 
 
@@ -67,7 +70,29 @@ def import_tracking_store() -> None:
 
 def cmd_run(args) -> None:
     require_project()
-    params = save_overrides(PARAMS_FILE, args.set)
+    run_flow(save_overrides(PARAMS_FILE, run_overrides(args.set)))
+
+
+def run_overrides(overrides: list[str]) -> list[str]:
+    """`trainpipe run` trains from scratch: a fine-tune before it must not carry over, unless -S
+    names a parent itself."""
+    if any(o.removeprefix("+").startswith("finetune.parent_version=") for o in overrides):
+        return overrides
+    return [SCRATCH, *overrides]
+
+
+def cmd_finetune(args) -> None:
+    require_project()
+    params = load_params(PARAMS_FILE, args.set)  # the model name may be among the overrides
+    from pipelines.commands.finetune import resolve_parent
+
+    version = resolve_parent(params.publish.model_name, args.from_version)
+    print(f"finetune: from version {version} of {params.publish.model_name}")
+    run_flow(save_overrides(PARAMS_FILE, [*args.set, f"finetune.parent_version={version}"]))
+
+
+def run_flow(params) -> None:
+    """The training flow on params (already in params.yaml), and what it did, in a few lines."""
     from flows.server import start_temporary_api
 
     # Prefect's temporary server starts in its own process first; the imports the flow needs
@@ -98,7 +123,11 @@ def cmd_run(args) -> None:
         )
     if result["inputs"].get("warning"):
         print(f"warning: {result['inputs']['warning']}")
-    print(f"registered: {name} version {pub['version']} ({pub['model_uri']}) in {tracking_uri_text()}")
+    parent = params.finetune.parent_version
+    print(
+        f"registered: {name} version {pub['version']} ({pub['model_uri']}) in {tracking_uri_text()}"
+        + (f", a fine-tune of version {parent}" if parent else "")
+    )
     print(f"champion: models:/{name}@champion is version {pub['champion_version']} ({pub['reason']})")
     print(
         f"held-out: {m['val_bits_per_byte']:.3f} bits/byte (gzip -9 {m['gzip_bits_per_byte']:.3f}, "
@@ -178,7 +207,10 @@ def format_history(moves: list[dict], width: int = HISTORY_WIDTH) -> list[str]:
         flow_run = (move.get("flow_run") or "-")[:8]
         row = f"{when:<19}  {step:<12}  {move.get('command') or '-':<18}  {flow_run:<8}  "
         # the space inside an interval is made unbreakable for textwrap, then put back
-        text = re.sub(INTERVAL_TEXT, lambda m: m.group().replace(" ", "\0"), move.get("reason") or "-")
+        reason = move.get("reason") or "-"
+        if move.get("to_parent"):
+            reason = f"(v{move['to']}: a fine-tune of v{move['to_parent']}) {reason}"
+        text = re.sub(INTERVAL_TEXT, lambda m: m.group().replace(" ", "\0"), reason)
         wrapped = textwrap.wrap(text, width - len(head), break_on_hyphens=False) or ["-"]
         reason = [line.replace("\0", " ") for line in wrapped]
         lines.append(row + reason[0])
@@ -388,7 +420,20 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         return p
 
-    add("run", cmd_run, "run the whole flow: stages, push, publish")
+    add("run", cmd_run, "run the whole flow: stages, push, publish (training from random weights)")
+    p = add(
+        "finetune",
+        cmd_finetune,
+        "run the whole flow with training starting from @champion's weights (or --from VERSION): "
+        "finetune.* params set its steps and learning rate; architecture and tokenizer are the parent's",
+    )
+    p.add_argument(
+        "--from",
+        dest="from_version",
+        default=None,
+        metavar="VERSION",
+        help="the registered version to start from: 3, v3 or an alias (@challenger); default @champion",
+    )
     for stage, help_text in STAGE_HELP.items():
         p = add(
             stage,

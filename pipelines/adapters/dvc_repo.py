@@ -17,7 +17,14 @@ from pathlib import Path
 
 from pipelines.core.errors import TrainpipeError
 
-STAGES = ("ingest", "curate", "tokenize", "train", "evaluate")
+STAGES = (
+    "parent",
+    "ingest",
+    "curate",
+    "tokenize",
+    "train",
+    "evaluate",
+)  # parent first: a bad fine-tune fails in seconds
 # The always-changed stage that records what DVC cannot hash (pipelines/stages/inputs.py): a check
 # that runs first on every repro, not a step whose running means anything changed.
 INPUTS_CHECK = "inputs"

@@ -216,12 +216,21 @@ def _summary(side: Side) -> dict:
         "version": str(version.version) if version else None,
         "aliases": side.aliases,
         "registered": version.creation_timestamp if version else None,
+        "made_by": made_by(version.tags) if version else None,
+        "parent_weights_sha256": version.tags.get("parent_weights_sha256") if version else None,
         "run_id": run.info.run_id if run else (version.run_id if version else None),
         "run_name": run.info.run_name if run else None,
         "run_status": run.info.status if run else None,
         "started": run.info.start_time if run else None,
         "experiment_id": run.info.experiment_id if run else None,
     }
+
+
+def made_by(tags: dict[str, str]) -> str:
+    """How a version's weights began: "training" from random weights, or "fine-tune of vN"."""
+    if tags.get("kind") == "finetune":
+        return f"fine-tune of v{tags.get('parent_version', '?')}"
+    return "training" if tags.get("kind") == "train" else "training (not recorded)"
 
 
 def param_differences(a: Side, b: Side) -> dict:
@@ -486,6 +495,7 @@ def format_comparison(c: dict) -> list[str]:
         _row("run status", (a["run_status"] or "-").lower(), (b["run_status"] or "-").lower()),
         _row("started (UTC)", _when(a["started"]), _when(b["started"])),
         _row("registered (UTC)", _when(a["registered"]), _when(b["registered"])),
+        _row("made by", a["made_by"] or "-", b["made_by"] or "-"),
     ]
     lines += _params_lines(c["params"])
     lines += ["", _title("metrics (last logged value)", "B - A")]

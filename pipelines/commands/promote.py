@@ -102,13 +102,23 @@ def rollback_champion(params: Params) -> dict:
 
 
 def read_history(publish: PublishParams) -> list[dict]:
-    """Every move of the configured model's @champion, oldest first (`trainpipe history`)."""
+    """Every move of the configured model's @champion, oldest first (`trainpipe history`), each
+    with to_parent: the version its target was fine-tuned from (None: trained from scratch)."""
     name = publish.model_name
+    client = MlflowClient()
     try:
-        return champion_history(MlflowClient(), name)
+        moves = champion_history(client, name)
     except MlflowException as exc:
         if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
             raise ConfigError(
                 f"no registered model {name} in {get_tracking_uri()}: nothing was published yet"
             ) from None
         raise
+    parents: dict[str, str | None] = {}
+    for move in moves:
+        target = move.get("to")
+        if target and target not in parents:
+            found = find_version(client, name, target)  # None: deleted since
+            parents[target] = found.tags.get("parent_version") if found else None
+        move["to_parent"] = parents.get(target)
+    return moves

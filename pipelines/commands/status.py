@@ -50,6 +50,8 @@ def _version_summary(version) -> dict | None:
         "promoted_at": tags.get("promoted_at"),
         "smoke_test": tags.get("smoke_test"),
         "decision": tags.get("alias_decision"),
+        "kind": tags.get("kind"),
+        "parent_version": tags.get("parent_version"),
         **{key: tags[key] for key in INTERVAL_TAGS if key in tags},
     }
 
@@ -69,16 +71,20 @@ def version_cost(version, rates: CostParams) -> dict | None:
     tags = version.tags
 
     def priced(kind: str) -> float | None:
-        cpu_s, gpu_s = _float(tags, f"cost_{kind}_cpu_s"), _float(tags, f"cost_{kind}_gpu_s")
+        prefix = "parent_cost_run" if kind == "parent_run" else f"cost_{kind}"
+        cpu_s, gpu_s = _float(tags, f"{prefix}_cpu_s"), _float(tags, f"{prefix}_gpu_s")
         return None if cpu_s is None or gpu_s is None else price(cpu_s, gpu_s, rates)
 
     run_usd, tokens_per_s = priced("run"), _float(tags, "inference_tokens_per_s")
+    parent_usd = priced("parent_run") if "parent_version" in tags else None
     device = tags.get("inference_device", "cpu")
     per_mtok = usd_per_million_tokens(tokens_per_s, device, rates) if tokens_per_s else None
     payback = payback_million_tokens(run_usd, per_mtok) if run_usd is not None and per_mtok else None
     return {
         "version": str(version.version),
         "training_run_usd": run_usd,
+        "parent_version": tags.get("parent_version"),
+        "parent_training_run_usd": parent_usd,
         "training_cumulative_usd": priced("cumulative"),
         "cumulative_runs": int(tags["cost_cumulative_runs"]) if "cost_cumulative_runs" in tags else None,
         "cumulative_failed_runs": int(tags.get("cost_cumulative_failed_runs", 0)),
@@ -133,6 +139,8 @@ def _when(millis: int | None) -> str:
 def _score(summary: dict) -> str:
     bpb = summary.get("val_bits_per_byte")
     text = f"{float(bpb):.4f} bpb" if bpb else "no score"
+    if summary.get("parent_version"):
+        text += f", a fine-tune of v{summary['parent_version']}"
     if "bpb_delta" in summary:
         text += (
             f", {float(summary['bpb_delta']):+.4f} bpb vs its champion "
@@ -200,6 +208,9 @@ def format_cost(cost: dict | None) -> list[str]:
         )
         failed = f", {cost['cumulative_failed_runs']} failed" if cost["cumulative_failed_runs"] else ""
         runs = cost["cumulative_runs"]
+        if cost.get("parent_training_run_usd") is not None:  # a fine-tune: beside its parent's training
+            own += f" (a fine-tune; its parent v{cost['parent_version']}'s training run: "
+            own += f"{format_usd(cost['parent_training_run_usd'])})"
         training = (
             f"{version}: {own}; {format_usd(cost['training_cumulative_usd'])} to arrive at it "
             f"({runs} run{'s' if runs != 1 else ''} since {cost['cumulative_since']}{failed})"

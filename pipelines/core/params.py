@@ -289,6 +289,43 @@ class TrainParams(Section):
         return self
 
 
+class FinetuneParams(Section):
+    """`trainpipe finetune`: train from a registered version's weights instead of random ones."""
+
+    parent_version: int | None = Field(
+        None,
+        ge=1,
+        description="the registered version training starts from; `trainpipe finetune` sets it (to "
+        "what @champion or --from names) and `trainpipe run` clears it; null trains from scratch",
+    )
+    max_steps: int = Field(
+        160, ge=1, description="optimizer steps of a fine-tune (a full run: train.max_steps)"
+    )
+    lr: float = Field(
+        1e-3,
+        gt=0,
+        description="peak learning rate of a fine-tune; Muon's peak moves with it "
+        "(train.muon_lr x finetune.lr / train.lr)",
+    )
+    min_lr: float = Field(1e-4, ge=0, description="learning rate at the end of the fine-tune's cosine decay")
+    warmup_steps: int = Field(10, ge=0, description="linear warm-up steps of a fine-tune")
+    optimizer_state: Literal["fresh"] = Field(
+        "fresh",
+        description="the optimizer starts from zero moments: a registered version keeps its weights, "
+        "not its optimizer (and its moments belong to its own, finished, schedule)",
+    )
+    parent_dir: str = Field(
+        "data/parent",
+        description="the pinned parent: its weights, config and tokenizer, and parent.json (version, sha256)",
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.min_lr > self.lr:
+            raise ValueError("finetune.min_lr must not exceed finetune.lr")
+        return self
+
+
 class EvaluateParams(Section):
     max_tokens: int | None = Field(None, ge=1, description="cap on validation tokens scored; null: all")
     num_samples: int = Field(3, ge=0, description="sampled completions written to the report")
@@ -388,6 +425,7 @@ class Params(Section):
     curate: CurateParams = Field(default_factory=CurateParams)
     tokenize: TokenizeParams = Field(default_factory=TokenizeParams)
     train: TrainParams = Field(default_factory=TrainParams)
+    finetune: FinetuneParams = Field(default_factory=FinetuneParams)
     evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
     publish: PublishParams = Field(default_factory=PublishParams)
     serve: ServeParams = Field(default_factory=ServeParams)

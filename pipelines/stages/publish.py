@@ -25,6 +25,7 @@ import pandas as pd
 from mlflow import MlflowClient
 
 from pipelines.adapters.registry import (
+    find_version,
     finish_run,
     get_champion,
     ledger_runs,
@@ -229,6 +230,7 @@ def register_challenger(
         )
         tags.update({field: tag_value(metrics[field]) for field in SCORE_KEY_FIELDS})
         tags.update(cost_tags(client, params.publish.model_name, run_id))
+        tags.update(parent_tags(client, params.publish.model_name, model_dir))
         version = register_version(info.model_uri, params.publish.model_name, tags)
         pause_for_test("registered")
     except BaseException:
@@ -238,6 +240,25 @@ def register_challenger(
     if own_run:
         finish_run(client, run_id, "FINISHED")
     return version, run_id
+
+
+def parent_tags(client: MlflowClient, name: str, model_dir: Path) -> dict[str, str]:
+    """kind (train or finetune) from the model's train.json; for a fine-tune, its parent's version
+    and weights sha256, and the parent's own training cost beside the fine-tune's cost_run_*."""
+    made = read_json(model_dir / "train.json")
+    parent = made.get("parent")
+    if not parent:
+        return {"kind": "train"}
+    tags = {
+        "kind": "finetune",
+        "parent_version": str(parent["version"]),
+        "parent_weights_sha256": parent["weights_sha256"],
+    }
+    found = find_version(client, name, str(parent["version"]))
+    for key, value in (found.tags if found else {}).items():
+        if key.startswith("cost_run_"):
+            tags[f"parent_{key}"] = value
+    return tags
 
 
 def cost_tags(client: MlflowClient, name: str, run_id: str) -> dict[str, str]:

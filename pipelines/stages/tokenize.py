@@ -1,4 +1,5 @@
 """Tokenize: train a byte-level BPE tokenizer on the training split, write token ids as flat arrays.
+A fine-tune (finetune.parent_version set) encodes with its parent's tokenizer instead.
 
     python -m pipelines.stages.tokenize          # what `dvc repro tokenize` runs
 
@@ -57,6 +58,16 @@ def validation_set_hash(val_docs: list[dict]) -> str:
     return h.hexdigest()
 
 
+def parent_tokenizer(params: Params) -> Tokenizer | None:
+    """A fine-tune's tokenizer: its parent's, pinned by the parent stage (read_parent checks it
+    has tokenize.vocab_size tokens); None when training from scratch."""
+    from pipelines.stages.parent import read_parent
+
+    if not read_parent(params)["version"]:
+        return None
+    return Tokenizer.from_file(str(Path(params.finetune.parent_dir) / TOKENIZER_FILE))
+
+
 def run(params: Params) -> dict:
     docs = read_documents(params.data.curated_dir)
     train_docs, val_docs = split_documents(docs, params.tokenize.val_fraction)
@@ -65,11 +76,17 @@ def run(params: Params) -> dict:
             f"tokenize: {len(train_docs)} training and {len(val_docs)} validation documents; "
             "both splits need at least one (more documents, or another tokenize.val_fraction)"
         )
-    tokenizer = train_tokenizer([d["text"] for d in train_docs], params.tokenize.vocab_size)
+    tokenizer = parent_tokenizer(params) or train_tokenizer(
+        [d["text"] for d in train_docs], params.tokenize.vocab_size
+    )
     out_dir = Path(params.data.tokens_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer.save(str(out_dir / TOKENIZER_FILE))
-    summary = {"vocab_size": tokenizer.get_vocab_size(), "val_set_sha256": validation_set_hash(val_docs)}
+    summary = {
+        "vocab_size": tokenizer.get_vocab_size(),
+        "tokenizer": "parent's" if params.finetune.parent_version else "trained",
+        "val_set_sha256": validation_set_hash(val_docs),
+    }
     for split, split_docs in (("train", train_docs), ("val", val_docs)):
         ids = encode_documents(tokenizer, [d["text"] for d in split_docs])
         write_tokens(ids, out_dir / f"{split}.bin")
@@ -82,7 +99,7 @@ def run(params: Params) -> dict:
 
 def describe(s: dict, params: Params) -> str:
     return (
-        f"tokenize: vocab {s['vocab_size']}, train {s['train']['tokens']:,} tokens "
+        f"tokenize: vocab {s['vocab_size']} ({s['tokenizer']}), train {s['train']['tokens']:,} tokens "
         f"({s['train']['documents']} docs), val {s['val']['tokens']:,} tokens ({s['val']['documents']} docs), "
         f"{s['bytes_per_token']:.2f} bytes/token"
     )

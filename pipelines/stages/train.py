@@ -21,6 +21,10 @@ Writes models/: model.safetensors, config.json, tokenizer.json, train.json. trai
 the weights and how they were made (steps, loss history, device, sizes), nothing about this one run:
 the step it resumed from, its seconds and speed go to its usage report (pipelines/core/usage.py), so
 byte-identical weights always make a byte-identical models/ and one DVC hash.
+A fine-tune (finetune.parent_version set, `trainpipe finetune`) starts from the weights the parent
+stage pinned in data/parent, on the parent's architecture, for finetune.max_steps steps of its own
+learning-rate schedule with a fresh optimizer; the parent's version and weights sha256 are part of
+the checkpoint fingerprint, and train.json names them.
 """
 
 import math
@@ -52,7 +56,7 @@ from pipelines.adapters.ranks import (
 from pipelines.core.data import TOKENIZER_FILE, load_tokens, read_json, sha256_file, write_json
 from pipelines.core.errors import DivergenceError, TrainpipeError
 from pipelines.core.model import GPT, GPTConfig
-from pipelines.core.model_dir import save_model_dir
+from pipelines.core.model_dir import WEIGHTS_FILE, save_model_dir
 from pipelines.core.optim import make_optimizer
 from pipelines.core.params import Params, TrainParams
 from pipelines.core.usage import note_work
@@ -63,6 +67,7 @@ from pipelines.stages.device import (
     reuse_freed_memory,
     use_bf16,
 )
+from pipelines.stages.parent import read_parent
 
 # Fields that do not change the weights a run ends with: a checkpoint stays valid across them.
 NON_MODEL_FIELDS = {
@@ -148,8 +153,11 @@ def code_version() -> dict:
     return files | {"torch": str(torch.__version__), "numpy": np.__version__}
 
 
-def run_fingerprint(cfg: TrainParams, model_cfg: GPTConfig, bf16: bool, compiled: bool = False) -> dict:
-    """The config, precision, compilation and code a checkpoint must match to be resumed from.
+def run_fingerprint(
+    cfg: TrainParams, model_cfg: GPTConfig, bf16: bool, compiled: bool = False, parent: dict | None = None
+) -> dict:
+    """The config, precision, compilation, code and starting weights (a fine-tune's parent: its
+    version and weights sha256; None from random weights) a checkpoint must match to be resumed from.
     Precision and compilation are what train.bf16 and train.compile resolved to here: "auto" is
     bf16 on one CPU and fp32 on another, compiled where inductor builds and eager where it does
     not, and compiled kernels sum in another order than eager ones."""
@@ -160,8 +168,34 @@ def run_fingerprint(cfg: TrainParams, model_cfg: GPTConfig, bf16: bool, compiled
         "model": model_cfg.to_dict(),
         "precision": precision,
         "compiled": compiled,
+        "parent": parent,
         CODE: code_version(),
     }
+
+
+def training_schedule(params: Params) -> TrainParams:
+    """train's settings with a fine-tune's steps and learning rates in place of a full run's.
+    Muon's peak scales with AdamW's, as the two share one schedule (optimizer.set_lr_scale)."""
+    cfg, ft = params.train, params.finetune
+    if not ft.parent_version:
+        return cfg
+    return cfg.model_copy(
+        update={
+            "max_steps": ft.max_steps,
+            "lr": ft.lr,
+            "min_lr": ft.min_lr,
+            "warmup_steps": ft.warmup_steps,
+            "muon_lr": cfg.muon_lr * ft.lr / cfg.lr,
+        }
+    )
+
+
+def load_parent(model: GPT, params: Params) -> None:
+    """Start from the pinned parent's weights (read_parent checked their sha256, and that train's
+    settings build the parent's architecture)."""
+    from safetensors.torch import load_model
+
+    load_model(model, str(Path(params.finetune.parent_dir) / WEIGHTS_FILE))
 
 
 def checkpoint_state(model, optimizer, step: int, fingerprint: dict, version: str, history: list) -> dict:
@@ -253,7 +287,9 @@ def train_model(params: Params, log=print, track: bool = True) -> dict:
     track=False logs nothing to MLflow: for benchmarks on a machine that has no MLflow."""
     from tqdm import tqdm
 
-    cfg = params.train
+    cfg = training_schedule(params)
+    parent = read_parent(params)
+    parent_key = {k: parent[k] for k in ("version", "weights_sha256")} if parent["version"] else None
     tokens_dir, model_dir = Path(params.data.tokens_dir), Path(cfg.model_dir)
     meta = read_json(tokens_dir / "meta.json")
     data = load_tokens(tokens_dir / "train.bin")
@@ -271,10 +307,18 @@ def train_model(params: Params, log=print, track: bool = True) -> dict:
     if why_eager:
         log(f"train: eager, not compiled: inductor cannot build CPU kernels here ({why_eager})")
     model_cfg = model_config(cfg, meta["vocab_size"])
-    fingerprint, version = run_fingerprint(cfg, model_cfg, bf16, compiled), data_version(tokens_dir)
+    fingerprint = run_fingerprint(cfg, model_cfg, bf16, compiled, parent_key)
+    version = data_version(tokens_dir)
 
     torch.manual_seed(cfg.seed)  # seed once: the initial weights, the same on every rank
-    model = GPT(model_cfg).to(device)
+    model = GPT(model_cfg)
+    if parent_key:
+        load_parent(model, params)
+        log(
+            f"train: fine-tune of version {parent['version']} (weights sha256 {parent['weights_sha256'][:12]}): "
+            f"{cfg.max_steps} steps, peak lr {cfg.lr:g}, a fresh optimizer"
+        )
+    model = model.to(device)
     optimizer = make_optimizer(model, cfg, bf16)
     ckpt_dir = run_dir(cfg.checkpoint_dir, fingerprint, version)
     state, ckpt_path, notes = (
@@ -310,7 +354,10 @@ def train_model(params: Params, log=print, track: bool = True) -> dict:
     ):
         if tracking:
             mlflow.log_params(
-                {f"train.{k}": v for k, v in cfg.model_dump().items()} | {"data_version": version}
+                # as set (the flow logged the same): a fine-tune's schedule is finetune.*'s
+                {f"train.{k}": v for k, v in params.train.model_dump().items()}
+                | {f"finetune.{k}": v for k, v in params.finetune.model_dump().items()}
+                | {"data_version": version}
             )
             if start_step:
                 log_curve_before(history)
@@ -379,6 +426,8 @@ def train_model(params: Params, log=print, track: bool = True) -> dict:
             "flops_per_token": model.flops_per_token(),
             "data_version": version,
             "vocab_size": meta["vocab_size"],
+            "kind": "finetune" if parent_key else "train",
+            "parent": parent_key,
             "history": history,
         }
         if tracking:
@@ -410,8 +459,9 @@ def describe(s: dict, params: Params) -> str:
     speed = f"{s['tokens_per_s']:,.0f} tokens/s" if s["tokens_per_s"] else "nothing left to train"
     loss = f"{s['final_train_loss']:.3f}" if s["final_train_loss"] is not None else "n/a"
     processes = f" in {s['processes']} processes" if s.get("processes", 1) > 1 else ""
+    parent = f" (fine-tune of version {s['parent']['version']})" if s.get("parent") else ""
     return (
-        f"train: {s['steps']} steps on {s['device']}{' (bf16)' if s['bf16'] else ''}{processes}, "
+        f"train: {s['steps']} steps{parent} on {s['device']}{' (bf16)' if s['bf16'] else ''}{processes}, "
         f"final loss {loss}, {speed}, {s['train_seconds']:.0f} s"
     )
 
