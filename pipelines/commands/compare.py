@@ -5,8 +5,9 @@
     trainpipe compare v3 @champion      # versions (3, v3), aliases (@champion, champion), run ids
 
 Everything shown is read back from what MLflow and DVC recorded; nothing is re-run or re-scored:
-the runs' params and metrics; the interval of the bits-per-byte difference where the promotion
-gate computed one (the bootstrap tags of the version it decided, pipelines.core.bootstrap); the data
+the runs' params and metrics (each evaluation slice's bits per byte after the headline); the
+interval of the bits-per-byte difference where the promotion gate computed one (the bootstrap tags
+of the version it decided, pipelines.core.bootstrap), overall and per slice (pipelines.core.slices); the data
 versions in the dvc.lock each run logged at publish (and the version's data_version tag); the git
 commit of its lineage tags; its cost ledger (the run's cost.* metrics, the version's cost_* tags,
 priced as `trainpipe status` prices them). It ends with the MLflow UI's own compare page for the

@@ -7,7 +7,9 @@ then decides; it sits in commands because it calls that stage and the evaluate s
 
 The promotion gate pairs the challenger's and the champion's bits on each validation document
 and bootstraps the difference in bits per byte (pipelines.core.bootstrap): the challenger is promoted
-only if the whole 95% interval lies below -publish.min_improvement_bpb. Each version keeps its
+only if the whole 95% interval lies below -publish.min_improvement_bpb, and no evaluation slice
+blocks it: the same bootstrap on each slice's documents (pipelines.core.slices), a slice surely worse
+by more than publish.slice_tolerance keeps the champion (decide_promotion_by_slices). Each version keeps its
 per-document scores in its run (the tag per_document_scores names the artifact) and the interval
 in its tags (bpb_delta, bpb_delta_low, bpb_delta_high, bpb_delta_vs, ...). The champion's stored
 scores are paired only under equal score keys (validation set, token cap, context, precision,
