@@ -306,13 +306,13 @@ class EvaluateParams(Section):
     @field_validator("slices")
     @classmethod
     def _valid_slices(cls, value: dict[str, list[str]]) -> dict[str, list[str]]:
-        return check_slices(value)
+        return check_slice_definitions(value)
 
 
-def check_slices(slices: dict[str, list[str]]) -> dict[str, list[str]]:
+def check_slice_definitions(slices: dict[str, list[str]]) -> dict[str, list[str]]:
     """Each slice has a name fit for a metric name and at least one pattern that takes documents in."""
     for name, patterns in slices.items():
-        if not re.match(SLICE_NAME_PATTERN, name):
+        if not re.fullmatch(SLICE_NAME_PATTERN, name):
             raise ValueError(
                 f"slice name {name!r} must be a letter or digit, then up to 39 letters, digits, '_' or '-' "
                 "(it names the metric val_bpb_slice_<name>)"
