@@ -57,6 +57,7 @@ from pipelines.core.data import read_json, sha256_hex
 from pipelines.core.errors import PERMANENT_EXIT_CODES, TrainpipeError
 from pipelines.core.ledger import ledger_markdown, ledger_metrics, run_ledger
 from pipelines.core.params import PARAMS_FILE, Params, flatten, load_params, override_text, save_overrides
+from pipelines.core.slices import SLICES_FILE
 from pipelines.core.usage import (
     USAGE_DIR_ENV,
     note_unreported_attempt,
@@ -407,6 +408,16 @@ def record_costs(params: Params, outcomes: list[StageOutcome], usage_dir: str) -
     return ledger
 
 
+def log_slice_metrics(params: Params) -> None:
+    """evaluate's reports/slices.json (val_bpb_slice_<name>, ...) in the flow's MLflow run, where the
+    UI's compare view shows them beside val_bits_per_byte."""
+    import mlflow
+
+    path = Path(params.evaluate.reports_dir) / SLICES_FILE
+    if path.exists():  # evaluated before slices: publish logs them from the per-document scores
+        mlflow.log_metrics({k: v for k, v in read_json(path).items() if isinstance(v, (int, float))})
+
+
 def _training_flow(params: Params | None) -> dict:
     import mlflow
 
@@ -435,6 +446,7 @@ def _training_flow(params: Params | None) -> dict:
                 ledger = record_costs(params, outcomes, usage_dir)  # before publish, which sums it
             metrics = read_json(Path(params.evaluate.reports_dir) / "metrics.json")
             mlflow.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+            log_slice_metrics(params)
             # Pushed before publish moves an alias: a champion's data and model are never only here.
             push_outputs()
             published = publish(params, lineage(params), run_id)

@@ -129,6 +129,7 @@ def run_flow(params) -> None:
         + (f", a fine-tune of version {parent}" if parent else "")
     )
     print(f"champion: models:/{name}@champion is version {pub['champion_version']} ({pub['reason']})")
+    print_slices(pub)
     print(
         f"held-out: {m['val_bits_per_byte']:.3f} bits/byte (gzip -9 {m['gzip_bits_per_byte']:.3f}, "
         f"xz -9 {m['xz_bits_per_byte']:.3f}); metrics in {params.evaluate.reports_dir}/metrics.json"
@@ -177,6 +178,15 @@ def cmd_publish(args) -> None:
             ) from None
     result = publish_model(params)
     print(f"registered {result['model_uri']} version {result['version']}: {result['reason']}")
+    print_slices(result)
+
+
+def print_slices(published: dict) -> None:
+    """The promotion gate's evaluation slices, a line each (challenger minus champion)."""
+    from pipelines.core.slices import slice_lines
+
+    if published.get("slices"):
+        print("\n".join(f"  {line}" for line in slice_lines(published["slices"])))
 
 
 def cmd_promote(args) -> None:

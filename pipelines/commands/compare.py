@@ -5,8 +5,9 @@
     trainpipe compare v3 @champion      # versions (3, v3), aliases (@champion, champion), run ids
 
 Everything shown is read back from what MLflow and DVC recorded; nothing is re-run or re-scored:
-the runs' params and metrics; the interval of the bits-per-byte difference where the promotion
-gate computed one (the bootstrap tags of the version it decided, pipelines.core.bootstrap); the data
+the runs' params and metrics (each evaluation slice's bits per byte after the headline); the
+interval of the bits-per-byte difference where the promotion gate computed one (the bootstrap tags
+of the version it decided, pipelines.core.bootstrap), overall and per slice (pipelines.core.slices); the data
 versions in the dvc.lock each run logged at publish (and the version's data_version tag); the git
 commit of its lineage tags; its cost ledger (the run's cost.* metrics, the version's cost_* tags,
 priced as `trainpipe status` prices them). It ends with the MLflow UI's own compare page for the
@@ -44,6 +45,7 @@ from pipelines.core.bootstrap import read_bpb_delta
 from pipelines.core.errors import ConfigError
 from pipelines.core.ledger import format_usd, price
 from pipelines.core.params import DataParams, Params
+from pipelines.core.slices import BPB_METRIC, read_slice_tags
 
 WIDTH = 120
 # label, A, B and a last column (the difference, or same/differs): 40 + 2 + 32 + 2 + 32 + 2 + 10
@@ -255,7 +257,10 @@ def metric_rows(a: Side, b: Side) -> list[dict]:
     ma, mb = a.metrics, b.metrics
     logged = set(ma) | set(mb)
     keys = [k for k in HEADLINE_METRICS if k in logged]
-    keys += sorted(k for k in logged if k not in HEADLINE_METRICS and not k.startswith(NOT_IN_METRICS))
+    keys += sorted(k for k in logged if k.startswith(BPB_METRIC))  # each evaluation slice's, next to it
+    keys += sorted(
+        k for k in logged if k not in HEADLINE_METRICS and not k.startswith((BPB_METRIC, *NOT_IN_METRICS))
+    )
     rows = []
     for key in keys:
         va, vb = ma.get(key), mb.get(key)
@@ -299,7 +304,25 @@ def gate_record(a: Side, b: Side) -> dict:
                 "against": f"v{own.vs}" if own and own.vs else None,
             }
         )
-    return {"b_minus_a": interval, "decisions": decisions}
+    return {"b_minus_a": interval, "decisions": decisions, "slices": slice_record(a, b)}
+
+
+def slice_record(a: Side, b: Side) -> list[dict]:
+    """Each evaluation slice's interval of B - A, where the gate of either version measured it
+    against the other (its bpb_delta_slices tag), with the verdict that gate gave it."""
+    for mine, other, sign in ((b, a, 1), (a, b, -1)):
+        found = read_slice_tags(mine.tags)
+        if found is None or other.version is None or found.get("vs") != str(other.version.version):
+            continue
+        rows = []
+        for name, s in found["slices"].items():
+            row = {"slice": name, "documents": s.get("documents"), "verdict": s.get("verdict")}
+            if "delta" in s:
+                low, high = (s["low"], s["high"]) if sign > 0 else (-s["high"], -s["low"])
+                row |= {"delta": sign * s["delta"], "low": low, "high": high}
+            rows.append(row | {"measured_by": f"v{mine.version.version}"})
+        return rows
+    return []
 
 
 def _lock_hashes(lock: dict | None) -> dict[str, str]:
@@ -545,6 +568,16 @@ def _gate_lines(gate: dict) -> list[str]:
     else:
         lines += _wide(
             "bits per byte, B - A", "no interval: neither version's gate measured it against the other"
+        )
+    for row in gate.get("slices", []):
+        text = f"{row['documents']} documents, no interval"
+        if "delta" in row:
+            text = (
+                f"{_bpb(row['delta'])} bpb [{_bpb(row['low'])}, {_bpb(row['high'])}] "
+                f"on {row['documents']:,} documents"
+            )
+        lines += _wide(
+            f"slice {row['slice']}, B - A", f"{text}: {row['verdict']} in {row['measured_by']}'s gate"
         )
     for d in gate["decisions"]:
         lines += _wide(f"v{d['version']} decision", d["decision"] or "none recorded (publish cut short?)")

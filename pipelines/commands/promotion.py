@@ -7,7 +7,9 @@ then decides; it sits in commands because it calls that stage and the evaluate s
 
 The promotion gate pairs the challenger's and the champion's bits on each validation document
 and bootstraps the difference in bits per byte (pipelines.core.bootstrap): the challenger is promoted
-only if the whole 95% interval lies below -publish.min_improvement_bpb. Each version keeps its
+only if the whole 95% interval lies below -publish.min_improvement_bpb, and no evaluation slice
+blocks it: the same bootstrap on each slice's documents (pipelines.core.slices), a slice surely worse
+by more than publish.slice_tolerance keeps the champion (decide_promotion_by_slices). Each version keeps its
 per-document scores in its run (the tag per_document_scores names the artifact) and the interval
 in its tags (bpb_delta, bpb_delta_low, bpb_delta_high, bpb_delta_vs, ...). The champion's stored
 scores are paired only under equal score keys (validation set, token cap, context, precision,
@@ -60,6 +62,7 @@ from pipelines.core.data import TOKENIZER_FILE, read_json
 from pipelines.core.errors import ChampionMovedError, SmokeTestError, TrainpipeError
 from pipelines.core.model_dir import CONFIG_FILE, WEIGHTS_FILE
 from pipelines.core.params import Params
+from pipelines.core.slices import SliceCheck, check_slices, read_slice_tags, slice_tags
 from pipelines.stages.publish import (
     PER_DOCUMENT_TAG,
     SCORE_KEY_TAG,
@@ -123,6 +126,7 @@ def _publish(
             "val_bits_per_byte": bpb,
             "champion_val_bits_per_byte": _float_tag(champion, "val_bits_per_byte") if champion else None,
             "bpb_delta": _delta_dict(read_bpb_delta(existing.tags)),
+            "slices": read_slice_tags(existing.tags),
         }
     if existing is None:
         _check_rescorable(client, params, metrics)  # fail before a version exists, not after
@@ -136,6 +140,8 @@ def _publish(
             client, params, version, model_dir, metrics, Path(tmp)
         )
     set_version_tags(client, name, version, {DECISION_TAG: reason})
+    # each slice's interval, set with the whole set's (None: nothing was compared)
+    slices = read_slice_tags(get_version(client, name, version).tags) if delta else None
     return {
         "version": version,
         "model_uri": f"models:/{name}/{version}",
@@ -146,6 +152,7 @@ def _publish(
         "val_bits_per_byte": bpb,
         "champion_val_bits_per_byte": champion_bpb,
         "bpb_delta": _delta_dict(delta),  # challenger minus champion, with its 95% interval
+        "slices": slices,  # pipelines.core.slices.slice_tags: the evaluation slices' intervals and verdicts
     }
 
 
@@ -247,10 +254,19 @@ def _gate(client, params: Params, version: str, model_dir: Path, metrics: dict, 
         params.publish.bootstrap_seed,
         vs=str(champion.version),
     )
-    set_version_tags(client, name, version, delta.tags())
+    checks = _check_slices(params, documents, bits, champion_bits, doc_bytes, str(champion.version))
+    set_version_tags(client, name, version, delta.tags() | _slice_tags(params, checks, str(champion.version)))
     bpb, champion_bpb = sum(bits) / sum(doc_bytes), sum(champion_bits) / sum(doc_bytes)
-    promoted, reason = decide_promotion(
-        version, bpb, str(champion.version), champion_bpb, delta, params.publish.min_improvement_bpb, note
+    promoted, reason = decide_promotion_by_slices(
+        version,
+        bpb,
+        str(champion.version),
+        champion_bpb,
+        delta,
+        params.publish.min_improvement_bpb,
+        checks,
+        params.publish.slice_tolerance,
+        note,
     )
     pause_for_test("gate-decided")
     if promoted:
@@ -263,6 +279,26 @@ def _gate(client, params: Params, version: str, model_dir: Path, metrics: dict, 
             compared_with=str(champion.version),
         )
     return promoted, reason, version if promoted else str(champion.version), champion_bpb, delta
+
+
+def _check_slices(params: Params, documents, bits, champion_bits, doc_bytes, vs: str) -> list[SliceCheck]:
+    """Each evaluation slice's interval and verdict, with the whole set's resamples and seed."""
+    return check_slices(
+        [str(d["path"]) for d in documents],
+        bits,
+        champion_bits,
+        doc_bytes,
+        params.evaluate.slices,
+        resamples=params.publish.bootstrap_resamples,
+        seed=params.publish.bootstrap_seed,
+        tolerance=params.publish.slice_tolerance,
+        min_documents=params.publish.slice_min_documents,
+        vs=vs,
+    )
+
+
+def _slice_tags(params: Params, checks: list[SliceCheck], vs: str) -> dict[str, str]:
+    return slice_tags(checks, params.publish.slice_tolerance, params.publish.slice_min_documents, vs)
 
 
 def _rescore_why(champion: ModelVersion, metrics: dict) -> str:
@@ -381,6 +417,39 @@ def decide_promotion(
     return (
         False,
         f"challenger {delta.text()}: {verdict}, champion v{champion_version} keeps serving ({details})",
+    )
+
+
+def decide_promotion_by_slices(
+    version: str,
+    bpb: float,
+    champion_version: str,
+    champion_bpb: float,
+    delta: BpbDelta,
+    margin: float,
+    checks: list[SliceCheck],
+    tolerance: float,
+    note: str = "",
+) -> tuple[bool, str]:
+    """decide_promotion on the whole set, then the slices: a slice that blocks (surely worse by
+    more than tolerance, pipelines.core.slices.slice_verdict) keeps the champion serving, however much
+    better the challenger is overall; the reason names each such slice and its interval."""
+    promoted, reason = decide_promotion(version, bpb, champion_version, champion_bpb, delta, margin, note)
+    blocking = [c for c in checks if c.blocks]
+    if not blocking:
+        return promoted, reason
+    worse = "worse on " + " and on ".join(
+        f"slice {c.name} by {c.delta.text()} ({c.documents} documents)" for c in blocking
+    )
+    worse += f", surely by more than publish.slice_tolerance ({tolerance} bpb)"
+    if not promoted:
+        return False, f"{reason}; also {worse}"
+    details = f"{_bpb_text(bpb)} vs {_bpb_text(champion_bpb)} bpb on {delta.documents} documents"
+    details += f"; {note}" if note else ""
+    return (
+        False,
+        f"challenger {delta.text()}: better overall, but {worse}: champion v{champion_version} keeps "
+        f"serving ({details})",
     )
 
 

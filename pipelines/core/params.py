@@ -10,12 +10,13 @@ key or a value of the wrong type is a ConfigError that names the key.
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipelines.core.errors import ConfigError
+from pipelines.core.slices import DEFAULT_SLICES, SLICE_NAME_PATTERN
 
 PARAMS_FILE = "params.yaml"
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
@@ -331,6 +332,35 @@ class EvaluateParams(Section):
     num_samples: int = Field(3, ge=0, description="sampled completions written to the report")
     sample_tokens: int = Field(96, ge=1, description="tokens per sampled completion")
     reports_dir: str = Field("reports", description="where metrics.json and plots go")
+    slices: dict[str, list[str]] = Field(
+        DEFAULT_SLICES,
+        description="evaluation slices: name -> gitignore-style patterns on a document's path (the "
+        "last matching pattern decides; !pattern takes documents out). Each slice is scored apart "
+        "(reports/slices.json, MLflow val_bpb_slice_<name>) and gated apart at publish; a document "
+        "may be in several slices or in none",
+    )
+
+    @field_validator("slices")
+    @classmethod
+    def _valid_slices(cls, value: dict[str, list[str]]) -> dict[str, list[str]]:
+        return check_slice_definitions(value)
+
+
+def check_slice_definitions(slices: dict[str, list[str]]) -> dict[str, list[str]]:
+    """Each slice has a name fit for a metric name and at least one pattern that takes documents in."""
+    for name, patterns in slices.items():
+        if not re.fullmatch(SLICE_NAME_PATTERN, name):
+            raise ValueError(
+                f"slice name {name!r} must be a letter or digit, then up to 39 letters, digits, '_' or '-' "
+                "(it names the metric val_bpb_slice_<name>)"
+            )
+        try:
+            check_patterns(patterns)
+        except ValueError as exc:
+            raise ValueError(f"slice {name!r}: {exc}") from None
+        if not any(not p.startswith("!") for p in patterns):
+            raise ValueError(f"slice {name!r} needs a pattern that takes documents in (not only !patterns)")
+    return slices
 
 
 class PublishParams(Section):
@@ -352,6 +382,16 @@ class PublishParams(Section):
     )
     bootstrap_seed: int = Field(
         0, ge=0, description="seed of the bootstrap's resampling: the same scores, the same interval"
+    )
+    slice_tolerance: float = Field(
+        0.01,
+        ge=0,
+        allow_inf_nan=False,
+        description="bits per byte a challenger may lose on one evaluation slice: a slice whose whole 95% "
+        "interval of challenger minus champion lies above +this (surely worse by more) blocks the promotion",
+    )
+    slice_min_documents: int = Field(
+        20, ge=1, description="a slice with fewer scored documents is reported, not gated"
     )
 
 
@@ -511,6 +551,8 @@ def _check_known(keys: list[str], text: str) -> None:
         if key not in model.model_fields:
             raise ConfigError(f"unknown parameter {'.'.join(keys[: i + 1])!r} in override {text!r}")
         annotation = model.model_fields[key].annotation
+        if get_origin(annotation) is dict and i == len(keys) - 2:
+            return  # one key of a mapping (evaluate.slices.tests): its name is checked with the value
         model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
 
 

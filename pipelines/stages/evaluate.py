@@ -11,6 +11,8 @@ compressors. Writes:
     reports/evaluation.json    what was scored and how (below), and the whole-split compressor figures
     reports/per_document.json  each scored document's bits and bytes: publish pairs them with the
                                champion's in a bootstrap
+    reports/slices.json        the DVC metrics of the evaluation slices (evaluate.slices): each
+                               slice's bits per byte and documents (pipelines.core.slices)
     reports/loss_curve.csv     the DVC plot of the training loss
     reports/samples.json       sampled completions
 
@@ -51,6 +53,7 @@ from pipelines.core.scoring import (
     SCORE_KEY_FIELDS,
     scoring_code_sha256,
 )
+from pipelines.core.slices import SLICES_FILE, slice_metrics
 from pipelines.stages.device import use_bf16
 
 SAMPLE_PROMPTS = ["def fibonacci(n):\n", "import os\n\n\ndef ", "class Stack:\n    def __init__(self):\n"]
@@ -255,14 +258,14 @@ def evaluate_model(params: Params) -> dict:
     reports = Path(params.evaluate.reports_dir)
     write_json(reports / METRICS_FILE, metrics, sort_keys=False)
     write_json(reports / EVALUATION_FILE, evaluation)
+    documents = document_scores(docs, scored)
     write_json(
         reports / PER_DOCUMENT_FILE,
-        {
-            "weights_sha256": weights_sha,
-            "score_key": evaluation["score_key"],
-            "documents": document_scores(docs, scored),
-        },
+        {"weights_sha256": weights_sha, "score_key": evaluation["score_key"], "documents": documents},
     )
+    # the slices' figures come from the per-document scores alone: a change of evaluate.slices
+    # changes no document's bits, so the score key stays the same
+    write_json(reports / SLICES_FILE, slice_metrics(documents, params.evaluate.slices), sort_keys=False)
     write_loss_curve(train_summary.get("history", []), reports / "loss_curve.csv")
     samples = sample_completions(
         model,

@@ -50,6 +50,7 @@ from pipelines.core.scoring import (
     SCORE_KEY_FIELDS,
     scoring_code_sha256,
 )
+from pipelines.core.slices import slice_metrics
 from pipelines.serving import served_code
 from pipelines.serving.smoke import download, served_digests
 from pipelines.stages.data_gate import PROFILE_ARTIFACT
@@ -212,6 +213,7 @@ def register_challenger(
     try:
         with tempfile.TemporaryDirectory(prefix="trainpipe-publish-") as tmp:
             _log_run_inputs(client, run_id, metrics, params.curate)
+            _log_slice_metrics(client, run_id, params.evaluate, metrics)
             scores_path = _log_document_scores(client, params.evaluate, run_id, weights_sha)
             info = _log_model(client, params.serve, run_id, model_dir, Path(tmp))
             _check_signature(info.model_uri)
@@ -291,6 +293,14 @@ def _log_run_inputs(client: MlflowClient, run_id: str, metrics: dict, curate: Cu
     profile = Path(curate.reports_dir) / PROFILE_ARTIFACT
     if profile.is_file():
         log_run_artifact(client, run_id, str(profile))
+
+
+def _log_slice_metrics(client: MlflowClient, run_id: str, evaluate: EvaluateParams, metrics: dict) -> None:
+    """Each evaluation slice's bits per byte and documents (val_bpb_slice_<name>, ...), those the run
+    lacks: from the per-document scores and evaluate.slices, as evaluate's reports/slices.json."""
+    log_missing_metrics(
+        client, run_id, slice_metrics(read_document_scores(evaluate, metrics), evaluate.slices)
+    )
 
 
 def _log_document_scores(
