@@ -74,7 +74,7 @@ def test_a_changed_local_source_reruns_ingest_and_only_then(tmp_path, mlflow_tem
     )
     first = dvc_repro(proj, env)
     assert first.returncode == 0, first.stderr[-2000:]
-    assert ran(first) == {"inputs", "ingest", "curate", "tokenize", "train", "evaluate"}
+    assert ran(first) == {"inputs", "parent", "ingest", "curate", "tokenize", "train", "evaluate"}
 
     def documents() -> int:
         return json.loads((proj / "data/raw/ingest.json").read_text())["documents"]

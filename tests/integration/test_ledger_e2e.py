@@ -13,7 +13,7 @@ from mlflow import MlflowClient
 
 pytestmark = pytest.mark.slow
 
-STAGES = ("inputs", "ingest", "curate", "tokenize", "train", "evaluate")
+STAGES = ("inputs", "parent", "ingest", "curate", "tokenize", "train", "evaluate")
 
 
 def flow_runs(client: MlflowClient) -> list:
@@ -38,10 +38,10 @@ def test_every_run_logs_its_cost_and_the_version_counts_the_failed_one(tmp_path,
     assert m["cost.ingest.device_s"] > 0 and m["cost.curate.device_s"] > 0 and m["cost.inputs.device_s"] > 0
     assert m["cost.train.device_s"] == m["cost.tokenize.device_s"] == 0 and m["cost.train_flops"] == 0
     assert m["cost.curate.peak_rss_mb"] > 50 and m["cost.usd"] > 0
-    # the good run: ingest was cached by the failed one; train spent 60 steps x 8 x 64 tokens
+    # the good run: ingest and parent were cached by the failed one; train spent 60 steps x 8 x 64 tokens
     m = second.data.metrics
-    assert m["cost.ingest.device_s"] == 0 and all(
-        m[f"cost.{s}.device_s"] > 0 for s in STAGES if s != "ingest"
+    assert m["cost.ingest.device_s"] == m["cost.parent.device_s"] == 0 and all(
+        m[f"cost.{s}.device_s"] > 0 for s in STAGES if s not in ("ingest", "parent")
     )
     summary = json.loads((proj / "models/train.json").read_text())
     assert m["cost.train_tokens"] == 60 * 8 * 64 == summary["tokens_seen"]
