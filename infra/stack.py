@@ -278,18 +278,19 @@ class Stack:
                 ),
             )
         client = self.s3()
-        self.wait_until("seaweedfs", lambda: servers.s3_ready(client), 90)
-        grpc = ["seaweedfs_master", "seaweedfs_volume", "seaweedfs_filer", "s3"]
-        clear = [
-            self.ports[name] + 10000
-            for name in grpc
-            if servers.grpc_answers_in_the_clear(self.ports[name] + 10000)
-        ]
-        if clear:
-            self.stop("seaweedfs")
-            raise StackError(
-                f"seaweedfs served gRPC without TLS on {clear} (stopped it); see {self.log_file('seaweedfs')}"
-            )
+        try:
+            self.wait_until("seaweedfs", lambda: servers.s3_ready(client), 90)
+        finally:  # a weed that could not load its certificates may serve gRPC to anyone: stop it
+            grpc = [
+                self.ports[name] + 10000
+                for name in ("seaweedfs_master", "seaweedfs_volume", "seaweedfs_filer", "s3")
+            ]
+            clear = [port for port in grpc if servers.grpc_answers_in_the_clear(port)]
+            if clear:
+                self.stop("seaweedfs")
+                raise StackError(
+                    f"seaweedfs served gRPC without TLS on {clear} (stopped it); see {self.log_file('seaweedfs')}"
+                )
         servers.create_buckets(client, list(self.config["s3"]["buckets"].values()))
 
     def start_mlflow(self) -> None:
