@@ -2,6 +2,9 @@
 
     python -m infra.envfile [PATH]      (default infra/.env; git-ignored, mode 600)
 
+Beside it, seaweedfs-tls/: the CA and certificate of SeaweedFS's gRPC ports (mutual TLS), made
+once as `make stack` makes its own (infra/servers.py seaweedfs_tls), key files 0600.
+
 One variable per secret `make stack` generates (infra/stack.py, Stack.secrets), made the same
 way. Values already in the file are kept: running it again only adds what is missing. The file
 is the only place the values live; nothing committed holds one.
@@ -11,10 +14,13 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from infra.servers import write_secret
-from infra.stack import Stack
+from infra.servers import seaweedfs_tls, write_secret
+from infra.stack import Stack, load_config
 
 ENV_FILE = Path(__file__).with_name(".env")
+# The certificates of SeaweedFS's gRPC ports (git-ignored): compose mounts this folder, Kubernetes
+# gets it as the Secret trainpipe-seaweedfs-tls (infra/k8s/README.md).
+TLS_DIR = Path(__file__).with_name("seaweedfs-tls")
 
 # Stack.secrets() key -> the variable the declarations read it from.
 VARIABLES = {
@@ -23,12 +29,16 @@ VARIABLES = {
     "prefect_db": "PREFECT_DB_PASSWORD",
     "mlflow_admin": "MLFLOW_ADMIN_PASSWORD",
     "prefect_auth": "PREFECT_AUTH_PASSWORD",
-    "s3_access_key": "S3_ACCESS_KEY",
-    "s3_secret_key": "S3_SECRET_KEY",
     "mlflow_flask_key": "MLFLOW_FLASK_SECRET_KEY",
     "seaweedfs_jwt_key": "SEAWEEDFS_JWT_KEY",
     "seaweedfs_filer_jwt_key": "SEAWEEDFS_FILER_JWT_KEY",
     "seaweedfs_filer_read_jwt_key": "SEAWEEDFS_FILER_READ_JWT_KEY",
+    # the keys of each S3 identity (infra/stack.toml [s3.identities]): S3_DVC_ACCESS_KEY, ...
+    **{
+        f"s3_{role}_{kind}": f"S3_{role.upper()}_{kind.upper()}"
+        for role in load_config()["s3"]["identities"]
+        for kind in ("access_key", "secret_key")
+    },
 }
 
 
@@ -64,6 +74,8 @@ def main(argv: list[str] | None = None) -> None:
     path = Path(parser.parse_args(argv).path)
     write_env_file(path)
     print(f"{path}: {len(VARIABLES)} variables (values not shown)")
+    tls = seaweedfs_tls(path.parent / TLS_DIR.name)
+    print(f"{tls['ca'].parent}: SeaweedFS's gRPC certificates (ca.crt, seaweedfs.crt, seaweedfs.key)")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ lifecycle (order, pids, logs, stop) is infra/stack.py's.
 import importlib.util
 import os
 import secrets
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -162,7 +163,7 @@ SEAWEEDFS_JWT_KEYS = {
 
 
 def seaweedfs_command(
-    data: Path, ports: dict[str, int], s3_config: Path, jwt_keys: dict[str, str]
+    data: Path, ports: dict[str, int], s3_config: Path, jwt_keys: dict[str, str], security: Path
 ) -> tuple[list[str], dict, None]:
     """`weed server`: master, volume, filer and the S3 gateway in one process, all on loopback.
     gRPC ports are the HTTP ports + 10000; the Iceberg and Lance catalogues are off.
@@ -170,9 +171,11 @@ def seaweedfs_command(
     The filer and volume ports take no S3 keys: with the JWT signing keys (jwt_keys, named as in
     SEAWEEDFS_JWT_KEYS) they refuse an HTTP write (and a filer read) that S3 or the
     master did not sign. The keys go through the environment, which weed reads before any
-    security.toml, never the command line."""
+    security.toml, never the command line. The gRPC ports take mutual TLS only: `security` is the
+    folder of seaweedfs_tls, whose security.toml weed reads (-config_dir, searched first)."""
     data.mkdir(parents=True, exist_ok=True)
-    cmd = [str(BIN / "weed"), "server", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1"]
+    cmd = [str(BIN / "weed"), f"-config_dir={security}", "server", f"-dir={data}"]
+    cmd += ["-ip=127.0.0.1", "-ip.bind=127.0.0.1"]
     for flag, key in [
         ("master", "seaweedfs_master"),
         ("volume", "seaweedfs_volume"),
@@ -185,6 +188,137 @@ def seaweedfs_command(
     cmd += ["-master.volumeSizeLimitMB=256", "-volume.max=50", "-volume.preStopSeconds=1", "-metricsPort=0"]
     env = {variable: jwt_keys[name] for variable, name in SEAWEEDFS_JWT_KEYS.items()}
     return cmd, env, None
+
+
+def s3_identities(identities: dict[str, list[str]], keys: dict[str, tuple[str, str]]) -> dict:
+    """SeaweedFS's S3 configuration (-s3.config): one identity per role of infra/stack.toml
+    [s3.identities], its actions, and its (access key, secret key) from keys."""
+    return {
+        "identities": [
+            {
+                "name": role,
+                "actions": actions,
+                "credentials": [{"accessKey": keys[role][0], "secretKey": keys[role][1]}],
+            }
+            for role, actions in identities.items()
+        ]
+    }
+
+
+# security.toml's gRPC sections: each component's server certificate, presented as its client
+# certificate too when it dials the others, and [grpc.client] for weed's own tools (weed shell).
+SEAWEEDFS_GRPC_COMPONENTS = ("master", "volume", "filer", "s3", "client")
+SEAWEEDFS_TLS_FILES = {"ca": "ca.crt", "cert": "seaweedfs.crt", "key": "seaweedfs.key"}
+
+
+def seaweedfs_security_toml(tls_dir: str | Path) -> str:
+    """The security.toml that turns on mutual TLS on every gRPC port of weed: a peer must show a
+    certificate signed by the CA in tls_dir (weed checks the chain, not the host name). The JWT
+    keys are not here: they come from the environment (SEAWEEDFS_JWT_KEYS)."""
+    ca, cert, key = (f"{tls_dir}/{SEAWEEDFS_TLS_FILES[k]}" for k in ("ca", "cert", "key"))
+    lines = ["# gRPC mutual TLS for weed (weed scaffold -config=security): written by trainpipe.", "[grpc]"]
+    lines.append(f'ca = "{ca}"')
+    for component in SEAWEEDFS_GRPC_COMPONENTS:
+        lines += ["", f"[grpc.{component}]", f'cert = "{cert}"', f'key = "{key}"']
+    return "\n".join(lines) + "\n"
+
+
+def seaweedfs_tls(folder: Path, days: int = 3650) -> dict[str, Path]:
+    """A CA and one certificate for weed's gRPC ports (server and client use; 127.0.0.1,
+    localhost, seaweedfs), made once into `folder`, every file 0600 from its first byte. The CA's
+    key is not kept: no one can sign another certificate with it. A folder that lacks one of the
+    files gets all three anew (they belong together). Returns ca, cert, key -> path."""
+    paths = {name: folder / filename for name, filename in SEAWEEDFS_TLS_FILES.items()}
+    if not all(p.exists() for p in paths.values()):
+        make_certificates(paths, days)
+    return paths
+
+
+def write_seaweedfs_security(folder: Path) -> Path:
+    """folder/security.toml naming the certificates of seaweedfs_tls in the same folder (written
+    again if the folder moved): what weed reads with -config_dir=folder."""
+    path = folder / "security.toml"
+    text = seaweedfs_security_toml(folder.resolve())
+    if not path.exists() or path.read_text() != text:
+        write_secret(path, text)
+    return path
+
+
+def make_certificates(paths: dict[str, Path], days: int) -> None:
+    """paths["ca"], paths["cert"], paths["key"]: a self-signed CA (EC P-256) and a certificate
+    it signed for both TLS server and client use, with that certificate's key."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    def usage(**on: bool) -> x509.KeyUsage:
+        names = "digital_signature content_commitment key_encipherment data_encipherment key_agreement"
+        names += " key_cert_sign crl_sign encipher_only decipher_only"
+        return x509.KeyUsage(**{name: on.get(name, False) for name in names.split()})
+
+    def builder(subject: str, public_key) -> x509.CertificateBuilder:
+        return (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+            .issuer_name(ca_name)
+            .public_key(public_key)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=days))
+        )
+
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "trainpipe seaweedfs grpc ca")])
+    ca_id = x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key())
+    ca = (
+        builder("trainpipe seaweedfs grpc ca", ca_key.public_key())
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(usage(key_cert_sign=True, crl_sign=True), critical=True)
+        .add_extension(ca_id, critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    names = [
+        x509.DNSName("localhost"),
+        x509.DNSName("seaweedfs"),
+        x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+    ]
+    uses = [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+    cert = (
+        builder("seaweedfs", key.public_key())
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(usage(digital_signature=True), critical=True)
+        .add_extension(x509.ExtendedKeyUsage(uses), critical=False)
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_id), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    paths["key"].parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    pem = serialization.Encoding.PEM
+    write_secret(paths["ca"], ca.public_bytes(pem).decode())
+    write_secret(paths["cert"], cert.public_bytes(pem).decode())
+    unencrypted = serialization.NoEncryption()  # weed reads the key file as it is; 0600 guards it
+    write_secret(
+        paths["key"], key.private_bytes(pem, serialization.PrivateFormat.PKCS8, unencrypted).decode()
+    )
+
+
+def grpc_answers_in_the_clear(port: int) -> bool:
+    """Whether a gRPC server on 127.0.0.1:port answers a plain (not TLS) HTTP/2 connection with
+    its SETTINGS frame: what weed does when it could not load security.toml's certificates (it
+    logs a warning and serves gRPC to anyone)."""
+    preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes.fromhex("000000040000000000")
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
+            conn.sendall(preface)
+            head = conn.recv(9)
+    except OSError:
+        return False
+    return len(head) == 9 and head[3] == 0x04  # a frame of type SETTINGS
 
 
 def s3_client(endpoint: str, access_key: str, secret_key: str, region: str):

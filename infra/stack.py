@@ -4,9 +4,11 @@ Prefect server with a process worker, all real, all on 127.0.0.1, started from p
     python -m infra.stack up | down | status | env      (or: make stack / stack-down / stack-status)
 
 Its state lives under one git-ignored folder (default .stack/): data, logs/, run/ (one pid file
-per server) and secrets.json (passwords and S3 keys generated at first start, mode 600).
-stack.env beside it holds the variables that point trainpipe, mlflow, prefect and dvc at the
-stack; `source .stack/stack.env` and every command works against it unchanged.
+per server), secrets.json (passwords and the S3 keys of each identity, generated at first start,
+mode 600) and seaweedfs-security/ (the certificates of SeaweedFS's gRPC ports and the
+security.toml that names them). stack.env beside it holds the variables that point trainpipe,
+mlflow, prefect and dvc at the stack; `source .stack/stack.env` and every command works against
+it unchanged. serve.env holds what an endpoint gets: the registry's login and S3's read-only keys.
 """
 
 import argparse
@@ -65,8 +67,8 @@ class Stack:
             "prefect_db": servers.new_password(),
             "mlflow_admin": servers.new_password(),
             "prefect_auth": servers.new_password(),
-            "s3_access_key": "TP" + servers.new_password()[:18].upper().replace("-", "X").replace("_", "Y"),
-            "s3_secret_key": servers.new_password(),
+            # One S3 identity per role of infra/stack.toml [s3.identities], each with its own keys.
+            **{name: value for role in self.s3_roles for name, value in new_s3_keys(role).items()},
             "mlflow_flask_key": servers.new_password(),  # signs the auth app's CSRF tokens
             # SeaweedFS's JWT signing keys (infra/servers.py seaweedfs_command): the filer and the
             # volume server refuse a write (the filer a read too) not signed with them, so the
@@ -82,47 +84,82 @@ class Stack:
         servers.write_secret(self.secrets_file, json.dumps(values, indent=1))
         return values
 
+    @property
+    def s3_roles(self) -> dict[str, list[str]]:
+        """Each S3 identity and its actions (infra/stack.toml [s3.identities])."""
+        return self.config["s3"]["identities"]
+
+    def s3_keys(self, role: str) -> tuple[str, str]:
+        """(access key, secret key) of one S3 identity."""
+        if role not in self.s3_roles:
+            raise StackError(f"no S3 identity {role!r}; infra/stack.toml has {', '.join(self.s3_roles)}")
+        s = self.secrets()
+        return s[f"s3_{role}_access_key"], s[f"s3_{role}_secret_key"]
+
     def s3_endpoint(self) -> str:
         return f"http://127.0.0.1:{self.ports['s3']}"
 
-    def s3_env(self) -> dict[str, str]:
-        s = self.secrets()
-        return {
-            "AWS_ACCESS_KEY_ID": s["s3_access_key"],
-            "AWS_SECRET_ACCESS_KEY": s["s3_secret_key"],
+    def s3_env(self, role: str) -> dict[str, str]:
+        """The S3 variables of one identity: its keys and the endpoint boto3, DVC's s3fs and
+        MLflow's S3 artifact store read."""
+        access_key, secret_key = self.s3_keys(role)
+        env = {
+            "AWS_ACCESS_KEY_ID": access_key,
+            "AWS_SECRET_ACCESS_KEY": secret_key,
             "AWS_REGION": self.config["s3"]["region"],
-            "MLFLOW_S3_ENDPOINT_URL": self.s3_endpoint(),  # the MLflow server's artifact store
             "AWS_ENDPOINT_URL_S3": self.s3_endpoint(),  # boto3 and DVC's s3fs read it
         }
+        if role in ("mlflow", "serve"):  # the ones that read MLflow's bucket with MLflow's own code
+            env["MLFLOW_S3_ENDPOINT_URL"] = self.s3_endpoint()
+        return env
 
     def client_env(self) -> dict[str, str]:
-        """What `trainpipe`, `mlflow`, `prefect` and `dvc` need to work against the stack."""
+        """What `trainpipe`, `mlflow`, `prefect` and `dvc` need to work against the stack. Its S3
+        keys are the DVC remote's: MLflow's server proxies the artifacts (mlflow-artifacts:/
+        URIs), so no client reads or writes MLflow's bucket itself."""
         s, cfg = self.secrets(), self.config
         return {
-            "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{self.ports['mlflow']}",
-            "MLFLOW_TRACKING_USERNAME": cfg["mlflow"]["admin_user"],
-            "MLFLOW_TRACKING_PASSWORD": s["mlflow_admin"],
+            **self.registry_env(),
             "PREFECT_API_URL": f"http://127.0.0.1:{self.ports['prefect']}/api",
             "PREFECT_API_AUTH_STRING": f"{cfg['prefect']['auth_user']}:{s['prefect_auth']}",
             "TRAINPIPE_DVC_REMOTE": cfg["dvc"]["remote"],
-            **self.s3_env(),
+            **self.s3_env("dvc"),
         }
 
-    def write_env_file(self) -> Path:
-        path = self.state / "stack.env"
+    def registry_env(self) -> dict[str, str]:
+        return {
+            "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{self.ports['mlflow']}",
+            "MLFLOW_TRACKING_USERNAME": self.config["mlflow"]["admin_user"],
+            "MLFLOW_TRACKING_PASSWORD": self.secrets()["mlflow_admin"],
+        }
+
+    def serve_env(self) -> dict[str, str]:
+        """What an endpoint needs: the registry, and S3 keys that read MLflow's bucket and write
+        nothing, for a reader that goes to the bucket itself (`trainpipe serve` on this stack
+        needs none: it reads through MLflow's proxy)."""
+        return {**self.registry_env(), **self.s3_env("serve")}
+
+    def role_env(self, role: str) -> dict[str, str]:
+        return {"client": self.client_env, "serve": self.serve_env}[role]()
+
+    def write_env_file(self, role: str = "client") -> Path:
+        path = self.state / ENV_FILES[role]
         self.state.mkdir(parents=True, exist_ok=True)
         servers.write_secret(
             path,
-            "# Points trainpipe, mlflow, prefect and dvc at the team stack: source this file.\n"
-            + "".join(f"export {k}={v}\n" for k, v in self.client_env().items()),
+            f"# {ENV_FILE_PURPOSE[role]}: source this file.\n"
+            + "".join(f"export {k}={v}\n" for k, v in self.role_env(role).items()),
         )
         return path
 
-    def s3(self):
-        s = self.secrets()
-        return servers.s3_client(
-            self.s3_endpoint(), s["s3_access_key"], s["s3_secret_key"], self.config["s3"]["region"]
-        )
+    def s3(self, role: str = "admin"):
+        """An S3 client as one identity (the admin's by default: the stack's own buckets and checks)."""
+        return servers.s3_client(self.s3_endpoint(), *self.s3_keys(role), self.config["s3"]["region"])
+
+    @property
+    def seaweedfs_security(self) -> Path:
+        """The certificates of SeaweedFS's gRPC ports and the security.toml that names them."""
+        return self.state / "seaweedfs-security"
 
     def postgres_uri(self, user: str, database: str, driver: str = "postgresql+psycopg2") -> str:
         password = self.secrets()["mlflow_db" if user == "mlflow" else f"{user}_db"]
@@ -215,10 +252,21 @@ class Stack:
     def start_seaweedfs(self) -> None:
         s3_config = self.state / "seaweedfs-s3.json"
         s = self.secrets()
-        identity = {"name": "trainpipe", "actions": ["Admin", "Read", "Write", "List", "Tagging"]}
-        identity["credentials"] = [{"accessKey": s["s3_access_key"], "secretKey": s["s3_secret_key"]}]
-        servers.write_secret(s3_config, json.dumps({"identities": [identity]}))
-        if self.process("seaweedfs") is None:
+        identities = servers.s3_identities(
+            self.s3_roles, {role: self.s3_keys(role) for role in self.s3_roles}
+        )
+        text = json.dumps(identities)
+        had_tls = (self.seaweedfs_security / "security.toml").exists()
+        servers.seaweedfs_tls(self.seaweedfs_security)
+        servers.write_seaweedfs_security(self.seaweedfs_security)
+        running = self.process("seaweedfs") is not None
+        if running and (not had_tls or not s3_config.exists() or s3_config.read_text() != text):
+            raise StackError(
+                "seaweedfs runs with older S3 identities or without gRPC TLS, and so does what it "
+                "serves: restart the stack (make stack-down && make stack)"
+            )
+        servers.write_secret(s3_config, text)
+        if not running:
             self.spawn(
                 "seaweedfs",
                 *servers.seaweedfs_command(
@@ -226,10 +274,23 @@ class Stack:
                     self.ports,
                     s3_config,
                     {name: s[name] for name in servers.SEAWEEDFS_JWT_KEYS.values()},
+                    self.seaweedfs_security,
                 ),
             )
         client = self.s3()
-        self.wait_until("seaweedfs", lambda: servers.s3_ready(client), 90)
+        try:
+            self.wait_until("seaweedfs", lambda: servers.s3_ready(client), 90)
+        finally:  # a weed that could not load its certificates may serve gRPC to anyone: stop it
+            grpc = [
+                self.ports[name] + 10000
+                for name in ("seaweedfs_master", "seaweedfs_volume", "seaweedfs_filer", "s3")
+            ]
+            clear = [port for port in grpc if servers.grpc_answers_in_the_clear(port)]
+            if clear:
+                self.stop("seaweedfs")
+                raise StackError(
+                    f"seaweedfs served gRPC without TLS on {clear} (stopped it); see {self.log_file('seaweedfs')}"
+                )
         servers.create_buckets(client, list(self.config["s3"]["buckets"].values()))
 
     def start_mlflow(self) -> None:
@@ -244,7 +305,7 @@ class Stack:
                 self.postgres_uri("mlflow", "mlflow"),
                 cfg["artifacts"],
                 auth_config,
-                self.s3_env(),
+                self.s3_env("mlflow"),  # its own identity: MLflow's bucket and nothing else
             )
             env["MLFLOW_FLASK_SERVER_SECRET_KEY"] = s["mlflow_flask_key"]
             self.spawn("mlflow", cmd, env, user)
@@ -373,6 +434,7 @@ class Stack:
                 f"{name:10s} {'already running' if was_running else 'started'} ({time.monotonic() - t0:.1f} s)"
             )
         log(f"environment: source {self.write_env_file()}")
+        log(f"an endpoint's (read-only S3 keys): {self.write_env_file('serve')}")
 
     def down(self, log=print) -> None:
         for name in reversed(SERVICES):
@@ -396,6 +458,25 @@ class Stack:
         return rows
 
 
+def new_s3_keys(role: str) -> dict[str, str]:
+    """A fresh key pair for one S3 identity: an access key of 20 upper-case letters and digits
+    that names its role, and a secret key."""
+    tag = "".join(c for c in role.upper() if c.isalnum())[:6]
+    body = servers.new_password().upper().replace("-", "X").replace("_", "Y")
+    return {
+        f"s3_{role}_access_key": ("TP" + tag + body)[:20],
+        f"s3_{role}_secret_key": servers.new_password(),
+    }
+
+
+# `env --role` and the file each role's variables are written to, beside secrets.json.
+ENV_FILES = {"client": "stack.env", "serve": "serve.env"}
+ENV_FILE_PURPOSE = {
+    "client": "Points trainpipe, mlflow, prefect and dvc at the team stack",
+    "serve": "What an endpoint of the team stack gets: the registry and read-only S3 keys",
+}
+
+
 def masked(key: str, value: str) -> str:
     """A secret's first 4 characters only: enough to tell two apart, useless to anyone else."""
     secret = any(word in key for word in ("PASSWORD", "SECRET", "AUTH_STRING", "ACCESS_KEY"))
@@ -411,7 +492,7 @@ def main(argv: list[str] | None = None) -> None:
     add_stack_options(parser)
     args = parser.parse_args(argv)
     try:
-        run_action(args.action, Stack(Path(args.state), args.port_offset))
+        run_action(args.action, Stack(Path(args.state), args.port_offset), args.role)
     except Exception as exc:
         reason = failure_reason(exc)
         if reason is None:
@@ -436,9 +517,16 @@ def add_stack_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--port-offset", type=int, default=0, help="add to every port of infra/stack.toml (default 0)"
     )
+    parser.add_argument(
+        "--role",
+        choices=list(ENV_FILES),
+        default="client",
+        help="env: whose variables (client: trainpipe, dvc, prefect, mlflow; serve: an endpoint's "
+        "registry login and read-only S3 keys; default client)",
+    )
 
 
-def run_action(action: str, stack: Stack) -> None:
+def run_action(action: str, stack: Stack, role: str = "client") -> None:
     if action == "up":
         stack.up()
     elif action == "down":
@@ -450,9 +538,9 @@ def run_action(action: str, stack: Stack) -> None:
             state = f"running, pid {row['pid']}" if row["pid"] else "stopped"
             print(f"{row['name']:10s} {state:20s} {where:16s} log {row['log']}")
     elif action == "env":
-        for key, value in stack.client_env().items():
+        for key, value in stack.role_env(role).items():
             print(f"{key}={masked(key, value)}")
-        print(f"# the full values: source {stack.write_env_file()}")
+        print(f"# the full values: source {stack.write_env_file(role)}")
 
 
 if __name__ == "__main__":

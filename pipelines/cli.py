@@ -380,7 +380,7 @@ def cmd_stack(args) -> None:
     from infra.stack import Stack, failure_reason, run_action
 
     try:
-        run_action(args.action, Stack(Path(args.state), args.port_offset))
+        run_action(args.action, Stack(Path(args.state), args.port_offset), args.role)
     except Exception as exc:
         reason = failure_reason(exc)
         if reason is None:
@@ -537,6 +537,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["up", "down", "status", "env"])
     p.add_argument("--state", default=".stack", help="folder for its data, logs and secrets (default .stack)")
     p.add_argument("--port-offset", type=int, default=0, help="added to every port of infra/stack.toml")
+    p.add_argument(
+        "--role",
+        choices=["client", "serve"],
+        default="client",
+        help="env: whose variables (client: trainpipe, dvc, prefect, mlflow; serve: an endpoint's "
+        "registry login and read-only S3 keys; default client)",
+    )
     p.set_defaults(func=cmd_stack)
     p = add("generate", cmd_generate, "complete a prompt with the model in models/")
     p.add_argument("prompt", help="Python source to complete")

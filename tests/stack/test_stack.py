@@ -697,3 +697,135 @@ def test_seaweedfs_filer_and_volume_refuse_writes_without_a_jwt_while_s3_works(s
     listed = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="jwt-check/").get("Contents", [])]
     assert listed == [key], f"a write without a JWT left {listed}"
     s3.delete_object(Bucket=bucket, Key=key)
+
+
+# -- one S3 identity per role: each reaches its own bucket and no other ------------------------
+
+
+def s3_status(call, **kwargs) -> int:
+    """The HTTP status S3 answers a boto3 call with: 200 when it worked."""
+    from botocore.exceptions import ClientError
+
+    try:
+        call(**kwargs)
+        return 200
+    except ClientError as exc:
+        return exc.response["ResponseMetadata"]["HTTPStatusCode"]
+
+
+def test_each_s3_identity_reaches_its_own_bucket_only(stack, scheduled_run):
+    """The scheduled run above pushed to DVC's bucket and logged its model through MLflow's server,
+    each with its own identity; here each identity tries the buckets it must not touch."""
+    buckets = stack.config["s3"]["buckets"]
+    mlflow_bucket, dvc_bucket = buckets["mlflow"], buckets["dvc"]
+    # Who holds which: the MLflow server its own, the worker (training, dvc push) the DVC one.
+    for name, role in (("mlflow", "mlflow"), ("worker", "dvc")):
+        held = stack.process(name).environ().get("AWS_ACCESS_KEY_ID")
+        assert held == stack.s3_keys(role)[0], f"{name} runs with the S3 keys of another identity"
+    # Clients get mlflow-artifacts:/ URIs: MLflow's server reads and writes its bucket for them.
+    version = champion(stack)
+    run = stack.mlflow_api("GET", "/runs/get", params={"run_id": version["run_id"]}).json()["run"]
+    assert run["info"]["artifact_uri"].startswith("mlflow-artifacts:/"), run["info"]["artifact_uri"]
+
+    admin = stack.s3()
+    model_id = version["source"].removeprefix("models:/")
+    (weights,) = [
+        o["Key"]
+        for o in admin.list_objects_v2(Bucket=mlflow_bucket, Prefix="artifacts/")["Contents"]
+        if model_id in o["Key"] and o["Key"].endswith("model.safetensors")
+    ]
+    original = admin.get_object(Bucket=mlflow_bucket, Key=weights)["Body"].read()
+    dvc_key = admin.list_objects_v2(Bucket=dvc_bucket, MaxKeys=1)["Contents"][0]["Key"]
+
+    dvc, mlflow, serve = stack.s3("dvc"), stack.s3("mlflow"), stack.s3("serve")
+    answers = {
+        # DVC's identity: its bucket, never MLflow's (the model code serving runs lives there)
+        "dvc PUT mlflow weights": s3_status(dvc.put_object, Bucket=mlflow_bucket, Key=weights, Body=b"x"),
+        "dvc PUT mlflow new": s3_status(dvc.put_object, Bucket=mlflow_bucket, Key="role-check/x", Body=b"x"),
+        "dvc GET mlflow": s3_status(dvc.get_object, Bucket=mlflow_bucket, Key=weights),
+        "dvc DELETE mlflow": s3_status(dvc.delete_object, Bucket=mlflow_bucket, Key=weights),
+        "dvc create bucket": s3_status(dvc.create_bucket, Bucket="role-check"),
+        # MLflow's identity: its bucket, never DVC's
+        "mlflow PUT dvc": s3_status(mlflow.put_object, Bucket=dvc_bucket, Key="role-check/x", Body=b"x"),
+        "mlflow GET dvc": s3_status(mlflow.get_object, Bucket=dvc_bucket, Key=dvc_key),
+        "mlflow LIST dvc": s3_status(mlflow.list_objects_v2, Bucket=dvc_bucket),
+        "mlflow DELETE dvc": s3_status(mlflow.delete_object, Bucket=dvc_bucket, Key=dvc_key),
+        # the serving identity: writes nothing anywhere
+        "serve PUT mlflow weights": s3_status(serve.put_object, Bucket=mlflow_bucket, Key=weights, Body=b"x"),
+        "serve PUT mlflow new": s3_status(
+            serve.put_object, Bucket=mlflow_bucket, Key="role-check/x", Body=b"x"
+        ),
+        "serve DELETE mlflow": s3_status(serve.delete_object, Bucket=mlflow_bucket, Key=weights),
+        "serve PUT dvc": s3_status(serve.put_object, Bucket=dvc_bucket, Key="role-check/x", Body=b"x"),
+        "serve GET dvc": s3_status(serve.get_object, Bucket=dvc_bucket, Key=dvc_key),
+    }
+    allowed = {what: status for what, status in answers.items() if status != 403}
+    assert not allowed, f"answered other than 403 Forbidden: {allowed}"
+    assert admin.get_object(Bucket=mlflow_bucket, Key=weights)["Body"].read() == original
+    assert s3_status(admin.head_object, Bucket=mlflow_bucket, Key="role-check/x") == 404
+    assert s3_status(admin.head_object, Bucket=dvc_bucket, Key="role-check/x") == 404
+
+    # What each may do: serving reads the model's weights; DVC and MLflow write their own bucket.
+    listed = serve.list_objects_v2(Bucket=mlflow_bucket, Prefix=weights)["Contents"]
+    assert [o["Key"] for o in listed] == [weights]
+    assert serve.get_object(Bucket=mlflow_bucket, Key=weights)["Body"].read() == original
+    for client, bucket in ((dvc, dvc_bucket), (mlflow, mlflow_bucket)):
+        client.put_object(Bucket=bucket, Key="role-check/own", Body=b"mine")
+        assert client.get_object(Bucket=bucket, Key="role-check/own")["Body"].read() == b"mine"
+        client.delete_object(Bucket=bucket, Key="role-check/own")
+
+
+# -- SeaweedFS's gRPC ports: mutual TLS, a client without the stack's certificate is refused ----
+
+H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes.fromhex("000000040000000000")  # + empty SETTINGS
+
+
+def grpc_answer(stack: Stack, port: int, tls: bool, client_cert: bool = False) -> str:
+    """What a gRPC (HTTP/2) client gets from port: "settings" when the server answered the
+    connection preface with its SETTINGS frame (it takes us), else why not."""
+    import ssl
+
+    folder = stack.seaweedfs_security
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+            conn = raw
+            if tls:
+                ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+                ctx.load_verify_locations(folder / "ca.crt")
+                ctx.check_hostname = False  # weed's certificate names no host; its CA is checked
+                ctx.set_alpn_protocols(["h2"])  # gRPC's servers want it
+                if client_cert:
+                    ctx.load_cert_chain(folder / "seaweedfs.crt", folder / "seaweedfs.key")
+                conn = ctx.wrap_socket(raw)
+            conn.sendall(H2_PREFACE)
+            head = conn.recv(9)
+            if len(head) == 9 and head[3] == 0x04:
+                return "settings"
+            return f"closed ({head!r})"
+    except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+        return f"refused ({exc})"
+
+
+def test_seaweedfs_grpc_ports_refuse_a_client_without_the_stacks_certificate(stack, scheduled_run):
+    """Every gRPC port (HTTP port + 10000) speaks TLS only and asks for a client certificate the
+    stack's CA signed: a plain gRPC client and a TLS client without a certificate get nothing,
+    one with the stack's certificate gets the server's answer. The stack works through it: the
+    scheduled run above stored its data through S3, whose gateway reaches the filer over gRPC."""
+    answers = {}
+    for name in ("seaweedfs_master", "seaweedfs_volume", "seaweedfs_filer", "s3"):
+        port = stack.ports[name] + 10000
+        answers[f"{name} plain"] = grpc_answer(stack, port, tls=False)
+        answers[f"{name} TLS, no certificate"] = grpc_answer(stack, port, tls=True)
+        answers[f"{name} TLS, the stack's certificate"] = grpc_answer(stack, port, tls=True, client_cert=True)
+    taken = {what: a for what, a in answers.items() if a == "settings" and "the stack's" not in what}
+    assert not taken, f"gRPC answered a client without the stack's certificate: {taken}"
+    refused = {what: a for what, a in answers.items() if a != "settings" and "the stack's" in what}
+    assert not refused, f"gRPC refused the stack's own certificate (is it TLS at all?): {refused}"
+    assert "certificate" in answers["seaweedfs_filer TLS, no certificate"].lower(), answers
+    s3 = stack.s3()
+    s3.put_object(Bucket=stack.config["s3"]["buckets"]["mlflow"], Key="grpc-check/x", Body=b"ok")
+    assert (
+        s3.get_object(Bucket=stack.config["s3"]["buckets"]["mlflow"], Key="grpc-check/x")["Body"].read()
+        == b"ok"
+    )
+    s3.delete_object(Bucket=stack.config["s3"]["buckets"]["mlflow"], Key="grpc-check/x")

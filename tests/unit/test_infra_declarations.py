@@ -355,23 +355,49 @@ def seaweedfs_sh() -> tuple[str, list[str]]:
     return text, shlex.split(exec_line)
 
 
-def test_seaweedfs_is_started_as_make_stack_starts_it(tmp_path, stack):
+def weed_command(stack: Stack, tmp_path: Path) -> tuple[list[str], dict]:
+    """make stack's `weed server` command and environment (infra/servers.py seaweedfs_command)."""
     jwt_keys = {name: stack.secrets()[name] for name in servers.SEAWEEDFS_JWT_KEYS.values()}
-    cmd, _, _ = servers.seaweedfs_command(tmp_path / "data", PORTS, tmp_path / "s3.json", jwt_keys)
+    cmd, env, _ = servers.seaweedfs_command(
+        tmp_path / "data", PORTS, tmp_path / "s3.json", jwt_keys, stack.seaweedfs_security
+    )
+    return cmd, env
+
+
+def s3_key_variables(role: str) -> tuple[str, str]:
+    """The infra/.env variables of one S3 identity's access and secret key."""
+    return VARIABLES[f"s3_{role}_access_key"], VARIABLES[f"s3_{role}_secret_key"]
+
+
+def test_seaweedfs_is_started_as_make_stack_starts_it(tmp_path, stack):
+    cmd, _ = weed_command(stack, tmp_path)
     text, declared = seaweedfs_sh()
     assert weed_flags(declared) == weed_flags(cmd[1:]), (
         f"infra/config/seaweedfs.sh: weed flags {sorted(weed_flags(declared) ^ weed_flags(cmd[1:]))} differ from "
         "infra/servers.py seaweedfs_command"
     )
-    assert "-s3.config=/tmp/s3.json" in declared and '"accessKey": "${AWS_ACCESS_KEY_ID:?}"' in text, (
-        "infra/config/seaweedfs.sh: S3 is not limited to the identity whose keys come from the environment"
+    assert "-s3.config=/tmp/s3.json" in declared, "infra/config/seaweedfs.sh: S3 does not read /tmp/s3.json"
+    # The identities seaweedfs.sh writes are make stack's: same names, same actions, and the keys of
+    # each from its own generated variables.
+    heredoc = re.search(r"cat > /tmp/s3.json <<JSON\n(.*?)\nJSON\n", text, re.S)[1]
+    declared_identities = json.loads(re.sub(r"\$\{(\w+):\?\}", r"<\1>", heredoc))
+    wanted = servers.s3_identities(
+        stack.s3_roles,
+        {role: tuple(f"<{v}>" for v in s3_key_variables(role)) for role in stack.s3_roles},
+    )
+    assert declared_identities == wanted, (
+        f"infra/config/seaweedfs.sh: S3 identities {declared_identities}, make stack's (infra/stack.toml "
+        f"[s3.identities]): {wanted}"
     )
     for make in DECLARATIONS.values():
         c = make()["seaweedfs"]
-        keys = {c.env.get("AWS_ACCESS_KEY_ID"), c.env.get("AWS_SECRET_ACCESS_KEY")}
-        assert keys == {"<S3_ACCESS_KEY>", "<S3_SECRET_KEY>"}, (
-            f"{c.where}: S3 keys {keys}, not the generated ones"
-        )
+        for role in stack.s3_roles:
+            for variable in s3_key_variables(role):
+                assert c.env.get(variable) == f"<{variable}>", (
+                    f"{c.where}: {variable} {c.env.get(variable)!r}, not the generated one"
+                )
+        held = sorted(k for k in c.env if k.startswith("AWS_"))
+        assert not held, f"{c.where}: {held}; weed needs no S3 identity of its own"
 
 
 def test_seaweedfs_filer_and_volumes_refuse_what_s3_did_not_sign(containers, stack, tmp_path):
@@ -380,7 +406,7 @@ def test_seaweedfs_filer_and_volumes_refuse_what_s3_did_not_sign(containers, sta
     WEED_ variables), and no key ever reaches weed's command line."""
     secrets = stack.secrets()
     jwt_keys = {name: secrets[name] for name in servers.SEAWEEDFS_JWT_KEYS.values()}
-    cmd, env, _ = servers.seaweedfs_command(tmp_path / "data", PORTS, tmp_path / "s3.json", jwt_keys)
+    cmd, env = weed_command(stack, tmp_path)
     for variable, name in servers.SEAWEEDFS_JWT_KEYS.items():
         assert env.get(variable) == secrets[name] and len(secrets[name]) >= 24, (
             f"infra/servers.py seaweedfs_command: {variable} is not the generated {name}"
@@ -412,8 +438,7 @@ def test_seaweedfs_serves_only_s3_beyond_its_own_loopback(containers, stack, tmp
     """The ports that take no S3 key never leave the store: make stack binds everything to
     127.0.0.1; in a container master, volume and filer bind its loopback and only S3 binds the
     private network; the pod or container exposes the S3 port alone."""
-    jwt_keys = {name: stack.secrets()[name] for name in servers.SEAWEEDFS_JWT_KEYS.values()}
-    cmd, _, _ = servers.seaweedfs_command(tmp_path / "data", PORTS, tmp_path / "s3.json", jwt_keys)
+    cmd, _ = weed_command(stack, tmp_path)
     binds = weed_binds(cmd)
     assert binds == {"-ip": "127.0.0.1", "-ip.bind": "127.0.0.1"}, (
         f"infra/servers.py seaweedfs_command binds {binds}"
@@ -427,6 +452,110 @@ def test_seaweedfs_serves_only_s3_beyond_its_own_loopback(containers, stack, tmp
     c = containers["seaweedfs"]
     exposed = [int(str(p).rsplit(":", 1)[-1]) for p in c.ports]
     assert exposed == [PORTS["s3"]], f"{c.where}: exposes {exposed}, not the S3 port {PORTS['s3']} alone"
+
+
+# Which S3 identity each workload that talks to S3 holds, as make stack hands them out: the bucket
+# job creates buckets (admin), MLflow's server keeps the artifacts (mlflow), training pushes and
+# restores DVC's outputs (dvc). The endpoint holds none: MLflow proxies the artifacts.
+S3_ROLE_OF = {"buckets": "admin", "mlflow": "mlflow", "training": "dvc"}
+
+
+def test_s3_identities_are_least_privilege():
+    """No identity but admin may administer; each other one acts on its own bucket only, and
+    the serving one reads and lists, never writes."""
+    buckets = STACK["s3"]["buckets"]
+    identities = STACK["s3"]["identities"]
+    assert set(identities) == {"admin", "mlflow", "dvc", "serve"}, sorted(identities)
+    assert identities["admin"] == ["Admin"]
+    scoped = {"mlflow": buckets["mlflow"], "dvc": buckets["dvc"], "serve": buckets["mlflow"]}
+    for role, bucket in scoped.items():
+        actions = identities[role]
+        unscoped = [a for a in actions if a.partition(":")[2] != bucket]
+        assert not unscoped, f"infra/stack.toml [s3.identities] {role}: {unscoped} reach beyond {bucket}"
+        assert not [a for a in actions if a.startswith("Admin")], f"{role} may administer S3"
+    assert {a.partition(":")[0] for a in identities["serve"]} == {"Read", "List"}, identities["serve"]
+
+
+def test_each_s3_client_holds_its_own_identity(containers, stack):
+    """make stack gives each client the keys of its role only, and every declaration does the same."""
+    assert stack.client_env()["AWS_ACCESS_KEY_ID"] == stack.s3_keys("dvc")[0], (
+        "stack.env: not the DVC identity"
+    )
+    assert "MLFLOW_S3_ENDPOINT_URL" not in stack.client_env(), "clients reach MLflow's bucket through MLflow"
+    _, env, _ = servers.mlflow_command(
+        15000, "postgresql://m@h/m", "s3://b/a", Path("a.ini"), stack.s3_env("mlflow")
+    )
+    assert env["AWS_ACCESS_KEY_ID"] == stack.s3_keys("mlflow")[0], "the MLflow server: not its own identity"
+    assert stack.serve_env()["AWS_ACCESS_KEY_ID"] == stack.s3_keys("serve")[0], (
+        "serve.env: not the serving identity"
+    )
+    assert len({stack.s3_keys(role) for role in stack.s3_roles}) == len(stack.s3_roles), (
+        "two roles share keys"
+    )
+
+    envs = {name: (c.where, c.env) for name, c in containers.items()}
+    if declared_in(containers) == "k8s":  # compose runs no training: a machine of the team does
+        (job,) = render_work_pool(image="trainpipe:test")["job_manifest"]["spec"]["template"]["spec"][
+            "containers"
+        ]
+        envs["training"] = (f"{WORK_POOL} job_manifest", k8s_env(job["env"], WORK_POOL))
+    for name, (where, env) in envs.items():
+        role = S3_ROLE_OF.get(name)
+        keys = (env.get("AWS_ACCESS_KEY_ID"), env.get("AWS_SECRET_ACCESS_KEY"))
+        wanted = tuple(f"<{v}>" for v in s3_key_variables(role)) if role else (None, None)
+        assert keys == wanted, f"{where}: S3 keys {keys}, not {wanted} (its role: {role or 'none'})"
+
+
+def declared_in(containers: dict[str, Container]) -> str:
+    """compose or k8s: which declaration the containers come from."""
+    return "compose" if next(iter(containers.values())).where.startswith(COMPOSE) else "k8s"
+
+
+def test_seaweedfs_grpc_takes_mutual_tls_only(containers, stack, tmp_path):
+    """weed reads a security.toml that gives every gRPC server (master, volume, filer, S3) and
+    weed's own client a certificate and the CA that must have signed the peer's: make stack's in
+    its state folder (-config_dir), the declarations' infra/config/seaweedfs-security.toml with
+    the certificates of python -m infra.envfile mounted beside it."""
+    cmd, _ = weed_command(stack, tmp_path)
+    assert flag(cmd, "-config_dir") == str(stack.seaweedfs_security), (
+        f"infra/servers.py seaweedfs_command: weed reads security.toml from {flag(cmd, '-config_dir')}"
+    )
+    servers.seaweedfs_tls(stack.seaweedfs_security)
+    made = tomllib.loads(servers.write_seaweedfs_security(stack.seaweedfs_security).read_text())
+    for component in ("master", "volume", "filer", "s3", "client"):
+        for key in ("cert", "key"):
+            assert Path(made["grpc"][component][key]).is_file(), f"security.toml [grpc.{component}] {key}"
+    assert Path(made["grpc"]["ca"]).is_file(), "security.toml [grpc] ca"
+
+    path = "infra/config/seaweedfs-security.toml"
+    declared = tomllib.loads((ROOT / path).read_text())
+    assert declared == tomllib.loads(servers.seaweedfs_security_toml("/etc/trainpipe/tls")), (
+        f"{path}: not make stack's security.toml (infra/servers.py seaweedfs_security_toml) for /etc/trainpipe/tls"
+    )
+    _, argv = seaweedfs_sh()
+    assert argv[0] == "-config_dir=/etc/trainpipe", f"infra/config/seaweedfs.sh: weed {argv[:2]}"
+    c = containers["seaweedfs"]
+    assert c.mounts.get("/etc/trainpipe/security.toml") == path, f"{c.where}: does not mount {path}"
+    tls_mounts = {
+        "compose": lambda: c.mounts.get("/etc/trainpipe/tls") == "infra/seaweedfs-tls",
+        "k8s": lambda: k8s_secret_mounts("seaweedfs").get("/etc/trainpipe/tls") == "trainpipe-seaweedfs-tls",
+    }
+    assert tls_mounts[declared_in(containers)](), (
+        f"{c.where}: the gRPC certificates are not mounted at /etc/trainpipe/tls"
+    )
+
+
+def k8s_secret_mounts(workload: str) -> dict[str, str]:
+    """Where a workload of infra/k8s mounts Secrets: mount path -> Secret name."""
+    (obj,) = [
+        o
+        for _, o in k8s_objects()
+        if o["kind"] in ("StatefulSet", "Deployment") and o["metadata"]["name"] == workload
+    ]
+    pod = obj["spec"]["template"]["spec"]
+    secrets = {v["name"]: v["secret"]["secretName"] for v in pod.get("volumes", []) if "secret" in v}
+    (c,) = pod["containers"]
+    return {m["mountPath"]: secrets[m["name"]] for m in c.get("volumeMounts", []) if m["name"] in secrets}
 
 
 def pods_by_workload() -> dict[str, tuple[str, dict]]:
@@ -508,7 +637,7 @@ def test_mlflow_is_started_as_make_stack_starts_it(containers, stack):
         stack.postgres_uri("mlflow", "mlflow"),
         STACK["mlflow"]["artifacts"],
         Path("basic_auth.ini"),
-        stack.s3_env(),
+        stack.s3_env("mlflow"),
     )
     c = containers["mlflow"]
     assert c.argv[:2] == ["mlflow", "server"], f"{c.where}: runs {c.argv[:2]}, not mlflow server"
@@ -768,9 +897,8 @@ def test_work_pool_template_gives_training_the_stack(stack):
         "MLFLOW_TRACKING_USERNAME": STACK["mlflow"]["admin_user"],
         "MLFLOW_TRACKING_PASSWORD": "<MLFLOW_ADMIN_PASSWORD>",
         "AWS_ENDPOINT_URL_S3": f"http://seaweedfs:{PORTS['s3']}",
-        "MLFLOW_S3_ENDPOINT_URL": f"http://seaweedfs:{PORTS['s3']}",
-        "AWS_ACCESS_KEY_ID": "<S3_ACCESS_KEY>",
-        "AWS_SECRET_ACCESS_KEY": "<S3_SECRET_KEY>",
+        "AWS_ACCESS_KEY_ID": "<S3_DVC_ACCESS_KEY>",  # the DVC remote's identity, as stack.env's
+        "AWS_SECRET_ACCESS_KEY": "<S3_DVC_SECRET_KEY>",
         "AWS_REGION": STACK["s3"]["region"],
         "TRAINPIPE_DVC_REMOTE": STACK["dvc"]["remote"],
     }
