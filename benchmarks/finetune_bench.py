@@ -99,7 +99,9 @@ def figures(proj: Path, env: dict, version: str) -> dict:
         "version": version,
         "kind": found.tags.get("kind", "train"),
         "bpb": metrics.get("val_bits_per_byte"),
-        "slices": {k.removeprefix("val_bpb_slice_"): v for k, v in metrics.items() if k.startswith("val_bpb_slice_")},
+        "slices": {
+            k.removeprefix("val_bpb_slice_"): v for k, v in metrics.items() if k.startswith("val_bpb_slice_")
+        },
         "memorized": metrics.get("memorized_spans"),
         "train_device_s": metrics.get("cost.train.device_s"),
         "run_device_s": metrics.get("cost.device_s"),
@@ -148,7 +150,9 @@ def main() -> None:
     wall["finetune"] = trainpipe(proj, env, "finetune", "-S", fix)
     parent_memorized = champion_memorization(proj, env)
     wall["retrain"] = trainpipe(proj, env, "run", "-S", fix)
-    rows = {name: figures(proj, env, v) for name, v in (("champion", "1"), ("finetune", "2"), ("retrain", "3"))}
+    rows = {
+        name: figures(proj, env, v) for name, v in (("champion", "1"), ("finetune", "2"), ("retrain", "3"))
+    }
     rows["champion"]["memorized"] = parent_memorized  # on the cleaned data's spans, as the others
     for name, row in rows.items():
         row["wall_s"] = wall[name]
