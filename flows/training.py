@@ -319,6 +319,8 @@ def report_curation(params: Params) -> dict:
             "curate_documents_kept": curation.get("kept", {}).get("documents", 0),
             "curate_bytes_kept": curation.get("kept", {}).get("bytes", 0),
             "curate_duplicate_clusters": len(curation.get("duplicate_clusters", [])),
+            # per built-in kind and per curate.scrub_patterns name: curate_scrubbed_email, ...
+            **{f"curate_scrubbed_{kind}": n for kind, n in curation.get("scrubbed", {}).items()},
         }
     )
     create_table_artifact(
