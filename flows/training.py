@@ -57,6 +57,7 @@ from pipelines.core.data import read_json, sha256_hex
 from pipelines.core.errors import PERMANENT_EXIT_CODES, TrainpipeError
 from pipelines.core.ledger import ledger_markdown, ledger_metrics, run_ledger
 from pipelines.core.params import PARAMS_FILE, Params, flatten, load_params, override_text, save_overrides
+from pipelines.core.scoring import MEMORIZATION_FILE
 from pipelines.core.usage import (
     USAGE_DIR_ENV,
     note_unreported_attempt,
@@ -331,6 +332,21 @@ def report_curation(params: Params) -> dict:
     return curation
 
 
+def log_memorization(params: Params) -> None:
+    """The memorization check per kind (metrics.json has its totals) as metrics of the flow's run:
+    memorized.<kind> and memorization_checked.<kind>, for each kind it checked."""
+    import mlflow
+
+    path = Path(params.evaluate.reports_dir) / MEMORIZATION_FILE
+    if not path.exists():
+        return
+    per_kind = read_json(path).get("per_kind") or {}
+    figures = {f"memorized.{kind}": f["memorized"] for kind, f in per_kind.items()}
+    figures |= {f"memorization_checked.{kind}": f["checked"] for kind, f in per_kind.items()}
+    if figures:
+        mlflow.log_metrics(figures)
+
+
 @flow(name="trainpipe-training", log_prints=True)
 def training_flow(params: Params | None = None) -> dict:
     """ingest → curate → tokenize → train → evaluate (DVC stages), then push and publish."""
@@ -422,6 +438,7 @@ def _training_flow(params: Params | None) -> dict:
                 ledger = record_costs(params, outcomes, usage_dir)  # before publish, which sums it
             metrics = read_json(Path(params.evaluate.reports_dir) / "metrics.json")
             mlflow.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+            log_memorization(params)
             # Pushed before publish moves an alias: a champion's data and model are never only here.
             push_outputs()
             published = publish(params, lineage(params), run_id)

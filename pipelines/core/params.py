@@ -311,6 +311,18 @@ class EvaluateParams(Section):
     max_tokens: int | None = Field(None, ge=1, description="cap on validation tokens scored; null: all")
     num_samples: int = Field(3, ge=0, description="sampled completions written to the report")
     sample_tokens: int = Field(96, ge=1, description="tokens per sampled completion")
+    memorization_max_spans: int = Field(
+        256,
+        ge=1,
+        description="the memorization check: most distinct scrubbed secrets greedily completed from "
+        "their preceding context (the most repeated first, every kind in turn); a challenger that "
+        "reproduces one is never promoted",
+    )
+    memorization_context_tokens: int = Field(
+        32,
+        ge=1,
+        description="the memorization check: tokens of curated text before a secret it completes from",
+    )
     reports_dir: str = Field("reports", description="where metrics.json and plots go")
 
 
