@@ -163,44 +163,72 @@ def count_memorized(
     """For each check, whether greedy decoding from its context reproduces the removed text: the
     first `length` characters after the expected lead hash to its sha256.
 
-    Rows of one context length decode together (GPT.generate's batched KV cache: every row at one
-    position), for as many new tokens as the longest secret of the batch has characters (a
+    Rows of one context length decode together (one batched KV cache, every row at one position),
+    each until it has the characters it needs or ends (eot), the batch until all have. A
     byte-level token is at least one byte, so an ASCII secret of n characters takes at most n
-    tokens). A context is cut so that it and the completion fit the model's block_size; an
-    empty one (a secret at a document's start) is the end-of-text token eot, as in training,
-    where a completion also ends."""
+    tokens, and a row stops as soon as its tokens' bytes cover it: a 20-character email costs
+    the ~7 tokens it takes, not 20. A context is cut so that it and the completion fit the
+    model's block_size; an empty one (a secret at a document's start) is eot, as in training."""
     block_size = model.config.block_size
-    device = next(model.parameters()).device
+    token_bytes = [len(tokenizer.id_to_token(i) or "") for i in range(tokenizer.get_vocab_size())]
     rows = []
     for i, check in enumerate(checks):
-        new_tokens = check.length + 1  # + the lead, if any
-        room = max(1, min(context_tokens, block_size - new_tokens))
+        room = max(1, min(context_tokens, block_size - (check.length + 1)))  # + 1: the lead, if any
         ids, lead = prompt_for(tokenizer, texts[check.path], check.offset, room)
-        if not ids:
-            ids = [eot if eot is not None else 0]
-        rows.append((len(ids), new_tokens, i, ids, lead))
-    rows.sort()  # one length per batch, the shortest completions together
+        rows.append(
+            (len(ids or [eot]), check.length + len(lead), i, ids or [eot if eot is not None else 0], lead)
+        )
+    rows.sort()  # one context length per batch, the shortest completions together
     found = [False] * len(checks)
     b = 0
     while b < len(rows):
-        length = rows[b][0]
-        batch = [r for r in rows[b : b + batch_size] if r[0] == length]
+        batch = [r for r in rows[b : b + batch_size] if r[0] == rows[b][0]]
         b += len(batch)
-        idx = torch.tensor([r[3] for r in batch], dtype=torch.long, device=device)
-        steps = min(max(r[1] for r in batch), block_size - length)
-        out = model.generate(idx, steps, temperature=0.0)[:, length:].tolist()
-        for (_, _, i, _, lead), new_ids in zip(batch, out, strict=True):
+        completions = _greedy(
+            model, tokenizer, [r[3] for r in batch], [r[1] for r in batch], token_bytes, eot
+        )
+        for (_, _, i, _, lead), completion in zip(batch, completions, strict=True):
             check = checks[i]
-            if eot in new_ids:
-                new_ids = new_ids[: new_ids.index(eot)]
-            completion = tokenizer.decode(new_ids)
-            if not completion.startswith(lead):
-                continue
             candidate = completion[len(lead) : len(lead) + check.length]
-            found[i] = len(candidate) == check.length and (
-                hashlib.sha256(candidate.encode("utf-8")).hexdigest() == check.sha256
+            found[i] = (
+                completion.startswith(lead)
+                and len(candidate) == check.length
+                and hashlib.sha256(candidate.encode("utf-8")).hexdigest() == check.sha256
             )
     return found
+
+
+def _greedy(
+    model: GPT, tokenizer, prompts: list[list[int]], needs: list[int], token_bytes: list[int], eot: int | None
+) -> list[str]:
+    """Greedy completions of prompts (all of one length): each row until its text has needs[r]
+    characters or it produced eot, within the model's block_size."""
+    from pipelines.core.model import KVCache
+
+    device = next(model.parameters()).device
+    idx = torch.tensor(prompts, dtype=torch.long, device=device)  # (B, T)
+    cache = KVCache(model.config)
+    logits = model.lm_head(model.hidden_states(idx, cache)[:, -1, :])  # (B, vocab)
+    new_ids: list[list[int]] = [[] for _ in prompts]
+    got = [0] * len(prompts)  # bytes so far
+    live = set(range(len(prompts)))
+    for _ in range(model.config.block_size - idx.size(1)):
+        tokens = logits.float().argmax(dim=-1)  # (B,)
+        for r, token in enumerate(tokens.tolist()):
+            if r not in live:
+                continue
+            if token == eot:
+                live.discard(r)
+                continue
+            new_ids[r].append(token)
+            got[r] += token_bytes[token] if token < len(token_bytes) else 1
+            # enough bytes; enough characters too, unless some are multibyte
+            if got[r] >= needs[r] and len(tokenizer.decode(new_ids[r])) >= needs[r]:
+                live.discard(r)
+        if not live:
+            break
+        logits = model.lm_head(model.hidden_states(tokens[:, None], cache)[:, -1, :])
+    return [tokenizer.decode(ids) for ids in new_ids]
 
 
 def memorization_report(checks: list[Check], found: list[bool], left_out: int) -> dict:
