@@ -104,9 +104,11 @@ def pick_spans(
     name). A secret longer than max_length characters (a completion cannot hold it) is left out.
     With texts (path -> curated text), a secret is checked at the span whose preceding
     context_chars characters are the most common among its spans (the first such in (path,
-    offset) order); without, at its first span."""
+    offset) order), and spans of documents texts lacks are left out; without, at its first span."""
     groups: dict[tuple[str, str], list[dict]] = {}
     for span in spans:
+        if texts is not None and span["path"] not in texts:
+            continue
         groups.setdefault((span["kind"], span["sha256"]), []).append(span)
     by_kind: dict[str, list[tuple[str, str]]] = {}
     for key, members in groups.items():
@@ -127,9 +129,7 @@ def pick_spans(
 
 
 def _usual_context(members: list[dict], texts: Mapping[str, str], context_chars: int) -> dict:
-    compared = [s for s in members[:MAX_CONTEXTS_COMPARED] if s["path"] in texts]
-    if not compared:
-        return members[0]
+    compared = members[:MAX_CONTEXTS_COMPARED]
     contexts = [texts[s["path"]][max(0, s["offset"] - context_chars) : s["offset"]] for s in compared]
     counts = Counter(contexts)
     best = max(counts.values())

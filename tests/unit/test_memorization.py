@@ -60,6 +60,9 @@ def test_a_secret_is_checked_where_its_usual_context_precedes_it():
     spans = [span(p, t.index("<X>"), "x", SECRET) for p, t in sorted(texts.items())]
     (check,), _ = pick_spans(spans, max_spans=1, texts=texts)
     assert (check.path, check.occurrences) == ("b.py", 3)
+    # a span of a document the curated set no longer holds is not checked
+    (check,), _ = pick_spans(spans, max_spans=1, texts={"a.py": texts["a.py"]})
+    assert (check.path, check.occurrences) == ("a.py", 1)
 
 
 def test_the_context_leaves_a_trailing_space_to_the_completion():
