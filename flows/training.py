@@ -301,6 +301,18 @@ def curation_table(curation: dict) -> list[dict]:
     return [{key: str(value) for key, value in row.items()} for row in rows]
 
 
+def curation_metrics(curation: dict) -> dict[str, int]:
+    """The curation report's counts as MLflow metrics of the flow's run."""
+    return {
+        "curate_documents_in": curation.get("documents_in", 0),
+        "curate_documents_kept": curation.get("kept", {}).get("documents", 0),
+        "curate_bytes_kept": curation.get("kept", {}).get("bytes", 0),
+        "curate_duplicate_clusters": len(curation.get("duplicate_clusters", [])),
+        # per built-in kind and per curate.scrub_patterns name: curate_scrubbed_email, ...
+        **{f"curate_scrubbed_{kind}": n for kind, n in curation.get("scrubbed", {}).items()},
+    }
+
+
 def report_curation(params: Params) -> dict:
     """Log the curate stage's reports (passed or failed) to the flow's MLflow run and Prefect."""
     import mlflow
@@ -314,16 +326,7 @@ def report_curation(params: Params) -> dict:
             mlflow.log_artifact(str(reports / name), artifact_path="curation")
     if (reports / "data_docs").is_dir():
         mlflow.log_artifacts(str(reports / "data_docs"), artifact_path="curation/data_docs")
-    mlflow.log_metrics(
-        {
-            "curate_documents_in": curation.get("documents_in", 0),
-            "curate_documents_kept": curation.get("kept", {}).get("documents", 0),
-            "curate_bytes_kept": curation.get("kept", {}).get("bytes", 0),
-            "curate_duplicate_clusters": len(curation.get("duplicate_clusters", [])),
-            # per built-in kind and per curate.scrub_patterns name: curate_scrubbed_email, ...
-            **{f"curate_scrubbed_{kind}": n for kind, n in curation.get("scrubbed", {}).items()},
-        }
-    )
+    mlflow.log_metrics(curation_metrics(curation))
     create_table_artifact(
         curation_table(curation),
         key="trainpipe-curation",

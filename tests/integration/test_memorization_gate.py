@@ -1,4 +1,5 @@
-"""The promotion gate refuses a challenger that reproduces a removed secret, on a real MLflow registry."""
+"""The promotion gate refuses a challenger that reproduces a removed secret, on a real MLflow registry;
+the flow logs the counts per kind (one's own formats' too) as MLflow metrics."""
 
 import itertools
 from pathlib import Path
@@ -77,3 +78,27 @@ def test_a_memorization_count_of_other_spans_is_refused(params, tmp_path):
         ConfigError, match="reports/metrics.json has no 'memorized_secrets': run `trainpipe evaluate` again"
     ):
         publish_model(params)
+
+
+def test_the_flow_logs_scrubbed_and_memorized_counts_per_kind(params):
+    import mlflow
+
+    from flows.training import curation_metrics, log_memorization
+
+    write_json(
+        Path(params.evaluate.reports_dir) / "memorization.json",
+        {
+            "per_kind": {
+                "corp_token": {"checked": 1, "memorized": 1},
+                "email": {"checked": 40, "memorized": 0},
+            }
+        },
+    )
+    curation = {"documents_in": 3, "scrubbed": {"email": 824, "corp_token": 12}}
+    with mlflow.start_run() as run:
+        mlflow.log_metrics(curation_metrics(curation))
+        log_memorization(params)
+    metrics = MlflowClient().get_run(run.info.run_id).data.metrics
+    assert metrics["curate_scrubbed_corp_token"] == 12 and metrics["curate_scrubbed_email"] == 824
+    assert metrics["memorized.corp_token"] == 1 and metrics["memorization_checked.corp_token"] == 1
+    assert metrics["memorized.email"] == 0 and metrics["memorization_checked.email"] == 40
