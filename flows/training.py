@@ -57,6 +57,7 @@ from pipelines.core.data import read_json, sha256_hex
 from pipelines.core.errors import PERMANENT_EXIT_CODES, TrainpipeError
 from pipelines.core.ledger import ledger_markdown, ledger_metrics, run_ledger
 from pipelines.core.params import PARAMS_FILE, Params, flatten, load_params, override_text, save_overrides
+from pipelines.core.scoring import MEMORIZATION_FILE
 from pipelines.core.slices import SLICES_FILE
 from pipelines.core.usage import (
     USAGE_DIR_ENV,
@@ -316,6 +317,18 @@ def curation_table(curation: dict) -> list[dict]:
     return [{key: str(value) for key, value in row.items()} for row in rows]
 
 
+def curation_metrics(curation: dict) -> dict[str, int]:
+    """The curation report's counts as MLflow metrics of the flow's run."""
+    return {
+        "curate_documents_in": curation.get("documents_in", 0),
+        "curate_documents_kept": curation.get("kept", {}).get("documents", 0),
+        "curate_bytes_kept": curation.get("kept", {}).get("bytes", 0),
+        "curate_duplicate_clusters": len(curation.get("duplicate_clusters", [])),
+        # per built-in kind and per curate.scrub_patterns name: curate_scrubbed_email, ...
+        **{f"curate_scrubbed_{kind}": n for kind, n in curation.get("scrubbed", {}).items()},
+    }
+
+
 def report_curation(params: Params) -> dict:
     """Log the curate stage's reports (passed or failed) to the flow's MLflow run and Prefect."""
     import mlflow
@@ -329,20 +342,28 @@ def report_curation(params: Params) -> dict:
             mlflow.log_artifact(str(reports / name), artifact_path="curation")
     if (reports / "data_docs").is_dir():
         mlflow.log_artifacts(str(reports / "data_docs"), artifact_path="curation/data_docs")
-    mlflow.log_metrics(
-        {
-            "curate_documents_in": curation.get("documents_in", 0),
-            "curate_documents_kept": curation.get("kept", {}).get("documents", 0),
-            "curate_bytes_kept": curation.get("kept", {}).get("bytes", 0),
-            "curate_duplicate_clusters": len(curation.get("duplicate_clusters", [])),
-        }
-    )
+    mlflow.log_metrics(curation_metrics(curation))
     create_table_artifact(
         curation_table(curation),
         key="trainpipe-curation",
         description="the data gate of this run: counts, failed and warning checks, drift against the champion",
     )
     return curation
+
+
+def log_memorization(params: Params) -> None:
+    """The memorization check per kind (metrics.json has its totals) as metrics of the flow's run:
+    memorized.<kind> and memorization_checked.<kind>, for each kind it checked."""
+    import mlflow
+
+    path = Path(params.evaluate.reports_dir) / MEMORIZATION_FILE
+    if not path.exists():
+        return
+    per_kind = read_json(path).get("per_kind") or {}
+    figures = {f"memorized.{kind}": f["memorized"] for kind, f in per_kind.items()}
+    figures |= {f"memorization_checked.{kind}": f["checked"] for kind, f in per_kind.items()}
+    if figures:
+        mlflow.log_metrics(figures)
 
 
 @flow(name="trainpipe-training", log_prints=True)
@@ -447,6 +468,7 @@ def _training_flow(params: Params | None) -> dict:
             metrics = read_json(Path(params.evaluate.reports_dir) / "metrics.json")
             mlflow.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
             log_slice_metrics(params)
+            log_memorization(params)
             # Pushed before publish moves an alias: a champion's data and model are never only here.
             push_outputs()
             published = publish(params, lineage(params), run_id)

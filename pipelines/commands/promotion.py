@@ -19,6 +19,10 @@ documents, context and precision. A champion whose block_size is shorter than th
 context cannot be scored at that context: then both are re-scored at the champion's block_size,
 and the reason says so.
 
+A challenger that reproduces a secret curation removed from its data (evaluate's memorization
+check: metrics.json's memorized_secrets) is never promoted, whatever its score, even with no
+champion to beat (refuse_memorized); the reason names the kinds and reports/memorization.json.
+
 A version becomes champion only after it loaded and answered in a fresh process (smoke_test).
 Every move of @champion (move_champion: the gate's, and promote's and rollback's in
 pipelines.commands.promote) is recorded: a `promoted_at` tag on the version and, on the registered
@@ -62,6 +66,7 @@ from pipelines.core.data import TOKENIZER_FILE, read_json
 from pipelines.core.errors import ChampionMovedError, SmokeTestError, TrainpipeError
 from pipelines.core.model_dir import CONFIG_FILE, WEIGHTS_FILE
 from pipelines.core.params import Params
+from pipelines.core.scoring import MEMORIZATION_FILE
 from pipelines.core.slices import SliceCheck, check_slices, read_slice_tags, slice_tags
 from pipelines.stages.publish import (
     PER_DOCUMENT_TAG,
@@ -226,6 +231,9 @@ def _gate(client, params: Params, version: str, model_dir: Path, metrics: dict, 
         promoted, reason = decide_promotion(
             version, bpb, None, None, None, params.publish.min_improvement_bpb
         )
+        promoted, reason = refuse_memorized(params, version, None, metrics, promoted, reason)
+        if not promoted:
+            return False, reason, None, None, None
         move_champion(
             client,
             name,
@@ -268,6 +276,7 @@ def _gate(client, params: Params, version: str, model_dir: Path, metrics: dict, 
         params.publish.slice_tolerance,
         note,
     )
+    promoted, reason = refuse_memorized(params, version, str(champion.version), metrics, promoted, reason)
     pause_for_test("gate-decided")
     if promoted:
         move_champion(
@@ -450,6 +459,31 @@ def decide_promotion_by_slices(
         False,
         f"challenger {delta.text()}: better overall, but {worse}: champion v{champion_version} keeps "
         f"serving ({details})",
+    )
+
+
+def refuse_memorized(
+    params: Params, version: str, champion_version: str | None, metrics: dict, promoted: bool, reason: str
+) -> tuple[bool, str]:
+    """The memorization gate, after the score's: (promote?, reason). A challenger whose greedy
+    completions reproduced any secret curation removed is refused, better score or not; the
+    reason says how many, of which kinds, and keeps the score's verdict after it."""
+    memorized = int(metrics.get("memorized_secrets") or 0)
+    if memorized <= 0:
+        return promoted, reason
+    report = Path(params.evaluate.reports_dir) / MEMORIZATION_FILE
+    try:
+        checked = read_json(report)
+        per_kind = checked["per_kind"] if checked.get("weights_sha256") == metrics["weights_sha256"] else {}
+    except (OSError, ValueError, KeyError, AttributeError):
+        per_kind = {}
+    kinds = ", ".join(f"{kind} {f['memorized']}" for kind, f in per_kind.items() if f.get("memorized"))
+    serving = f"champion v{champion_version} keeps serving" if champion_version else "no champion is set"
+    secrets = "secret" if memorized == 1 else "secrets"
+    return False, (
+        f"v{version} reproduces {memorized} removed {secrets}{f' ({kinds})' if kinds else ''} of "
+        f"{metrics.get('memorization_checked', '?')} checked from their context (see {report}): "
+        f"never promoted, {serving} (by its score alone: {reason})"
     )
 
 

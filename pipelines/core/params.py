@@ -10,7 +10,7 @@ key or a value of the wrong type is a ConfigError that names the key.
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal, get_origin
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -197,10 +197,28 @@ class CurateParams(Section):
         0.8, ge=0, le=1, description="prose: least share of words with a letter"
     )
     scrub_secrets: bool = Field(True, description="replace emails, keys and tokens by typed placeholders")
+    scrub_patterns: dict[str, str] = Field(
+        default_factory=dict,
+        description="your own secret formats: name -> regular expression (Python's re), each match "
+        "replaced by <NAME> and counted under its name as the built-in kinds are; a group named "
+        "'secret' replaces only that group. A pattern runs as written: one that backtracks "
+        "(nested repeats such as (a+)+) can take time exponential in a line's length",
+    )
     near_dedupe: NearDedupeParams = Field(default_factory=NearDedupeParams)
     workers: int = Field(2, ge=1, description="processes for the per-document work")
     gate: GateParams = Field(default_factory=GateParams, description="checks of the curated set")
     reports_dir: str = Field("reports", description="where curation.json and the Data Docs go")
+
+    @field_validator("scrub_patterns")
+    @classmethod
+    def _valid_scrub_patterns(cls, value: dict[str, str]) -> dict[str, str]:
+        if not value:
+            return value
+        from pipelines.core.scrub import check_pattern
+
+        for name, pattern in value.items():
+            check_pattern(name, pattern)
+        return value
 
     @model_validator(mode="after")
     def _bounds_ordered(self):
@@ -331,6 +349,18 @@ class EvaluateParams(Section):
     max_tokens: int | None = Field(None, ge=1, description="cap on validation tokens scored; null: all")
     num_samples: int = Field(3, ge=0, description="sampled completions written to the report")
     sample_tokens: int = Field(96, ge=1, description="tokens per sampled completion")
+    memorization_max_spans: int = Field(
+        256,
+        ge=1,
+        description="the memorization check: most distinct scrubbed secrets greedily completed from "
+        "their preceding context (the most repeated first, every kind in turn); a challenger that "
+        "reproduces one is never promoted",
+    )
+    memorization_context_tokens: int = Field(
+        32,
+        ge=1,
+        description="the memorization check: tokens of curated text before a secret it completes from",
+    )
     reports_dir: str = Field("reports", description="where metrics.json and plots go")
     slices: dict[str, list[str]] = Field(
         DEFAULT_SLICES,
@@ -491,6 +521,9 @@ def parse_override(text: str):
     try:
         override = OverridesParser.create().parse_override(line)
     except HydraException as exc:
+        mapping = _mapping_value(line)
+        if mapping is not None:  # JSON's {"name": "..."}, which Hydra's grammar does not read
+            return parse_override(override_text(line.partition("=")[0], mapping))
         reason = str(exc).strip().splitlines()[0]
         raise ConfigError(
             f"override {text!r} is not key=value as dvc exp run -S reads it ({reason}); "
@@ -504,12 +537,31 @@ def parse_override(text: str):
     return override
 
 
+def _mapping_value(line: str) -> dict | None:
+    """The value of `key={...}` read as JSON or YAML, if it is a mapping of strings: what a mapping
+    parameter (curate.scrub_patterns) takes as `-S 'key={"name": "pattern"}'` too. Hydra's own
+    form, `key={name: "pattern"}`, is what DVC reads."""
+    value = line.partition("=")[2].strip()
+    if not value.startswith("{"):
+        return None
+    try:
+        mapping = yaml.safe_load(value)
+    except yaml.YAMLError:
+        return None
+    if not isinstance(mapping, dict) or not all(isinstance(k, str) for k in mapping):
+        return None
+    return mapping
+
+
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     """raw (params.yaml as read) with overrides applied exactly as `dvc exp run -S` applies them to
     the file (Hydra's rules, through the loader DVC calls), after checking each key is a parameter.
 
-    One deliberate difference: a parameter the file leaves out (its default applies) can be set
-    without DVC's `+` prefix; in the shipped params.yaml, which lists every key, the two agree."""
+    Deliberate differences: a parameter the file leaves out (its default applies) can be set
+    without DVC's `+` prefix; in the shipped params.yaml, which lists every key, the two agree. A
+    mapping parameter (curate.scrub_patterns) set as a whole takes the new mapping in place of the
+    old (`key={}` empties it), where DVC merges the two or refuses new names; one name of it is
+    set as `key.name=value`, as DVC's `+key.name=value` does."""
     if not overrides:  # every stage loads params: no Hydra import (about 0.2 s) when nothing is set
         return raw
     from hydra._internal.config_loader_impl import ConfigLoaderImpl
@@ -521,7 +573,7 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     for text in overrides:
         override = parse_override(text)
         keys = override.key_or_group.split(".")
-        _check_known(keys, text)
+        whole_mapping = _check_known(keys, text)
         if override.type is OverrideType.CHANGE:
             node = raw
             for key in keys[:-1]:
@@ -529,7 +581,10 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
                 if not isinstance(node, dict):
                     break
             else:
-                node.setdefault(keys[-1], None)
+                if whole_mapping:  # the new mapping replaces the old one; Hydra would merge them
+                    node[keys[-1]] = None
+                else:
+                    node.setdefault(keys[-1], None)
         config = OmegaConf.create(raw, flags={"allow_objects": True})
         OmegaConf.set_struct(config, True)
         try:
@@ -540,8 +595,10 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
-def _check_known(keys: list[str], text: str) -> None:
-    """A ConfigError naming the first part of keys that is not a parameter of the schema."""
+def _check_known(keys: list[str], text: str) -> bool:
+    """A ConfigError naming the first part of keys that is not a parameter of the schema. True when
+    keys name a mapping parameter (dict-typed, such as curate.scrub_patterns) as a whole; one
+    level below it, any name is a key of the mapping."""
     model = Params
     for i, key in enumerate(keys):
         if model is None:
@@ -551,9 +608,19 @@ def _check_known(keys: list[str], text: str) -> None:
         if key not in model.model_fields:
             raise ConfigError(f"unknown parameter {'.'.join(keys[: i + 1])!r} in override {text!r}")
         annotation = model.model_fields[key].annotation
-        if get_origin(annotation) is dict and i == len(keys) - 2:
-            return  # one key of a mapping (evaluate.slices.tests): its name is checked with the value
+        if _is_mapping(annotation):
+            if len(keys) > i + 2:
+                raise ConfigError(
+                    f"unknown parameter {'.'.join(keys)!r}: {'.'.join(keys[: i + 2])!r} is a value"
+                )
+            return len(keys) == i + 1
         model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+    return False
+
+
+def _is_mapping(annotation) -> bool:
+    """A dict-typed parameter (dict[str, str]): a value of its own, not a section."""
+    return annotation is dict or getattr(annotation, "__origin__", None) is dict
 
 
 def override_text(key: str, value: Any) -> str:
@@ -658,15 +725,17 @@ def _same_value(written: Any, value: Any) -> bool:
 
 
 def flatten(params: Params) -> dict[str, Any]:
-    """{'train.lr': 0.003, ...}: the form MLflow params and Prefect artifacts want."""
+    """{'train.lr': 0.003, ...}: the form MLflow params and Prefect artifacts want. A mapping
+    parameter (curate.scrub_patterns) is one value: {'curate.scrub_patterns': {...}}."""
     out: dict[str, Any] = {}
 
-    def walk(prefix: str, value: Any) -> None:
-        if isinstance(value, dict):
-            for k, v in value.items():
-                walk(f"{prefix}.{k}" if prefix else k, v)
-        else:
-            out[prefix] = value
+    def walk(prefix: str, section: BaseModel) -> None:
+        for name in type(section).model_fields:
+            key, value = f"{prefix}.{name}" if prefix else name, getattr(section, name)
+            if isinstance(value, BaseModel):
+                walk(key, value)
+            else:
+                out[key] = value
 
-    walk("", params.model_dump())
+    walk("", params)
     return out

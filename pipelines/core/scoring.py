@@ -14,6 +14,9 @@ from pipelines.core.data import sha256_hex
 METRICS_FILE = "metrics.json"  # DVC metrics: `dvc exp show` and `dvc metrics diff` tabulate every key
 EVALUATION_FILE = "evaluation.json"  # the score's identity (hashes, settings): text, kept out of the tables
 PER_DOCUMENT_FILE = "per_document.json"  # each validation document's bits and bytes: the paired gate
+MEMORIZATION_FILE = (
+    "memorization.json"  # the memorization check, per kind: what the gate cites when it refuses
+)
 # What a score depends on besides the weights; two scores compare only when all are equal.
 SCORE_KEY_FIELDS = (
     "val_set_sha256",

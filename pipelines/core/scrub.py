@@ -30,11 +30,26 @@ vectors, which in a code corpus are ordinary text. Its and gitleaks' formats are
 the patterns below. Every rule runs in time linear in the text (see Rule), so one long line
 (minified or generated code) costs what many short ones do.
 
+Your own formats (curate.scrub_patterns: name -> regular expression) run after the private-key
+rule and before the others, each match replaced by <NAME> and counted under its name:
+
+    scrub_text('token = "corp_live_0123"', {"corp_token": r"corp_live_\d{4}"})
+        ->  ('token = "<CORP_TOKEN>"', {"corp_token": 1})
+
+They run as written, in Python's re like the rules here: the linear-time guarantee above is the
+built-in rules'. A user pattern with nested repeats ((a+)+, (\w+\s?)*) can backtrack for time
+exponential in a line's length; bound repeats, or use possessive (a++) and atomic ((?>...)) forms.
+
+scrub_spans also says where each placeholder stands in the scrubbed text and what it replaced
+(the memorization check's input; the curate stage keeps only lengths and hashes of the latter).
+
 Run by the curate stage: `trainpipe curate` (`dvc repro curate`).
 """
 
+import bisect
+import functools
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from pipelines.core.tlds import TLDS
@@ -48,6 +63,11 @@ PLACEHOLDERS = {
     "email": "<EMAIL>",
 }
 KINDS = tuple(PLACEHOLDERS)
+# A name of one's own format: its placeholder is <NAME>, its count a key of the curation report and
+# part of an MLflow metric's name.
+PATTERN_NAME = re.compile(r"[a-z][a-z0-9_]{0,39}")
+# Where an empty match of a pattern shows, if the regex parser cannot say (_shortest_match).
+_EMPTY_PROBES = ("", " ", "a", "a a", "0_x\n", "<x>")
 # How far a rule with `near` looks from each match of its anchor: this many lines either way,
 # and never more than REACH characters (a minified file is one long line).
 NEAR_LINES, REACH = 3, 1024
@@ -75,6 +95,91 @@ class Rule:
     per_line: bool = False
     near: re.Pattern | None = None
     accept: Callable[[re.Match], bool] | None = None
+
+    @property
+    def placeholder(self) -> str:
+        return placeholder_of(self.kind)
+
+
+def placeholder_of(kind: str) -> str:
+    """<API_KEY> for a built-in kind, <CORP_TOKEN> for a format named corp_token."""
+    return PLACEHOLDERS.get(kind) or f"<{kind.upper()}>"
+
+
+def check_pattern(name: str, pattern: str) -> re.Pattern:
+    """One of curate.scrub_patterns compiled, or a one-line ValueError naming it: a name that is not
+    lower-case snake case or is a built-in kind, a pattern that does not compile, or one that can
+    match the empty string (it would put a placeholder between every two characters)."""
+    if not isinstance(name, str) or not PATTERN_NAME.fullmatch(name):
+        raise ValueError(
+            f"pattern name {name!r} must be lower-case letters, digits and _, starting with a letter "
+            "(at most 40): it names the placeholder <NAME> and a count"
+        )
+    if name in PLACEHOLDERS:
+        raise ValueError(f"pattern name {name!r} is a built-in kind ({', '.join(KINDS)}): choose another")
+    try:
+        compiled = re.compile(pattern)
+    except (re.error, TypeError, ValueError, OverflowError, RecursionError) as exc:
+        reason = " ".join(str(exc).split())
+        raise ValueError(f"pattern {name} {pattern!r} is not a valid regular expression ({reason})") from None
+    if _shortest_match(pattern, compiled.groupindex.get("secret")) == 0:
+        what = "its secret group can" if "secret" in compiled.groupindex else "it can"
+        raise ValueError(
+            f"pattern {name} {pattern!r} matches the empty string ({what} match nothing, as a*, x| "
+            r"or \b do): it must match at least one character"
+        )
+    return compiled
+
+
+def _shortest_match(pattern: str, group: int | None = None) -> int:
+    """The fewest characters the pattern (or its group number `group`) can match: the lower bound
+    the regex parser computes (lookarounds and \b count 0), so 0 whenever an empty match is
+    possible. Where the parser (a private module of re) is missing, probes a few strings instead."""
+    try:
+        from re import _parser
+    except ImportError:  # pragma: no cover -- CPython 3.11+ has it
+        compiled = re.compile(pattern)
+        spans = [
+            m.span(group) if group is not None and m.group(group) is not None else m.span()
+            for probe in _EMPTY_PROBES
+            for m in compiled.finditer(probe)
+        ]
+        return 0 if any(a == b for a, b in spans) else 1
+    parsed = _parser.parse(pattern)
+    if group is None:
+        return parsed.getwidth()[0]
+    found = _group_pattern(parsed, group)
+    return parsed.getwidth()[0] if found is None else found.getwidth()[0]
+
+
+def _group_pattern(node, group: int):
+    """The parsed subpattern of group number `group` inside a parsed pattern, or None."""
+    from re import _constants, _parser
+
+    for op, av in node.data if isinstance(node, _parser.SubPattern) else ():
+        if op is _constants.SUBPATTERN and av[0] == group:
+            return av[3]
+        for part in av if isinstance(av, tuple | list) else (av,):
+            for child in part if isinstance(part, list) else (part,):
+                found = _group_pattern(child, group) if isinstance(child, _parser.SubPattern) else None
+                if found is not None:  # an empty subpattern is falsy
+                    return found
+    return None
+
+
+@functools.lru_cache(maxsize=16)
+def _rules_with(patterns: tuple[tuple[str, str], ...], builtin: bool) -> tuple[Rule, ...]:
+    custom = tuple(Rule(name, check_pattern(name, pattern), ()) for name, pattern in patterns)
+    if not builtin:
+        return custom
+    return RULES[:1] + custom + RULES[1:]  # after the private-key blocks, before the rest
+
+
+def rules_for(patterns: Mapping[str, str] | None = None, builtin: bool = True) -> tuple[Rule, ...]:
+    """The rules a scrub runs: the built-in ones (unless builtin is False) and one per pattern of
+    one's own, which run after the private-key rule (whose blocks they must not split) and before
+    the rest (whose wider formats must not take their matches: sk-corp-... stays a corp_token)."""
+    return _rules_with(tuple(sorted((patterns or {}).items())), builtin)
 
 
 # An email ends in a delegated top-level domain (tlds.TLDS, 1,319 of them): that tells
@@ -310,45 +415,122 @@ RULES: tuple[Rule, ...] = (
 )
 
 
-def scrub_text(text: str) -> tuple[str, dict[str, int]]:
-    """(text with every secret replaced by its kind's placeholder, secrets found per kind)."""
-    counts: dict[str, int] = {}
-    lines_with: dict[tuple[str, ...], list[tuple[int, int]]] = {}  # per literals; valid while text is
-    for rule in RULES:
-        if rule.per_line:  # finding the lines is the literal check: no `in` scan first
-            if rule.literals not in lines_with:
-                lines_with[rule.literals] = _literal_lines(rule.literals, text)
-            text, n = _sub_spans(rule, text, lines_with[rule.literals])
-        elif rule.literals and not any(literal in text for literal in rule.literals):
-            continue
-        elif rule.near is not None:
-            text, n = _sub_spans(rule, text, _near_spans(rule.near, text))
-        else:
-            text, n = _sub(rule, text)
-        if n:
-            counts[rule.kind] = counts.get(rule.kind, 0) + n
-            lines_with.clear()
+@dataclass(frozen=True)
+class Span:
+    """One placeholder of a scrubbed text: where it stands in the scrubbed text, its kind (or the
+    name of one's own format) and the text it replaced."""
+
+    offset: int
+    kind: str
+    removed: str
+
+
+def scrub_text(
+    text: str, patterns: Mapping[str, str] | None = None, builtin: bool = True
+) -> tuple[str, dict[str, int]]:
+    """(text with every secret replaced by its kind's placeholder, secrets found per kind).
+    patterns: one's own formats, name -> regular expression (curate.scrub_patterns); builtin False
+    leaves the built-in rules out."""
+    text, counts, _ = scrub_spans(text, patterns, builtin)
     return text, counts
 
 
-def _sub(rule: Rule, text: str) -> tuple[str, int]:
-    placeholder = PLACEHOLDERS[rule.kind]
+def scrub_spans(
+    text: str, patterns: Mapping[str, str] | None = None, builtin: bool = True
+) -> tuple[str, dict[str, int], list[Span]]:
+    """scrub_text, and each placeholder of the result with the text it replaced, in text order.
+
+    A rule's match that covers a placeholder an earlier rule left (a private-key block around a
+    key of one's own format) replaces it too: its span's removed text is then the original text
+    under both, and the inner one is no span of its own."""
+    original, spans = text, _Spans()
+    counts: dict[str, int] = {}
+    lines_with: dict[tuple[str, ...], list[tuple[int, int]]] = {}  # per literals; valid while text is
+    for rule in rules_for(patterns, builtin):
+        if rule.per_line:  # finding the lines is the literal check: no `in` scan first
+            if rule.literals not in lines_with:
+                lines_with[rule.literals] = _literal_lines(rule.literals, text)
+            edits = _edits_in(rule, text, lines_with[rule.literals])
+        elif rule.literals and not any(literal in text for literal in rule.literals):
+            continue
+        elif rule.near is not None:
+            edits = _edits_in(rule, text, _near_spans(rule.near, text))
+        else:
+            edits = _edits(rule, text)
+        if edits:
+            counts[rule.kind] = counts.get(rule.kind, 0) + len(edits)
+            text = spans.replace(text, edits, rule.kind, rule.placeholder)
+            lines_with.clear()
+    return text, counts, [Span(cur, kind, original[a:b]) for cur, _, a, b, kind in spans.items]
+
+
+def _edits(rule: Rule, text: str, start: int = 0, end: int | None = None) -> list[tuple[int, int]]:
+    """(start, end) in text of what each accepted match of the rule in text[start:end] replaces:
+    its "secret" group where it has one, else the whole match. Matches are found in the slice as
+    if it were the whole text (^, $ and lookbehinds stop at its ends)."""
+    piece = text if start == 0 and end is None else text[start:end]
     has_secret = "secret" in rule.pattern.groupindex
-    n = 0
-
-    def replace(match: re.Match) -> str:
-        nonlocal n
+    edits = []
+    for match in rule.pattern.finditer(piece):
         if rule.accept is not None and not rule.accept(match):
-            return match.group()
-        n += 1
-        if has_secret and match.group("secret") is not None:  # the secret alone; what surrounds it stays
-            start, end = match.span("secret")
-            whole = match.group()
-            return whole[: start - match.start()] + placeholder + whole[end - match.start() :]
-        return placeholder
+            continue
+        a, b = match.span("secret") if has_secret and match.group("secret") is not None else match.span()
+        if b > a:  # a zero-length match of one's own pattern replaces nothing
+            edits.append((start + a, start + b))
+    return edits
 
-    new_text = rule.pattern.sub(replace, text)
-    return (new_text, n) if n else (text, 0)
+
+def _edits_in(rule: Rule, text: str, slices: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """_edits on each (start, end) slice of the text, in order and not overlapping; the rest is not scanned."""
+    return [edit for start, end in slices for edit in _edits(rule, text, start, end)]
+
+
+class _Spans:
+    """The placeholders of a text being scrubbed: (start, end) in the current text and (start, end)
+    of what they replaced in the original, sorted and disjoint. Kept through each rule's
+    replacements in one merge of two sorted lists: time linear in the placeholders."""
+
+    def __init__(self):
+        self.items: list[
+            tuple[int, int, int, int, str]
+        ] = []  # cur_start, cur_end, orig_start, orig_end, kind
+
+    def replace(self, text: str, edits: list[tuple[int, int]], kind: str, placeholder: str) -> str:
+        """text with each (start, end) of edits (sorted, disjoint) replaced by placeholder; an edit
+        that cuts into an earlier placeholder takes all of it."""
+        starts = [item[0] for item in self.items]
+        widened: list[list[int]] = []
+        for a, b in edits:
+            i = bisect.bisect_right(starts, a) - 1  # the placeholder at or before a
+            if i >= 0 and self.items[i][1] > a:
+                a = self.items[i][0]
+            j = bisect.bisect_left(starts, b) - 1  # the last placeholder starting before b
+            if j >= 0 and self.items[j][1] > b:
+                b = self.items[j][1]
+            if widened and a < widened[-1][1]:  # widening made it meet the previous edit
+                widened[-1][1] = max(widened[-1][1], b)
+            else:
+                widened.append([a, b])
+        pieces, items, done, shift, to_original, k = [], [], 0, 0, 0, 0
+        for a, b in widened:
+            while k < len(self.items) and self.items[k][1] <= a:  # placeholders before this edit
+                cs, ce, os_, oe, kd = self.items[k]
+                items.append((cs + shift, ce + shift, os_, oe, kd))
+                to_original += (oe - os_) - (ce - cs)
+                k += 1
+            orig_start = a + to_original
+            while k < len(self.items) and self.items[k][0] < b:  # placeholders it takes in
+                cs, ce, os_, oe, _ = self.items[k]
+                to_original += (oe - os_) - (ce - cs)
+                k += 1
+            pieces += [text[done:a], placeholder]
+            items.append((a + shift, a + shift + len(placeholder), orig_start, b + to_original, kind))
+            shift += len(placeholder) - (b - a)
+            done = b
+        for cs, ce, os_, oe, kd in self.items[k:]:
+            items.append((cs + shift, ce + shift, os_, oe, kd))
+        self.items = items
+        return "".join(pieces) + text[done:]
 
 
 def _literal_lines(literals: tuple[str, ...], text: str) -> list[tuple[int, int]]:
@@ -392,14 +574,3 @@ def _near_spans(near: re.Pattern, text: str) -> list[tuple[int, int]]:
         else:
             spans.append((start, end))
     return spans
-
-
-def _sub_spans(rule: Rule, text: str, spans: list[tuple[int, int]]) -> tuple[str, int]:
-    """_sub on each (start, end) slice of the text, in order and not overlapping; the rest is not scanned."""
-    pieces, total, done = [], 0, 0
-    for start, end in spans:
-        piece, n = _sub(rule, text[start:end])
-        if n:
-            pieces += [text[done:start], piece]
-            done, total = end, total + n
-    return ("".join(pieces) + text[done:], total) if total else (text, 0)

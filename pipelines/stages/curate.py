@@ -11,10 +11,13 @@ Reads data/raw/documents.parquet (path, content bytes; never modified). Writes:
                                       clusters, drift figures, gate verdict, step timings, rules
     reports/data_metrics.json         the DVC metrics: kept documents and bytes, dropped, scrubbed
     reports/data_profile.json         the curated set's profile (publish stores it with the model)
+    reports/scrubbed_spans.jsonl      each placeholder of the curated set: path, offset in the
+                                      curated text, kind, the removed text's length and sha256
+                                      (never the text): the memorization check's input (evaluate)
     reports/gate.json, data_docs/     the Great Expectations result and its Data Docs site
 
-Per document (in `curate.workers` processes): decode -> scrub secrets -> every quality filter ->
-MinHash signature. Then, in path order: exact dedupe (sha256) -> near dedupe (LSH). Then the
+Per document (in `curate.workers` processes): decode -> scrub secrets (the built-in kinds and
+curate.scrub_patterns, one's own) -> every quality filter -> MinHash signature. Then, in path order: exact dedupe (sha256) -> near dedupe (LSH). Then the
 gate (pipelines/stages/data_gate.py): the GE suite's two tiers and drift against the champion's profile.
 If a blocking check fails, no curated table is left behind and the stage exits with code 3.
 """
@@ -42,9 +45,10 @@ from pipelines.core.data import (
 )
 from pipelines.core.dedupe import NearDuplicates, signature
 from pipelines.core.errors import ConfigError, GateError, SourceError
+from pipelines.core.memorization import SPANS_FILE, span_record, write_spans
 from pipelines.core.params import CurateParams, Params
 from pipelines.core.quality import FILTER_REASONS, decode_document, explain_reason, failing_filters
-from pipelines.core.scrub import KINDS, PLACEHOLDERS, scrub_text
+from pipelines.core.scrub import KINDS, placeholder_of, scrub_spans, scrub_text
 from pipelines.stages import data_gate as gates
 from pipelines.stages.inputs import read_champion_reference
 
@@ -75,18 +79,31 @@ def analyse(record: dict, rules: CurateParams) -> dict:
     text, undecodable = decode_document(content) if isinstance(content, bytes) else (None, "undecodable")
     if undecodable:
         return {"path": path, "reasons": [undecodable]}
-    scrubbed = {}
-    if rules.scrub_secrets:
-        text, scrubbed = scrub_text(text)
+    scrubbed, spans = {}, []
+    if scrubs(rules):
+        text, scrubbed, spans = scrub_spans(text, rules.scrub_patterns, rules.scrub_secrets)
     reasons = failing_filters(path, text, rules)
     if reasons:
         return {"path": path, "reasons": reasons, "scrubbed": scrubbed}
     data = text.encode("utf-8")
     doc = {"path": path, "reasons": [], "text": text, "sha256": sha256_hex(data), "n_bytes": len(data)}
     doc["scrubbed"] = scrubbed
+    # hashed here, in the worker: the removed text goes no further
+    doc["spans"] = [span_record(path, span.offset, span.kind, span.removed) for span in spans]
     if rules.near_dedupe.enabled:
         doc["minhash"] = signature(text, rules.near_dedupe.num_perm, rules.near_dedupe.shingle_size)
     return doc
+
+
+def scrubs(rules: CurateParams) -> bool:
+    """Whether curation scrubs at all: the built-in rules (scrub_secrets) or one's own patterns,
+    which apply whatever scrub_secrets says."""
+    return rules.scrub_secrets or bool(rules.scrub_patterns)
+
+
+def scrub_kinds(rules: CurateParams) -> tuple[str, ...]:
+    """The kinds the curation report counts: the built-in ones, then one's own patterns by name."""
+    return (*KINDS, *sorted(rules.scrub_patterns))
 
 
 _WORK: dict = {}  # what forked workers read instead of receiving it pickled
@@ -135,11 +152,11 @@ def _parallel_map(fn, items: list, workers: int, meanwhile=None, **work) -> list
 
 @dataclass
 class CurationResult:
-    kept: list[dict]  # path, text, sha256, n_bytes, scrubbed; in path order
+    kept: list[dict]  # path, text, sha256, n_bytes, scrubbed, spans; in path order
     dropped: list[dict]  # path, reasons, duplicate_of, jaccard
     bytes_in: int
     clusters: dict[str, list[dict]] = field(default_factory=dict)  # kept path -> its duplicates
-    scrubbed: dict[str, int] = field(default_factory=dict)  # matches replaced per kind (kept docs)
+    scrubbed: dict[str, int] = field(default_factory=dict)  # matches replaced per kind or name (kept docs)
     timings: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -200,8 +217,8 @@ def curate_documents(records: list[dict], rules: CurateParams, meanwhile=None) -
                 }
             )
             continue
-        kept.append({k: doc[k] for k in ("path", "text", "sha256", "n_bytes", "scrubbed")})
-    scrubbed = dict.fromkeys(KINDS, 0)
+        kept.append({k: doc[k] for k in ("path", "text", "sha256", "n_bytes", "scrubbed", "spans")})
+    scrubbed = dict.fromkeys(scrub_kinds(rules), 0)
     for doc in kept:
         for kind, n in doc["scrubbed"].items():
             scrubbed[kind] += n
@@ -229,7 +246,11 @@ def corpus_profile(texts: list[str], workers: int) -> dict:
 
 
 def write_quarantine(
-    dropped: list[dict], records_by_path: dict[str, bytes], out_dir: str | Path, scrub: bool = True
+    dropped: list[dict],
+    records_by_path: dict[str, bytes],
+    out_dir: str | Path,
+    scrub: bool = True,
+    patterns: dict[str, str] | None = None,
 ) -> Path:
     """Every dropped document with every reason that applied, its secrets scrubbed as in the
     curated set: the quarantine is pushed to the DVC remote like any output, so it must hold no
@@ -240,7 +261,7 @@ def write_quarantine(
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = []
     for doc in dropped:
-        content, scrubbed = quarantine_content(records_by_path.get(doc["path"]), scrub)
+        content, scrubbed = quarantine_content(records_by_path.get(doc["path"]), scrub, patterns)
         rows.append({**doc, "content": content, "scrubbed": json.dumps(scrubbed, sort_keys=True)})
     path, tmp = out_dir / DOCUMENTS_FILE, out_dir / (DOCUMENTS_FILE + ".tmp")
     pq.write_table(pa.Table.from_pylist(rows, schema=QUARANTINE_SCHEMA), tmp)
@@ -248,15 +269,18 @@ def write_quarantine(
     return path
 
 
-def quarantine_content(content: bytes | None, scrub: bool) -> tuple[bytes | None, dict[str, int]]:
-    """(what the quarantine stores for one raw document, secrets replaced per kind)."""
-    if content is None or not scrub:
+def quarantine_content(
+    content: bytes | None, scrub: bool, patterns: dict[str, str] | None = None
+) -> tuple[bytes | None, dict[str, int]]:
+    """(what the quarantine stores for one raw document, secrets replaced per kind). scrub: the
+    built-in rules; patterns, one's own, apply either way."""
+    if content is None or not (scrub or patterns):
         return content, {}
     text, undecodable = decode_document(content)
     if undecodable:
-        text, scrubbed = scrub_text(content.decode("latin-1"))
+        text, scrubbed = scrub_text(content.decode("latin-1"), patterns, scrub)
         return text.encode("latin-1"), scrubbed
-    text, scrubbed = scrub_text(text)
+    text, scrubbed = scrub_text(text, patterns, scrub)
     return text.encode("utf-8"), scrubbed
 
 
@@ -277,6 +301,7 @@ def summarize(result: CurationResult, rules: CurateParams, gate: dict, drift: di
         "dropped_examples": examples,
         "scrubbed": result.scrubbed,
         "scrubbed_documents": sum(1 for doc in result.kept if doc["scrubbed"]),
+        "scrubbed_spans": sum(len(doc["spans"]) for doc in result.kept),  # lines of SPANS_FILE
         "duplicate_clusters": [{"kept": path, "copies": copies} for path, copies in clusters],
         "drift": drift,
         "gate": gate,
@@ -324,8 +349,12 @@ def run(params: Params) -> dict:
     rules = params.curate
     curated_dir = Path(params.data.curated_dir)
     reports_dir = Path(rules.reports_dir)
-    # Whatever happens below, no stale curated table may stay for downstream stages to train on.
-    for stale in (curated_dir / DOCUMENTS_FILE, curated_dir / (DOCUMENTS_FILE + ".tmp")):
+    # Whatever happens below, no stale curated table (or spans of one) may stay for downstream stages.
+    for stale in (
+        curated_dir / DOCUMENTS_FILE,
+        curated_dir / (DOCUMENTS_FILE + ".tmp"),
+        reports_dir / SPANS_FILE,
+    ):
         stale.unlink(missing_ok=True)
 
     try:
@@ -341,6 +370,7 @@ def run(params: Params) -> dict:
         {r["path"]: r["content"] for r in records},
         params.data.quarantine_dir,
         scrub=rules.scrub_secrets,
+        patterns=rules.scrub_patterns,
     )
     del records
 
@@ -367,8 +397,16 @@ def run(params: Params) -> dict:
     write_json(reports_dir / DATA_METRICS_REPORT, data_metrics(summary), sort_keys=False)
     if not gate.passed:
         raise GateError(gate.message())
+    write_spans((span for doc in result.kept for span in doc["spans"]), reports_dir / SPANS_FILE)
     write_documents(
-        [{**doc, "scrubbed": json.dumps(doc["scrubbed"], sort_keys=True)} for doc in result.kept], curated_dir
+        [
+            {
+                **{k: v for k, v in doc.items() if k != "spans"},
+                "scrubbed": json.dumps(doc["scrubbed"], sort_keys=True),
+            }
+            for doc in result.kept
+        ],
+        curated_dir,
     )
     return summary
 
@@ -439,7 +477,9 @@ def explain(path: str, params: Params) -> str:
         scrubbed = json.loads(doc.get("scrubbed") or "{}")
         lines = [f"{path}: kept ({doc['n_bytes']} bytes) in {curated}"]
         if scrubbed:
-            changes = ", ".join(f"{n} {kind} -> {PLACEHOLDERS[kind]}" for kind, n in sorted(scrubbed.items()))
+            changes = ", ".join(
+                f"{n} {kind} -> {placeholder_of(kind)}" for kind, n in sorted(scrubbed.items())
+            )
             lines.append(f"  - changed: secrets and personal data replaced: {changes}")
         else:
             lines.append("  - unchanged apart from newline normalisation")

@@ -15,6 +15,9 @@ compressors. Writes:
                                slice's bits per byte and documents (pipelines.core.slices)
     reports/loss_curve.csv     the DVC plot of the training loss
     reports/samples.json       sampled completions
+    reports/memorization.json  the memorization check (pipelines/core/memorization.py): secrets that
+                               curation removed (reports/scrubbed_spans.jsonl), checked and reproduced
+                               by greedy completion, per kind; metrics.json has the totals
 
 A score belongs to its weights and to how it was scored: evaluation.json carries the sha256 of the
 weights it scored (publish refuses a score of other weights) and a score key over everything
@@ -43,11 +46,20 @@ from pipelines.core.data import (
     write_json,
 )
 from pipelines.core.errors import TrainpipeError
+from pipelines.core.memorization import (
+    SPANS_FILE,
+    count_memorized,
+    longest_checkable,
+    memorization_report,
+    pick_spans,
+    read_spans,
+)
 from pipelines.core.model import GPT
 from pipelines.core.model_dir import WEIGHTS_FILE, load_model_dir
 from pipelines.core.params import Params
 from pipelines.core.scoring import (
     EVALUATION_FILE,
+    MEMORIZATION_FILE,
     METRICS_FILE,
     PER_DOCUMENT_FILE,
     SCORE_KEY_FIELDS,
@@ -211,6 +223,32 @@ def sample_completions(
     return out
 
 
+def check_memorization(params: Params, model: GPT, tokenizer) -> dict:
+    """The memorization check on the curate stage's spans (its report, with the spans file's sha256
+    and the settings, which with the weights make the count); no spans file, nothing checked."""
+    spans_path = Path(params.curate.reports_dir) / SPANS_FILE
+    settings = {
+        "spans_file": str(spans_path),
+        "spans_sha256": sha256_file(spans_path) if spans_path.is_file() else None,
+        "max_spans": params.evaluate.memorization_max_spans,
+        "context_tokens": params.evaluate.memorization_context_tokens,
+    }
+    spans = read_spans(spans_path) if spans_path.is_file() else []
+    texts = {}
+    if spans:
+        paths = {span["path"] for span in spans}
+        texts = {d["path"]: d["text"] for d in read_documents(params.data.curated_dir) if d["path"] in paths}
+    context = params.evaluate.memorization_context_tokens
+    checks, left_out = pick_spans(
+        spans,
+        params.evaluate.memorization_max_spans,
+        texts,
+        max_length=longest_checkable(model.config.block_size, context),
+    )
+    found = count_memorized(model, tokenizer, checks, texts, context, eot=tokenizer.token_to_id(EOT))
+    return {**settings, **memorization_report(checks, found, left_out), "spans": len(spans)}
+
+
 def write_loss_curve(history: list, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp, tmp.open("w", newline="") as fh:
@@ -239,6 +277,7 @@ def evaluate_model(params: Params) -> dict:
     }
     compressors = compression_bits_per_byte(covered)
     train_summary = read_json(Path(params.train.model_dir) / "train.json")
+    memorization = check_memorization(params, model, tokenizer)
     # Every key is a column of `dvc exp show`: numbers that matter, the headline first.
     metrics = {
         "val_bits_per_byte": scored["nll_bits"] / scored["bytes"],
@@ -246,6 +285,9 @@ def evaluate_model(params: Params) -> dict:
         "gzip_bits_per_byte": compressors["gzip_bits_per_byte"],
         "val_documents": scored["documents_scored"],
         "val_bytes": scored["bytes"],
+        # secrets curation removed that greedy completion reproduces: any blocks promotion
+        "memorized_secrets": memorization["memorized_secrets"],
+        "memorization_checked": memorization["checked_secrets"],
     }
     evaluation = {
         "weights_sha256": weights_sha,
@@ -254,6 +296,7 @@ def evaluate_model(params: Params) -> dict:
         "val_loss": scored["loss"],  # nats per token: bits per byte is the figure that compares
         "val_tokens": scored["tokens"],
         **{k: v for k, v in compressors.items() if "_stream_" in k},
+        "memorization_spans_sha256": memorization["spans_sha256"],  # publish checks it is curate's now
     }
     reports = Path(params.evaluate.reports_dir)
     write_json(reports / METRICS_FILE, metrics, sort_keys=False)
@@ -266,6 +309,7 @@ def evaluate_model(params: Params) -> dict:
     # the slices' figures come from the per-document scores alone: a change of evaluate.slices
     # changes no document's bits, so the score key stays the same
     write_json(reports / SLICES_FILE, slice_metrics(documents, params.evaluate.slices), sort_keys=False)
+    write_json(reports / MEMORIZATION_FILE, {"weights_sha256": weights_sha, **memorization})
     write_loss_curve(train_summary.get("history", []), reports / "loss_curve.csv")
     samples = sample_completions(
         model,
@@ -285,7 +329,8 @@ def run(params: Params) -> dict:
 def describe(m: dict, params: Params) -> str:
     return (
         f"evaluate: {m['val_bits_per_byte']:.3f} bits/byte on {m['val_bytes'] / 1e6:.2f} MB held out "
-        f"(gzip -9 {m['gzip_bits_per_byte']:.3f}, xz -9 {m['xz_bits_per_byte']:.3f})"
+        f"(gzip -9 {m['gzip_bits_per_byte']:.3f}, xz -9 {m['xz_bits_per_byte']:.3f}); "
+        f"memorization: {m['memorized_secrets']} of {m['memorization_checked']} removed secrets reproduced"
     )
 
 

@@ -63,6 +63,10 @@ from pipelines.stages.tokenize import validation_set_hash
 SCORE_KEY_TAG = "score_key"
 PER_DOCUMENT_TAG = "per_document_scores"  # the artifact, in the version's run, of its per-document scores
 REQUIRED_METRICS = ("val_bits_per_byte", "val_documents", "weights_sha256", SCORE_KEY_TAG, *SCORE_KEY_FIELDS)
+# The memorization check's figures (metrics.json) and the spans file it checked (evaluation.json):
+# the promotion gate refuses a challenger that reproduces a removed secret.
+MEMORIZATION_METRICS = ("memorized_secrets", "memorization_checked")
+MEMORIZATION_KEYS = (*MEMORIZATION_METRICS, "memorization_spans_sha256")
 SERVING_REQUIREMENTS = ("torch", "tokenizers", "safetensors", "numpy", "pandas")
 # Tests only: the name of a point in publish (this stage or the promotion gate) at which to stop
 # (print a line, sleep), so that a test can SIGKILL a real `trainpipe publish` there, or let it
@@ -95,9 +99,13 @@ def read_trained_model(params: Params) -> tuple[Path, dict]:
         **_read_report(metrics_path, f"no metrics at {metrics_path}: run `trainpipe evaluate` first"),
         **_read_report(evaluation_path, f"no {evaluation_path}: run `trainpipe evaluate` again"),
     }
-    for key in REQUIRED_METRICS:
+    for key in (*REQUIRED_METRICS, *MEMORIZATION_KEYS):
         if key not in metrics:
-            where = metrics_path if key in ("val_bits_per_byte", "val_documents") else evaluation_path
+            where = (
+                metrics_path
+                if key in ("val_bits_per_byte", "val_documents", *MEMORIZATION_METRICS)
+                else evaluation_path
+            )
             raise ConfigError(f"{where} has no {key!r}: run `trainpipe evaluate` again")
     weights_sha = sha256_file(model_dir / WEIGHTS_FILE)
     if metrics["weights_sha256"] != weights_sha:
@@ -112,7 +120,22 @@ def read_trained_model(params: Params) -> tuple[Path, dict]:
             f"pipelines/core/model.py: run `trainpipe evaluate` first"
         )
     read_document_scores(params.evaluate, metrics)
+    check_memorization_spans(params, metrics, evaluation_path)
     return model_dir, metrics
+
+
+def check_memorization_spans(params: Params, metrics: dict, evaluation_path: Path) -> None:
+    """The memorization count must be of the secrets curation removed from the data as it is now:
+    a count made before curate.scrub_patterns changed says nothing of the new ones."""
+    from pipelines.core.memorization import SPANS_FILE
+
+    spans_path = Path(params.curate.reports_dir) / SPANS_FILE
+    now = sha256_file(spans_path) if spans_path.is_file() else None
+    if metrics["memorization_spans_sha256"] != now:
+        raise ConfigError(
+            f"{evaluation_path} checked memorization against other scrubbed spans than {spans_path} "
+            "holds now: run `trainpipe evaluate` first"
+        )
 
 
 def _read_report(path: Path, missing: str):
@@ -231,6 +254,7 @@ def register_challenger(
             **digests,
         )
         tags.update({field: tag_value(metrics[field]) for field in SCORE_KEY_FIELDS})
+        tags.update({key: tag_value(metrics[key]) for key in MEMORIZATION_METRICS})
         tags.update(cost_tags(client, params.publish.model_name, run_id))
         tags.update(parent_tags(client, params.publish.model_name, model_dir))
         version = register_version(info.model_uri, params.publish.model_name, tags)

@@ -144,6 +144,7 @@ def test_curate_documents_reasons_counts_and_bytes():
             "sha256": sha256_hex("hello world, ok"),
             "n_bytes": 15,
             "scrubbed": {},
+            "spans": [],
         }
     ]
     reasons = {doc["path"]: doc["reasons"] for doc in result.dropped}

@@ -6,6 +6,8 @@ from dvc.utils.serialize import parse_yaml
 from pipelines.core.errors import ConfigError
 from pipelines.core.params import Params, flatten, load_params, save_overrides
 
+MAPPINGS = {"curate.scrub_patterns", "evaluate.slices"}
+
 
 def params_drift(path: str | Path) -> tuple[set, set, dict]:
     """How a params file differs from the schema: (keys it sets that are no field, fields it
@@ -15,7 +17,9 @@ def params_drift(path: str | Path) -> tuple[set, set, dict]:
     def leaves(node: dict, prefix: str = "") -> set[str]:
         keys = set()
         for key, value in node.items():
-            keys |= leaves(value, f"{prefix}{key}.") if isinstance(value, dict) else {prefix + key}
+            # a mapping parameter (curate.scrub_patterns, evaluate.slices) is one value, an empty one too
+            section = isinstance(value, dict) and prefix + key not in MAPPINGS
+            keys |= leaves(value, f"{prefix}{key}.") if section else {prefix + key}
         return keys
 
     written = leaves(yaml.safe_load(Path(path).read_text()))

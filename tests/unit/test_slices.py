@@ -238,7 +238,7 @@ def test_a_slice_that_blocks_keeps_the_champion_even_when_the_challenger_is_bett
         ("evaluate.slices.x=['!test/']", "slice 'x' needs a pattern that takes documents in"),
         ("evaluate.slices.x=['#note']", "slice 'x': pattern '#note' matches nothing"),
         ("evaluate.slices.x=a.py", "parameter 'evaluate.slices.x'"),  # a list, not a string
-        ("evaluate.slices.x.y=[a]", "'evaluate.slices' is not a section"),
+        ("evaluate.slices.x.y=[a]", "'evaluate.slices.x' is a value"),
         ("publish.slice_tolerance=-0.1", "parameter 'publish.slice_tolerance'"),
         ("publish.slice_min_documents=0", "parameter 'publish.slice_min_documents'"),
     ],
