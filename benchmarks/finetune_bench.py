@@ -22,7 +22,6 @@ slice of the corpus, to check the benchmark itself.
 """
 
 import argparse
-import json
 import random
 import shutil
 import string
@@ -102,26 +101,33 @@ def figures(proj: Path, env: dict, version: str) -> dict:
         "slices": {
             k.removeprefix("val_bpb_slice_"): v for k, v in metrics.items() if k.startswith("val_bpb_slice_")
         },
-        "memorized": metrics.get("memorized_spans"),
+        "memorized": metrics.get("memorized_secrets"),
         "train_device_s": metrics.get("cost.train.device_s"),
         "run_device_s": metrics.get("cost.device_s"),
         "champion_after": client.get_model_version_by_alias(MODEL, "champion").version,
     }
 
 
+CHECK_PARENT = """
+from pipelines.core.model_dir import load_model_dir
+from pipelines.core.params import load_params
+from pipelines.stages.evaluate import check_memorization
+params = load_params("params.yaml")
+model, tokenizer = load_model_dir(params.finetune.parent_dir)
+print(json.dumps(check_memorization(params, model, tokenizer)["memorized_secrets"]))
+"""
+
+
 def champion_memorization(proj: Path, env: dict) -> int | None:
-    """The champion's memorization count on the cleaned data's scrubbed spans: the fine-tune's
-    parent (data/parent holds its weights) scored by evaluate's check, into a folder of its own."""
-    out = proj / "reports-champion"
+    """The champion's memorization count on the cleaned data's scrubbed spans: evaluate's check on
+    the fine-tune's parent (data/parent holds the champion's weights)."""
     run = subprocess.run(
-        [str(BIN / "python"), "-m", "pipelines.stages.evaluate", "-S", "train.model_dir=data/parent",
-         "-S", f"evaluate.reports_dir={out.name}"],
-        cwd=proj, env=env, capture_output=True, text=True,
-    )  # fmt: skip
+        [str(BIN / "python"), "-c", CHECK_PARENT], cwd=proj, env=env, capture_output=True, text=True
+    )
     if run.returncode:
         print(f"(the champion's memorization count could not be measured: {run.stderr.strip()[-300:]})")
         return None
-    return json.loads((out / "metrics.json").read_text()).get("memorized_spans")
+    return int(run.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
