@@ -22,6 +22,7 @@ slice of the corpus, to check the benchmark itself.
 """
 
 import argparse
+import ast
 import random
 import shutil
 import string
@@ -56,9 +57,9 @@ QUICK = [
 
 
 def build_corpus(folder: Path, planted: int) -> int:
-    """The stdlib's .py files under folder/stdlib, and planted modules under folder/planted: each
-    a 30-line slice of a stdlib module (so no two are near-duplicates) with the secret assigned in
-    it. The number of files written."""
+    """The stdlib's .py files under folder/stdlib, and planted modules under folder/planted (each
+    two stdlib functions or classes, so few are near-duplicates, with the secret assigned between
+    them). The number of files written."""
     from pipelines.stages.ingest import STDLIB, resolve_source
 
     root, files, *_ = resolve_source(STDLIB, ["**/*.py"], [])
@@ -67,16 +68,28 @@ def build_corpus(folder: Path, planted: int) -> int:
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(file, dest)
     rng = random.Random(0)
-    sources = [f for f in files if f.stat().st_size > 4000]
+    sources = sorted(f for f in files if f.stat().st_size > 4000)
     (folder / "planted").mkdir(parents=True)
     for i in range(planted):
-        lines = sources[rng.randrange(len(sources))].read_text(errors="replace").splitlines()
-        start = rng.randrange(max(1, len(lines) - 30))
-        body = lines[start : start + 30]
-        at = rng.randrange(len(body) + 1)
-        body[at:at] = ["", f'CORP_TOKEN = "{SECRET}"', ""]
-        (folder / "planted" / f"service_{i:04d}.py").write_text("\n".join(body) + "\n")
+        (folder / "planted" / f"service_{i:04d}.py").write_text(planted_module(rng, sources, SECRET))
     return len(files) + planted
+
+
+def planted_module(rng: random.Random, sources: list, secret: str) -> str:
+    """Valid Python: two top-level functions or classes of stdlib modules, with the secret
+    assigned between them (a slice of lines would not parse, and curate drops what does not)."""
+    parts = []
+    while len(parts) < 2:
+        text = sources[rng.randrange(len(sources))].read_text(errors="replace")
+        try:
+            tree = ast.parse(text)
+        except SyntaxError:
+            continue
+        nodes = [n for n in tree.body if isinstance(n, ast.FunctionDef | ast.ClassDef)]
+        segments = [s for s in (ast.get_source_segment(text, n) for n in nodes) if s and 200 < len(s) < 3000]
+        if segments:
+            parts.append(segments[rng.randrange(len(segments))])
+    return f'{parts[0]}\n\n\nCORP_TOKEN = "{secret}"\n\n\n{parts[1]}\n'
 
 
 def trainpipe(proj: Path, env: dict, *args: str) -> float:

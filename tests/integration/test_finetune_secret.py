@@ -4,6 +4,7 @@ the format to curate.scrub_patterns and runs `trainpipe finetune`; the fine-tune
 reproduces it, passes the gate and serves, while the memorization check finds the secret in the
 champion it replaced."""
 
+import ast
 import random
 import string
 
@@ -21,7 +22,7 @@ OVERRIDES = [
     "curate.gate.min_documents=20",
     "curate.gate.min_bytes=20000",
     "curate.gate.drift.enabled=false",
-    "curate.near_dedupe.enabled=false",  # slices of one module may overlap: keep every planted copy
+    "curate.near_dedupe.enabled=false",  # two modules may share a function: keep every planted copy
     "tokenize.vocab_size=400",
     "tokenize.val_fraction=0.1",
     "train.max_steps=300",
@@ -40,18 +41,31 @@ OVERRIDES = [
 ]
 
 
+def planted_module(rng: random.Random, sources: list, secret: str = SECRET) -> str:
+    """Valid Python: two top-level functions or classes of stdlib modules, with the secret
+    assigned between them (a slice of lines would not parse, and curate drops what does not)."""
+    parts = []
+    while len(parts) < 2:
+        text = sources[rng.randrange(len(sources))].read_text(errors="replace")
+        try:
+            tree = ast.parse(text)
+        except SyntaxError:
+            continue
+        nodes = [n for n in tree.body if isinstance(n, ast.FunctionDef | ast.ClassDef)]
+        segments = [s for s in (ast.get_source_segment(text, n) for n in nodes) if s and 200 < len(s) < 3000]
+        if segments:
+            parts.append(segments[rng.randrange(len(segments))])
+    return f'{parts[0]}\n\n\nCORP_TOKEN = "{secret}"\n\n\n{parts[1]}\n'
+
+
 def write_corpus(folder):
-    """90 modules, each a 25-line slice of a stdlib module with the secret assigned in it."""
+    """90 modules, each two stdlib functions or classes with the secret assigned between them."""
     _, files, *_ = resolve_source(STDLIB, ["**/*.py"], [])
     rng = random.Random(0)
     sources = sorted(f for f in files if 4000 < f.stat().st_size < 60000)
     folder.mkdir()
     for i in range(90):
-        lines = sources[rng.randrange(len(sources))].read_text(errors="replace").splitlines()
-        start = rng.randrange(max(1, len(lines) - 25))
-        body = lines[start : start + 25]
-        body.insert(rng.randrange(len(body) + 1), f'CORP_TOKEN = "{SECRET}"')
-        (folder / f"service_{i:03d}.py").write_text("\n".join(body) + "\n")
+        (folder / f"service_{i:03d}.py").write_text(planted_module(rng, sources))
 
 
 @pytest.fixture(scope="module")
