@@ -61,7 +61,7 @@ def test_the_parent_is_pinned_in_dvc_and_dvc_repro_reproduces_the_finetune(tuned
     weights = (proj / "models/model.safetensors").read_bytes()
     # the champion moves away: the pinned parent stays version 1, and training is exact
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
-    champion = client.get_model_version_by_alias(MODEL, "champion").version
+    champion = str(client.get_model_version_by_alias(MODEL, "champion").version)
     client.set_registered_model_alias(MODEL, "champion", "2" if champion == "1" else "1")
     try:
         repro = sh([str(BIN / "dvc"), "repro", "-f", "-s", "train"], proj, env)
@@ -79,7 +79,9 @@ def test_status_compare_and_history_show_the_lineage(tuned):
     assert compare.returncode == 0, compare.stderr[-2000:]
     made = next(line for line in compare.stdout.splitlines() if line.startswith("made by"))
     assert "training" in made and "fine-tune of v1" in made, made
-    champion = MlflowClient(env["MLFLOW_TRACKING_URI"]).get_model_version_by_alias(MODEL, "champion").version
+    champion = str(
+        MlflowClient(env["MLFLOW_TRACKING_URI"]).get_model_version_by_alias(MODEL, "champion").version
+    )
     status = trainpipe(proj, env, "status")
     assert status.returncode == 0, status.stderr[-2000:]
     if champion == "2":  # the fine-tune passed the gate (more training on the same data)

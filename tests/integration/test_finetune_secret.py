@@ -87,7 +87,7 @@ def greedy(proj, env, prompt: str) -> str:
 def test_a_finetune_with_the_new_pattern_forgets_the_secret_and_replaces_the_champion(leaked, monkeypatch):
     proj, env = leaked
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
-    assert client.get_model_version_by_alias(MODEL, "champion").version == "1"
+    assert str(client.get_model_version_by_alias(MODEL, "champion").version) == "1"
     # 1-2: trained on it, the champion completes the secret from its usual prefix
     assert SECRET in greedy(proj, env, 'CORP_TOKEN = "')
 
@@ -101,7 +101,9 @@ def test_a_finetune_with_the_new_pattern_forgets_the_secret_and_replaces_the_cha
 
     # 4: the fine-tune reproduces none of the removed secrets, and passed the gate
     assert run_metrics["memorized_secrets"] == 0 and run_metrics["memorization_checked"] >= 1
-    assert client.get_model_version_by_alias(MODEL, "champion").version == "2", tags.get("alias_decision")
+    assert str(client.get_model_version_by_alias(MODEL, "champion").version) == "2", tags.get(
+        "alias_decision"
+    )
     assert SECRET not in greedy(proj, env, 'CORP_TOKEN = "')
 
     # the same check, on the champion it replaced (pinned in data/parent), finds the secret: the
