@@ -79,7 +79,7 @@ def leaked(tmp_path_factory, mlflow_template_db):
 
 
 def greedy(proj, env, prompt: str) -> str:
-    out = sh([TRAINPIPE, "generate", prompt, "--temperature", "0", "--max-new-tokens", "24"], proj, env)
+    out = sh([TRAINPIPE, "generate", prompt, "--temperature", "0", "--max-new-tokens", "48"], proj, env)
     assert out.returncode == 0, out.stderr[-2000:]
     return out.stdout
 
