@@ -139,13 +139,15 @@ def write_metrics(
     model_dir: str | Path | None = None,
     doc_bits_per_byte: list[float] | None = None,
     memorized_secrets: int = 0,
+    spans_sha256: str | None = None,
 ) -> Path:
     """A metrics.json and evaluation.json as the evaluate stage writes them, for the weights in
     model_dir (default: the models/ folder beside reports_dir), with the score key of an uncapped fp32 score; and its
     per_document.json. Each document scores val_bits_per_byte, or doc_bits_per_byte[i]; the
     total is then what these add up to. Two models written with flat scores differ by the same
     amount on every document: a bootstrap interval of zero width at the difference. The
-    memorization check found memorized_secrets of 10 (email), with no spans file to check."""
+    memorization check found memorized_secrets of 10 (email), in the spans file of sha256
+    spans_sha256 (None: no spans file)."""
     from pipelines.core.data import read_json, sha256_file
     from pipelines.stages.evaluate import EVALUATION_FILE, PER_DOCUMENT_FILE, score_key, scoring_code_sha256
 
@@ -185,7 +187,7 @@ def write_metrics(
             **settings,
             "score_key": score_key(settings),
             "val_loss": val_bits_per_byte * 2.5,
-            "memorization_spans_sha256": None,
+            "memorization_spans_sha256": spans_sha256,
         },
     )
     write_json(

@@ -65,25 +65,26 @@ def read_parent(params: Params) -> dict:
     """parent.json as tokenize and train read it: written for the params now in force, with
     weights whose sha256 is the registered one and an architecture the params build.
     {"version": None} means training from scratch."""
+    wanted = params.finetune.parent_version
+    if not wanted:  # from random weights: nothing of data/parent is read
+        return {"version": None}
     parent_dir = Path(params.finetune.parent_dir)
     path = parent_dir / PARENT_FILE
     if not path.is_file():
         raise ConfigError(f"{path} is missing: run `dvc repro` (or `python -m pipelines.stages.parent`)")
     record = read_json(path)
-    wanted = params.finetune.parent_version
-    if record.get("version") != wanted or (wanted and record.get("model") != params.publish.model_name):
+    if record.get("version") != wanted or record.get("model") != params.publish.model_name:
         raise ConfigError(
             f"{path} pins version {record.get('version')} of {record.get('model')!r}, not "
             f"finetune.parent_version {wanted}: run `python -m pipelines.stages.parent` (`dvc repro` does)"
         )
-    if wanted:
-        found = sha256_file(parent_dir / WEIGHTS_FILE)
-        if found != record["weights_sha256"]:
-            raise ParentMismatch(
-                f"{parent_dir / WEIGHTS_FILE} has sha256 {found[:12]}, not the registered "
-                f"{record['weights_sha256'][:12]} of version {wanted}: run `dvc repro -f parent`"
-            )
-        check_architecture(params, parent_dir, wanted)
+    found = sha256_file(parent_dir / WEIGHTS_FILE)
+    if found != record["weights_sha256"]:
+        raise ParentMismatch(
+            f"{parent_dir / WEIGHTS_FILE} has sha256 {found[:12]}, not the registered "
+            f"{record['weights_sha256'][:12]} of version {wanted}: run `dvc repro -f parent`"
+        )
+    check_architecture(params, parent_dir, wanted)
     return record
 
 

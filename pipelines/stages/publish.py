@@ -271,8 +271,10 @@ def register_challenger(
 def parent_tags(client: MlflowClient, name: str, model_dir: Path) -> dict[str, str]:
     """kind (train or finetune) from the model's train.json; for a fine-tune, its parent's version
     and weights sha256, and the parent's own training cost beside the fine-tune's cost_run_*."""
-    made = read_json(model_dir / "train.json")
-    parent = made.get("parent")
+    made_path = model_dir / "train.json"
+    if not made_path.is_file():  # a model dir not written by the train stage: nothing to say
+        return {}
+    parent = read_json(made_path).get("parent")
     if not parent:
         return {"kind": "train"}
     tags = {

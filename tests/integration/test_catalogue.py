@@ -20,6 +20,7 @@ import yaml
 from conftest import make_model_dir, write_metrics
 
 from pipelines.core.data import DOCUMENTS_FILE, sha256_file
+from pipelines.core.memorization import SPANS_FILE
 from pipelines.core.params import load_params, save_overrides
 from pipelines.stages import curate, ingest, inputs
 
@@ -429,7 +430,10 @@ def champion(ws, tmp_path, mlflow_env):
         ws.root / "none.yaml", ws.overrides(folder, [f"train.model_dir={tmp_path / 'models'}"])
     )
     make_model_dir(params.train.model_dir)
-    write_metrics(params.evaluate.reports_dir, 2.0)
+    spans = Path(params.curate.reports_dir) / SPANS_FILE  # the memorization count is of curate's spans
+    write_metrics(
+        params.evaluate.reports_dir, 2.0, spans_sha256=sha256_file(spans) if spans.is_file() else None
+    )
     assert publish_model(params)["promoted"]
     return params
 

@@ -192,11 +192,13 @@ def test_dvc_yaml_lists_every_train_setting_that_changes_the_weights():
     # a model trained with another value of it
     import yaml
 
-    from pipelines.core.params import TrainParams
+    from pipelines.core.params import FinetuneParams, TrainParams
     from pipelines.stages.train import NON_MODEL_FIELDS
 
     listed = set(yaml.safe_load(Path("dvc.yaml").read_text())["stages"]["train"]["params"])
     expected = {f"train.{name}" for name in TrainParams.model_fields} - {
         f"train.{n}" for n in NON_MODEL_FIELDS
     }
+    # a fine-tune's schedule and parent; where the parent is pinned (parent_dir) is a dependency
+    expected |= {f"finetune.{name}" for name in FinetuneParams.model_fields} - {"finetune.parent_dir"}
     assert listed == expected

@@ -9,6 +9,8 @@ from pipelines.cli import build_parser, main
 
 COMMANDS = [
     "run",
+    "finetune",
+    "parent",
     "ingest",
     "curate",
     "tokenize",

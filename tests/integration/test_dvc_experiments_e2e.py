@@ -41,7 +41,10 @@ TINY = [
 # The README's command (section "Experiments with DVC")
 EXP_SHOW = [
     *("exp", "show", "--only-changed", "--keep", ".*_bits_per_byte$"),
-    *("--drop", ".*_(documents|bytes|per_s|seconds|step)$|Created|State|Executor|data/|models|pipelines/"),
+    *(
+        "--drop",
+        ".*_(documents|bytes|per_s|seconds|step|secrets|checked)$|.*_slice|Created|State|Executor|data/|models|pipelines/",
+    ),
 ]
 QUEUE_TIMEOUT_S = 1200  # two experiments of train + evaluate on a shared 2-core machine
 

@@ -191,7 +191,7 @@ def test_unchanged_rerun_executes_nothing_and_registers_nothing(published):
         [client.get_experiment_by_name("trainpipe").experiment_id], order_by=["start_time DESC"]
     )[0]
     assert {k: v for k, v in latest.data.tags.items() if k.startswith("stage.")} == {
-        f"stage.{s}": "skipped" for s in ("ingest", "curate", "tokenize", "train", "evaluate")
+        f"stage.{s}": "skipped" for s in ("parent", "ingest", "curate", "tokenize", "train", "evaluate")
     }
     # still a Prefect flow run, in the project's Prefect database, with a task run per step
     import sqlite3
