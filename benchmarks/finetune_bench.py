@@ -122,6 +122,7 @@ def figures(proj: Path, env: dict, version: str) -> dict:
 
 
 CHECK_PARENT = """
+import json
 from pipelines.core.model_dir import load_model_dir
 from pipelines.core.params import load_params
 from pipelines.stages.evaluate import check_memorization

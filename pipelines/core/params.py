@@ -318,7 +318,7 @@ class FinetuneParams(Section):
         "what @champion or --from names) and `trainpipe run` clears it; null trains from scratch",
     )
     max_steps: int = Field(
-        160, ge=1, description="optimizer steps of a fine-tune (a full run: train.max_steps)"
+        96, ge=1, description="optimizer steps of a fine-tune (a full run: train.max_steps)"
     )
     lr: float = Field(
         1e-3,
