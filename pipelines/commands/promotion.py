@@ -277,6 +277,9 @@ def _gate(client, params: Params, version: str, model_dir: Path, metrics: dict, 
         note,
     )
     promoted, reason = refuse_memorized(params, version, str(champion.version), metrics, promoted, reason)
+    promoted, reason = replace_a_leaking_champion(
+        params, champion, version, metrics, delta, checks, work_dir, promoted, reason
+    )
     pause_for_test("gate-decided")
     if promoted:
         move_champion(
@@ -484,6 +487,43 @@ def refuse_memorized(
         f"v{version} reproduces {memorized} removed {secrets}{f' ({kinds})' if kinds else ''} of "
         f"{metrics.get('memorization_checked', '?')} checked from their context (see {report}): "
         f"never promoted, {serving} (by its score alone: {reason})"
+    )
+
+
+def replace_a_leaking_champion(
+    params: Params,
+    champion: ModelVersion,
+    version: str,
+    metrics: dict,
+    delta: BpbDelta,
+    checks: list[SliceCheck],
+    work_dir: Path,
+    promoted: bool,
+    reason: str,
+) -> tuple[bool, str]:
+    """A champion that reproduces secrets the data now removes is a defect, not a bar to clear: a
+    challenger that reproduces none replaces it unless it is surely worse, overall (the whole
+    interval above 0) or on a slice. The champion is checked only when that could change the
+    decision: the challenger was not promoted, memorized nothing and is not surely worse."""
+    if promoted or int(metrics.get("memorized_secrets") or 0) > 0:
+        return promoted, reason
+    if delta.low > 0 or any(c.blocks for c in checks):
+        return promoted, reason
+    from pipelines.core.model_dir import load_model_dir
+    from pipelines.stages.evaluate import check_memorization
+
+    champion_dir = work_dir / "champion_model"
+    if not champion_dir.is_dir():  # not downloaded for a re-score
+        champion_dir = _download_champion(champion, work_dir)
+    model, tokenizer = load_model_dir(champion_dir)
+    leaked = int(check_memorization(params, model, tokenizer)["memorized_secrets"])
+    if not leaked:
+        return promoted, reason
+    secrets = "secret" if leaked == 1 else "secrets"
+    return True, (
+        f"champion v{champion.version} reproduces {leaked} removed {secrets} that v{version} does not, "
+        f"and v{version} is not surely worse (challenger {delta.text()}): v{version} becomes champion "
+        f"in place of v{champion.version} (by its score alone: {reason})"
     )
 
 

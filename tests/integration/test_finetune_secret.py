@@ -1,8 +1,8 @@
 """The correction a leaked secret needs, end to end on a small project: a champion trained on
 documents that repeat a company's own token completes it from its usual prefix; the user adds
 the format to curate.scrub_patterns and runs `trainpipe finetune`; the fine-tune no longer
-reproduces it, passes the gate and serves, while the memorization check finds the secret in the
-champion it replaced."""
+reproduces it and replaces the champion, whose leak the gate finds: a challenger that is not
+surely worse replaces a leaking champion even where its score alone would not."""
 
 import ast
 import random
@@ -92,7 +92,9 @@ def test_a_finetune_with_the_new_pattern_forgets_the_secret_and_replaces_the_cha
     assert SECRET in greedy(proj, env, 'CORP_TOKEN = "')
 
     # 3: the user's format, then a fine-tune from the champion
-    tuned = sh([TRAINPIPE, "finetune", "-S", f"curate.scrub_patterns={PATTERN}"], proj, env, timeout=900)
+    # an unreachable margin: the score alone would keep the champion; its leak is what replaces it
+    fix = ["-S", f"curate.scrub_patterns={PATTERN}", "-S", "publish.min_improvement_bpb=10"]
+    tuned = sh([TRAINPIPE, "finetune", *fix], proj, env, timeout=900)
     assert tuned.returncode == 0, tuned.stderr[-3000:]
     tags = client.get_model_version(MODEL, "2").tags
     assert tags["kind"] == "finetune" and tags["parent_version"] == "1"
@@ -104,6 +106,9 @@ def test_a_finetune_with_the_new_pattern_forgets_the_secret_and_replaces_the_cha
     assert str(client.get_model_version_by_alias(MODEL, "champion").version) == "2", tags.get(
         "alias_decision"
     )
+    decision = client.get_model_version(MODEL, "2").tags["alias_decision"]
+    assert decision.startswith("champion v1 reproduces 1 removed secret that v2 does not"), decision
+    assert "(by its score alone: " in decision, decision
     assert SECRET not in greedy(proj, env, 'CORP_TOKEN = "')
 
     # the same check, on the champion it replaced (pinned in data/parent), finds the secret: the
