@@ -62,12 +62,13 @@ from pipelines.adapters.registry import (
     set_version_tags,
 )
 from pipelines.core.bootstrap import BpbDelta, paired_bootstrap, read_bpb_delta
-from pipelines.core.data import TOKENIZER_FILE, read_json
+from pipelines.core.data import read_json
 from pipelines.core.errors import ChampionMovedError, SmokeTestError, TrainpipeError
-from pipelines.core.model_dir import CONFIG_FILE, WEIGHTS_FILE
+from pipelines.core.model_dir import CONFIG_FILE
 from pipelines.core.params import Params
 from pipelines.core.scoring import MEMORIZATION_FILE
 from pipelines.core.slices import SliceCheck, check_slices, read_slice_tags, slice_tags
+from pipelines.stages.parent import ARTIFACT_FILES
 from pipelines.stages.publish import (
     PER_DOCUMENT_TAG,
     SCORE_KEY_TAG,
@@ -389,7 +390,7 @@ def _download_champion(champion: ModelVersion, work_dir: Path) -> Path:
     artifacts = download_model_artifacts(uri, str(work_dir / "champion"))
     champion_dir = work_dir / "champion_model"
     champion_dir.mkdir()
-    for key, filename in (("weights", WEIGHTS_FILE), ("config", CONFIG_FILE), ("tokenizer", TOKENIZER_FILE)):
+    for key, filename in ARTIFACT_FILES.items():
         shutil.copy(artifacts[key], champion_dir / filename)
     return champion_dir
 
