@@ -22,18 +22,14 @@ Used by the evaluate stage (pipelines/stages/evaluate.py): `trainpipe evaluate`.
 """
 
 import hashlib
-import json
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from pipelines.core.model import GPT
 
-SPANS_FILE = "scrubbed_spans.jsonl"  # written by curate next to its reports; one span a line
-SPAN_FIELDS = ("path", "offset", "kind", "length", "sha256")
 # The context's characters read per token wanted: the tokenizer then has more than enough
 # (code averages ~3 bytes a token) without encoding a whole long document.
 CHARS_PER_TOKEN_READ = 8
@@ -48,36 +44,6 @@ def longest_checkable(block_size: int, context_tokens: int) -> int:
     """The longest secret, in characters, whose completion fits the model's context beside at least
     min(context_tokens, MIN_CONTEXT_TOKENS) tokens of context."""
     return block_size - 1 - min(context_tokens, MIN_CONTEXT_TOKENS)
-
-
-def span_record(path: str, offset: int, kind: str, removed: str) -> dict:
-    """One line of the spans file: where the placeholder stands and what it replaced, as a length
-    and a hash; the removed text itself is never kept."""
-    return {
-        "path": path,
-        "offset": offset,
-        "kind": kind,
-        "length": len(removed),
-        "sha256": hashlib.sha256(removed.encode("utf-8")).hexdigest(),
-    }
-
-
-def write_spans(records: Iterable[dict], path: str | Path) -> Path:
-    """The spans file, one JSON object a line in the order given (curate: path, then offset),
-    written whole or not at all."""
-    from pipelines.core.data import atomic_path
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp, tmp.open("w", encoding="utf-8") as fh:
-        for record in records:
-            fh.write(json.dumps({k: record[k] for k in SPAN_FIELDS}, ensure_ascii=False) + "\n")
-    return path
-
-
-def read_spans(path: str | Path) -> list[dict]:
-    with open(path, encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
 
 
 @dataclass(frozen=True)

@@ -127,7 +127,7 @@ def read_trained_model(params: Params) -> tuple[Path, dict]:
 def check_memorization_spans(params: Params, metrics: dict, evaluation_path: Path) -> None:
     """The memorization count must be of the secrets curation removed from the data as it is now:
     a count made before curate.scrub_patterns changed says nothing of the new ones."""
-    from pipelines.core.memorization import SPANS_FILE
+    from pipelines.core.spans import SPANS_FILE
 
     spans_path = Path(params.curate.reports_dir) / SPANS_FILE
     now = sha256_file(spans_path) if spans_path.is_file() else None

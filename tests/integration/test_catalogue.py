@@ -20,8 +20,8 @@ import yaml
 from conftest import make_model_dir, write_metrics
 
 from pipelines.core.data import DOCUMENTS_FILE, sha256_file
-from pipelines.core.memorization import SPANS_FILE
 from pipelines.core.params import load_params, save_overrides
+from pipelines.core.spans import SPANS_FILE
 from pipelines.stages import curate, ingest, inputs
 
 GATE = ["curate.gate.min_documents=5", "curate.gate.min_bytes=3000", "curate.workers=1"]

@@ -11,8 +11,8 @@ from mlflow import MlflowClient
 from pipelines.commands.promotion import DECISION_TAG, publish_model
 from pipelines.core.data import read_json, write_json
 from pipelines.core.errors import ConfigError
-from pipelines.core.memorization import SPANS_FILE
 from pipelines.core.params import Params
+from pipelines.core.spans import SPANS_FILE
 
 _seeds = itertools.count(1)
 

@@ -11,19 +11,17 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from pipelines.core.data import EOT, write_documents
 from pipelines.core.memorization import (
-    SPANS_FILE,
     Check,
     count_memorized,
     longest_checkable,
     memorization_report,
     pick_spans,
     prompt_for,
-    span_record,
-    write_spans,
 )
 from pipelines.core.model import GPT, GPTConfig
 from pipelines.core.params import load_params
 from pipelines.core.scrub import scrub_spans
+from pipelines.core.spans import SPANS_FILE, span_record, write_spans
 
 SECRET = "corp_live_" + "Q7x2Kp9LmZ4vB8nR3tW6yH1c"  # built here: the format, not a live key
 PATTERNS = {"corp_token": "corp_live_[A-Za-z0-9]{24}"}
