@@ -43,7 +43,7 @@ EXP_SHOW = [
     *("exp", "show", "--only-changed", "--keep", ".*_bits_per_byte$"),
     *(
         "--drop",
-        ".*_(documents|bytes|per_s|seconds|step|secrets|checked)$|.*_slice|Created|State|Executor|data/|models|pipelines/",
+        ".*_(documents|bytes|per_s|seconds|step|secrets|checked)$|.*_slice|Created|State|Executor|data/|models|pipelines/|reports/",
     ),
 ]
 QUEUE_TIMEOUT_S = 1200  # two experiments of train + evaluate on a shared 2-core machine
