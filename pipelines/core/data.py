@@ -1,9 +1,9 @@
 """Shared data helpers: document tables on disk, the stable train/validation split, token arrays.
 
-Layout written by the stages:
-    data/raw/documents.parquet      path (str), content (bytes, as ingested)
-    data/curated/documents.parquet  path (str), text (str, UTF-8, "\\n" newlines), sha256 (str), n_bytes (int)
-    data/tokens/{train,val}.bin     flat uint16 token ids; meta.json; tokenizer.json
+Layout written by the stages (the document tables are shards: pipelines/core/shards.py):
+    data/raw/part-NNNNN.parquet      path (str), content (bytes, as ingested)
+    data/curated/part-NNNNN.parquet  path (str), text (str, UTF-8, "\\n" newlines), sha256 (str), n_bytes (int)
+    data/tokens/{train,val}.bin      flat uint16 token ids; meta.json; tokenizer.json
 """
 
 import hashlib
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-DOCUMENTS_FILE = "documents.parquet"
+DOCUMENTS_FILE = "part-00000.parquet"  # a table written whole is shard 0 of its folder (core/shards.py)
 TOKENIZER_FILE = "tokenizer.json"
 TOKEN_DTYPE = np.uint16  # vocab_size is capped at 65535 by the schema
 EOT = "<|endoftext|>"  # separates documents in the token stream
@@ -135,18 +135,23 @@ PARQUET_ROW_GROUP_BYTES = 100 * 10**6
 VALUE_DTYPES = {"string": "string", "binary": "binary", "int64": "int64", "double": "float64", "bool": "bool"}
 
 
-def write_documents(records: list[dict], out_dir: str | Path) -> Path:
+def write_documents(records: list[dict], out_dir: str | Path, name: str = DOCUMENTS_FILE) -> Path:
     """Write records as Parquet, byte for byte as Hugging Face datasets writes them
     (`Dataset.from_list(records).to_parquet(path)`: its features in the schema metadata, row
     groups of at most 100 MB, content-defined chunking, snappy, dictionaries), with pyarrow alone:
     importing datasets costs a stage about a second, more than the write."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out_path = out_dir / name
+    with atomic_path(out_path) as tmp:  # a killed writer leaves the whole file or none
+        _write_table(records, tmp)
+    return out_path
+
+
+def _write_table(records: list[dict], tmp: Path) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    out_path = out_dir / DOCUMENTS_FILE
-    tmp = out_dir / (DOCUMENTS_FILE + ".tmp")
     table = pa.Table.from_pylist(records)
     dtypes = [VALUE_DTYPES.get(str(f.type)) for f in table.schema]
     if not records or None in dtypes:  # a nested or unusual column: datasets itself
@@ -155,8 +160,7 @@ def write_documents(records: list[dict], out_dir: str | Path) -> Path:
 
         disable_progress_bar()  # one table write: a progress bar here is noise
         Dataset.from_list(records).to_parquet(str(tmp))
-        os.replace(tmp, out_path)
-        return out_path
+        return
     features = {
         f.name: {"dtype": dtype, "_type": "Value"} for f, dtype in zip(table.schema, dtypes, strict=True)
     }
@@ -175,26 +179,6 @@ def write_documents(records: list[dict], out_dir: str | Path) -> Path:
         for start in range(0, table.num_rows, rows_per_group):
             writer.write_table(table.slice(start, rows_per_group))
         writer.add_key_value_metadata({"content_defined_chunking": json.dumps(PARQUET_CDC)})
-    os.replace(tmp, out_path)
-    return out_path
-
-
-def read_documents(in_dir: str | Path) -> list[dict]:
-    """Read a document table written by write_documents, as a list of dicts, in path order."""
-    import pyarrow.parquet as pq
-
-    path = Path(in_dir) / DOCUMENTS_FILE
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist: run the stage that writes it first")
-    # ParquetFile, not read_table: the same rows without importing pyarrow.dataset (and pandas)
-    return pq.ParquetFile(path).read().to_pylist()
-
-
-def write_tokens(ids: np.ndarray, path: str | Path) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    np.asarray(ids, dtype=TOKEN_DTYPE).tofile(tmp)
-    os.replace(tmp, path)
 
 
 def load_tokens(path: str | Path) -> np.ndarray:

@@ -81,7 +81,20 @@ class DataParams(Section):
         description="folder sources: files and folders left out (an excluded folder is not walked)",
     )
     text_field: str = Field("text", description="column holding the text in jsonl/parquet/csv sources")
-    max_documents: int | None = Field(None, ge=1, description="keep only the first N documents by path")
+    max_documents: int | None = Field(
+        None, ge=1, description="keep only the first N documents (files by path, a table's rows in order)"
+    )
+    shard_bytes: int = Field(
+        4_000_000,
+        ge=1_000,
+        description="raw bytes per Parquet shard of data/raw (and so of data/curated): the unit of work "
+        "a worker holds at once in ingest, curate and tokenize",
+    )
+    executor: Literal["local", "dask"] = Field(
+        "local",
+        description="where the data stages' shards run: local (a process pool, no server) or dask "
+        "(the cluster DASK_SCHEDULER_ADDRESS names; docs/data-at-scale.md)",
+    )
     raw_dir: str = Field("data/raw", description="ingest output: the raw snapshot")
     curated_dir: str = Field("data/curated", description="curate output: documents that passed")
     tokens_dir: str = Field("data/tokens", description="tokenize output: tokenizer and token arrays")
@@ -230,6 +243,13 @@ class CurateParams(Section):
 class TokenizeParams(Section):
     vocab_size: int = Field(4096, ge=260, le=65535, description="byte-level BPE vocabulary size")
     val_fraction: float = Field(0.05, gt=0, lt=0.5, description="share of documents held out, by path hash")
+    sample_bytes: int = Field(
+        32_000_000,
+        ge=1_000,
+        description="training text the BPE is trained on: documents drawn by a hash of their path, "
+        "the same whatever the shards; encoding then streams every document, shard by shard",
+    )
+    workers: int = Field(2, ge=1, description="processes (data.executor=local) that encode the shards")
 
 
 class TrainParams(Section):

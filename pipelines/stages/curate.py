@@ -3,10 +3,11 @@
     python -m pipelines.stages.curate [--params params.yaml] [-S curate.min_chars=100]
     trainpipe curate --explain json/decoder.py     # why one document was dropped or changed
 
-Reads data/raw/documents.parquet (path, content bytes; never modified). Writes:
-    data/curated/documents.parquet    path, text, sha256, n_bytes, scrubbed (JSON: matches per kind)
-    data/quarantine/documents.parquet every dropped document, scrubbed as curate saw it, with all
-                                      its reasons and the kinds of secret replaced (JSON)
+Reads data/raw/part-NNNNN.parquet (path, content bytes; never modified). Writes, shard i from raw shard i:
+    data/curated/part-NNNNN.parquet    path, text, sha256, n_bytes, scrubbed (JSON: matches per kind)
+    data/quarantine/part-NNNNN.parquet every dropped document, scrubbed as curate saw it, with all
+                                       its reasons and the kinds of secret replaced (JSON);
+                                       failed_shards.json: raw shards that could not be read, and why
     reports/curation.json             counts in and out, per reason, per scrubbed kind, duplicate
                                       clusters, drift figures, gate verdict, step timings, rules
     reports/data_metrics.json         the DVC metrics: kept documents and bytes, dropped, scrubbed
@@ -16,39 +17,58 @@ Reads data/raw/documents.parquet (path, content bytes; never modified). Writes:
                                       (never the text): the memorization check's input (evaluate)
     reports/gate.json, data_docs/     the Great Expectations result and its Data Docs site
 
-Per document (in `curate.workers` processes): decode -> scrub secrets (the built-in kinds and
-curate.scrub_patterns, one's own) -> every quality filter -> MinHash signature. Then, in path order: exact dedupe (sha256) -> near dedupe (LSH). Then the
-gate (pipelines/stages/data_gate.py): the GE suite's two tiers and drift against the champion's profile.
-If a blocking check fails, no curated table is left behind and the stage exits with code 3.
+Two passes over the shards, each shard in a worker (curate.workers processes, or a Dask cluster:
+data.executor), holding one shard at a time:
+1. per document: decode -> scrub secrets (the built-in kinds and curate.scrub_patterns, one's own)
+   -> every quality filter -> MinHash signature;
+then, in this process, in path order: exact dedupe (sha256) -> near
+dedupe (LSH), on hashes and signatures only;
+2. per shard: the curated shard less the duplicates, the quarantine shard, spans and profile.
+Then the gate (pipelines/stages/data_gate.py): the GE suite's two tiers on every kept document's
+columns (the text's first characters only) and drift on the shards' merged profile. If a blocking
+check fails, no curated shard is left behind and the stage exits with code 3. The outputs are the
+same whatever data.shard_bytes and the number of workers.
 """
 
 import difflib
 import gc
 import json
-import multiprocessing
 import os
+import pickle
+import shutil
+import threading
 import time
 from collections import Counter
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipelines.core.data import (
-    DOCUMENTS_FILE,
-    read_documents,
-    read_json,
-    sha256_hex,
-    write_documents,
-    write_json,
-)
+from pipelines.adapters.executor import ShardRunner
+from pipelines.core.data import atomic_path, read_json, sha256_hex, write_json
 from pipelines.core.dedupe import NearDuplicates, signature
 from pipelines.core.errors import ConfigError, GateError, SourceError
-from pipelines.core.memorization import SPANS_FILE, span_record, write_spans
 from pipelines.core.params import CurateParams, Params
-from pipelines.core.quality import FILTER_REASONS, decode_document, explain_reason, failing_filters
+from pipelines.core.quality import (
+    FILTER_REASONS,
+    alnum_fraction,
+    decode_document,
+    explain_reason,
+    failing_filters,
+)
 from pipelines.core.scrub import KINDS, placeholder_of, scrub_spans, scrub_text
+from pipelines.core.shards import (
+    SHARD_GLOB,
+    clear_shards,
+    iter_documents,
+    list_shards,
+    read_shard,
+    shard_name,
+    write_shard,
+)
+from pipelines.core.spans import SPANS_FILE, span_record, write_spans
 from pipelines.stages import data_gate as gates
 from pipelines.stages.inputs import read_champion_reference
 
@@ -67,6 +87,22 @@ QUARANTINE_SCHEMA = pa.schema(
         ("scrubbed", pa.string()),
     ]
 )
+# The work files between curate's two passes (under data/curated.work, removed at the end): each
+# row's place in its raw shard, so a shard's quarantine keeps the raw order.
+QUARANTINE_WORK_SCHEMA = QUARANTINE_SCHEMA.append(pa.field("order", pa.int64()))
+CURATED_COLUMNS = ("path", "text", "sha256", "n_bytes", "scrubbed")
+ANALYSED_SCHEMA = pa.schema(
+    [
+        ("order", pa.int64()),
+        ("path", pa.string()),
+        ("text", pa.string()),
+        ("sha256", pa.string()),
+        ("n_bytes", pa.int64()),
+        ("scrubbed", pa.string()),
+        ("spans", pa.string()),
+    ]
+)
+FAILED_SHARDS_FILE = "failed_shards.json"  # in the quarantine folder: raw shards that could not be read
 
 
 # ---------------------------------------------------------------------------------------------
@@ -106,66 +142,187 @@ def scrub_kinds(rules: CurateParams) -> tuple[str, ...]:
     return (*KINDS, *sorted(rules.scrub_patterns))
 
 
-_WORK: dict = {}  # what forked workers read instead of receiving it pickled
+# ---------------------------------------------------------------------------------------------
+# Per shard (in workers: pipelines/adapters/executor.py). Each writes files under the work folder
+# and returns only what the corpus-level steps need: a retried shard rewrites the same files.
 
 
-def _analyse_index(i: int) -> dict:
-    return analyse(_WORK["records"][i], _WORK["rules"])
-
-
-def _profile_slice(bounds: tuple[int, int]) -> dict:
-    start, stop = bounds
-    return gates.text_profile(_WORK["texts"][start:stop])
-
-
-def _parallel_map(fn, items: list, workers: int, meanwhile=None, **work) -> list:
-    """fn over items in `workers` forked processes (inputs shared by fork, not pickled), in order.
-    meanwhile(), if given, runs in this process while the workers work."""
-    _WORK.update(work)
-    # The per-document work allocates millions of small objects (shingles, parse nodes) and makes
-    # no reference cycles: with the collector on, each full collection also walks the whole
-    # corpus held in memory. Freezing what exists and pausing the collector skips all that.
-    gc_was_enabled = gc.isenabled()
-    gc.freeze()
+def analyse_shard(task: dict) -> dict:
+    """Shard i of the raw snapshot: every document analysed. Those that pass the filters go to
+    analysed-i.parquet (text, hashes, scrub counts, spans), those that fail to dropped-i.parquet
+    (the quarantine's rows, scrubbed). Returns, in order, per document: path, reasons, and for
+    those that pass their sha256, MinHash signature, scrub counts. A shard that cannot be read
+    returns its error, to be reported, not raised: one bad shard does not stop the run."""
+    index, rules, work = task["index"], task["rules"], Path(task["work"])
+    try:
+        records = read_shard(task["shard"])
+    except Exception as exc:  # noqa: BLE001 -- pyarrow raises many types for a corrupt file
+        return {"index": index, "failed": f"{type(exc).__name__}: {exc}", "rows": [], "bytes_in": 0}
+    rows, passing, dropped = [], [], []
+    # The per-document work allocates millions of small objects and makes no reference cycles:
+    # the collector, walking them all again and again, would cost more than the work.
     gc.disable()
     try:
-        if workers <= 1 or len(items) < 2:
-            if meanwhile:
-                meanwhile()
-            return [fn(item) for item in items]
-        ctx = multiprocessing.get_context("fork")
-        with ctx.Pool(min(workers, len(items))) as pool:
-            pending = pool.map_async(fn, items, chunksize=max(1, len(items) // (workers * 8)))
-            if meanwhile:
-                meanwhile()
-            return pending.get()
+        for order, record in enumerate(records):
+            doc = analyse(record, rules)
+            if doc["reasons"]:
+                content, scrubbed = quarantine_content(
+                    record["content"] if isinstance(record["content"], bytes) else None,
+                    rules.scrub_secrets,
+                    rules.scrub_patterns,
+                )
+                dropped.append(
+                    quarantine_row(order, doc["path"], content, doc["reasons"], None, None, scrubbed)
+                )
+                rows.append({"path": doc["path"], "reasons": doc["reasons"]})
+                continue
+            passing.append(
+                {
+                    "order": order,
+                    **{k: doc[k] for k in ("path", "text", "sha256", "n_bytes")},
+                    "scrubbed": json.dumps(doc["scrubbed"], sort_keys=True),
+                    "spans": json.dumps(doc["spans"]),
+                }
+            )
+            rows.append(
+                {
+                    "path": doc["path"],
+                    "reasons": [],
+                    "sha256": doc["sha256"],
+                    "n_bytes": doc["n_bytes"],
+                    "minhash": doc.get("minhash"),
+                    "scrubbed": doc["scrubbed"],
+                    "spans": len(doc["spans"]),
+                }
+            )
     finally:
-        _WORK.clear()
-        gc.unfreeze()
-        if gc_was_enabled:
-            gc.enable()
+        gc.enable()
+    write_table(passing, ANALYSED_SCHEMA, work / f"analysed-{index:05d}.parquet")
+    write_table(dropped, QUARANTINE_WORK_SCHEMA, work / f"dropped-{index:05d}.parquet")
+    bytes_in = sum(len(r["content"]) for r in records if isinstance(r["content"], bytes))
+    return {"index": index, "rows": rows, "bytes_in": bytes_in}
+
+
+def finish_shard(task: dict) -> dict:
+    """Shard i once the corpus-level dedupe has decided: its curated shard (what passed less the
+    duplicates), its quarantine shard (the filters' rejects and the duplicates, in the raw order),
+    its spans, its profile (to a file: a profile's word counts are large), and per kept document
+    the columns the gate's frame needs. All under the work folder, until the gate has passed."""
+    index, work = task["index"], Path(task["work"])
+    duplicates: dict[str, dict] = task["duplicates"]
+    # a shard that could not be read has neither file: nothing of it to write
+    analysed, dropped = work / f"analysed-{index:05d}.parquet", work / f"dropped-{index:05d}.parquet"
+    passing = read_shard(analysed) if analysed.exists() else []
+    kept = [doc for doc in passing if doc["path"] not in duplicates]
+    if kept:
+        write_shard([{k: doc[k] for k in CURATED_COLUMNS} for doc in kept], work / "curated", index)
+    quarantined = (read_shard(dropped) if dropped.exists() else []) + [
+        quarantine_row(
+            doc["order"],
+            doc["path"],
+            doc["text"].encode("utf-8"),
+            duplicates[doc["path"]]["reasons"],
+            duplicates[doc["path"]]["duplicate_of"],
+            duplicates[doc["path"]]["jaccard"],
+            json.loads(doc["scrubbed"]),
+        )
+        for doc in passing
+        if doc["path"] in duplicates
+    ]
+    quarantined.sort(
+        key=lambda row: row["order"]
+    )  # the order column itself depends on the sharding: not kept
+    if quarantined:
+        write_table(quarantined, QUARANTINE_SCHEMA, work / "quarantine" / shard_name(index))
+    with atomic_path(work / f"spans-{index:05d}.jsonl") as tmp, tmp.open("w", encoding="utf-8") as fh:
+        for doc in kept:
+            for span in json.loads(doc["spans"]):
+                fh.write(json.dumps(span) + "\n")
+    texts = [doc["text"] for doc in kept]
+    with atomic_path(work / f"profile-{index:05d}.pickle") as tmp:
+        tmp.write_bytes(pickle.dumps(gates.text_profile(texts)))
+    return {
+        "index": index,
+        "gate_rows": [
+            {
+                "path": doc["path"],
+                "text": doc["text"][: gates.TEXT_PREVIEW_CHARS],
+                "sha256": doc["sha256"],
+                "n_bytes": doc["n_bytes"],
+                "alnum_fraction": alnum_fraction(doc["text"]),
+            }
+            for doc in kept
+        ],
+    }
+
+
+def quarantine_row(order, path, content, reasons, duplicate_of, jaccard, scrubbed) -> dict:
+    return {
+        "order": order,
+        "path": path,
+        "content": content,
+        "reasons": reasons,
+        "duplicate_of": duplicate_of,
+        "jaccard": jaccard,
+        "scrubbed": json.dumps(scrubbed, sort_keys=True),
+    }
+
+
+def write_table(rows: list[dict], schema: pa.Schema, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        pq.write_table(pa.Table.from_pylist(rows, schema=schema), tmp)
 
 
 # ---------------------------------------------------------------------------------------------
 # The corpus-level core
 
 
+class Deduplicator:
+    """Documents that passed the filters, offered in the corpus's order: the first of each exact
+    (sha256) or near (MinHash LSH) cluster stays. Holds a hash and a signature per document kept,
+    not its text: the one step that sees the whole corpus at once."""
+
+    def __init__(self, rules: CurateParams):
+        self.rules = rules
+        self.first_with: dict[str, str] = {}
+        self.near = NearDuplicates(rules.near_dedupe.threshold, rules.near_dedupe.num_perm)
+        self.clusters: dict[str, list[dict]] = {}
+
+    def offer(self, doc: dict) -> dict | None:
+        """None if doc stays, else its quarantine entry: path, reasons, duplicate_of, jaccard."""
+        original = self.first_with.setdefault(doc["sha256"], doc["path"])
+        if original != doc["path"]:
+            self.clusters.setdefault(original, []).append(
+                {"path": doc["path"], "kind": "exact", "jaccard": 1.0}
+            )
+            return {"path": doc["path"], "reasons": ["duplicate"], "duplicate_of": original, "jaccard": 1.0}
+        hit = self.near.offer(doc["path"], doc["minhash"]) if self.rules.near_dedupe.enabled else None
+        if not hit:
+            return None
+        self.clusters.setdefault(hit[0], []).append(
+            {"path": doc["path"], "kind": "near", "jaccard": round(hit[1], 3)}
+        )
+        return {"path": doc["path"], "reasons": ["near_duplicate"], "duplicate_of": hit[0], "jaccard": hit[1]}
+
+
 @dataclass
 class CurationResult:
-    kept: list[dict]  # path, text, sha256, n_bytes, scrubbed, spans; in path order
-    dropped: list[dict]  # path, reasons, duplicate_of, jaccard
+    dropped: list[dict]  # path, reasons, duplicate_of, jaccard; in the corpus's order
     bytes_in: int
+    kept_documents: int = 0
+    kept_bytes: int = 0
+    kept: list[dict] = field(default_factory=list)  # curate_documents only: the kept documents themselves
     clusters: dict[str, list[dict]] = field(default_factory=dict)  # kept path -> its duplicates
     scrubbed: dict[str, int] = field(default_factory=dict)  # matches replaced per kind or name (kept docs)
+    scrubbed_documents: int = 0
+    scrubbed_spans: int = 0  # lines of SPANS_FILE
+    failed_shards: list[dict] = field(default_factory=list)  # shard, reason: shards that could not be read
     timings: dict[str, float] = field(default_factory=dict)
 
     @property
     def documents_in(self) -> int:
-        return len(self.kept) + len(self.dropped)
-
-    @property
-    def bytes_out(self) -> int:
-        return sum(doc["n_bytes"] for doc in self.kept)
+        return self.kept_documents + len(self.dropped)
 
     def counts(self) -> dict[str, int]:
         """Dropped documents per reason; a document with two reasons counts under both."""
@@ -175,98 +332,108 @@ class CurationResult:
                 counts[reason] += 1
         return counts
 
+    def keep(self, doc: dict) -> None:
+        self.kept_documents += 1
+        self.kept_bytes += doc["n_bytes"]
+        self.scrubbed_documents += bool(doc["scrubbed"])
+        self.scrubbed_spans += doc["spans"] if isinstance(doc["spans"], int) else len(doc["spans"])
+        for kind, n in doc["scrubbed"].items():
+            self.scrubbed[kind] += n
 
-def curate_documents(records: list[dict], rules: CurateParams, meanwhile=None) -> CurationResult:
-    """Records in any order -> kept and dropped, deterministically (path order decides who stays).
-    meanwhile(), if given, runs in this process while the workers analyse the documents."""
-    records = sorted(records, key=lambda r: r["path"])
-    started = time.perf_counter()
-    docs = _parallel_map(
-        _analyse_index, list(range(len(records))), rules.workers, meanwhile, records=records, rules=rules
-    )
-    analysed = time.perf_counter()
 
-    kept, dropped = [], []
-    clusters: dict[str, list[dict]] = {}
-    first_with: dict[str, str] = {}
-    near = NearDuplicates(rules.near_dedupe.threshold, rules.near_dedupe.num_perm)
-    for doc in docs:
+def dedupe(analysed: Iterable[dict], rules: CurateParams, result: CurationResult) -> Iterator[dict]:
+    """Analysed documents in the corpus's order -> the ones kept (yielded); the rest dropped into
+    result, with their duplicate clusters."""
+    deduplicator = Deduplicator(rules)
+    for doc in analysed:
         if doc["reasons"]:
-            dropped.append(
+            result.dropped.append(
                 {"path": doc["path"], "reasons": doc["reasons"], "duplicate_of": None, "jaccard": None}
             )
             continue
-        original = first_with.setdefault(doc["sha256"], doc["path"])
-        if original != doc["path"]:
-            clusters.setdefault(original, []).append({"path": doc["path"], "kind": "exact", "jaccard": 1.0})
-            dropped.append(
-                {"path": doc["path"], "reasons": ["duplicate"], "duplicate_of": original, "jaccard": 1.0}
-            )
+        duplicate = deduplicator.offer(doc)
+        if duplicate:
+            result.dropped.append(duplicate)
             continue
-        hit = near.offer(doc["path"], doc["minhash"]) if rules.near_dedupe.enabled else None
-        if hit:
-            clusters.setdefault(hit[0], []).append(
-                {"path": doc["path"], "kind": "near", "jaccard": round(hit[1], 3)}
-            )
-            dropped.append(
-                {
-                    "path": doc["path"],
-                    "reasons": ["near_duplicate"],
-                    "duplicate_of": hit[0],
-                    "jaccard": hit[1],
-                }
-            )
-            continue
-        kept.append({k: doc[k] for k in ("path", "text", "sha256", "n_bytes", "scrubbed", "spans")})
-    scrubbed = dict.fromkeys(scrub_kinds(rules), 0)
-    for doc in kept:
-        for kind, n in doc["scrubbed"].items():
-            scrubbed[kind] += n
-    return CurationResult(
-        kept=kept,
-        dropped=dropped,
+        result.keep(doc)
+        yield doc
+    result.clusters = deduplicator.clusters
+
+
+def curate_documents(records: list[dict], rules: CurateParams) -> CurationResult:
+    """Records in any order -> kept and dropped, in this process (path order decides who stays):
+    the stage's steps on a corpus small enough to hold, for tests and benchmarks."""
+    records = sorted(records, key=lambda r: r["path"])
+    started = time.perf_counter()
+    docs = [analyse(record, rules) for record in records]
+    analysed = time.perf_counter()
+    result = CurationResult(
+        dropped=[],
         bytes_in=sum(len(r["content"]) for r in records if isinstance(r["content"], bytes)),
-        clusters=clusters,
-        scrubbed=scrubbed,
-        timings={
-            "analyse_s": round(analysed - started, 3),
-            "dedupe_s": round(time.perf_counter() - analysed, 3),
-        },
+        scrubbed=dict.fromkeys(scrub_kinds(rules), 0),
     )
+    result.kept = [
+        {k: doc[k] for k in ("path", "text", "sha256", "n_bytes", "scrubbed", "spans")}
+        for doc in dedupe(docs, rules, result)
+    ]
+    result.timings = {
+        "analyse_s": round(analysed - started, 3),
+        "dedupe_s": round(time.perf_counter() - analysed, 3),
+    }
+    return result
 
 
-def corpus_profile(texts: list[str], workers: int) -> dict:
-    step = max(1, -(-len(texts) // max(workers, 1)))
-    slices = [(i, min(i + step, len(texts))) for i in range(0, len(texts), step)] or [(0, 0)]
-    return gates.merge_profiles(_parallel_map(_profile_slice, slices, workers, texts=texts))
+def curate_shards(params: Params, work: Path, runner: ShardRunner) -> tuple[CurationResult, list[dict]]:
+    """The raw snapshot's shards -> (the result, each shard's finish_shard result), every output
+    under work. Shards run on data.executor; the dedupe, between the two passes, in this process."""
+    rules, data = params.curate, params.data
+    shards = list_shards(data.raw_dir)
+    if not shards:
+        raise SourceError(f"{data.raw_dir} holds no {SHARD_GLOB}: run `trainpipe ingest` first")
+    started = time.perf_counter()
+    tasks = [
+        {"index": i, "shard": str(path.resolve()), "work": str(work), "rules": rules}
+        for i, path in enumerate(shards)
+    ]
+    analysed = runner.map(analyse_shard, tasks, "shards analysed")
+    deduped = time.perf_counter()
+    result = CurationResult(
+        dropped=[],
+        bytes_in=sum(part["bytes_in"] for part in analysed),
+        scrubbed=dict.fromkeys(scrub_kinds(rules), 0),
+        failed_shards=[
+            {"shard": shards[p["index"]].name, "reason": p["failed"]} for p in analysed if "failed" in p
+        ],
+    )
+    _check_unique_paths((row["path"] for part in analysed for row in part["rows"]), data.raw_dir)
+    duplicates: list[dict[str, dict]] = [{} for _ in shards]
+    where = {}
+    for part in analysed:
+        for row in part["rows"]:
+            where[row["path"]] = part["index"]
+    # path order decides who stays, as curate_documents does: the same whatever the shards or the source's order
+    in_path_order = sorted((row for part in analysed for row in part["rows"]), key=lambda row: row["path"])
+    for _kept in dedupe(in_path_order, rules, result):
+        pass  # the counts are result's; what a shard keeps, finish_shard finds from its duplicates
+    for entry in result.dropped:
+        if "duplicate" in entry["reasons"] or "near_duplicate" in entry["reasons"]:
+            duplicates[where[entry["path"]]][entry["path"]] = entry
+    del analysed, where
+    finishing = time.perf_counter()
+    tasks = [{"index": i, "work": str(work), "duplicates": duplicates[i]} for i in range(len(shards))]
+    finished = runner.map(finish_shard, tasks, "shards written")
+    result.timings = {
+        "analyse_s": round(deduped - started, 3),
+        "dedupe_s": round(finishing - deduped, 3),
+        "write_s": round(time.perf_counter() - finishing, 3),
+    }
+    return result, finished
 
 
-# ---------------------------------------------------------------------------------------------
-# Outputs
-
-
-def write_quarantine(
-    dropped: list[dict],
-    records_by_path: dict[str, bytes],
-    out_dir: str | Path,
-    scrub: bool = True,
-    patterns: dict[str, str] | None = None,
-) -> Path:
-    """Every dropped document with every reason that applied, its secrets scrubbed as in the
-    curated set: the quarantine is pushed to the DVC remote like any output, so it must hold no
-    secret that curation found. Decodable content is stored as its scrubbed text (UTF-8, the
-    text the filters judged); undecodable content as its bytes, scrubbed through latin-1 (which
-    maps every byte to one character and back), so ASCII secrets in a legacy file go too."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for doc in dropped:
-        content, scrubbed = quarantine_content(records_by_path.get(doc["path"]), scrub, patterns)
-        rows.append({**doc, "content": content, "scrubbed": json.dumps(scrubbed, sort_keys=True)})
-    path, tmp = out_dir / DOCUMENTS_FILE, out_dir / (DOCUMENTS_FILE + ".tmp")
-    pq.write_table(pa.Table.from_pylist(rows, schema=QUARANTINE_SCHEMA), tmp)
-    os.replace(tmp, path)
-    return path
+def merged_profile(work: Path, shards: int) -> dict:
+    """The curated set's profile: the shards' profiles merged, read one at a time."""
+    parts = (pickle.loads((work / f"profile-{i:05d}.pickle").read_bytes()) for i in range(shards))
+    return gates.merge_profiles(parts)
 
 
 def quarantine_content(
@@ -295,18 +462,19 @@ def summarize(result: CurationResult, rules: CurateParams, gate: dict, drift: di
     return {
         "documents_in": result.documents_in,
         "bytes_in": result.bytes_in,
-        "kept": {"documents": len(result.kept), "bytes": result.bytes_out},
+        "kept": {"documents": result.kept_documents, "bytes": result.kept_bytes},
         "dropped_documents": len(result.dropped),
         "dropped": result.counts(),
         "dropped_examples": examples,
+        "failed_shards": result.failed_shards,
         "scrubbed": result.scrubbed,
-        "scrubbed_documents": sum(1 for doc in result.kept if doc["scrubbed"]),
-        "scrubbed_spans": sum(len(doc["spans"]) for doc in result.kept),  # lines of SPANS_FILE
+        "scrubbed_documents": result.scrubbed_documents,
+        "scrubbed_spans": result.scrubbed_spans,
         "duplicate_clusters": [{"kept": path, "copies": copies} for path, copies in clusters],
         "drift": drift,
         "gate": gate,
         "timings": result.timings,
-        "rules": rules.model_dump(exclude={"gate", "reports_dir"}),
+        "rules": rules.model_dump(exclude={"gate", "reports_dir", "workers"}),
     }
 
 
@@ -345,43 +513,47 @@ def check_drift(profile: dict, params: Params) -> tuple[dict, list[dict], list[d
 
 
 def run(params: Params) -> dict:
-    """Read the raw snapshot, curate it, gate it; write the curated table only if the gate passed."""
+    """Curate the raw snapshot shard by shard, gate it; write the curated shards only if the gate passed."""
     rules = params.curate
     curated_dir = Path(params.data.curated_dir)
+    quarantine_dir = Path(params.data.quarantine_dir)
     reports_dir = Path(rules.reports_dir)
     # Whatever happens below, no stale curated table (or spans of one) may stay for downstream stages.
-    for stale in (
-        curated_dir / DOCUMENTS_FILE,
-        curated_dir / (DOCUMENTS_FILE + ".tmp"),
-        reports_dir / SPANS_FILE,
-    ):
-        stale.unlink(missing_ok=True)
-
+    clear_shards(curated_dir)
+    (reports_dir / SPANS_FILE).unlink(missing_ok=True)
+    # Beside the output, so a cluster's workers reach it where they reach the shards (a shared file system)
+    work = curated_dir.resolve().with_name(curated_dir.name + ".work")
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
     try:
-        records = read_documents(params.data.raw_dir)
-    except FileNotFoundError as exc:
-        raise SourceError(str(exc)) from None
-    _check_unique_paths(records, params.data.raw_dir)
-    # Importing the gate's Great Expectations takes seconds of one core: done here while the
-    # workers analyse, not after them (they are forked first: no fork while an import is half done).
-    result = curate_documents(records, rules, meanwhile=gates.import_suite)
-    write_quarantine(
-        result.dropped,
-        {r["path"]: r["content"] for r in records},
-        params.data.quarantine_dir,
-        scrub=rules.scrub_secrets,
-        patterns=rules.scrub_patterns,
-    )
-    del records
+        return _curate(params, work, curated_dir, quarantine_dir, reports_dir)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _curate(params: Params, work: Path, curated_dir: Path, quarantine_dir: Path, reports_dir: Path) -> dict:
+    rules = params.curate
+    # Importing the gate's Great Expectations takes seconds of one core: done while the workers analyse
+    importer = threading.Thread(target=gates.import_suite, daemon=True)
+    importer.start()
+    with ShardRunner(params.data.executor, rules.workers) as runner:
+        result, finished = curate_shards(params, work, runner)
+    clear_shards(quarantine_dir)
+    quarantine_dir.mkdir(parents=True, exist_ok=True)
+    for path in list_shards(work / "quarantine"):
+        os.replace(path, quarantine_dir / path.name)
+    write_json(quarantine_dir / FAILED_SHARDS_FILE, result.failed_shards)
 
     started = time.perf_counter()
-    profile = corpus_profile([doc["text"] for doc in result.kept], rules.workers)
+    profile = merged_profile(work, len(finished))
     write_json(reports_dir / PROFILE_REPORT, profile)
     drift, drift_failed, drift_warned = check_drift(profile, params)
     result.timings["profile_drift_s"] = round(time.perf_counter() - started, 3)
     started = time.perf_counter()
+    importer.join()
     try:
-        frame = gates.gate_frame(result.kept)
+        frame = gates.gate_frame([row for part in finished for row in part["gate_rows"]])
+        del finished
         expectations = gates.gate_expectations(rules, result.documents_in, frame["source"].nunique())
         gate = gates.run_suite(frame, expectations, reports_dir)
     except Exception as exc:
@@ -391,30 +563,38 @@ def run(params: Params) -> dict:
     result.timings["gate_s"] = round(time.perf_counter() - started, 3)
     gate.failed += [_drift_line(c) for c in drift_failed]
     gate.warnings += [_drift_line(c) for c in drift_warned]
+    if result.failed_shards:
+        gate.warnings.append(
+            {
+                "check": "readable_shards",
+                "observed": f"{len(result.failed_shards)} raw shards could not be read "
+                f"({result.failed_shards[0]['shard']}: {result.failed_shards[0]['reason']})",
+                "need": f"every shard (their names and errors: {quarantine_dir / FAILED_SHARDS_FILE})",
+            }
+        )
     gate.passed = not gate.failed
     summary = summarize(result, rules, gate.to_dict(), drift)
     write_json(reports_dir / CURATION_REPORT, summary)
     write_json(reports_dir / DATA_METRICS_REPORT, data_metrics(summary), sort_keys=False)
     if not gate.passed:
         raise GateError(gate.message())
-    write_spans((span for doc in result.kept for span in doc["spans"]), reports_dir / SPANS_FILE)
-    write_documents(
-        [
-            {
-                **{k: v for k, v in doc.items() if k != "spans"},
-                "scrubbed": json.dumps(doc["scrubbed"], sort_keys=True),
-            }
-            for doc in result.kept
-        ],
-        curated_dir,
+    spans = (
+        json.loads(line)
+        for path in sorted(work.glob("spans-*.jsonl"))
+        for line in path.open(encoding="utf-8")
     )
+    write_spans(spans, reports_dir / SPANS_FILE)
+    curated_dir.mkdir(parents=True, exist_ok=True)
+    for path in list_shards(work / "curated"):
+        os.replace(path, curated_dir / path.name)
     return summary
 
 
-def _check_unique_paths(records: list[dict], raw_dir: str) -> None:
+def _check_unique_paths(paths: Iterable[str], raw_dir: str) -> None:
     """Every later step keys documents by path (dedupe, quarantine, --explain): two documents under
     one name, which a glob over FILE.jsonl and a file named FILE.jsonl#ROW can give, stop here."""
-    repeated = sorted(path for path, n in Counter(r["path"] for r in records).items() if n > 1)
+    counts = Counter(paths)
+    repeated = sorted(path for path, n in counts.items() if n > 1)
     if repeated:
         raise SourceError(
             f"{raw_dir}: {repeated[0]!r} names more than one document ({len(repeated)} such names): "
@@ -445,17 +625,17 @@ def explain(path: str, params: Params) -> str:
     """Why the last curation dropped or changed one document: read from its outputs, with the
     figure behind each reason recomputed from the raw bytes under the current rules."""
     rules = params.curate
-    quarantine = Path(params.data.quarantine_dir) / DOCUMENTS_FILE
-    curated = Path(params.data.curated_dir) / DOCUMENTS_FILE
+    quarantine = Path(params.data.quarantine_dir)
+    curated = Path(params.data.curated_dir)
     report = Path(rules.reports_dir) / CURATION_REPORT
-    if not quarantine.exists() or not report.exists():
+    if not (quarantine / FAILED_SHARDS_FILE).exists() or not report.exists():
         raise ConfigError(
             f"no curation to explain ({quarantine} or {report} missing): run `trainpipe curate` first"
         )
-    found = pq.read_table(quarantine, filters=[("path", "==", path)]).to_pylist()
+    found = find_document(quarantine, path)
     if found:
-        doc = found[0]
-        lines = [f"{path}: dropped; quarantined in {quarantine}"]
+        doc, shard = found
+        lines = [f"{path}: dropped; quarantined in {shard}"]
         text, _ = decode_document(doc["content"]) if doc["content"] is not None else (None, None)
         for reason in doc["reasons"]:
             if reason in ("duplicate", "near_duplicate"):
@@ -471,11 +651,11 @@ def explain(path: str, params: Params) -> str:
                 lines.append(f"  - {reason}: {explain_reason(reason, path, text, rules)}")
         return "\n".join(lines)
     summary = read_json(report)
-    kept = pq.read_table(curated, filters=[("path", "==", path)]).to_pylist() if curated.exists() else []
+    kept = find_document(curated, path)
     if kept:
-        doc = kept[0]
+        doc, shard = kept
         scrubbed = json.loads(doc.get("scrubbed") or "{}")
-        lines = [f"{path}: kept ({doc['n_bytes']} bytes) in {curated}"]
+        lines = [f"{path}: kept ({doc['n_bytes']} bytes) in {shard}"]
         if scrubbed:
             changes = ", ".join(
                 f"{n} {kind} -> {placeholder_of(kind)}" for kind, n in sorted(scrubbed.items())
@@ -490,12 +670,11 @@ def explain(path: str, params: Params) -> str:
                 )
                 lines.append(f"  - kept for its duplicate cluster, whose other copies were dropped: {copies}")
         return "\n".join(lines)
-    if not summary.get("gate", {}).get("passed", False) and not curated.exists():
+    if not summary.get("gate", {}).get("passed", False) and not list_shards(curated):
         raise ConfigError(
             f"{path} passed every filter, but the gate failed, so nothing was curated: see {report}"
         )
-    raw = read_documents(params.data.raw_dir) if (Path(params.data.raw_dir) / DOCUMENTS_FILE).exists() else []
-    raw_paths = [r["path"] for r in raw]
+    raw_paths = [r["path"] for r in iter_documents(params.data.raw_dir, columns=["path"])]
     if path in raw_paths:
         raise ConfigError(
             f"{path} is in the raw snapshot but neither curated nor quarantined: the outputs are from "
@@ -504,6 +683,15 @@ def explain(path: str, params: Params) -> str:
     close = difflib.get_close_matches(path, raw_paths, n=3)
     hint = f"; did you mean {', '.join(close)}?" if close else ""
     raise ConfigError(f"{path} is not a document of the raw snapshot {params.data.raw_dir}{hint}")
+
+
+def find_document(folder: Path, path: str) -> tuple[dict, Path] | None:
+    """(the row of one document, the shard that holds it) from a folder of shards, or None."""
+    for shard in list_shards(folder):
+        rows = pq.read_table(shard, filters=[("path", "==", path)]).to_pylist()
+        if rows:
+            return rows[0], shard
+    return None
 
 
 def describe(summary: dict, params: Params) -> str:
@@ -516,8 +704,8 @@ def describe(summary: dict, params: Params) -> str:
         f"scrubbed: {scrubbed}; {len(summary['duplicate_clusters'])} duplicate clusters",
         *[f"warning: {w['check']} (observed {w['observed']}, need {w['need']})" for w in warnings],
         _drift_summary(summary.get("drift") or {}),
-        f"gate passed -> {Path(params.data.curated_dir) / DOCUMENTS_FILE}; "
-        f"quarantine: {Path(params.data.quarantine_dir) / DOCUMENTS_FILE}",
+        f"gate passed -> {Path(params.data.curated_dir) / SHARD_GLOB}; "
+        f"quarantine: {Path(params.data.quarantine_dir) / SHARD_GLOB}",
     ]
     return "\n".join(lines)
 

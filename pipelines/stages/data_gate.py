@@ -13,6 +13,7 @@ import math
 import re
 import shutil
 from collections import Counter
+from collections.abc import Iterable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,9 @@ from pipelines.core.quality import CODE_SUFFIXES, alnum_fraction
 
 GATE_REPORT = "gate.json"
 DATA_DOCS_DIR = "data_docs"
+# The frame holds every kept document's columns but only the start of its text: enough for the
+# text's type and not-null checks, and memory grows with the documents, not with their bytes.
+TEXT_PREVIEW_CHARS = 64
 GATE_COLUMNS = ["path", "text", "sha256", "n_bytes", "alnum_fraction", "source", "source_share", "extension"]
 # What a text corpus is made of: code, prose, the table formats ingest reads rows from, and files
 # without an extension (README, Makefile). Anything else kept (.svg, .html, .pem, .ipynb) is
@@ -88,7 +92,8 @@ def import_suite() -> None:
 
 
 def gate_frame(kept: list[dict]):
-    """The curated set as the DataFrame the gate checks, with what the suite needs derived per row."""
+    """The curated set as the DataFrame the gate checks, with what the suite needs derived per row
+    (alnum_fraction as given, when curate's workers computed it on the whole text)."""
     import pandas as pd
 
     texts = [doc.get("text") for doc in kept]
@@ -103,7 +108,13 @@ def gate_frame(kept: list[dict]):
             "n_bytes": pd.Series([doc.get("n_bytes") for doc in kept], dtype="Int64"),
             # a missing text is the not-null check's to report, not a crash here
             "alnum_fraction": pd.Series(
-                [alnum_fraction(t) if isinstance(t, str) else None for t in texts], dtype="Float64"
+                [
+                    doc["alnum_fraction"]
+                    if "alnum_fraction" in doc
+                    else (alnum_fraction(t) if isinstance(t, str) else None)
+                    for doc, t in zip(kept, texts, strict=True)
+                ],
+                dtype="Float64",
             ),
             "source": sources,
             "source_share": pd.Series([per_source[s] / len(kept) for s in sources], dtype="Float64"),
@@ -309,12 +320,14 @@ def text_profile(texts: list[str]) -> dict:
     return {"byte_counts": byte_counts, "words": words, "n_chars": [len(t) for t in texts]}
 
 
-def merge_profiles(parts: list[dict]) -> dict:
-    """The corpus profile stored with a model: sizes, length quantiles, byte and word distributions."""
-    byte_counts = sum((p["byte_counts"] for p in parts), np.zeros(256, dtype=np.int64))
+def merge_profiles(parts: Iterable[dict]) -> dict:
+    """The corpus profile stored with a model: sizes, length quantiles, byte and word distributions.
+    parts are read once, one at a time (curate reads each shard's from its file)."""
+    byte_counts = np.zeros(256, dtype=np.int64)
     words: Counter = Counter()
     lengths: list[int] = []
     for part in parts:
+        byte_counts += part["byte_counts"]
         words.update(part["words"])
         lengths.extend(part["n_chars"])
     quantiles = np.quantile(lengths, [0.1, 0.5, 0.9]).tolist() if lengths else [0.0, 0.0, 0.0]

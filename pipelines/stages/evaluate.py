@@ -38,21 +38,18 @@ import torch
 from pipelines.core.data import (
     EOT,
     atomic_path,
-    read_documents,
+    is_validation,
     read_json,
     sha256_file,
     sha256_hex,
-    split_documents,
     write_json,
 )
 from pipelines.core.errors import TrainpipeError
 from pipelines.core.memorization import (
-    SPANS_FILE,
     count_memorized,
     longest_checkable,
     memorization_report,
     pick_spans,
-    read_spans,
 )
 from pipelines.core.model import GPT
 from pipelines.core.model_dir import WEIGHTS_FILE, load_model_dir
@@ -65,16 +62,18 @@ from pipelines.core.scoring import (
     SCORE_KEY_FIELDS,
     scoring_code_sha256,
 )
+from pipelines.core.shards import iter_documents
 from pipelines.core.slices import SLICES_FILE, slice_metrics
+from pipelines.core.spans import SPANS_FILE, read_spans
 from pipelines.stages.device import use_bf16
 
 SAMPLE_PROMPTS = ["def fibonacci(n):\n", "import os\n\n\ndef ", "class Stack:\n    def __init__(self):\n"]
 
 
 def validation_documents(params: Params) -> list[dict]:
-    """The held-out documents of the curated set, in path order."""
-    _, val_docs = split_documents(read_documents(params.data.curated_dir), params.tokenize.val_fraction)
-    return val_docs
+    """The held-out documents of the curated set, in its order, streamed from its shards."""
+    fraction = params.tokenize.val_fraction
+    return [d for d in iter_documents(params.data.curated_dir) if is_validation(d["path"], fraction)]
 
 
 def validation_texts(params: Params) -> list[str]:
@@ -237,7 +236,7 @@ def check_memorization(params: Params, model: GPT, tokenizer) -> dict:
     texts = {}
     if spans:
         paths = {span["path"] for span in spans}
-        texts = {d["path"]: d["text"] for d in read_documents(params.data.curated_dir) if d["path"] in paths}
+        texts = {d["path"]: d["text"] for d in iter_documents(params.data.curated_dir) if d["path"] in paths}
     context = params.evaluate.memorization_context_tokens
     checks, left_out = pick_spans(
         spans,

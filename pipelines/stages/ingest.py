@@ -1,4 +1,4 @@
-"""Ingest: snapshot the source into data/raw/documents.parquet, one record per document.
+"""Ingest: snapshot the source into data/raw as Parquet shards (part-NNNNN.parquet), one record per document.
 
     python -m pipelines.stages.ingest            # what `dvc repro ingest` runs
     trainpipe ingest -S data.source='docs/**/*.txt'
@@ -14,19 +14,26 @@ local file, folder or glob.
   walked), each one record of raw bytes, tables included (a stray .json is text, or left out by
   the default patterns, never a table without a text column). Binary files (a NUL byte in the
   first 8 KB) are skipped and counted.
+The source is read as a stream: files one at a time in path order, a table's rows in batches, into
+shards of about data.shard_bytes (pipelines/core/shards.py), so memory holds one shard, whatever
+the source's size. The size check against curate.gate.max_bytes runs first, on the files' sizes.
 Under DVC, ingest depends on data/inputs/source.json, the manifest of the source's files that
 the inputs stage writes on every repro: an added, removed or edited file re-runs ingest.
 """
 
 import glob
+import itertools
 import os
 import sysconfig
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-from pipelines.core.data import write_documents, write_json
+from pipelines.core.data import write_json
 from pipelines.core.errors import GateError, SourceError
 from pipelines.core.params import DEFAULT_EXCLUDE, DEFAULT_INCLUDE, Params
+from pipelines.core.shards import ShardWriter, clear_shards
 
 STDLIB = "python-stdlib"
 TABLE_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -121,19 +128,20 @@ def is_binary(content: bytes) -> bool:
     return b"\0" in content[:BINARY_SNIFF_BYTES]
 
 
-def read_table_file(path: Path, text_field: str) -> list[dict]:
+def iter_table_rows(path: Path, text_field: str) -> Iterator[dict]:
     """Rows of a jsonl/parquet/csv file as records, through Hugging Face datasets (offline).
 
     Streamed, batch by batch, straight from the file: `load_dataset` without streaming converts
     the file to an Arrow table under ~/.cache/huggingface/datasets, a raw, unscrubbed copy of the
-    source outside DVC that nothing ever deletes. Streaming writes nothing there."""
+    source outside DVC that nothing ever deletes. Streaming writes nothing there, and holds one
+    batch of rows at a time."""
     from datasets import load_dataset
     from datasets.utils import logging as datasets_logging
 
     datasets_logging.disable_progress_bar()
     # datasets logs its own error line before raising; ours below names the file and says it once.
     datasets_logging.set_verbosity(datasets_logging.CRITICAL)
-    records = []
+    row = 0
     try:
         table = load_dataset(
             TABLE_FORMATS[path.suffix.lower()], data_files=str(path), split="train", streaming=True
@@ -145,14 +153,76 @@ def read_table_file(path: Path, text_field: str) -> list[dict]:
                 break
             for text in batch[text_field]:
                 content = b"" if text is None else str(text).encode("utf-8")
-                records.append({"path": f"{path}#{len(records)}", "content": content})
+                yield {"path": f"{path}#{row}", "content": content}
+                row += 1
     except Exception as exc:  # datasets raises many types for a corrupt file
         raise SourceError(
             f"{path}: cannot be read as {path.suffix} ({exc.__class__.__name__}: {exc})"
         ) from None
     if columns is not None and text_field not in columns:
         raise SourceError(f"{path}: no column {text_field!r} (columns: {', '.join(columns)})")
-    return records
+
+
+def read_table_file(path: Path, text_field: str) -> list[dict]:
+    """A table file's rows, all at once (iter_table_rows streams them)."""
+    return list(iter_table_rows(path, text_field))
+
+
+@dataclass
+class Skipped:
+    """What a source held that did not become a document."""
+
+    left_out: int = 0  # a folder's files outside data.include / data.exclude
+    binary: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {
+            "left_out": self.left_out,
+            "binary": len(self.binary),
+            "binary_examples": self.binary[:SKIPPED_EXAMPLES],
+        }
+
+
+def record_name(file: Path, found: Source) -> str:
+    return file.relative_to(found.root).as_posix() if file.is_relative_to(found.root) else file.as_posix()
+
+
+def iter_documents(found: Source, text_field: str, skipped: Skipped) -> Iterator[dict]:
+    """Records {path, content: bytes} of the source, one file read at a time: files in path
+    order, a table's rows in their order. Binary files of a folder are counted in skipped."""
+    for file in sorted(found.files, key=lambda f: record_name(f, found)):
+        name = record_name(file, found)
+        if not found.folder and file.suffix.lower() in TABLE_FORMATS:
+            yield from iter_table_rows(file, text_field)
+            continue
+        content = file.read_bytes()
+        # A folder holds what its owner put there: an image or a compiled file named like text is
+        # skipped, not a failed run. A file named directly goes to curate, which quarantines it.
+        if found.folder and is_binary(content):
+            skipped.binary.append(name)
+            continue
+        yield {"path": name, "content": content}
+
+
+def open_source(
+    source: str,
+    text_field: str = "text",
+    max_documents: int | None = None,
+    include: list[str] = DEFAULT_INCLUDE,
+    exclude: list[str] = DEFAULT_EXCLUDE,
+    max_bytes: int | None = None,
+) -> tuple[Iterator[dict], Skipped]:
+    """(the source's records as a stream, what it skipped, filled in as the stream is read).
+    A source larger on disk than max_bytes is a GateError here, before any file is read."""
+    found = resolve_source(source, include, exclude)
+    check_source_size(source, found, max_bytes)
+    skipped = Skipped(left_out=found.left_out)
+    return itertools.islice(iter_documents(found, text_field, skipped), max_documents), skipped
+
+
+def no_documents(source: str, skipped: Skipped) -> SourceError:
+    binary = f" ({len(skipped.binary)} binary files skipped)" if skipped.binary else ""
+    return SourceError(f"data.source {source!r}: yielded no documents{binary}")
 
 
 def gather_documents(
@@ -163,35 +233,12 @@ def gather_documents(
     exclude: list[str] = DEFAULT_EXCLUDE,
     max_bytes: int | None = None,
 ) -> tuple[list[dict], dict]:
-    """(records {path, content: bytes} of every document, sorted by path; what was left out:
-    {"left_out": a folder's files outside include/exclude, "binary": count, "binary_examples"}).
-    A source larger on disk than max_bytes is a GateError before any file is read."""
-    found = resolve_source(source, include, exclude)
-    check_source_size(source, found, max_bytes)
-    records, binary = [], []
-    for file in sorted(found.files):
-        name = file.relative_to(found.root).as_posix() if file.is_relative_to(found.root) else file.as_posix()
-        if not found.folder and file.suffix.lower() in TABLE_FORMATS:
-            records.extend(read_table_file(file, text_field))
-            continue
-        content = file.read_bytes()
-        # A folder holds what its owner put there: an image or a compiled file named like text is
-        # skipped, not a failed run. A file named directly goes to curate, which quarantines it.
-        if found.folder and is_binary(content):
-            binary.append(name)
-            continue
-        records.append({"path": name, "content": content})
-    records.sort(key=lambda r: r["path"])
-    if max_documents:
-        records = records[:max_documents]
+    """open_source's records in a list, and what was skipped: for small sources and tests."""
+    records, skipped = open_source(source, text_field, max_documents, include, exclude, max_bytes)
+    records = list(records)
     if not records:
-        skipped = f" ({len(binary)} binary files skipped)" if binary else ""
-        raise SourceError(f"data.source {source!r}: yielded no documents{skipped}")
-    return records, {
-        "left_out": found.left_out,
-        "binary": len(binary),
-        "binary_examples": binary[:SKIPPED_EXAMPLES],
-    }
+        raise no_documents(source, skipped)
+    return records, skipped.to_dict()
 
 
 def collect_documents(
@@ -201,13 +248,14 @@ def collect_documents(
     include: list[str] = DEFAULT_INCLUDE,
     exclude: list[str] = DEFAULT_EXCLUDE,
 ) -> list[dict]:
-    """Records {path, content: bytes} for every document of the source, sorted by path."""
+    """Records {path, content: bytes} for every document of the source, in ingest's order."""
     return gather_documents(source, text_field, max_documents, include, exclude)[0]
 
 
 def run(params: Params) -> dict:
     data = params.data
-    records, skipped = gather_documents(
+    raw_dir = Path(data.raw_dir)
+    records, skipped = open_source(
         data.source,
         data.text_field,
         data.max_documents,
@@ -215,20 +263,26 @@ def run(params: Params) -> dict:
         data.exclude,
         max_bytes=params.curate.gate.max_bytes,
     )
-    write_documents(records, data.raw_dir)
+    with ShardWriter(raw_dir, data.shard_bytes) as shards:
+        shards.extend(records)
+    if not shards.documents:
+        clear_shards(raw_dir)
+        raise no_documents(data.source, skipped)
     summary = {
         "source": data.source,
-        "documents": len(records),
-        "bytes": sum(len(r["content"]) for r in records),
-        "skipped": skipped,
+        "documents": shards.documents,
+        "bytes": shards.bytes,
+        "shards": shards.shards,
+        "skipped": skipped.to_dict(),
     }
-    write_json(Path(data.raw_dir) / "ingest.json", summary)
+    write_json(raw_dir / "ingest.json", summary)
     return summary
 
 
 def describe(summary: dict, params: Params) -> str:
     line = (
         f"ingest: {summary['documents']} documents, {summary['bytes'] / 1e6:.1f} MB from {summary['source']}"
+        f" in {summary['shards']} shards"
     )
     skipped = summary["skipped"]
     if skipped["left_out"]:

@@ -1,26 +1,44 @@
-"""Tokenize: train a byte-level BPE tokenizer on the training split, write token ids as flat arrays.
-A fine-tune (finetune.parent_version set) encodes with its parent's tokenizer instead.
+"""Tokenize: train a byte-level BPE tokenizer on a sample of the training split, write token ids as
+flat arrays. A fine-tune (finetune.parent_version set) encodes with its parent's tokenizer instead.
 
     python -m pipelines.stages.tokenize          # what `dvc repro tokenize` runs
 
 The split is by a hash of each document's path (pipelines.core.data.is_validation), so it stays
-stable as the corpus changes; the tokenizer sees training documents only. Documents are joined
-with the <|endoftext|> token. Outputs in data/tokens: tokenizer.json, train.bin, val.bin
-(uint16, memory-mapped by training), meta.json.
+stable as the corpus changes; the tokenizer sees training documents only: those a second hash of
+the path draws, about tokenize.sample_bytes of them (all, on the default corpus), streamed into
+the trainer. Encoding then runs shard by shard of data/curated, in tokenize.workers processes (or
+on data.executor's cluster), each writing its shard's ids; the shards' ids are joined in order.
+Documents are joined with the <|endoftext|> token. Outputs in data/tokens: tokenizer.json,
+train.bin, val.bin (uint16, memory-mapped by training and evaluation), meta.json.
 """
 
 import hashlib
+import os
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from pipelines.core.data import EOT, TOKENIZER_FILE, read_documents, split_documents, write_json, write_tokens
+from pipelines.adapters.executor import map_shards
+from pipelines.core.data import (
+    EOT,
+    TOKEN_DTYPE,
+    TOKENIZER_FILE,
+    atomic_path,
+    is_validation,
+    write_json,
+)
 from pipelines.core.errors import SourceError
 from pipelines.core.params import Params
+from pipelines.core.shards import SHARD_GLOB, iter_documents, list_shards, read_shard
+
+ENCODE_BATCH_DOCUMENTS = 256  # documents encoded at once: their Encoding objects are large
+SPLITS = ("train", "val")
 
 
-def train_tokenizer(texts: list[str], vocab_size: int) -> Tokenizer:
+def train_tokenizer(texts: Iterator[str] | list[str], vocab_size: int) -> Tokenizer:
     """Byte-level BPE (GPT-2 style): every byte is in the alphabet, so any text round-trips."""
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -35,27 +53,62 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> Tokenizer:
     return tokenizer
 
 
-def encode_documents(tokenizer: Tokenizer, texts: list[str]) -> np.ndarray:
-    """One flat array: each document's ids followed by <|endoftext|>."""
-    eot = tokenizer.token_to_id(EOT)
-    encodings = tokenizer.encode_batch(texts, add_special_tokens=False)
-    total = sum(len(e.ids) + 1 for e in encodings)
-    out = np.empty(total, dtype=np.int64)
-    pos = 0
-    for e in encodings:
-        n = len(e.ids)
-        out[pos : pos + n] = e.ids
-        out[pos + n] = eot
-        pos += n + 1
-    return out
-
-
 def validation_set_hash(val_docs: list[dict]) -> str:
     """Identifies the held-out set: promotion compares models only on the same one."""
     h = hashlib.sha256()
     for doc in val_docs:
         h.update(doc["path"].encode() + b"\0" + doc["sha256"].encode() + b"\n")
     return h.hexdigest()
+
+
+def in_sample(path: str, fraction: float) -> bool:
+    """Whether a training document is in the tokenizer's sample: a hash of its path (another one
+    than the split's) below fraction, so the sample is the same whatever the shards."""
+    if fraction >= 1.0:
+        return True
+    digest = hashlib.sha1(b"tokenizer sample\0" + path.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+
+
+def encode_shard(task: dict) -> dict:
+    """Shard i of data/curated -> its documents' ids, each followed by <|endoftext|>, in
+    train-i.bin and val-i.bin under the work folder; their token and byte counts."""
+    # one thread per worker: the workers are the parallelism (and a run's figures stay comparable)
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    tokenizer = Tokenizer.from_file(task["tokenizer"])
+    eot = tokenizer.token_to_id(EOT)
+    docs = read_shard(task["shard"], columns=["path", "text", "n_bytes"])
+    counts = {}
+    for split in SPLITS:
+        want_val = split == "val"
+        split_docs = [d for d in docs if is_validation(d["path"], task["val_fraction"]) == want_val]
+        tokens = 0
+        with (
+            atomic_path(Path(task["work"]) / f"{split}-{task['index']:05d}.bin") as tmp,
+            tmp.open("wb") as fh,
+        ):
+            for start in range(0, len(split_docs), ENCODE_BATCH_DOCUMENTS):
+                batch = split_docs[start : start + ENCODE_BATCH_DOCUMENTS]
+                for encoding in tokenizer.encode_batch([d["text"] for d in batch], add_special_tokens=False):
+                    ids = np.empty(len(encoding.ids) + 1, dtype=TOKEN_DTYPE)
+                    ids[:-1] = encoding.ids
+                    ids[-1] = eot
+                    fh.write(ids.tobytes())
+                    tokens += len(ids)
+        counts[split] = {
+            "documents": len(split_docs),
+            "tokens": tokens,
+            "bytes": sum(d["n_bytes"] for d in split_docs),
+        }
+    return counts
+
+
+def join_token_shards(work: Path, split: str, shards: int, out: Path) -> None:
+    """The shards' ids of one split, in order, into the one array training memory-maps."""
+    with atomic_path(out) as tmp, tmp.open("wb") as fh:
+        for index in range(shards):
+            with (work / f"{split}-{index:05d}.bin").open("rb") as part:
+                shutil.copyfileobj(part, fh, 1 << 22)
 
 
 def parent_tokenizer(params: Params) -> Tokenizer | None:
@@ -69,29 +122,65 @@ def parent_tokenizer(params: Params) -> Tokenizer | None:
 
 
 def run(params: Params) -> dict:
-    docs = read_documents(params.data.curated_dir)
-    train_docs, val_docs = split_documents(docs, params.tokenize.val_fraction)
+    curated = params.data.curated_dir
+    shards = list_shards(curated)
+    if not shards:
+        raise SourceError(f"{curated} holds no {SHARD_GLOB}: run `trainpipe curate` first")
+    fraction = params.tokenize.val_fraction
+    # the first pass reads three small columns, never the text: the split's sizes and the held-out set
+    val_docs, train_bytes, train_docs = [], 0, 0
+    for doc in iter_documents(curated, columns=["path", "sha256", "n_bytes"]):
+        if is_validation(doc["path"], fraction):
+            val_docs.append(doc)
+        else:
+            train_docs += 1
+            train_bytes += doc["n_bytes"]
     if not train_docs or not val_docs:
         raise SourceError(
-            f"tokenize: {len(train_docs)} training and {len(val_docs)} validation documents; "
+            f"tokenize: {train_docs} training and {len(val_docs)} validation documents; "
             "both splits need at least one (more documents, or another tokenize.val_fraction)"
         )
+    sample = min(1.0, params.tokenize.sample_bytes / train_bytes)
     tokenizer = parent_tokenizer(params) or train_tokenizer(
-        [d["text"] for d in train_docs], params.tokenize.vocab_size
+        (
+            d["text"]
+            for d in iter_documents(curated, columns=["path", "text"])
+            if not is_validation(d["path"], fraction) and in_sample(d["path"], sample)
+        ),
+        params.tokenize.vocab_size,
     )
     out_dir = Path(params.data.tokens_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer.save(str(out_dir / TOKENIZER_FILE))
+    work = out_dir.resolve() / ".work"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir()
+    try:
+        tasks = [
+            {
+                "index": i,
+                "shard": str(shard.resolve()),
+                "tokenizer": str((out_dir / TOKENIZER_FILE).resolve()),
+                "val_fraction": fraction,
+                "work": str(work),
+            }
+            for i, shard in enumerate(shards)
+        ]
+        counts = map_shards(
+            encode_shard, tasks, params.data.executor, params.tokenize.workers, "shards encoded"
+        )
+        for split in SPLITS:
+            join_token_shards(work, split, len(shards), out_dir / f"{split}.bin")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     summary = {
         "vocab_size": tokenizer.get_vocab_size(),
         "tokenizer": "parent's" if params.finetune.parent_version else "trained",
+        "tokenizer_sample": {"fraction": round(sample, 6), "of_train_bytes": train_bytes},
         "val_set_sha256": validation_set_hash(val_docs),
     }
-    for split, split_docs in (("train", train_docs), ("val", val_docs)):
-        ids = encode_documents(tokenizer, [d["text"] for d in split_docs])
-        write_tokens(ids, out_dir / f"{split}.bin")
-        n_bytes = sum(d["n_bytes"] for d in split_docs)
-        summary[split] = {"documents": len(split_docs), "tokens": len(ids), "bytes": n_bytes}
+    for split in SPLITS:
+        summary[split] = {k: sum(c[split][k] for c in counts) for k in ("documents", "tokens", "bytes")}
     summary["bytes_per_token"] = summary["train"]["bytes"] / summary["train"]["tokens"]
     write_json(out_dir / "meta.json", summary)
     return summary

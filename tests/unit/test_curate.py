@@ -11,6 +11,7 @@ from pipelines.core import quality
 from pipelines.core.data import DOCUMENTS_FILE, sha256_hex, write_documents, write_json
 from pipelines.core.errors import GateError, SourceError
 from pipelines.core.params import CurateParams, GateParams, load_params
+from pipelines.core.shards import clear_shards
 from pipelines.stages import curate, inputs
 from pipelines.stages import data_gate as gate
 
@@ -160,7 +161,7 @@ def test_curate_documents_reasons_counts_and_bytes():
     assert len(result.dropped) == 6
     assert result.documents_in == 7
     assert result.bytes_in == sum(len(r["content"]) for r in records)
-    assert result.bytes_out == 15
+    assert result.kept_bytes == 15
 
 
 # --- the gate and the stage -----------------------------------------------------------------------
@@ -416,6 +417,10 @@ def test_explain_names_what_it_cannot_find(tmp_path):
         ConfigError, match=r"not a document of the raw snapshot .*; did you mean pkg/broken.py"
     ):
         curate.explain("pkg/brokn.py", params)
-    curate.write_quarantine([], {}, tmp_path / "quarantine")  # outputs of another curation
+    clear_shards(tmp_path / "quarantine")  # outputs of another curation, which dropped nothing
+    write_documents(
+        [{"path": "other.py", "text": "x", "sha256": "0", "n_bytes": 1, "scrubbed": "{}"}],
+        tmp_path / "curated",
+    )
     with pytest.raises(ConfigError, match="neither curated nor quarantined"):
         curate.explain("pkg/mod_000.py", params)

@@ -11,11 +11,12 @@ from pathlib import Path
 import pytest
 from dvc.utils.serialize import parse_yaml
 
-from pipelines.core.data import read_documents, write_documents
+from pipelines.core.data import write_documents
 from pipelines.core.errors import ConfigError
-from pipelines.core.memorization import SPANS_FILE, read_spans
 from pipelines.core.params import CurateParams, load_params, save_overrides
 from pipelines.core.scrub import Span, scrub_spans, scrub_text
+from pipelines.core.shards import list_shards, read_documents
+from pipelines.core.spans import SPANS_FILE, read_spans
 from pipelines.stages import curate
 
 CORP = "corp_live_"
@@ -256,7 +257,8 @@ def test_curate_counts_ones_own_kind_and_records_spans_without_the_secrets(tmp_p
     for secret in set(planted.values()) | {"guido@python.org"}:
         assert secret not in raw_spans
         for folder in ("curated", "quarantine"):
-            assert secret.encode() not in (tmp_path / folder / "documents.parquet").read_bytes()
+            for shard in list_shards(tmp_path / folder):
+                assert secret.encode() not in shard.read_bytes()
     spans = read_spans(spans_path)
     texts = {d["path"]: d["text"] for d in read_documents(tmp_path / "curated")}
     corp = [s for s in spans if s["kind"] == "corp_token"]
