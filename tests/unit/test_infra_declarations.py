@@ -6,7 +6,10 @@ infra/stack.toml (versions, ports, databases and logins, buckets, names) and to 
 apart from host names, ports published on 127.0.0.1 or ClusterIP only, and no secret in a
 committed file. The endpoint beside them (`trainpipe serve`, service `serve`) is held to the CLI
 and params.yaml: it follows @champion on every interface, in several replicas that a probe on
-/ping watches. Files are parsed, nothing is started: no Docker, no cluster, no server.
+/ping watches. The Dask cluster of `data.executor: dask` is held to the pinned `distributed` and
+to infra/stack.toml [dask]: the project's own image, one thread a worker, a scheduler reached by
+the training runs alone, and the runs' data at the same path on every worker. Files are parsed,
+nothing is started: no Docker, no cluster, no server.
 
     pytest tests/unit/test_infra_declarations.py
 """
@@ -46,6 +49,12 @@ SERVICE_PORT = {"postgres": "postgres", "seaweedfs": "s3", "mlflow": "mlflow", "
 SERVE = "serve"
 PARAMS = load_params(ROOT / "params.yaml")
 SERVE_PORT = PARAMS.serve.port
+# The Dask cluster of data.executor=dask: its compose services, Kubernetes Deployments and Service.
+DASK = STACK["dask"]
+DASK_SCHEDULER, DASK_WORKER = "dask-scheduler", "dask-worker"
+DASK_ADDRESS = f"tcp://{DASK_SCHEDULER}:{DASK['scheduler_port']}"
+# Workloads that run this repository's own build, not a server image of the stack.
+REPO_BUILDS = {SERVE, DASK_SCHEDULER, DASK_WORKER}
 
 
 @dataclass
@@ -61,6 +70,11 @@ class Container:
     workdir: str | None = None
 
 
+def compose_default(text: str) -> str:
+    """A compose value with each `${VAR:-default}` (a setting, not a secret) read as its default."""
+    return re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", text)
+
+
 def compose_containers() -> dict[str, Container]:
     services = yaml.safe_load((ROOT / COMPOSE).read_text())["services"]
     containers = {}
@@ -70,7 +84,8 @@ def compose_containers() -> dict[str, Container]:
             value = svc.get(part, [])
             argv += shlex.split(value) if isinstance(value, str) else list(value)
         env = {
-            k: re.sub(r"\$\{(\w+)[^}]*\}", r"<\1>", str(v)) for k, v in (svc.get("environment") or {}).items()
+            k: re.sub(r"\$\{(\w+)[^}]*\}", r"<\1>", compose_default(str(v)))
+            for k, v in (svc.get("environment") or {}).items()
         }
         mounts = {}
         for volume in svc.get("volumes", []):
@@ -107,6 +122,8 @@ def k8s_env(entries: list[dict], where: str) -> dict[str, str]:
                 f"{where} env {entry['name']}: Secret {ref['name']!r}, not 'trainpipe'"
             )
             env[entry["name"]] = f"<{ref['key']}>"
+        elif "resourceFieldRef" in entry.get("valueFrom", {}):  # the downward API: its own limit
+            env[entry["name"]] = f"resource:{entry['valueFrom']['resourceFieldRef']['resource']}"
         else:  # $(NAME) is Kubernetes' expansion of a variable defined before
             env[entry["name"]] = re.sub(r"\$\((\w+)\)", lambda m: env.get(m[1], m[0]), str(entry["value"]))
     return env
@@ -249,8 +266,8 @@ def expected_images() -> dict[str, set[str]]:
 def test_images_are_the_stack_versions(containers):
     images = expected_images()
     for name, c in containers.items():
-        if name == SERVE:
-            continue  # this repository's build: test_endpoint_is_trainpipe_serve_following_the_champion
+        if name in REPO_BUILDS:
+            continue  # this repository's build: test_endpoint_is_..., test_dask_runs_in_the_trainings_build
         repository = c.image.rsplit(":", 1)[0]
         assert repository in images, (
             f"{c.where} image {c.image}: not a server of the stack ({', '.join(images)})"
@@ -301,9 +318,10 @@ def test_compose_publishes_on_loopback_only():
             published.setdefault(name, []).append(int(inside))
     wanted = {"mlflow": [PORTS["mlflow"]], "prefect": [PORTS["prefect"]], "seaweedfs": [PORTS["s3"]]}
     wanted[SERVE] = [SERVE_PORT]
+    wanted[DASK_SCHEDULER] = [DASK["scheduler_port"]]  # for the training machine's runs
     assert published == wanted, (
-        f"{COMPOSE} publishes {published}; infra/stack.toml [ports] and serve.port say {wanted} "
-        "(PostgreSQL unpublished)"
+        f"{COMPOSE} publishes {published}; infra/stack.toml [ports], [dask] and serve.port say "
+        f"{wanted} (PostgreSQL, the Dask workers and the scheduler's HTTP port unpublished)"
     )
 
 
@@ -312,21 +330,20 @@ def test_k8s_services_are_private_on_the_stack_ports():
     services = {
         obj["metadata"]["name"]: (path, obj) for path, obj in k8s_objects() if obj["kind"] == "Service"
     }
-    service_ports = {name: PORTS[key] for name, key in SERVICE_PORT.items()} | {SERVE: SERVE_PORT}
+    service_ports = {name: [PORTS[key]] for name, key in SERVICE_PORT.items()} | {SERVE: [SERVE_PORT]}
+    service_ports[DASK_SCHEDULER] = [DASK["scheduler_port"], DASK["http_port"]]
     assert set(services) == set(service_ports), (
         f"{K8S} Services {sorted(services)}, expected {sorted(service_ports)}"
     )
     for name, (path, svc) in services.items():
-        where, port = f"{path} Service/{name}", service_ports[name]
+        where, ports = f"{path} Service/{name}", service_ports[name]
         assert svc["spec"].get("type") == "ClusterIP", (
             f"{where} type {svc['spec'].get('type')}, not ClusterIP"
         )
-        (sp,) = svc["spec"]["ports"]
-        assert sp["port"] == sp["targetPort"] == port, (
-            f"{where} port {sp['port']}->{sp['targetPort']}, not {port}"
-        )
-        assert workloads[name].ports == [port], (
-            f"{workloads[name].where} containerPort {workloads[name].ports}, not [{port}]"
+        declared = [(sp["port"], sp["targetPort"]) for sp in svc["spec"]["ports"]]
+        assert declared == [(port, port) for port in ports], f"{where} ports {declared}, not {ports}"
+        assert workloads[name].ports == ports, (
+            f"{workloads[name].where} containerPort {workloads[name].ports}, not {ports}"
         )
     for path, obj in k8s_objects():
         text = json.dumps(obj)
@@ -580,20 +597,9 @@ def s3_clients() -> set[str]:
     return {name for name, env in envs.items() if env.get("AWS_ACCESS_KEY_ID") and name != "seaweedfs"}
 
 
-def test_k8s_network_policy_lets_only_s3_clients_reach_seaweedfs():
-    pods = pods_by_workload()
-    clients = s3_clients()
-    assert {"mlflow", "buckets", "training"} <= clients and SERVE not in clients, clients
-    _, store_labels = pods["seaweedfs"]
-    policies = [
-        (path, obj)
-        for path, obj in k8s_objects()
-        if obj["kind"] == "NetworkPolicy"
-        and obj["spec"]["podSelector"].get("matchLabels", {}).items() <= store_labels.items()
-    ]
-    assert len(policies) == 1, f"{K8S}: {len(policies)} NetworkPolicies select the SeaweedFS pod, not one"
-    ((path, policy),) = policies
-    where = f"{path} NetworkPolicy/{policy['metadata']['name']}"
+def policy_reach(policy: dict, where: str, pods: dict[str, tuple[str, dict]]) -> dict[str, set]:
+    """Which workloads of `pods` a NetworkPolicy lets in, and to which ports ("all" when a rule
+    names none); a source beyond the namespace's own labelled pods fails."""
     assert policy["spec"]["podSelector"].get("matchLabels"), f"{where}: selects every pod of the namespace"
     assert "Ingress" in policy["spec"].get("policyTypes", []), f"{where}: does not restrict ingress"
 
@@ -610,11 +616,29 @@ def test_k8s_network_policy_lets_only_s3_clients_reach_seaweedfs():
             names |= {name for name, (_, labels) in pods.items() if selector.items() <= labels.items()}
         return names
 
-    reach = {}  # workload -> the ports it reaches ("all" when a rule names none)
+    reach = {}
     for rule in policy["spec"].get("ingress", []):
         ports = [p["port"] for p in rule.get("ports", [])] or ["all"]
         for name in reached_by(rule):
             reach.setdefault(name, set()).update(ports)
+    return reach
+
+
+def test_k8s_network_policy_lets_only_s3_clients_reach_seaweedfs():
+    pods = pods_by_workload()
+    clients = s3_clients()
+    assert {"mlflow", "buckets", "training"} <= clients and SERVE not in clients, clients
+    _, store_labels = pods["seaweedfs"]
+    policies = [
+        (path, obj)
+        for path, obj in k8s_objects()
+        if obj["kind"] == "NetworkPolicy"
+        and obj["spec"]["podSelector"].get("matchLabels", {}).items() <= store_labels.items()
+    ]
+    assert len(policies) == 1, f"{K8S}: {len(policies)} NetworkPolicies select the SeaweedFS pod, not one"
+    ((path, policy),) = policies
+    where = f"{path} NetworkPolicy/{policy['metadata']['name']}"
+    reach = policy_reach(policy, where, pods)
     wanted = {name: {PORTS["s3"]} for name in clients} | {"seaweedfs": {"all"}}
     assert reach == wanted, (
         f"{where}: lets in {reach}; wanted the S3 port from the pods that hold the S3 keys and "
@@ -1067,4 +1091,230 @@ def test_compose_endpoint_scales_out():
     threads = service["environment"].get("OMP_NUM_THREADS")
     assert threads is not None and float(threads) == cpu_cores(limits["cpus"]), (
         f"{where} OMP_NUM_THREADS {threads}: not the CPU limit {limits['cpus']}"
+    )
+
+
+# -- the Dask cluster of data.executor=dask ---------------------------------------------------
+
+
+def lock_pins() -> dict[str, str]:
+    """requirements.lock: package -> pinned version."""
+    text = (ROOT / "requirements.lock").read_text()
+    return {name.lower(): version for name, version in re.findall(r"^([\w.-]+)==(\S+)", text, re.M)}
+
+
+def test_dask_is_the_pinned_distributed():
+    """One `distributed` everywhere: pyproject's pin, the lock, this venv, infra/stack.toml. The
+    cluster's images are the project's own build (test_dask_runs_in_the_trainings_build), which
+    installs that pin: a client and a cluster of two versions would not agree on the protocol."""
+    from packaging.requirements import Requirement
+
+    version = STACK["versions"]["distributed"]
+    deps = [
+        Requirement(text)
+        for text in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    ]
+    pins = [str(r.specifier) for r in deps if r.name == "distributed"]
+    assert pins == [f"=={version}"], (
+        f"pyproject.toml dependencies pin distributed {pins}; infra/stack.toml: {version}"
+    )
+    lock = lock_pins()
+    assert lock.get("distributed") == lock.get("dask") == version, (
+        f"requirements.lock: distributed {lock.get('distributed')}, dask {lock.get('dask')}; infra/stack.toml: {version}"
+    )
+    installed = (metadata.version("distributed"), metadata.version("dask"))
+    assert installed == (version, version), f"installed distributed, dask {installed}; pinned {version}"
+
+
+def dask_cli(c: Container) -> dict:
+    """A declared `dask scheduler` or `dask worker` command, as distributed's own CLI parses it
+    (an unknown flag or a bad value fails here as it would in the container)."""
+    from distributed.cli import dask_scheduler, dask_worker
+
+    commands = {"scheduler": dask_scheduler.main, "worker": dask_worker.main}
+    assert c.argv[0] == "dask" and c.argv[1] in commands, f"{c.where}: runs {c.argv[:2]}"
+    return commands[c.argv[1]].make_context(f"dask {c.argv[1]}", c.argv[2:]).params
+
+
+def test_dask_runs_in_the_trainings_build(containers):
+    """Scheduler and workers run the image the endpoint and the training runs use: the workers
+    import `pipelines` to run a shard, and the scheduler unpickles each task graph, which names
+    the stage's functions (a scheduler without them fails every graph)."""
+    serve = containers[SERVE]
+    for name in (DASK_SCHEDULER, DASK_WORKER):
+        c = containers[name]
+        assert c.image == serve.image, (
+            f"{c.where} image {c.image}: not the project's build of {serve.where} ({serve.image})"
+        )
+        assert c.workdir == serve.workdir or declared_in(containers) == "compose", (
+            f"{c.where}: runs in {c.workdir}, not the checkout {serve.workdir}"
+        )
+
+
+def test_dask_is_started_as_the_stack_says(containers):
+    scheduler = dask_cli(containers[DASK_SCHEDULER])
+    where = containers[DASK_SCHEDULER].where
+    # 0.0.0.0 inside its container or pod: compose publishes it on 127.0.0.1, Kubernetes admits
+    # the training Jobs and the workers alone.
+    assert (scheduler["host"], scheduler["port"]) == ("0.0.0.0", str(DASK["scheduler_port"])), (
+        f"{where}: listens on {scheduler['host']}:{scheduler['port']}, not 0.0.0.0:{DASK['scheduler_port']}"
+    )
+    assert scheduler["dashboard_address"] == f":{DASK['http_port']}", f"{where}: HTTP port"
+    c = containers[DASK_WORKER]
+    worker = dask_cli(c)
+    assert worker["scheduler"] == DASK_ADDRESS, f"{c.where}: joins {worker['scheduler']}, not {DASK_ADDRESS}"
+    # One thread a worker process: a shard's work is CPU-bound Python, the GIL serializes threads.
+    assert worker["nthreads"] == 1 and worker["n_workers"] == "1", (
+        f"{c.where}: --nworkers {worker['n_workers']} --nthreads {worker['nthreads']}, not one process of one thread"
+    )
+    assert c.env.get("OMP_NUM_THREADS") == "1", f"{c.where} OMP_NUM_THREADS {c.env.get('OMP_NUM_THREADS')}"
+    assert worker["nanny"], f"{c.where}: without a nanny a dead worker is not replaced"
+
+
+def test_compose_dask_is_opt_in_on_the_trainings_checkout():
+    """The workers see the training machine's checkout at the path the run sees it, with write
+    access (a stage hands them absolute shard paths); the scheduler imports the same code; a
+    worker publishes nothing and has no fixed name, so `--scale` adds workers."""
+    services = yaml.safe_load((ROOT / COMPOSE).read_text())["services"]
+    for name in (DASK_SCHEDULER, DASK_WORKER):
+        svc, where = services[name], f"{COMPOSE} services.{name}"
+        assert svc.get("profiles") == ["dask"] and ":?" not in svc["image"], (
+            f"{where}: the stack must start without the cluster's image (profiles: [dask])"
+        )
+        checkout = compose_default(svc["working_dir"])
+        mounts = [compose_default(v).split(":") for v in svc.get("volumes", [])]
+        assert any(m[:2] == [checkout, checkout] for m in mounts), (
+            f"{where}: the checkout {checkout} is not mounted at the same path inside ({mounts})"
+        )
+        assert compose_default(svc["environment"]["PYTHONPATH"]) == checkout, (
+            f"{where} PYTHONPATH: not the mounted checkout {checkout}, whose code the run sends"
+        )
+    worker, where = services[DASK_WORKER], f"{COMPOSE} services.{DASK_WORKER}"
+    checkout = compose_default(worker["working_dir"])
+    (mount,) = [m for m in (compose_default(v).split(":") for v in worker["volumes"]) if m[0] == checkout]
+    assert mount[2:] in ([], ["rw"]), (
+        f"{where}: mounts the checkout {mount[2:]}; the workers write shards there"
+    )
+    assert "user" in worker, f"{where}: writes into the checkout as the image's user, not its owner"
+    assert not worker.get("ports") and "container_name" not in worker, f"{where}: cannot scale"
+    limits = worker["deploy"]["resources"]["limits"]
+    assert cpu_cores(limits["cpus"]) == 1 and memory_bytes(limits["memory"]) > 0, (
+        f"{where} limits {limits}: Dask's --memory-limit auto is the memory limit times nthreads "
+        "over the CPUs, the whole limit only with one CPU for the one thread"
+    )
+    header = (ROOT / COMPOSE).read_text().split("\nservices:")[0]
+    published = f"tcp://127.0.0.1:{DASK['scheduler_port']}"
+    assert f"DASK_SCHEDULER_ADDRESS={published}" in header, (
+        f"{COMPOSE}: the commands above the services do not point a run at {published}"
+    )
+
+
+def dask_k8s() -> dict[tuple[str, str], dict]:
+    """infra/k8s/dask.yaml by (kind, name)."""
+    docs = yaml.safe_load_all((ROOT / K8S / "dask.yaml").read_text())
+    return {(obj["kind"], obj["metadata"]["name"]): obj for obj in docs if obj}
+
+
+def pod_volume_mounts(pod: dict) -> dict[str, dict]:
+    """mount path -> the volume's source, for the single container of a pod spec."""
+    volumes = {v["name"]: {k: x for k, x in v.items() if k != "name"} for v in pod.get("volumes", [])}
+    (c,) = pod["containers"]
+    return {m["mountPath"]: volumes[m["name"]] for m in c.get("volumeMounts", [])}
+
+
+def test_k8s_dask_shares_the_training_jobs_data_volume():
+    """A training Job reaches the scheduler at DASK_SCHEDULER_ADDRESS and, deployed with the claim
+    (data_volume), sees its data/ on the volume every worker mounts at the same path; deployed
+    without it, the Job keeps a data/ of its own as before."""
+    objs = dask_k8s()
+    (claim_name,) = [name for kind, name in objs if kind == "PersistentVolumeClaim"]
+    claim = objs[("PersistentVolumeClaim", claim_name)]
+    assert "ReadWriteMany" in claim["spec"]["accessModes"], (
+        f"{K8S}/dask.yaml PersistentVolumeClaim/{claim_name}: {claim['spec']['accessModes']}; every worker and the Job mount it"
+    )
+    claimed = {"persistentVolumeClaim": {"claimName": claim_name}}
+    worker_pod = objs[("Deployment", DASK_WORKER)]["spec"]["template"]["spec"]
+    worker_data = [path for path, source in pod_volume_mounts(worker_pod).items() if source == claimed]
+
+    job = render_work_pool(image="trainpipe:test", data_volume={"name": "data", **claimed})
+    job_pod = job["job_manifest"]["spec"]["template"]["spec"]
+    job_data = [path for path, source in pod_volume_mounts(job_pod).items() if source == claimed]
+    assert worker_data and worker_data == job_data, (
+        f"{WORK_POOL} with data_volume mounts {claim_name} at {job_data}, the Dask workers at {worker_data}"
+    )
+    (container,) = job_pod["containers"]
+    env = k8s_env(container["env"], WORK_POOL)
+    assert Path(job_data[0]).parent == Path(env["TRAINPIPE_CHECKOUT"]), (
+        f"{WORK_POOL}: the shared volume {job_data[0]} is not the checkout's data/"
+    )
+    assert env.get("DASK_SCHEDULER_ADDRESS") == DASK_ADDRESS, (
+        f"{WORK_POOL} env DASK_SCHEDULER_ADDRESS {env.get('DASK_SCHEDULER_ADDRESS')!r}, not {DASK_ADDRESS}"
+    )
+    default = render_work_pool(image="trainpipe:test")["job_manifest"]["spec"]["template"]["spec"]
+    assert pod_volume_mounts(default).get(job_data[0]) == {"emptyDir": {}}, (
+        f"{WORK_POOL} without data_volume: {pod_volume_mounts(default)}; the Job's data/ should be its own"
+    )
+    readme = (ROOT / K8S / "README.md").read_text()
+    assert f'"claimName": "{claim_name}"' in readme, (
+        f"{K8S}/README.md: does not show how to mount {claim_name}"
+    )
+
+
+def test_k8s_dask_workers_hold_one_shard_each():
+    """Each worker pod is one process of one thread on one requested CPU, and Dask's memory limit
+    is the pod's (the nanny restarts the worker at 95% of it, before the kernel kills the pod)."""
+    objs = dask_k8s()
+    deployment = objs[("Deployment", DASK_WORKER)]
+    where = f"{K8S}/dask.yaml Deployment/{DASK_WORKER}"
+    (c,) = deployment["spec"]["template"]["spec"]["containers"]
+    resources = c["resources"]
+    assert cpu_cores(resources["requests"]["cpu"]) == 1, f"{where}: requests {resources['requests']}"
+    assert memory_bytes(resources["limits"]["memory"]) >= memory_bytes(resources["requests"]["memory"]) > 0, (
+        f"{where}: resources {resources}"
+    )
+    worker = dask_cli(k8s_containers()[DASK_WORKER])
+    env = k8s_env(c["env"], where)
+    variable = re.fullmatch(r"\$\((\w+)\)", worker["memory_limit"] or "")
+    assert variable and env.get(variable[1]) == "resource:limits.memory", (
+        f"{where} --memory-limit {worker['memory_limit']}: not the pod's memory limit (Dask's auto "
+        "divides it by the node's cores when the pod has no CPU limit)"
+    )
+    ports = [DASK["worker_port"], DASK["nanny_port"]]
+    assert [int(worker["worker_port"]), int(worker["nanny_port"])] == ports, (
+        f"{where}: --worker-port {worker['worker_port']} --nanny-port {worker['nanny_port']}, not {ports}"
+    )
+    assert [p["containerPort"] for p in c["ports"]] == ports, f"{where} containerPorts"
+    assert deployment["spec"]["replicas"] >= 1, f"{where}: no workers"
+
+
+def test_k8s_only_the_training_jobs_reach_dask():
+    """Whoever reaches the scheduler or a worker runs code on the workers: the scheduler's port
+    admits the training Jobs and the workers, the workers' ports the scheduler, the workers and
+    the Jobs, and no other pod; the scheduler's HTTP port no pod."""
+    pods = pods_by_workload()
+    wanted = {
+        DASK_SCHEDULER: {name: {DASK["scheduler_port"]} for name in ("training", DASK_WORKER)},
+        DASK_WORKER: {
+            name: {DASK["worker_port"], DASK["nanny_port"]}
+            for name in ("training", DASK_SCHEDULER, DASK_WORKER)
+        },
+    }
+    for workload, want in wanted.items():
+        _, labels = pods[workload]
+        policies = [
+            (path, obj)
+            for path, obj in k8s_objects()
+            if obj["kind"] == "NetworkPolicy"
+            and obj["spec"]["podSelector"].get("matchLabels", {}).items() <= labels.items()
+        ]
+        assert len(policies) == 1, (
+            f"{K8S}: {len(policies)} NetworkPolicies select the {workload} pods, not one"
+        )
+        ((path, policy),) = policies
+        where = f"{path} NetworkPolicy/{policy['metadata']['name']}"
+        reach = policy_reach(policy, where, pods)
+        assert reach == want, f"{where}: lets in {reach}, wanted {want}"
+    service = dask_k8s()[("Service", DASK_SCHEDULER)]
+    assert service["spec"]["selector"].items() <= pods[DASK_SCHEDULER][1].items(), (
+        f"{K8S}/dask.yaml Service/{DASK_SCHEDULER} selects {service['spec']['selector']}"
     )
