@@ -7,7 +7,8 @@
   the stage's own process. A worker that dies (killed, out of memory) breaks the pool: its shards
   and every other unfinished one are given to a new pool, up to MAX_ATTEMPTS times.
 - "dask": the shards go to the Dask cluster whose scheduler `DASK_SCHEDULER_ADDRESS` names (Dask's
-  own setting, `tcp://host:8786`); the scheduler re-runs the shards of a worker that dies. The
+  own setting, `tcp://host:8786`), through the cluster's concurrent.futures executor: the same
+  submit-and-wait loop as the pool's. The scheduler re-runs the shards of a worker that dies. The
   workers must import the same project code and see the same paths (a shared file system).
 
 Either way fn(task) must be a module-level function whose only effects are files it writes under
@@ -20,7 +21,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Executor, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 
 from pipelines.core.errors import ConfigError, TrainpipeError
@@ -61,17 +62,22 @@ class ShardRunner:
         if not tasks:
             return []
         progress = Progress(label, len(tasks))
-        if self._client is not None:
-            return _map_dask(self._client, fn, tasks, progress)
-        if self.workers <= 1 or len(tasks) == 1:
+        if self._client is None and (self.workers <= 1 or len(tasks) == 1):
             results = []
             for task in tasks:
                 results.append(fn(task))
                 progress.done()
             return results
-        return self._map_pool(fn, tasks, progress)
+        return self._map(fn, tasks, progress)
 
-    def _new_pool(self) -> ProcessPoolExecutor:
+    def _new_executor(self) -> Executor:
+        """The concurrent.futures executor the shards go to: the cluster's, or a new process pool."""
+        if self._client is not None:
+            # pure=False: a re-submitted stage runs again rather than reuse another run's result.
+            # A result is let go on the cluster once it is here: a worker that dies after it took
+            # nothing with it. A shard whose worker dies before is re-run by the scheduler
+            # (distributed.scheduler.allowed-failures); an error the shard raises is the stage's.
+            return self._client.get_executor(pure=False)
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
         # spawn, not fork: the stage's own threads (tokenizers' pool, an import under way) would be
@@ -79,10 +85,10 @@ class ShardRunner:
         self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
         return self._pool
 
-    def _map_pool(self, fn: Callable, tasks: Sequence, progress: "Progress") -> list:
+    def _map(self, fn: Callable, tasks: Sequence, progress: "Progress") -> list:
         results: dict[int, object] = {}
         attempts = dict.fromkeys(range(len(tasks)), 0)
-        pool = self._pool or self._new_pool()
+        executor = self._pool or self._new_executor()
         while len(results) < len(tasks):
             todo = [i for i in range(len(tasks)) if i not in results]
             for i in todo:
@@ -92,7 +98,7 @@ class ShardRunner:
                         f"{progress.label}: shard {i}'s worker died {MAX_ATTEMPTS} times (killed, or out "
                         "of memory?); lower data.shard_bytes or the workers"
                     )
-            pending = {pool.submit(fn, tasks[i]): i for i in todo}
+            pending = {executor.submit(fn, tasks[i]): i for i in todo}
             try:
                 while pending:
                     finished, _ = wait(pending, return_when=FIRST_COMPLETED)
@@ -100,14 +106,14 @@ class ShardRunner:
                         i = pending.pop(future)
                         results[i] = future.result()
                         progress.done()
-            except BrokenProcessPool:
+            except BrokenProcessPool:  # the local pool only: a cluster re-runs a dead worker's shards itself
                 print(
                     f"a worker died; {len(tasks) - len(results)} {progress.label.split()[0]} left, given to "
                     "new workers (a shard's files are whole or absent, never half)",
                     file=sys.stderr,
                     flush=True,
                 )
-                pool = self._new_pool()
+                executor = self._new_executor()
         return [results[i] for i in range(len(tasks))]
 
 
@@ -132,18 +138,6 @@ def _dask_client():
         return Client(address, timeout=DASK_CONNECT_TIMEOUT_S)
     except OSError as exc:
         raise ConfigError(f"{DASK_ADDRESS_ENV}={address}: no Dask scheduler answers ({exc})") from None
-
-
-def _map_dask(client, fn: Callable, tasks: Sequence, progress: "Progress") -> list:
-    from distributed import as_completed
-
-    # pure=False: a re-submitted stage runs again rather than reuse another run's result. A
-    # shard whose worker dies is re-run by the scheduler (distributed.scheduler.allowed-failures);
-    # an error the shard raises is the stage's, at once, not retried.
-    futures = client.map(fn, list(tasks), pure=False)
-    for _ in as_completed(futures):
-        progress.done()
-    return client.gather(futures)
 
 
 class Progress:

@@ -121,13 +121,6 @@ def is_validation(path: str, val_fraction: float) -> bool:
     return int.from_bytes(digest[:8], "big") / 2**64 < val_fraction
 
 
-def split_documents(docs: list[dict], val_fraction: float) -> tuple[list[dict], list[dict]]:
-    train, val = [], []
-    for doc in docs:
-        (val if is_validation(doc["path"], val_fraction) else train).append(doc)
-    return train, val
-
-
 # Dataset.to_parquet's layout (datasets 5.2: io/parquet.py and config.py), kept so that the bytes,
 # and so DVC's hashes, are datasets' own: tests/integration/test_stages.py compares the two writers' files.
 PARQUET_CDC = {"min_chunk_size": 256 * 1024, "max_chunk_size": 1024 * 1024, "norm_level": 0}

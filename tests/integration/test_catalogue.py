@@ -19,8 +19,9 @@ import pytest
 import yaml
 from conftest import make_model_dir, write_metrics
 
-from pipelines.core.data import DOCUMENTS_FILE, sha256_file
+from pipelines.core.data import sha256_file
 from pipelines.core.params import load_params, save_overrides
+from pipelines.core.shards import list_shards, read_documents
 from pipelines.core.spans import SPANS_FILE
 from pipelines.stages import curate, ingest, inputs
 
@@ -91,29 +92,28 @@ class Workspace:
         code, _, err = self.stage(ingest, source, list(extra))
         assert "Traceback" not in err
         if code:
-            assert not (self.root / "raw" / DOCUMENTS_FILE).exists()
+            assert not list_shards(self.root / "raw")
             return "ingest", code, err
-        raw = self.root / "raw" / DOCUMENTS_FILE
-        raw_sha = sha256_file(raw)
+        raw_sha = sha256_file(*list_shards(self.root / "raw"))
         code, _, err = self.stage(inputs, source, list(extra))  # the champion's profile, for drift
         assert code == 0, err
         code, _, err = self.stage(curate, source, list(extra))
         assert "Traceback" not in err
-        assert sha256_file(raw) == raw_sha, "the raw snapshot must stay as ingested"
+        assert sha256_file(*list_shards(self.root / "raw")) == raw_sha, (
+            "the raw snapshot must stay as ingested"
+        )
         if code:
-            assert not (self.root / "curated" / DOCUMENTS_FILE).exists(), "nothing may reach training"
+            assert not list_shards(self.root / "curated"), "nothing may reach training"
         return ("curate" if code else "passed"), code, err
 
     def report(self) -> dict:
         return json.loads((self.root / "reports" / "curation.json").read_text())
 
     def curated(self) -> list[dict]:
-        return pq.read_table(self.root / "curated" / DOCUMENTS_FILE).to_pylist()
+        return read_documents(self.root / "curated")
 
     def quarantine(self) -> dict[str, dict]:
-        return {
-            row["path"]: row for row in pq.read_table(self.root / "quarantine" / DOCUMENTS_FILE).to_pylist()
-        }
+        return {row["path"]: row for row in read_documents(self.root / "quarantine")}
 
     def explain(self, path: str, *extra: str) -> str:
         return curate.explain(

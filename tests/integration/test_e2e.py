@@ -112,8 +112,8 @@ def test_flow_run_executes_every_stage_and_publishes_champion(project, first_run
     for stage in ("ingest", "curate", "tokenize", "train", "evaluate"):
         assert f"Running stage '{stage}'" in run.stdout, stage
     for out in (
-        "data/raw/documents.parquet",
-        "data/curated/documents.parquet",
+        "data/raw/part-00000.parquet",
+        "data/curated/part-00000.parquet",
         "data/tokens/train.bin",
         "models/model.safetensors",
         "reports/metrics.json",
@@ -471,7 +471,7 @@ def test_gate_failure_on_a_fresh_project_trains_nothing(tmp_path, mlflow_templat
     assert run.returncode == 3
     assert "expect_column_sum_to_be_between" in run.stderr.strip().splitlines()[-1]
     assert (proj / "reports/curation.json").exists() and (proj / "reports/data_docs/index.html").exists()
-    assert (proj / "data/raw/documents.parquet").exists()  # the raw snapshot is kept
-    for never in ("data/curated/documents.parquet", "data/tokens", "models", "checkpoints"):
+    assert (proj / "data/raw/part-00000.parquet").exists()  # the raw snapshot is kept
+    for never in ("data/curated/part-00000.parquet", "data/tokens", "models", "checkpoints"):
         assert not (proj / never).exists(), never
     assert MlflowClient(env["MLFLOW_TRACKING_URI"]).search_registered_models() == []

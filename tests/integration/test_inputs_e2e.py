@@ -89,7 +89,7 @@ def test_a_changed_local_source_reruns_ingest_and_only_then(tmp_path, mlflow_tem
     (folder / "mod_011.py").write_text(text.replace("record 11", "record 99"))  # same size
     edited = dvc_repro(proj, env, "ingest")
     assert edited.returncode == 0 and ran(edited) == {"inputs", "ingest"}, edited.stderr[-2000:]
-    raw = pq.read_table(proj / "data/raw/documents.parquet", filters=[("path", "==", "mod_011.py")])
+    raw = pq.read_table(proj / "data/raw/part-00000.parquet", filters=[("path", "==", "mod_011.py")])
     assert b"record 99" in raw.column("content")[0].as_py()
 
     (folder / "mod_040.py").write_text(module(40))

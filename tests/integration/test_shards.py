@@ -13,12 +13,15 @@ import signal
 import subprocess
 import sys
 import sysconfig
+import threading
 import time
 from pathlib import Path
 
 import psutil
 import pyarrow.parquet as pq
 import pytest
+from conftest import free_port
+from dask_cluster import dask_cluster
 
 from pipelines.core.data import read_json, write_json
 from pipelines.core.params import load_params
@@ -191,3 +194,59 @@ def test_a_worker_killed_mid_shard_loses_and_repeats_no_document(tmp_path, corpu
     assert "a worker died" in out + err
     assert rows_sha256(tmp_path / "curated") == expected["curated"]
     assert rows_sha256(tmp_path / "quarantine") == expected["quarantine"]
+
+
+# ---- the same stages on a Dask cluster (data.executor=dask) ------------------------------------
+
+
+@pytest.mark.slow
+def test_curate_and_tokenize_on_a_dask_cluster_give_the_embedded_executors_outputs(
+    tmp_path, corpus, one_shard, monkeypatch
+):
+    """`dask scheduler` and `dask worker` on this machine, the stages pointed at them through
+    DASK_SCHEDULER_ADDRESS; one worker process killed while it works on the shards."""
+    _, expected = one_shard
+    params = stage_params(tmp_path, corpus, "data.shard_bytes=60000", "data.executor=dask")
+    with dask_cluster(2, tmp_path=tmp_path) as cluster:
+        monkeypatch.setenv("DASK_SCHEDULER_ADDRESS", cluster.address)
+        ingest.run(params)
+        work = tmp_path / "curated.work"
+        killer = KillOnFirstShard(work, cluster.worker_pids.values())
+        killer.start()
+        curate.run(params)
+        killer.join()
+        tokenize.run(params)
+        assert killer.killed, "no worker was killed: the shards finished before any was seen"
+        assert cluster.live_worker_pids(), "the nanny replaced the killed worker"
+    got = outputs(tmp_path)
+    for name in expected:
+        assert got[name] == expected[name], name
+
+
+def test_a_dask_executor_without_its_address_is_one_clear_line(tmp_path, corpus, monkeypatch):
+    from pipelines.core.errors import ConfigError
+
+    monkeypatch.delenv("DASK_SCHEDULER_ADDRESS", raising=False)
+    params = stage_params(tmp_path, corpus, "data.executor=dask")
+    ingest.run(params)
+    with pytest.raises(ConfigError, match="DASK_SCHEDULER_ADDRESS is not set"):
+        curate.run(params)
+    monkeypatch.setenv("DASK_SCHEDULER_ADDRESS", f"tcp://127.0.0.1:{free_port()}")
+    with pytest.raises(ConfigError, match="no Dask scheduler answers"):
+        curate.run(params)
+
+
+class KillOnFirstShard(threading.Thread):
+    """SIGKILLs one of the given worker processes once the first shard's work file appears."""
+
+    def __init__(self, work: Path, pids):
+        super().__init__(daemon=True)
+        self.work, self.pids, self.killed = work, list(pids), None
+
+    def run(self) -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not list(self.work.glob("analysed-*.parquet")):
+            time.sleep(0.01)
+        if list(self.work.glob("analysed-*.parquet")):
+            os.kill(self.pids[0], signal.SIGKILL)
+            self.killed = self.pids[0]

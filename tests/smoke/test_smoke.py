@@ -33,7 +33,9 @@ def test_a_fresh_project_trains_registers_and_serves_an_answer(project):
         assert f"Running stage '{stage}'" in run.stdout, run.stdout[-3000:]
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
     assert str(client.get_model_version_by_alias(MODEL, "champion").version) == "1"
-    assert (proj / "data/curated/documents.parquet").exists() and (proj / "models/model.safetensors").exists()
+    assert (proj / "data/curated/part-00000.parquet").exists() and (
+        proj / "models/model.safetensors"
+    ).exists()
 
     port = free_port()
     log_path = proj.parent / "serve.log"
