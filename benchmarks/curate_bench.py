@@ -39,6 +39,7 @@ from pipelines.core.dedupe import NearDuplicates, shingle_hashes, signature
 from pipelines.core.params import load_params
 from pipelines.core.quality import decode_document, failing_filters
 from pipelines.core.scrub import scrub_text
+from pipelines.core.shards import iter_documents
 from pipelines.stages import curate, inputs
 from pipelines.stages import data_gate as gate
 from pipelines.stages.ingest import collect_documents
@@ -164,7 +165,6 @@ def time_end_to_end(records: list[dict], repeats: int, tmp: Path) -> tuple[dict,
 
 def time_as_users_run_it(repeats: int, baseline: str | None) -> None:
     """`dvc repro -f -s curate` in project copies against `xz -1 -T1` over the raw bytes, in turns."""
-    import pyarrow.parquet as pq
 
     tmp = Path(tempfile.mkdtemp(prefix="curate-bench-dvc-"))
     try:
@@ -178,8 +178,8 @@ def time_as_users_run_it(repeats: int, baseline: str | None) -> None:
             projects[name] = (proj, env)
         raw = tmp / "raw.bin"  # the documents' bytes, as curate reads them
         with raw.open("wb") as out:
-            for content in pq.read_table(proj / "data/raw/documents.parquet").column("content").to_pylist():
-                out.write(content)
+            for row in iter_documents(proj / "data/raw", columns=["content"]):
+                out.write(row["content"])
         commands = {"xz -1 -T1": (["xz", "-1", "-T1", "-c", str(raw)], tmp, None)}
         for name, (proj, env) in projects.items():
             commands[f"dvc repro -f -s curate, {name}"] = (
