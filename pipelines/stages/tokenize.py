@@ -13,9 +13,11 @@ train.bin, val.bin (uint16, memory-mapped by training and evaluation), meta.json
 """
 
 import hashlib
+import multiprocessing
 import os
 import shutil
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -59,6 +61,16 @@ def validation_set_hash(val_docs: list[dict]) -> str:
     for doc in val_docs:
         h.update(doc["path"].encode() + b"\0" + doc["sha256"].encode() + b"\n")
     return h.hexdigest()
+
+
+def train_sample_tokenizer(task: dict) -> None:
+    """Train the BPE on the training documents in the sample, streamed from data/curated; save it."""
+    texts = (
+        d["text"]
+        for d in iter_documents(task["curated"], columns=["path", "text"])
+        if not is_validation(d["path"], task["val_fraction"]) and in_sample(d["path"], task["sample"])
+    )
+    train_tokenizer(texts, task["vocab_size"]).save(task["out"])
 
 
 def in_sample(path: str, fraction: float) -> bool:
@@ -141,17 +153,24 @@ def run(params: Params) -> dict:
             "both splits need at least one (more documents, or another tokenize.val_fraction)"
         )
     sample = min(1.0, params.tokenize.sample_bytes / train_bytes)
-    tokenizer = parent_tokenizer(params) or train_tokenizer(
-        (
-            d["text"]
-            for d in iter_documents(curated, columns=["path", "text"])
-            if not is_validation(d["path"], fraction) and in_sample(d["path"], sample)
-        ),
-        params.tokenize.vocab_size,
-    )
     out_dir = Path(params.data.tokens_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer.save(str(out_dir / TOKENIZER_FILE))
+    tokenizer = parent_tokenizer(params)
+    if tokenizer is None:
+        # in a process of its own: the trainer's memory (hundreds of MB for the sample's words)
+        # goes back with it, rather than stay in this one beside the encoding workers
+        task = {
+            "curated": str(Path(curated).resolve()),
+            "val_fraction": fraction,
+            "sample": sample,
+            "vocab_size": params.tokenize.vocab_size,
+            "out": str((out_dir / TOKENIZER_FILE).resolve()),
+        }
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            pool.submit(train_sample_tokenizer, task).result()
+        tokenizer = Tokenizer.from_file(str(out_dir / TOKENIZER_FILE))
+    else:
+        tokenizer.save(str(out_dir / TOKENIZER_FILE))
     work = out_dir.resolve() / ".work"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir()
