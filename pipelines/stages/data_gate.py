@@ -29,6 +29,10 @@ DATA_DOCS_DIR = "data_docs"
 # The frame holds every kept document's columns but only the start of its text: enough for the
 # text's type and not-null checks, and memory grows with the documents, not with their bytes.
 TEXT_PREVIEW_CHARS = 64
+GATE_FRAME = (
+    f"every kept document: path, sha256, n_bytes, alnum_fraction, source, extension, and the first "
+    f"{TEXT_PREVIEW_CHARS} characters of its text; the profile and drift: every shard's profile, merged"
+)
 GATE_COLUMNS = ["path", "text", "sha256", "n_bytes", "alnum_fraction", "source", "source_share", "extension"]
 # What a text corpus is made of: code, prose, the table formats ingest reads rows from, and files
 # without an extension (README, Makefile). Anything else kept (.svg, .html, .pem, .ipynb) is
@@ -73,6 +77,7 @@ class GateResult:
             "evaluated": self.evaluated,
             "report": self.report_path,
             "data_docs": self.data_docs_path,
+            "checked_on": GATE_FRAME,
         }
 
 
