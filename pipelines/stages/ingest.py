@@ -225,31 +225,13 @@ def no_documents(source: str, skipped: Skipped) -> SourceError:
     return SourceError(f"data.source {source!r}: yielded no documents{binary}")
 
 
-def gather_documents(
-    source: str,
-    text_field: str = "text",
-    max_documents: int | None = None,
-    include: list[str] = DEFAULT_INCLUDE,
-    exclude: list[str] = DEFAULT_EXCLUDE,
-    max_bytes: int | None = None,
-) -> tuple[list[dict], dict]:
-    """open_source's records in a list, and what was skipped: for small sources and tests."""
-    records, skipped = open_source(source, text_field, max_documents, include, exclude, max_bytes)
+def collect_documents(source: str, **options) -> list[dict]:
+    """open_source's records in a list (options: open_source's): for small sources and tests."""
+    records, skipped = open_source(source, **options)
     records = list(records)
     if not records:
         raise no_documents(source, skipped)
-    return records, skipped.to_dict()
-
-
-def collect_documents(
-    source: str,
-    text_field: str = "text",
-    max_documents: int | None = None,
-    include: list[str] = DEFAULT_INCLUDE,
-    exclude: list[str] = DEFAULT_EXCLUDE,
-) -> list[dict]:
-    """Records {path, content: bytes} for every document of the source, in ingest's order."""
-    return gather_documents(source, text_field, max_documents, include, exclude)[0]
+    return records
 
 
 def run(params: Params) -> dict:

@@ -48,9 +48,9 @@ DOCUMENTS = ["README.md", "docs/guide.rst", "notes.txt", "pkg/__init__.py", "pkg
 
 def test_a_folder_takes_its_code_and_prose_and_leaves_the_rest(tmp_path):
     root = repo_tree(tmp_path / "repo")
-    records, skipped = ingest.gather_documents(str(root))
-    assert [r["path"] for r in records] == DOCUMENTS
-    assert skipped == {"left_out": 4, "binary": 1, "binary_examples": ["docs/dump.txt"]}
+    records, skipped = ingest.open_source(str(root))
+    assert [r["path"] for r in records] == DOCUMENTS  # the stream read whole: skipped is complete
+    assert skipped.to_dict() == {"left_out": 4, "binary": 1, "binary_examples": ["docs/dump.txt"]}
     # left out: the two tables, pyproject.toml and logo.png; .git, .venv, __pycache__, build and
     # node_modules are not walked, so not counted
 
