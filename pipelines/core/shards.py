@@ -46,9 +46,7 @@ def clear_shards(folder: str | Path) -> None:
 
 def write_shard(records: list[dict], folder: str | Path, index: int) -> Path:
     """Shard `index` of a folder: write_documents' Parquet layout, renamed into place when whole."""
-    folder = Path(folder)
-    path = write_documents(records, folder, name=shard_name(index))
-    return path
+    return write_documents(records, folder, name=shard_name(index))
 
 
 def iter_documents(
