@@ -18,6 +18,8 @@ from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
+from pipelines.core.code_scope import own_code_scope
+
 CHAMPION = "champion"
 CHALLENGER = "challenger"
 HISTORY_TAG_PREFIX = "champion_move/"  # + a sortable UTC time and a random suffix: one tag per move
@@ -401,20 +403,22 @@ def log_model_from_code(
     # Model.log rather than mlflow.pyfunc.log_model: it takes the run id, so the flow's run
     # (possibly active in another thread) need not be the active run, nor is it ended here.
     # The logged model is created first, in the run's experiment (create_logged_model).
-    return mlflow.models.Model.log(
-        artifact_path=None,
-        name="model",
-        flavor=mlflow.pyfunc,
-        run_id=run_id,
-        model_id=create_logged_model(client, run_id),
-        python_model=python_model,
-        artifacts=artifacts,
-        code_paths=code_paths,
-        model_config=model_config,
-        pip_requirements=pip_requirements,
-        signature=signature,
-        input_example=input_example,
-    )
+    # Model.log loads the model to check input_example, which leaves its code dir on sys.path.
+    with own_code_scope():
+        return mlflow.models.Model.log(
+            artifact_path=None,
+            name="model",
+            flavor=mlflow.pyfunc,
+            run_id=run_id,
+            model_id=create_logged_model(client, run_id),
+            python_model=python_model,
+            artifacts=artifacts,
+            code_paths=code_paths,
+            model_config=model_config,
+            pip_requirements=pip_requirements,
+            signature=signature,
+            input_example=input_example,
+        )
 
 
 def logged_model_signature(model_uri: str):

@@ -24,12 +24,12 @@ import logging
 import os
 import signal
 import socket
-import sys
 import tempfile
 import threading
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+from pipelines.core.code_scope import own_code_scope
 from pipelines.core.errors import ConfigError
 from pipelines.core.params import Params, ServeParams
 from pipelines.serving.guard import CLIENT_GONE, RequestGuard
@@ -87,29 +87,12 @@ class ChampionFollower:
         return old
 
 
-@contextlib.contextmanager
-def _own_code_scope():
-    """Load a version with the code it carries: its code dir's `pipelines` package, not this
-    process's. This process's modules come back afterwards; the loaded model keeps its own."""
-    saved_modules = {k: m for k, m in sys.modules.items() if k == "pipelines" or k.startswith("pipelines.")}
-    saved_path = list(sys.path)
-    for key in saved_modules:
-        del sys.modules[key]
-    try:
-        yield
-    finally:
-        for key in [k for k in sys.modules if k == "pipelines" or k.startswith("pipelines.")]:
-            del sys.modules[key]
-        sys.modules.update(saved_modules)
-        sys.path[:] = saved_path
-
-
 def load_version(
     name: str, version: str, deadline_s: float, serve: ServeParams | None = None
 ) -> ServedVersion:
     """Load models:/name/version and smoke-test it in this process; SmokeFailure if unfit. Its
     scheduler takes this endpoint's capacity (serve), where the version can."""
-    with tempfile.TemporaryDirectory(prefix="trainpipe-serve-") as tmp, _own_code_scope():
+    with tempfile.TemporaryDirectory(prefix="trainpipe-serve-") as tmp, own_code_scope():
         model = load_and_check(f"models:/{name}/{version}", version, tmp, deadline_s)
     set_capacity = getattr(model.unwrap_python_model(), "set_capacity", None)
     if serve is not None and set_capacity is not None:  # a version logged before batching has none

@@ -4,6 +4,8 @@ import itertools
 import json
 import math
 import shutil
+import subprocess
+import sys
 from dataclasses import asdict
 from pathlib import Path
 
@@ -15,6 +17,7 @@ from conftest import METRICS_DOC_BYTES, SNIPPETS, copy_mlflow_db, make_model_dir
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
+import pipelines
 from pipelines.adapters.registry import champion_history
 from pipelines.commands import promotion
 from pipelines.commands.promote import promote_version, rollback_champion
@@ -147,6 +150,23 @@ def test_first_publish_becomes_champion_with_lineage(trained, tmp_path):
     # The logged model lives in the run's experiment (not MLflow's default experiment 0).
     models = client.search_logged_models(experiment_ids=[run.info.experiment_id])
     assert [m.source_run_id for m in models] == [result["run_id"]]
+
+
+def test_publish_leaves_this_process_importing_the_checkouts_pipelines(trained):
+    """MLflow loads the model it logs (to check the input example) and would leave its code dir,
+    a `pipelines` package of only the inference modules, first on sys.path: a stage's spawned
+    workers, which copy sys.path, then found pipelines.core there and not pipelines.core.errors."""
+    path_before = list(sys.path)
+    publish(trained, 2.1)
+    assert sys.path == path_before
+    checkout = Path(pipelines.__file__).parent
+    project = {k: m for k, m in sys.modules.items() if k.split(".")[0] == "pipelines"}
+    assert all(Path(m.__file__).is_relative_to(checkout) for m in project.values() if m.__file__)
+    probe = "import pipelines.core.errors, pipelines.stages.tokenize; print(pipelines.core.errors.__file__)"
+    # a child with this process's sys.path, as multiprocessing's spawn starts one
+    child = f"import sys; sys.path[:] = {sys.path!r}; {probe}"
+    out = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, check=True)
+    assert Path(out.stdout.strip()).is_relative_to(checkout)
 
 
 def test_gate_promotes_only_a_better_challenger(trained):
