@@ -31,6 +31,7 @@ import gzip
 import json
 import lzma
 import math
+from array import array
 from pathlib import Path
 
 import torch
@@ -67,6 +68,7 @@ from pipelines.core.slices import SLICES_FILE, slice_metrics
 from pipelines.core.spans import SPANS_FILE, read_spans
 from pipelines.stages.device import use_bf16
 
+ENCODE_BATCH_DOCS = 256  # documents encoded at a time when scoring
 SAMPLE_PROMPTS = ["def fibonacci(n):\n", "import os\n\n\ndef ", "class Stack:\n    def __init__(self):\n"]
 
 
@@ -104,15 +106,25 @@ def score_texts(
     if T > model.config.block_size:
         raise ValueError(f"context {T} is longer than the model's block_size {model.config.block_size}")
     eot = tokenizer.token_to_id(EOT)
-    stream, doc_bytes, doc_tokens = [eot], [], []
-    for enc, text in zip(tokenizer.encode_batch(texts, add_special_tokens=False), texts, strict=True):
-        if max_tokens and len(stream) > 1 and len(stream) + len(enc.ids) + 1 > max_tokens + 1:
+    # ids only, 8 bytes a token: a tokenizers Encoding holds offsets and strings besides, about
+    # 100 bytes a token, too much to keep for a large split at once
+    stream, doc_bytes, doc_tokens = array("q", [eot]), [], []
+    # encoded ENCODE_BATCH_DOCS documents at a time, in order (inline: the score key hashes this function)
+    encoded = (
+        (enc.ids, text)
+        for start in range(0, len(texts), ENCODE_BATCH_DOCS)
+        for chunk in [texts[start : start + ENCODE_BATCH_DOCS]]
+        for enc, text in zip(tokenizer.encode_batch(chunk, add_special_tokens=False), chunk, strict=True)
+    )
+    for doc_ids, text in encoded:
+        if max_tokens and len(stream) > 1 and len(stream) + len(doc_ids) + 1 > max_tokens + 1:
             break
-        stream.extend(enc.ids + [eot])
+        stream.extend(doc_ids)
+        stream.append(eot)
         doc_bytes.append(len(text.encode("utf-8")))
-        doc_tokens.append(len(enc.ids) + 1)
+        doc_tokens.append(len(doc_ids) + 1)
     device = next(model.parameters()).device
-    ids = torch.tensor(stream, dtype=torch.long)
+    ids = torch.frombuffer(stream, dtype=torch.long)
     # the document of each predicted token ids[1:]: a document's tokens and the EOT that ends it
     owner = torch.repeat_interleave(torch.arange(len(doc_tokens)), torch.tensor(doc_tokens, dtype=torch.long))
     doc_nats = torch.zeros(len(doc_tokens), dtype=torch.float64)
