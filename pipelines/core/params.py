@@ -87,8 +87,8 @@ class DataParams(Section):
     shard_bytes: int = Field(
         4_000_000,
         ge=1_000,
-        description="raw bytes per Parquet shard of data/raw (and so of data/curated): the unit of work "
-        "a worker holds at once in ingest, curate and tokenize",
+        description="raw bytes per Parquet shard of data/raw (and so of data/curated) on average, at "
+        "most 3 times it: the unit of work a worker holds at once in ingest, curate and tokenize",
     )
     executor: Literal["local", "dask"] = Field(
         "local",

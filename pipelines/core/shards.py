@@ -3,13 +3,17 @@
     data/raw/part-00000.parquet, part-00001.parquet, ...        ingest: path, content (bytes)
     data/curated/part-00000.parquet, ...                         curate: path, text, sha256, n_bytes, scrubbed
 
-A shard holds about data.shard_bytes of content; the order of the documents is the order of the
-shards, then of the rows in each. Curate writes shard i of its outputs from shard i of ingest's, so
+A shard holds data.shard_bytes of content on average; the order of the documents is the order of
+the shards, then of the rows in each. Where a shard ends is drawn from each document's own path
+and size (ends_shard), not from a running total: a changed, added or removed file moves the
+boundaries around it only, so the other shards come out byte for byte as in the last run, and
+curate reuses its analysis of them. Curate writes shard i of its outputs from shard i of ingest's, so
 a document keeps its place, and readers stream the rows batch by batch (iter_documents): no stage
 holds more than a shard's rows at once. Each shard is written to a temporary name and renamed, so a
 killed writer leaves either the whole shard or none.
 """
 
+import hashlib
 import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -19,6 +23,15 @@ from pipelines.core.data import write_documents
 SHARD_GLOB = "part-*.parquet"
 _SHARD_RE = re.compile(r"part-(\d{5})\.parquet")
 READ_BATCH_ROWS = 256  # rows decoded at once while a shard is streamed
+MAX_SHARD_FACTOR = 3  # a shard ends at this many times shard_bytes whatever its documents draw
+
+
+def ends_shard(path: str, size: int, shard_bytes: int) -> bool:
+    """Whether a shard ends after this document: a draw from a hash of its path, true with a chance
+    of size / shard_bytes, so that shards hold shard_bytes on average (about 5% reach the cap of
+    MAX_SHARD_FACTOR times it). The same document always draws the same."""
+    draw = int.from_bytes(hashlib.sha256(path.encode("utf-8", "surrogateescape")).digest()[:8], "big")
+    return draw < size * 2**64 / shard_bytes
 
 
 def shard_name(index: int) -> str:
@@ -77,7 +90,8 @@ def read_documents(folder: str | Path, columns: list[str] | None = None) -> list
 
 
 class ShardWriter:
-    """Records in, shards of about shard_bytes out (counted on the given field), in order.
+    """Records in, shards of shard_bytes on average out (counted on the given field, cut where
+    ends_shard draws on the "path" field), in order.
 
     with ShardWriter(folder, 4_000_000) as shards:
         for record in records:
@@ -105,7 +119,10 @@ class ShardWriter:
         self._pending_bytes += size
         self.documents += 1
         self.bytes += size
-        if self._pending_bytes >= self.shard_bytes:
+        if (
+            ends_shard(record["path"], size, self.shard_bytes)
+            or self._pending_bytes >= MAX_SHARD_FACTOR * self.shard_bytes
+        ):
             self.flush()
 
     def extend(self, records: Iterable[dict]) -> None:

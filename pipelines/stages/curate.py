@@ -24,6 +24,8 @@ data.executor), holding one shard at a time:
 then, in this process, in path order: exact dedupe (sha256) -> near
 dedupe (LSH), on hashes and signatures only;
 2. per shard: the curated shard less the duplicates, the quarantine shard, spans and profile.
+A raw shard's first pass is kept in data/curated.cache for the next run (analysis_cache): a shard
+whose bytes, rules and code are unchanged is not analysed again.
 Then the gate (pipelines/stages/data_gate.py): the GE suite's two tiers on every kept document's
 columns (the text's first characters only) and drift on the shards' merged profile. If a blocking
 check fails, no curated shard is left behind and the stage exits with code 3. The outputs are the
@@ -36,11 +38,13 @@ import json
 import os
 import pickle
 import shutil
+import sys
 import threading
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from importlib.metadata import version
 from pathlib import Path
 
 import pyarrow as pa
@@ -59,6 +63,7 @@ from pipelines.core.quality import (
     failing_filters,
 )
 from pipelines.core.scrub import KINDS, placeholder_of, scrub_spans, scrub_text
+from pipelines.core.shard_cache import ShardCache, code_sha256
 from pipelines.core.shards import (
     SHARD_GLOB,
     clear_shards,
@@ -102,6 +107,7 @@ ANALYSED_SCHEMA = pa.schema(
         ("spans", pa.string()),
     ]
 )
+ANALYSIS_FILES = ("analysed.parquet", "dropped.parquet")  # a shard's first-pass files, as cached
 FAILED_SHARDS_FILE = "failed_shards.json"  # in the quarantine folder: raw shards that could not be read
 
 
@@ -152,7 +158,29 @@ def analyse_shard(task: dict) -> dict:
     analysed-i.parquet (text, hashes, scrub counts, spans), those that fail to dropped-i.parquet
     (the quarantine's rows, scrubbed). Returns, in order, per document: path, reasons, and for
     those that pass their sha256, MinHash signature, scrub counts. A shard that cannot be read
-    returns its error, to be reported, not raised: one bad shard does not stop the run."""
+    returns its error, to be reported, not raised: one bad shard does not stop the run.
+
+    With task["cache"], a shard analysed by an earlier run under the same rules and code is not
+    analysed again: its files and rows come from the cache (analysis_cache)."""
+    if not task.get("cache"):
+        return _analyse_shard(task)
+    index, work = task["index"], Path(task["work"])
+    cache = ShardCache(task["cache"], task["salt"])
+    try:
+        key = cache.key(task["shard"])
+    except OSError as exc:
+        return {"index": index, "failed": f"{type(exc).__name__}: {exc}", "rows": [], "bytes_in": 0}
+    files = {name: work / f"{name.split('.')[0]}-{index:05d}.parquet" for name in ANALYSIS_FILES}
+    reused = cache.fetch(key, files)
+    if reused is not None:
+        return {**reused, "index": index, "key": key, "reused": True}
+    analysed = _analyse_shard(task)
+    if "failed" not in analysed:
+        cache.store(key, files, {k: analysed[k] for k in ("rows", "bytes_in")})
+    return {**analysed, "key": key}
+
+
+def _analyse_shard(task: dict) -> dict:
     index, rules, work = task["index"], task["rules"], Path(task["work"])
     try:
         records = read_shard(task["shard"])
@@ -391,11 +419,20 @@ def curate_shards(params: Params, work: Path, runner: ShardRunner) -> tuple[Cura
     if not shards:
         raise SourceError(f"{data.raw_dir} holds no {SHARD_GLOB}: run `trainpipe ingest` first")
     started = time.perf_counter()
+    cache = analysis_cache(params)
     tasks = [
-        {"index": i, "shard": str(path.resolve()), "work": str(work), "rules": rules}
+        {
+            "index": i,
+            "shard": str(path.resolve()),
+            "work": str(work),
+            "rules": rules,
+            "cache": str(cache.folder),
+            "salt": cache.salt,
+        }
         for i, path in enumerate(shards)
     ]
     analysed = runner.map(analyse_shard, tasks, "shards analysed")
+    cache.keep_only(part["key"] for part in analysed if "key" in part)
     deduped = time.perf_counter()
     result = CurationResult(
         dropped=[],
@@ -418,16 +455,30 @@ def curate_shards(params: Params, work: Path, runner: ShardRunner) -> tuple[Cura
     for entry in result.dropped:
         if "duplicate" in entry["reasons"] or "near_duplicate" in entry["reasons"]:
             duplicates[where[entry["path"]]][entry["path"]] = entry
+    analysed_reused = [part.get("reused", False) for part in analysed]
     del analysed, where
     finishing = time.perf_counter()
     tasks = [{"index": i, "work": str(work), "duplicates": duplicates[i]} for i in range(len(shards))]
     finished = runner.map(finish_shard, tasks, "shards written")
     result.timings = {
+        "shards_reused": sum(1 for part in analysed_reused if part),
         "analyse_s": round(deduped - started, 3),
         "dedupe_s": round(finishing - deduped, 3),
         "write_s": round(time.perf_counter() - finishing, 3),
     }
     return result, finished
+
+
+def analysis_cache(params: Params) -> ShardCache:
+    """Where the first pass of each raw shard is kept for the next run: beside the curated folder
+    (data/curated.cache), holding the last run's shards only. Its key: the shard's bytes, the rules
+    the analysis applies (curate's section less the gate, the workers and the reports folder), the
+    project's code and the versions of the libraries that analyse."""
+    curated = Path(params.data.curated_dir).resolve()
+    rules = params.curate.model_dump_json(exclude={"gate", "workers", "reports_dir"})
+    libraries = " ".join(f"{name}=={version(name)}" for name in ("datasketch", "numpy", "pyarrow"))
+    salt = sha256_hex(f"{rules}\0{code_sha256()}\0{libraries}\0{sys.version}")
+    return ShardCache(curated.with_name(curated.name + ".cache"), salt)
 
 
 def merged_profile(work: Path, shards: int) -> dict:
@@ -703,6 +754,11 @@ def describe(summary: dict, params: Params) -> str:
         f"({summary['kept']['bytes'] / 1e6:.1f} of {summary['bytes_in'] / 1e6:.1f} MB); dropped: {dropped}; "
         f"scrubbed: {scrubbed}; {len(summary['duplicate_clusters'])} duplicate clusters",
         *[f"warning: {w['check']} (observed {w['observed']}, need {w['need']})" for w in warnings],
+        *(
+            [f"{reused} raw shards unchanged since the last run: their analysis reused"]
+            if (reused := summary.get("timings", {}).get("shards_reused"))
+            else []
+        ),
         _drift_summary(summary.get("drift") or {}),
         f"gate passed -> {Path(params.data.curated_dir) / SHARD_GLOB}; "
         f"quarantine: {Path(params.data.quarantine_dir) / SHARD_GLOB}",

@@ -15,7 +15,7 @@ local file, folder or glob.
   the default patterns, never a table without a text column). Binary files (a NUL byte in the
   first 8 KB) are skipped and counted.
 The source is read as a stream: files one at a time in path order, a table's rows in batches, into
-shards of about data.shard_bytes (pipelines/core/shards.py), so memory holds one shard, whatever
+shards of data.shard_bytes on average (pipelines/core/shards.py), so memory holds one shard, whatever
 the source's size. The size check against curate.gate.max_bytes runs first, on the files' sizes.
 Under DVC, ingest depends on data/inputs/source.json, the manifest of the source's files that
 the inputs stage writes on every repro: an added, removed or edited file re-runs ingest.

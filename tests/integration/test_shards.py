@@ -153,6 +153,35 @@ def test_a_shard_that_cannot_be_read_is_reported_and_the_rest_curated(tmp_path, 
     assert list_shards(tmp_path / "curated")  # the others passed the gate
 
 
+def test_a_rerun_after_one_file_changed_analyses_only_the_shards_it_touched(tmp_path, corpus):
+    """Ingest's boundaries follow the documents, so the other raw shards keep their bytes, and
+    curate takes their first pass from data/curated.cache; the outputs are a fresh run's."""
+    source = tmp_path / "corpus"
+    shutil.copytree(corpus, source)
+    settings = ("data.shard_bytes=60000", "curate.workers=2")
+    params = stage_params(tmp_path / "a", source, *settings)
+    ingest.run(params)
+    shards = len(list_shards(tmp_path / "a" / "raw"))
+    assert curate.run(params)["timings"]["shards_reused"] == 0
+    assert curate.run(params)["timings"]["shards_reused"] == shards  # nothing changed: nothing analysed
+    changed = source / "json" / "decoder.py"
+    changed.write_text(changed.read_text() + "\n\ndef added():\n    return 'a change'\n")
+    ingest.run(params)
+    reused = curate.run(params)["timings"]["shards_reused"]
+    assert shards - 2 <= reused < len(list_shards(tmp_path / "a" / "raw"))
+    fresh = stage_params(tmp_path / "b", source, *settings)
+    ingest.run(fresh)
+    curate.run(fresh)
+    for folder in ("curated", "quarantine"):
+        assert rows_sha256(tmp_path / "a" / folder) == rows_sha256(tmp_path / "b" / folder), folder
+    for report in (curate.PROFILE_REPORT, curate.DATA_METRICS_REPORT, "scrubbed_spans.jsonl"):
+        assert (tmp_path / "a" / "reports" / report).read_bytes() == (
+            tmp_path / "b" / "reports" / report
+        ).read_bytes()
+    # the cache holds this run's shards only
+    assert len(list((tmp_path / "a" / "curated.cache").iterdir())) == len(list_shards(tmp_path / "a" / "raw"))
+
+
 def test_a_worker_killed_mid_shard_loses_and_repeats_no_document(tmp_path, corpus, one_shard):
     """The stage as DVC runs it; one of its two workers killed while it works: the shards it held
     go to a new worker, and the outputs are those of the run nobody killed."""
