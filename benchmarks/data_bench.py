@@ -28,7 +28,8 @@ process (the kernel's high-water mark). curate and tokenize run at each of --wor
 parameter this project's schema does not know (tokenize.workers before it existed) is left
 out and said so, and that stage runs once per repeat at its own setting. `xz -1 -T1` over the
 default corpus's raw bytes runs before each repeat's curate runs, for the curate / xz ratio
-(curate at the most workers; `python -m`, not `dvc repro`). Runs take turns within a repeat
+(curate at the most workers; `python -m`, not `dvc repro`). Each curate run starts without
+data/curated.cache, so it analyses every shard, as a first run does. Runs take turns within a repeat
 (most workers first); the table holds medians of wall time, the highest peaks, the stage's own
 seconds as it prints them (without Python's start and imports), and each run with the load
 average after it: another process's load slows every figure. A run past --cap-gb or --cap-s is
@@ -419,6 +420,8 @@ def run_corpus(
                 runs.setdefault("xz", []).append(time_xz(xz_raw))
                 print(f"  {name} xz -1 -T1 run {i + 1}: {runs['xz'][-1]:.1f} s", file=sys.stderr, flush=True)
             overrides = base + extra + ([override_text(WORKER_PARAMS[stage], workers)] if workers else [])
+            # every curate run analyses every shard: the last run's analysis, kept for a re-run, goes
+            shutil.rmtree(proj / "data" / "curated.cache", ignore_errors=True)
             r = measure(stage_cmd(stage, overrides), proj, env, proj / f"{stage}.log", cap_bytes, args.cap_s)
             note = r["stopped"] or r["error"]
             print(
