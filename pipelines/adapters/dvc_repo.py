@@ -73,14 +73,19 @@ HINT_LINES = (
 )
 
 
+KEPT_HEAD_CHUNKS, KEPT_TAIL_CHUNKS = 16, 64
+
+
 def _pump(src, dst, keep: list[bytes], drop_hints: bool = False) -> None:
-    """Copy a pipe to our stream as bytes arrive (progress bars stay live), keeping the tail.
-    With drop_hints, whole lines are copied, without DVC's hints and blank lines."""
+    """Copy a pipe to our stream as bytes arrive (progress bars stay live), keeping its head and its
+    tail: DVC's "Running stage" comes first, the exit code last, and a stage's progress lines (a
+    chunk each) in between may be thousands. With drop_hints, whole lines are copied, without
+    DVC's hints and blank lines."""
     pending = b""
     while chunk := os.read(src.fileno(), 65536):
         keep.append(chunk)
-        if len(keep) > 64:
-            del keep[:-64]
+        if len(keep) > KEPT_HEAD_CHUNKS + KEPT_TAIL_CHUNKS:
+            del keep[KEPT_HEAD_CHUNKS]
         if drop_hints:
             lines = (pending + chunk).split(b"\n")
             pending = lines.pop()

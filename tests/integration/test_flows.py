@@ -6,6 +6,8 @@ import json
 import os
 import subprocess
 import sys
+import threading
+import time
 import urllib.request
 from pathlib import Path
 
@@ -14,7 +16,14 @@ import yaml
 from conftest import tracked_copy
 from test_catalogue import good_corpus, module
 
-from pipelines.adapters.dvc_repo import _pump, describe_changes, failure_reason, stage_exit_code
+from pipelines.adapters.dvc_repo import (
+    KEPT_HEAD_CHUNKS,
+    KEPT_TAIL_CHUNKS,
+    _pump,
+    describe_changes,
+    failure_reason,
+    stage_exit_code,
+)
 
 
 class Sink:
@@ -46,6 +55,30 @@ def test_pump_drops_dvc_hints_but_keeps_stage_output():
         b"Running stage 'train':\n> python -m pipelines.stages.train\ntrain: step 10/20\nUpdating lock file 'dvc.lock'\n"
     )
     assert pump(out, False) == out
+
+
+def test_a_stage_that_prints_thousands_of_progress_lines_is_still_seen_to_run():
+    """The 20x corpus's curate printed a line per shard; keeping only the output's tail lost DVC's
+    "Running stage", and the flow reported a stage that ran as skipped."""
+    r, w = os.pipe()
+    lines = [b"Running stage 'curate':\n"] + [f"  {i}/5000 shards analysed\n".encode() for i in range(5000)]
+    lines.append(b"ERROR: failed to reproduce 'curate': exited with 3\n")
+
+    def write():
+        with os.fdopen(w, "wb", buffering=0) as fh:
+            for line in lines:
+                fh.write(line)
+                time.sleep(0.0002)  # a chunk a line, as a stage that flushes each line gives
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    keep = []
+    with os.fdopen(r, "rb") as src:
+        _pump(src, None, keep, drop_hints=True)
+    writer.join()
+    kept = b"".join(keep)
+    assert b"Running stage 'curate'" in kept and stage_exit_code(kept.decode()) == 3
+    assert len(keep) <= KEPT_HEAD_CHUNKS + KEPT_TAIL_CHUNKS
 
 
 @pytest.mark.parametrize(
