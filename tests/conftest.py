@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+import pipelines
+from pipelines.core.code_scope import own_code_scope
 from pipelines.core.data import EOT, TOKENIZER_FILE, write_json
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,6 +40,28 @@ SMALL = [
     "evaluate.sample_tokens=16",
     f"publish.model_name={MODEL}",
 ]
+
+
+def load_pyfunc(model_uri: str, **kwargs):
+    """mlflow.pyfunc.load_model in this process, as the endpoint loads a version: in a code scope of
+    its own. MLflow's loader leaves the version's code dir (a `pipelines` package of the inference
+    modules only) first on sys.path; a later stage in this test process would then spawn workers
+    that import half the project from it."""
+    import mlflow
+
+    with own_code_scope():
+        return mlflow.pyfunc.load_model(model_uri, **kwargs)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_teardown(item):
+    """No test may leave another `pipelines` package on sys.path (see load_pyfunc): the test files
+    that run after it on the same xdist worker would fail in ways that point elsewhere."""
+    checkout = Path(pipelines.__file__).resolve().parents[1]
+    foreign = [p for p in sys.path if p and Path(p, "pipelines").is_dir() and Path(p).resolve() != checkout]
+    if foreign:
+        sys.path[:] = [p for p in sys.path if p not in foreign]
+        pytest.fail(f"{item.nodeid} left {foreign} on sys.path: load models with conftest.load_pyfunc")
 
 
 def free_port() -> int:

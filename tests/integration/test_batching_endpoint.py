@@ -12,11 +12,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import mlflow.pyfunc
 import pandas as pd
 import pytest
 import requests
-from conftest import copy_mlflow_db, free_port, make_model_dir, stop_process_group, write_metrics
+from conftest import copy_mlflow_db, free_port, load_pyfunc, make_model_dir, stop_process_group, write_metrics
 from mlflow.exceptions import MlflowException
 
 from pipelines.commands.promotion import publish_model
@@ -131,7 +130,7 @@ def completions(response: requests.Response) -> list[str]:
 def test_the_pyfunc_batches_requests_from_many_threads_as_any_pyfunc_server_calls_it(registry, monkeypatch):
     """The batching lives in the model: threads calling predict at once share decode steps."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", registry["env"]["MLFLOW_TRACKING_URI"])
-    model = mlflow.pyfunc.load_model(f"models:/{NAME}/1")
+    model = load_pyfunc(f"models:/{NAME}/1")
     python_model = model.unwrap_python_model()
     python_model.set_capacity(8, 8, 60)
     params = {"max_new_tokens": 48, "temperature": 0}

@@ -13,7 +13,7 @@ import mlflow
 import pandas as pd
 import pytest
 import torch
-from conftest import METRICS_DOC_BYTES, SNIPPETS, copy_mlflow_db, make_model_dir, write_metrics
+from conftest import METRICS_DOC_BYTES, SNIPPETS, copy_mlflow_db, load_pyfunc, make_model_dir, write_metrics
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
@@ -700,7 +700,7 @@ def champion_model(tmp_path_factory, mlflow_template_db):
         make_model_dir(params.train.model_dir, block_size=64)
         write_metrics(params.evaluate.reports_dir, 2.0)
         publish_model(params)
-        yield mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
+        yield load_pyfunc(f"models:/{NAME}@champion")
 
 
 def test_loaded_model_completes_and_is_seeded(champion_model):

@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import requests
-from conftest import copy_mlflow_db, free_port, make_model_dir, stop_process_group, write_metrics
+from conftest import copy_mlflow_db, free_port, load_pyfunc, make_model_dir, stop_process_group, write_metrics
 from mlflow.exceptions import MlflowException
 
 from pipelines.commands.promotion import publish_model
@@ -312,7 +312,7 @@ def test_a_model_with_the_smallest_context_publishes_and_answers(mlflow_env, tmp
     make_model_dir(tmp_path / "models", block_size=8)
     write_metrics(tmp_path / "reports", 2.0)
     uri = publish_model(Params())["model_uri"]
-    model = mlflow.pyfunc.load_model(uri)
+    model = load_pyfunc(uri)
     assert model.metadata.get_params_schema().to_dict()[0]["default"] == 7
     # the logged input example is a request the model answers (a smoke test sends it)
     local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(tmp_path / "logged"))
