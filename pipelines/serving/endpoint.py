@@ -185,9 +185,9 @@ class ChampionWatcher(threading.Thread):
         old = self.follower.swap(new)
         self.failure = None
         log.info("now serving v%s (was v%s)", version, old.version)
+        self.publish_record()  # before the collection below, which can take a while on a busy host
         del old  # freed once the requests still running on it return
         gc.collect()
-        self.publish_record()
 
 
 def curl_example(host: str, port: int) -> str:

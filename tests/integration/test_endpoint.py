@@ -227,6 +227,11 @@ def test_the_flows_wait_passes_once_the_endpoint_serves_the_champion(endpoint, m
     assert waited["endpoints"] == [{"url": endpoint["url"], "version": "2"}]
 
 
+def endpoint_record(client: MlflowClient, url: str) -> dict:
+    [record] = [r for r in endpoint_records(client, NAME) if r["url"] == url]
+    return record
+
+
 def test_a_download_that_fails_during_a_swap_is_retried_not_counted_as_a_failed_smoke_test(endpoint):
     """v1's artifacts vanish from the store while @champion moves to it, then come back: the
     endpoint keeps serving v2, retries with backoff, then serves v1, with no failure recorded."""
@@ -251,10 +256,16 @@ def test_a_download_that_fails_during_a_swap_is_retried_not_counted_as_a_failed_
     while ask_endpoint(endpoint["url"]) != "1":
         assert time.monotonic() < deadline, endpoint["log"].read_text()[-2000:]
         time.sleep(0.5)
-    [record] = [r for r in endpoint_records(client, NAME) if r["url"] == endpoint["url"]]
-    assert record["failure"] is None and record["version"] == "1"
-    assert "failed its smoke test" not in endpoint["log"].read_text()[log_before:]
-    client.set_registered_model_alias(NAME, "champion", "2")
+    try:
+        # the endpoint answers from v1 as soon as it swaps; its record follows a moment later
+        deadline = time.monotonic() + 30
+        while (record := endpoint_record(client, endpoint["url"]))["version"] != "1":
+            assert time.monotonic() < deadline, record
+            time.sleep(0.2)
+        assert record["failure"] is None, record
+        assert "failed its smoke test" not in endpoint["log"].read_text()[log_before:]
+    finally:  # the next tests start from v2, whatever happened here
+        client.set_registered_model_alias(NAME, "champion", "2")
     deadline = time.monotonic() + SWITCH_WITHIN_S
     while ask_endpoint(endpoint["url"]) != "2":
         assert time.monotonic() < deadline
