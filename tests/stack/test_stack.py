@@ -298,9 +298,8 @@ def test_trainpipe_run_works_against_the_stack_through_the_environment_alone(sta
 
 @pytest.mark.xfail(
     strict=False,
-    reason="open defect: with `make stack` state in the checkout, Prefect marks the stopped run "
-    "CRASHED at once (not RUNNING), and recover_orphans, which restarts RUNNING orphans only, does "
-    "not restart it; passes from a checkout without .stack/",
+    reason="open defect, intermittent (3 failures in 9 runs): Prefect sometimes marks the stopped "
+    "run CRASHED at once, not RUNNING, and recover_orphans restarts RUNNING orphans only",
 )
 def test_a_worker_stopped_mid_training_loses_nothing(stack, scheduled_run):
     try:
