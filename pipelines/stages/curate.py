@@ -160,10 +160,8 @@ def analyse_shard(task: dict) -> dict:
     those that pass their sha256, MinHash signature, scrub counts. A shard that cannot be read
     returns its error, to be reported, not raised: one bad shard does not stop the run.
 
-    With task["cache"], a shard analysed by an earlier run under the same rules and code is not
-    analysed again: its files and rows come from the cache (analysis_cache)."""
-    if not task.get("cache"):
-        return _analyse_shard(task)
+    A shard analysed by an earlier run under the same rules and code is not analysed again: its
+    files and rows come from task["cache"] (analysis_cache)."""
     index, work = task["index"], Path(task["work"])
     cache = ShardCache(task["cache"], task["salt"])
     try:
@@ -455,13 +453,13 @@ def curate_shards(params: Params, work: Path, runner: ShardRunner) -> tuple[Cura
     for entry in result.dropped:
         if "duplicate" in entry["reasons"] or "near_duplicate" in entry["reasons"]:
             duplicates[where[entry["path"]]][entry["path"]] = entry
-    analysed_reused = [part.get("reused", False) for part in analysed]
+    reused = sum(1 for part in analysed if part.get("reused"))
     del analysed, where
     finishing = time.perf_counter()
     tasks = [{"index": i, "work": str(work), "duplicates": duplicates[i]} for i in range(len(shards))]
     finished = runner.map(finish_shard, tasks, "shards written")
     result.timings = {
-        "shards_reused": sum(1 for part in analysed_reused if part),
+        "shards_reused": reused,
         "analyse_s": round(deduped - started, 3),
         "dedupe_s": round(finishing - deduped, 3),
         "write_s": round(time.perf_counter() - finishing, 3),
